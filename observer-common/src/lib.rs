@@ -1,0 +1,145 @@
+//! Types shared by the kernel programs (`observer-ebpf`) and the daemon (`observer`).
+//!
+//! Everything here is `#[repr(C)]` with explicit padding so that both sides agree on the byte
+//! layout without a kernel struct offset in sight. Flags are `u32`, never `bool`. The `user`
+//! feature adds `aya::Pod` so userspace can put these types in maps; the kernel side never
+//! enables it. No logic lives here beyond constants and plain data.
+#![no_std]
+
+/// Most payload bytes captured from the start of one syscall's buffer. The daemon may ask for
+/// fewer at start-up (`HEAD_BYTES` global); never more.
+pub const HEAD_MAX: usize = 1024;
+/// Most payload bytes captured from the end of one syscall's buffer (`TAIL_BYTES` global).
+pub const TAIL_MAX: usize = 256;
+
+/// Names of the maps and globals in the kernel object, used by the loader.
+pub mod names {
+    pub const EVENTS: &str = "EVENTS";
+    pub const WATCHED_PORTS: &str = "WATCHED_PORTS";
+    pub const CONNS: &str = "CONNS";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const HEAD_BYTES: &str = "HEAD_BYTES";
+    pub const TAIL_BYTES: &str = "TAIL_BYTES";
+    pub const SELF_TGID: &str = "SELF_TGID";
+}
+
+/// What a watched port is to the host: the gateway in front, or the model server behind it.
+pub mod role {
+    pub const GATEWAY: u32 = 1;
+    pub const UPSTREAM: u32 = 2;
+}
+
+/// Which end of the connection the observed process is.
+pub mod side {
+    /// The process accepted the connection on a watched listener.
+    pub const SERVER: u32 = 1;
+    /// The process connected to a watched port.
+    pub const CLIENT: u32 = 2;
+}
+
+/// Direction of bytes as seen by the observed process.
+pub mod direction {
+    /// Received by the process (read, recv*).
+    pub const INGRESS: u32 = 1;
+    /// Sent by the process (write, send*).
+    pub const EGRESS: u32 = 2;
+}
+
+/// The first `u32` of every ring buffer record.
+pub mod kind {
+    pub const DATA: u32 = 1;
+    pub const OPEN: u32 = 2;
+    pub const CLOSE: u32 = 3;
+}
+
+/// Slots of the per-CPU `COUNTERS` array: conditions the kernel side counts instead of logging.
+pub mod counter {
+    /// A data event could not be reserved in the ring buffer.
+    pub const LOST_DATA: u32 = 0;
+    /// An open or close event could not be reserved in the ring buffer.
+    pub const LOST_CONN: u32 = 1;
+    /// The connection table was full when a new connection was to be tracked.
+    pub const CONNS_FULL: u32 = 2;
+    /// Reading the caller's sockaddr or payload failed.
+    pub const READ_USER_FAILED: u32 = 3;
+    pub const COUNT: u32 = 4;
+}
+
+/// Key of the `CONNS` map: a socket as a process sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub tgid: u32,
+    pub fd: u32,
+}
+
+/// Value of the `CONNS` map: a watched connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnInfo {
+    /// Unique for the host's uptime: the open timestamp with the CPU number in the low bits.
+    pub conn_id: u64,
+    pub role: u32,
+    pub side: u32,
+    /// The watched port (host byte order).
+    pub port: u32,
+    pub _pad: u32,
+}
+
+/// One send or receive on a watched connection. Fixed size; `head_len`/`tail_len` say how much
+/// of `head`/`tail` is filled.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DataEvent {
+    /// Always [`kind::DATA`].
+    pub kind: u32,
+    pub direction: u32,
+    /// `bpf_ktime_get_ns` at syscall exit (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    pub conn_id: u64,
+    pub tgid: u32,
+    pub pid: u32,
+    pub role: u32,
+    pub side: u32,
+    pub fd: u32,
+    pub port: u32,
+    /// Bytes the syscall returned (always > 0 for a data event).
+    pub len: u64,
+    pub head_len: u32,
+    pub tail_len: u32,
+    pub head: [u8; HEAD_MAX],
+    pub tail: [u8; TAIL_MAX],
+}
+
+/// A watched connection opened (connect/accept) or closed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ConnEvent {
+    /// [`kind::OPEN`] or [`kind::CLOSE`].
+    pub kind: u32,
+    pub side: u32,
+    pub ts_ns: u64,
+    pub conn_id: u64,
+    pub tgid: u32,
+    pub pid: u32,
+    pub role: u32,
+    pub fd: u32,
+    /// The watched port (host byte order).
+    pub port: u32,
+    pub _pad: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all are #[repr(C)] plain integers and byte arrays with no implicit padding.
+    unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::ConnInfo {}
+    unsafe impl aya::Pod for super::DataEvent {}
+    unsafe impl aya::Pod for super::ConnEvent {}
+}
+
+// The layouts are part of the contract between the two sides: catch accidental padding.
+const _: () = assert!(core::mem::size_of::<SockKey>() == 8);
+const _: () = assert!(core::mem::size_of::<ConnInfo>() == 24);
+const _: () = assert!(core::mem::size_of::<ConnEvent>() == 48);
+const _: () = assert!(core::mem::size_of::<DataEvent>() == 64 + HEAD_MAX + TAIL_MAX);

@@ -1,0 +1,299 @@
+//! Decoding of ring buffer records into typed events.
+//!
+//! A record is the raw bytes of an `observer_common::DataEvent` or `ConnEvent`; its first
+//! `u32` says which. Decoding checks sizes and every enumerated field, so a record from a
+//! mismatched kernel object is an error counted by reason, never a panic or a wrong event.
+
+use observer_common::{ConnEvent, DataEvent, HEAD_MAX, TAIL_MAX, direction, kind, side};
+
+use super::Role;
+
+/// Which end of the connection the observed process is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    Server,
+    Client,
+}
+
+/// Direction of bytes as seen by the observed process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Received by the process.
+    Ingress,
+    /// Sent by the process.
+    Egress,
+}
+
+/// One send or receive on a watched connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataRecord {
+    pub ts_ns: u64,
+    pub conn_id: u64,
+    pub tgid: u32,
+    pub pid: u32,
+    pub role: Role,
+    pub side: Side,
+    pub direction: Direction,
+    pub fd: u32,
+    pub port: u16,
+    /// Bytes the syscall moved; `head.len() + tail.len()` may be less (partial capture).
+    pub len: u64,
+    pub head: Vec<u8>,
+    pub tail: Vec<u8>,
+}
+
+/// A watched connection opened or closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnRecord {
+    pub ts_ns: u64,
+    pub conn_id: u64,
+    pub tgid: u32,
+    pub pid: u32,
+    pub role: Role,
+    pub side: Side,
+    pub fd: u32,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Data(DataRecord),
+    Open(ConnRecord),
+    Close(ConnRecord),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record of {len} bytes is too short for a {what} ({need} bytes)")]
+    TooShort {
+        what: &'static str,
+        len: usize,
+        need: usize,
+    },
+    #[error("unknown record kind {0}")]
+    UnknownKind(u32),
+    #[error("invalid {field} value {value}")]
+    BadField { field: &'static str, value: u64 },
+}
+
+impl DecodeError {
+    /// A short label for counting errors by reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::TooShort { .. } => "too_short",
+            DecodeError::UnknownKind(_) => "unknown_kind",
+            DecodeError::BadField { .. } => "bad_field",
+        }
+    }
+}
+
+pub fn decode(record: &[u8]) -> Result<Event, DecodeError> {
+    let kind = read::<u32>(record, "record kind")?;
+    match kind {
+        kind::DATA => decode_data(record).map(Event::Data),
+        kind::OPEN => decode_conn(record).map(Event::Open),
+        kind::CLOSE => decode_conn(record).map(Event::Close),
+        other => Err(DecodeError::UnknownKind(other)),
+    }
+}
+
+fn decode_data(record: &[u8]) -> Result<DataRecord, DecodeError> {
+    let raw: DataEvent = read(record, "data event")?;
+    let head_len = raw.head_len as usize;
+    let tail_len = raw.tail_len as usize;
+    if head_len > HEAD_MAX || head_len as u64 > raw.len {
+        return Err(DecodeError::BadField {
+            field: "head_len",
+            value: raw.head_len.into(),
+        });
+    }
+    if tail_len > TAIL_MAX || (head_len + tail_len) as u64 > raw.len {
+        return Err(DecodeError::BadField {
+            field: "tail_len",
+            value: raw.tail_len.into(),
+        });
+    }
+    Ok(DataRecord {
+        ts_ns: raw.ts_ns,
+        conn_id: raw.conn_id,
+        tgid: raw.tgid,
+        pid: raw.pid,
+        role: decode_role(raw.role)?,
+        side: decode_side(raw.side)?,
+        direction: match raw.direction {
+            direction::INGRESS => Direction::Ingress,
+            direction::EGRESS => Direction::Egress,
+            other => {
+                return Err(DecodeError::BadField {
+                    field: "direction",
+                    value: other.into(),
+                });
+            }
+        },
+        fd: raw.fd,
+        port: decode_port(raw.port)?,
+        len: raw.len,
+        head: raw.head[..head_len].to_vec(),
+        tail: raw.tail[..tail_len].to_vec(),
+    })
+}
+
+fn decode_conn(record: &[u8]) -> Result<ConnRecord, DecodeError> {
+    let raw: ConnEvent = read(record, "connection event")?;
+    Ok(ConnRecord {
+        ts_ns: raw.ts_ns,
+        conn_id: raw.conn_id,
+        tgid: raw.tgid,
+        pid: raw.pid,
+        role: decode_role(raw.role)?,
+        side: decode_side(raw.side)?,
+        fd: raw.fd,
+        port: decode_port(raw.port)?,
+    })
+}
+
+fn decode_role(value: u32) -> Result<Role, DecodeError> {
+    Role::from_kernel(value).ok_or(DecodeError::BadField {
+        field: "role",
+        value: value.into(),
+    })
+}
+
+fn decode_side(value: u32) -> Result<Side, DecodeError> {
+    match value {
+        side::SERVER => Ok(Side::Server),
+        side::CLIENT => Ok(Side::Client),
+        other => Err(DecodeError::BadField {
+            field: "side",
+            value: other.into(),
+        }),
+    }
+}
+
+fn decode_port(value: u32) -> Result<u16, DecodeError> {
+    u16::try_from(value).map_err(|_| DecodeError::BadField {
+        field: "port",
+        value: value.into(),
+    })
+}
+
+/// Copies a plain-data `T` out of the front of `record` (ring buffer records are 8-byte
+/// aligned, but copying keeps this independent of that).
+fn read<T: aya::Pod>(record: &[u8], what: &'static str) -> Result<T, DecodeError> {
+    let need = std::mem::size_of::<T>();
+    if record.len() < need {
+        return Err(DecodeError::TooShort {
+            what,
+            len: record.len(),
+            need,
+        });
+    }
+    // SAFETY: `T: Pod` is valid for any bytes, and `record` holds at least `need` of them.
+    Ok(unsafe { std::ptr::read_unaligned(record.as_ptr().cast::<T>()) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use observer_common::role;
+
+    fn as_bytes<T: aya::Pod>(value: &T) -> Vec<u8> {
+        // SAFETY: Pod types have no padding and may be viewed as bytes.
+        unsafe {
+            std::slice::from_raw_parts((value as *const T).cast::<u8>(), std::mem::size_of::<T>())
+        }
+        .to_vec()
+    }
+
+    fn data_event(head: &[u8], len: u64) -> DataEvent {
+        let mut event = DataEvent {
+            kind: kind::DATA,
+            direction: direction::EGRESS,
+            ts_ns: 42,
+            conn_id: 7,
+            tgid: 100,
+            pid: 101,
+            role: role::UPSTREAM,
+            side: side::CLIENT,
+            fd: 5,
+            port: 11434,
+            len,
+            head_len: head.len() as u32,
+            tail_len: 0,
+            head: [0; HEAD_MAX],
+            tail: [0; TAIL_MAX],
+        };
+        event.head[..head.len()].copy_from_slice(head);
+        event
+    }
+
+    #[test]
+    fn decodes_a_data_event() {
+        let event = decode(&as_bytes(&data_event(b"GET / HTTP/1.1\r\n", 16))).unwrap();
+        let Event::Data(data) = event else {
+            panic!("expected data, got {event:?}")
+        };
+        assert_eq!(data.head, b"GET / HTTP/1.1\r\n");
+        assert_eq!(
+            (data.len, data.port, data.role, data.side),
+            (16, 11434, Role::Upstream, Side::Client)
+        );
+        assert_eq!(data.direction, Direction::Egress);
+        assert!(data.tail.is_empty());
+    }
+
+    #[test]
+    fn decodes_open_and_close() {
+        let conn = ConnEvent {
+            kind: kind::OPEN,
+            side: side::SERVER,
+            ts_ns: 1,
+            conn_id: 2,
+            tgid: 3,
+            pid: 4,
+            role: role::GATEWAY,
+            fd: 9,
+            port: 18789,
+            _pad: 0,
+        };
+        assert!(
+            matches!(decode(&as_bytes(&conn)), Ok(Event::Open(c)) if c.side == Side::Server && c.port == 18789)
+        );
+        let close = ConnEvent {
+            kind: kind::CLOSE,
+            ..conn
+        };
+        assert!(matches!(decode(&as_bytes(&close)), Ok(Event::Close(c)) if c.fd == 9));
+    }
+
+    #[test]
+    fn rejects_short_unknown_and_inconsistent_records() {
+        assert_eq!(decode(&[1, 0]).unwrap_err().reason(), "too_short");
+        assert_eq!(
+            decode(&[9, 0, 0, 0]).unwrap_err(),
+            DecodeError::UnknownKind(9)
+        );
+        let bytes = as_bytes(&data_event(b"abc", 3));
+        assert_eq!(decode(&bytes[..100]).unwrap_err().reason(), "too_short");
+        // A head longer than the syscall's byte count cannot be right.
+        let lying = data_event(b"abcdef", 2);
+        assert_eq!(
+            decode(&as_bytes(&lying)).unwrap_err(),
+            DecodeError::BadField {
+                field: "head_len",
+                value: 6
+            }
+        );
+        let mut bad_role = data_event(b"", 1);
+        bad_role.role = 77;
+        assert_eq!(
+            decode(&as_bytes(&bad_role)).unwrap_err(),
+            DecodeError::BadField {
+                field: "role",
+                value: 77
+            }
+        );
+    }
+}

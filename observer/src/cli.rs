@@ -1,0 +1,113 @@
+//! Command line: the subcommands, global logging flags, and the one place that turns an error
+//! into a one-line message and an exit code.
+//!
+//! Every subcommand's flags live beside the code that uses them (`check::CheckArgs`,
+//! `sim::SimArgs`, ...); this module only assembles them.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+use crate::{check, sim};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "observer",
+    version,
+    about = "eBPF traffic observer for LLM serving hosts"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "OBSERVER_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// Log filter: a level (`info`, `debug`) or a tracing directive (`observer=debug`).
+    #[arg(long, global = true, default_value = "info", env = "OBSERVER_LOG")]
+    pub log: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Report what this host supports and which mode will work (exit 0 when eBPF mode can run).
+    Check(check::CheckArgs),
+    /// Run a simulated Ollama upstream (real wire format, configurable timing and faults).
+    Sim(sim::SimArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Parses the command line and runs the subcommand. Errors come out as one line on stderr.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return usage_error(err),
+    };
+    if let Err(err) = init_logging(cli.log_format, &cli.log) {
+        eprintln!("error: {err:#}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Check(args) => check::run(args).await,
+            Command::Sim(args) => sim::run(args).await.map(|()| ExitCode::SUCCESS),
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Help and version go to stdout as clap renders them; a usage mistake becomes one line.
+fn usage_error(err: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match err.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = err.print();
+            ExitCode::from(if err.use_stderr() { 2 } else { 0 })
+        }
+        _ => {
+            let rendered = err.render().to_string();
+            let first = rendered
+                .lines()
+                .next()
+                .unwrap_or("error: invalid command line");
+            eprintln!("{first} (see 'observer --help')");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_new(filter)
+        .map_err(|err| anyhow::anyhow!("invalid --log filter {filter:?}: {err}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let installed = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    installed.map_err(|err| anyhow::anyhow!("cannot install the logger: {err}"))
+}

@@ -1,0 +1,19 @@
+//! # observer
+//!
+//! An out-of-process traffic observer for LLM serving hosts: kernel programs watch the bytes
+//! the gateway (`:18789`) and Ollama (`:11434`) send and receive; this daemon turns them into
+//! HTTP exchanges and Prometheus metrics.
+//!
+//! # Layout
+//!
+//! - [`cli`]: command line, logging set-up, dispatch to the subcommands.
+//! - [`capture`]: load and attach the embedded kernel programs, read and decode the ring buffer.
+//! - [`check`]: `observer check`, what this host supports and which mode will work.
+//! - [`sim`]: `observer sim`, a simulated Ollama upstream speaking Ollama's real wire format.
+//! - [`tracefs`]: find or mount tracefs and list tracepoints.
+
+pub mod capture;
+pub mod check;
+pub mod cli;
+pub mod sim;
+pub mod tracefs;

@@ -1,0 +1,83 @@
+//! tracefs: where it is, mounting it when it is missing, and which tracepoints exist.
+//!
+//! aya reads tracepoint ids from tracefs when it attaches, so the capture calls
+//! [`ensure_mounted`] first. Mounting needs root (CAP_SYS_ADMIN); without it the error says
+//! exactly what is missing.
+
+use std::{
+    ffi::CString,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, bail};
+
+/// Where tracefs lives on current kernels, and the older debugfs location.
+const CANDIDATES: &[&str] = &["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
+
+/// How tracefs was found.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Tracefs {
+    pub path: PathBuf,
+    /// True when this process mounted it just now.
+    pub mounted_now: bool,
+}
+
+/// The mounted tracefs, if any.
+pub fn find() -> Option<PathBuf> {
+    CANDIDATES
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.join("events").is_dir())
+}
+
+/// Finds tracefs, mounting it at `/sys/kernel/tracing` when it is missing.
+pub fn ensure_mounted() -> anyhow::Result<Tracefs> {
+    if let Some(path) = find() {
+        return Ok(Tracefs {
+            path,
+            mounted_now: false,
+        });
+    }
+    let target = Path::new(CANDIDATES[0]);
+    if !target.is_dir() {
+        bail!(
+            "tracefs is not mounted and {} does not exist (kernel without CONFIG_TRACING?)",
+            target.display()
+        );
+    }
+    let source = CString::new("tracefs").expect("no NUL");
+    let dir = CString::new(CANDIDATES[0]).expect("no NUL");
+    // SAFETY: all pointers are valid NUL-terminated strings; data is null.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            dir.as_ptr(),
+            source.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        return Err(err).with_context(|| {
+            format!(
+                "tracefs is not mounted and mounting it at {} failed (needs root / CAP_SYS_ADMIN)",
+                target.display()
+            )
+        });
+    }
+    tracing::info!("mounted tracefs at {}", target.display());
+    Ok(Tracefs {
+        path: target.to_path_buf(),
+        mounted_now: true,
+    })
+}
+
+/// Whether `category:name` exists under the tracefs at `root`.
+pub fn tracepoint_exists(root: &Path, category: &str, name: &str) -> bool {
+    root.join("events")
+        .join(category)
+        .join(name)
+        .join("id")
+        .is_file()
+}
