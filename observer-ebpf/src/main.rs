@@ -103,7 +103,7 @@ fn try_sys_enter_connect(ctx: &TracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     let port = u16::from_be(head[1]);
-    let Some(role) = (unsafe { WATCHED_PORTS.get(&port) }) else {
+    let Some(role) = (unsafe { WATCHED_PORTS.get(port) }) else {
         return Ok(());
     };
     let pending = PendingConnect {
@@ -112,7 +112,7 @@ fn try_sys_enter_connect(ctx: &TracePointContext) -> Result<(), i64> {
         role: *role,
         _pad: 0,
     };
-    let _ = PENDING_CONNECT.insert(&pid_tgid, &pending, 0);
+    let _ = PENDING_CONNECT.insert(pid_tgid, pending, 0);
     Ok(())
 }
 
@@ -125,10 +125,10 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
 
 fn try_sys_exit_connect(ctx: &TracePointContext) -> Result<(), i64> {
     let (pid_tgid, tgid) = current();
-    let Some(pending) = (unsafe { PENDING_CONNECT.get(&pid_tgid) }).copied() else {
+    let Some(pending) = (unsafe { PENDING_CONNECT.get(pid_tgid) }).copied() else {
         return Ok(());
     };
-    let _ = PENDING_CONNECT.remove(&pid_tgid);
+    let _ = PENDING_CONNECT.remove(pid_tgid);
     let ret: i64 = unsafe { ctx.read_at(RET) }.map_err(i64::from)?;
     if ret != 0 && ret != -EINPROGRESS {
         return Ok(());
@@ -144,7 +144,7 @@ fn try_sys_exit_connect(ctx: &TracePointContext) -> Result<(), i64> {
         tgid,
         fd: pending.fd,
     };
-    if CONNS.insert(&key, &conn, 0).is_err() {
+    if CONNS.insert(key, conn, 0).is_err() {
         count(counter::CONNS_FULL);
         warn!(
             ctx,
@@ -184,10 +184,10 @@ fn try_sys_enter_close(ctx: &TracePointContext) -> Result<(), i64> {
         tgid,
         fd: fd as u32,
     };
-    let Some(conn) = (unsafe { CONNS.get(&key) }).copied() else {
+    let Some(conn) = (unsafe { CONNS.get(key) }).copied() else {
         return Ok(());
     };
-    let _ = CONNS.remove(&key);
+    let _ = CONNS.remove(key);
     emit_conn(kind::CLOSE, &conn, pid_tgid, fd as u32);
     Ok(())
 }
@@ -201,7 +201,7 @@ fn enter_io(ctx: &TracePointContext, direction: u32) -> Result<(), i64> {
         tgid,
         fd: fd as u32,
     };
-    let Some(conn) = (unsafe { CONNS.get(&key) }).copied() else {
+    let Some(conn) = (unsafe { CONNS.get(key) }).copied() else {
         return Ok(());
     };
     let buf: u64 = unsafe { ctx.read_at(ARG1) }.map_err(i64::from)?;
@@ -212,17 +212,17 @@ fn enter_io(ctx: &TracePointContext, direction: u32) -> Result<(), i64> {
         fd: fd as u32,
         direction,
     };
-    let _ = PENDING_IO.insert(&pid_tgid, &pending, 0);
+    let _ = PENDING_IO.insert(pid_tgid, pending, 0);
     Ok(())
 }
 
 /// Exit of an I/O syscall: a positive return is data; errors and `EAGAIN` are not.
 fn exit_io(ctx: &TracePointContext) -> Result<(), i64> {
     let (pid_tgid, tgid) = current();
-    let Some(pending) = (unsafe { PENDING_IO.get(&pid_tgid) }).copied() else {
+    let Some(pending) = (unsafe { PENDING_IO.get(pid_tgid) }).copied() else {
         return Ok(());
     };
-    let _ = PENDING_IO.remove(&pid_tgid);
+    let _ = PENDING_IO.remove(pid_tgid);
     let ret: i64 = unsafe { ctx.read_at(RET) }.map_err(i64::from)?;
     if ret <= 0 {
         return Ok(());

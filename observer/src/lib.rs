@@ -9,11 +9,13 @@
 //! - [`cli`]: command line, logging set-up, dispatch to the subcommands.
 //! - [`capture`]: load and attach the embedded kernel programs, read and decode the ring buffer.
 //! - [`check`]: `observer check`, what this host supports and which mode will work.
+//! - [`gpu`]: NVIDIA GPUs through NVML, loaded at run time; absent drivers are normal.
 //! - [`sim`]: `observer sim`, a simulated Ollama upstream speaking Ollama's real wire format.
 //! - [`tracefs`]: find or mount tracefs and list tracepoints.
 
 pub mod capture;
 pub mod check;
 pub mod cli;
+pub mod gpu;
 pub mod sim;
 pub mod tracefs;

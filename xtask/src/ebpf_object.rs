@@ -48,8 +48,8 @@ pub fn input_roots(workspace: &Path) -> Vec<PathBuf> {
 }
 
 /// Fingerprint of everything the object is built from: file paths and contents (FNV-1a, 64
-/// bit), of the kernel and shared crates, the workspace manifest, and the `aya*` entries of the
-/// lockfile (the rest of the lockfile is userspace and does not reach the kernel object).
+/// bit), of the kernel and shared crates, the workspace manifest, and the versions of the kernel-side
+/// crates in the lockfile.
 pub fn fingerprint(workspace: &Path) -> std::io::Result<String> {
     let mut files = Vec::new();
     for root in input_roots(workspace) {
@@ -94,11 +94,30 @@ fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Name and version of the lockfile's packages that are compiled into the kernel object.
+/// Only those: a userspace dependency change must not make the object look stale.
 fn aya_lock_entries(lock: &str) -> String {
-    lock.split("[[package]]")
-        .filter(|block| block.trim_start().starts_with("name = \"aya"))
-        .collect::<Vec<_>>()
-        .join("[[package]]")
+    const KERNEL_SIDE: &[&str] = &[
+        "aya-ebpf",
+        "aya-log-ebpf",
+        "aya-log-common",
+        "aya-log-parser",
+        "aya-build",
+    ];
+    let mut entries = String::new();
+    for block in lock.split("[[package]]") {
+        let mut lines = block.trim_start().lines();
+        let (Some(name), Some(version)) = (lines.next(), lines.next()) else {
+            continue;
+        };
+        let package = name.trim_start_matches("name = \"").trim_end_matches('"');
+        if KERNEL_SIDE.iter().any(|prefix| package.starts_with(prefix)) {
+            entries.push_str(name);
+            entries.push_str(version);
+            entries.push('\n');
+        }
+    }
+    entries
 }
 
 struct Fnv(u64);

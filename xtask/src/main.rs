@@ -2,6 +2,8 @@
 //!
 //! - `build-ebpf [--release]`: build the kernel programs with the nightly toolchain and
 //!   `bpf-linker`, and leave the object where `observer/build.rs` embeds it.
+//! - `clippy-ebpf`: clippy on the kernel programs (they build for the BPF target only, so the
+//!   workspace's plain `cargo clippy` does not see them).
 
 mod ebpf_object;
 
@@ -28,11 +30,14 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
+    /// Run clippy (warnings denied) on the kernel programs.
+    ClippyEbpf,
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::BuildEbpf { release } => build_ebpf(release),
+        Task::ClippyEbpf => clippy_ebpf(),
     }
 }
 
@@ -43,22 +48,16 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Builds `observer-ebpf` for `bpfel-unknown-none` into its own target dir (so the nightly
-/// build never invalidates the stable one), then copies the object and writes its stamp.
-fn build_ebpf(release: bool) -> anyhow::Result<()> {
-    let workspace = workspace_root();
-    let profile = if release { "release" } else { "debug" };
-    let fingerprint =
-        ebpf_object::fingerprint(&workspace).context("fingerprinting the kernel sources")?;
-    let target_dir = ebpf_object::ebpf_dir(&workspace).join("cargo");
-
+/// `cargo <subcommand>` on the kernel crate with the nightly toolchain, for the BPF target,
+/// in its own target dir (so the nightly build never invalidates the stable one).
+fn nightly_cargo(workspace: &Path, subcommand: &str) -> Command {
     let mut cmd = Command::new("rustup");
-    cmd.current_dir(&workspace)
+    cmd.current_dir(workspace)
         .args([
             "run",
             "nightly",
             "cargo",
-            "build",
+            subcommand,
             "--package",
             "observer-ebpf",
             "--bin",
@@ -66,21 +65,7 @@ fn build_ebpf(release: bool) -> anyhow::Result<()> {
         ])
         .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
         .arg("--target-dir")
-        .arg(&target_dir);
-    if release {
-        cmd.arg("--release");
-    } else {
-        // The verifier needs optimised code; a "debug" kernel object differs only in name.
-        for setting in [
-            "opt-level=3",
-            "debug-assertions=false",
-            "overflow-checks=false",
-            "incremental=false",
-            "codegen-units=1",
-        ] {
-            cmd.args(["--config", &format!("profile.dev.{setting}")]);
-        }
-    }
+        .arg(ebpf_object::ebpf_dir(workspace).join("cargo"));
     let arch = std::env::consts::ARCH;
     cmd.env(
         "CARGO_ENCODED_RUSTFLAGS",
@@ -102,16 +87,52 @@ fn build_ebpf(release: bool) -> anyhow::Result<()> {
     // bpf-linker is built against Debian's LLVM 22 (scripts/setup.sh).
     let path = std::env::var("PATH").unwrap_or_default();
     cmd.env("PATH", format!("{path}:/usr/lib/llvm-22/bin"));
+    cmd
+}
 
-    let status = cmd.status().context(
-        "running `rustup run nightly cargo build` (is rustup installed? run scripts/setup.sh)",
-    )?;
+fn run(mut cmd: Command, what: &str) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| {
+        format!("{what}: cannot run `rustup run nightly cargo` (run scripts/setup.sh)")
+    })?;
     if !status.success() {
         bail!(
-            "building the kernel programs failed ({status}); scripts/setup.sh installs nightly, rust-src and bpf-linker"
+            "{what} failed ({status}); scripts/setup.sh installs nightly, rust-src and bpf-linker"
         );
     }
+    Ok(())
+}
 
+fn clippy_ebpf() -> anyhow::Result<()> {
+    let mut cmd = nightly_cargo(&workspace_root(), "clippy");
+    cmd.args(["--release", "--", "-D", "warnings"]);
+    run(cmd, "clippy on the kernel programs")
+}
+
+/// Builds `observer-ebpf` for `bpfel-unknown-none`, then copies the object beside the stamp
+/// of the sources it was built from.
+fn build_ebpf(release: bool) -> anyhow::Result<()> {
+    let workspace = workspace_root();
+    let profile = if release { "release" } else { "debug" };
+    let fingerprint =
+        ebpf_object::fingerprint(&workspace).context("fingerprinting the kernel sources")?;
+    let mut cmd = nightly_cargo(&workspace, "build");
+    if release {
+        cmd.arg("--release");
+    } else {
+        // The verifier needs optimised code; a "debug" kernel object differs only in name.
+        for setting in [
+            "opt-level=3",
+            "debug-assertions=false",
+            "overflow-checks=false",
+            "incremental=false",
+            "codegen-units=1",
+        ] {
+            cmd.args(["--config", &format!("profile.dev.{setting}")]);
+        }
+    }
+    run(cmd, "building the kernel programs")?;
+
+    let target_dir = ebpf_object::ebpf_dir(&workspace).join("cargo");
     let built = target_dir
         .join("bpfel-unknown-none")
         .join(profile)
