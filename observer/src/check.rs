@@ -53,7 +53,8 @@ pub struct Privileges {
 #[derive(Debug, serde::Serialize)]
 pub struct TracepointCheck {
     pub name: String,
-    pub found: bool,
+    /// `None` when tracefs is unavailable and the tracepoint could not be looked up.
+    pub found: Option<bool>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -85,10 +86,15 @@ pub fn gather(watch: &[WatchedPort]) -> CheckReport {
             name: format!("{category}:{name}"),
             found: tracefs
                 .as_ref()
-                .is_ok_and(|t| tracefs::tracepoint_exists(&t.path, category, name)),
+                .ok()
+                .map(|t| tracefs::tracepoint_exists(&t.path, category, name)),
         })
         .collect();
-    let program = try_load_and_attach(watch);
+    // Attaching needs tracefs; without it the load would only repeat the tracefs problem.
+    let program = match &tracefs {
+        Ok(_) => try_load_and_attach(watch),
+        Err(_) => Err("not attempted: tracefs is unavailable".to_string()),
+    };
     let listeners = watch
         .iter()
         .map(|w| PortListeners {
@@ -105,13 +111,13 @@ pub fn gather(watch: &[WatchedPort]) -> CheckReport {
     }
     let missing: Vec<&str> = tracepoints
         .iter()
-        .filter(|t| !t.found)
+        .filter(|t| t.found == Some(false))
         .map(|t| t.name.as_str())
         .collect();
-    if tracefs.is_ok() && !missing.is_empty() {
+    if !missing.is_empty() {
         problems.push(format!("missing tracepoints: {}", missing.join(", ")));
     }
-    if let Err(err) = &program {
+    if let (Ok(_), Err(err)) = (&tracefs, &program) {
         problems.push(format!("eBPF program: {err}"));
     }
     CheckReport {
@@ -210,16 +216,26 @@ pub fn render(report: &CheckReport) -> String {
         "privileges",
         &format!("euid {} ({caps})", report.privileges.euid),
     );
-    let found = report.tracepoints.iter().filter(|t| t.found).count();
-    line(
-        "tracepoints",
-        &format!("{found} of {} found", report.tracepoints.len()),
-    );
-    for t in &report.tracepoints {
+    if report.tracefs.is_ok() {
+        let found = report
+            .tracepoints
+            .iter()
+            .filter(|t| t.found == Some(true))
+            .count();
         line(
-            "",
-            &format!("{} {}", if t.found { "found  " } else { "MISSING" }, t.name),
+            "tracepoints",
+            &format!("{found} of {} found", report.tracepoints.len()),
         );
+        for t in &report.tracepoints {
+            let status = if t.found == Some(true) {
+                "found  "
+            } else {
+                "MISSING"
+            };
+            line("", &format!("{status} {}", t.name));
+        }
+    } else {
+        line("tracepoints", "not checked (tracefs unavailable)");
     }
     match &report.program {
         Ok(text) => line("eBPF program", text),

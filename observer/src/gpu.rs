@@ -24,16 +24,22 @@ pub enum GpuPresence {
     },
 }
 
-/// Opens NVML, trying each library name; the error of the last attempt explains the failure.
+/// Opens NVML, trying each library name; the first name's error (the driver's own library)
+/// explains the failure.
 pub fn open() -> Result<Nvml, String> {
-    let mut last_error = String::new();
+    let mut first_error = None;
     for name in LIBRARY_NAMES {
         match Nvml::builder().lib_path(OsStr::new(name)).init() {
             Ok(nvml) => return Ok(nvml),
-            Err(err) => last_error = format!("{name}: {err}"),
+            Err(err) => {
+                first_error.get_or_insert_with(|| format!("{name}: {err}"));
+            }
         }
     }
-    Err(format!("NVIDIA driver library not usable ({last_error})"))
+    Err(format!(
+        "no usable NVIDIA driver library ({})",
+        first_error.unwrap_or_default()
+    ))
 }
 
 /// Detects NVML and lists the GPUs by name.

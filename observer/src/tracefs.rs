@@ -30,6 +30,16 @@ pub fn find() -> Option<PathBuf> {
         .find(|p| p.join("events").is_dir())
 }
 
+/// Where tracefs is mounted according to `/proc/self/mounts`, readable or not.
+fn mount_point() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_source, target, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+        (fstype == "tracefs").then(|| PathBuf::from(target))
+    })
+}
+
 /// Finds tracefs, mounting it at `/sys/kernel/tracing` when it is missing.
 pub fn ensure_mounted() -> anyhow::Result<Tracefs> {
     if let Some(path) = find() {
@@ -37,6 +47,12 @@ pub fn ensure_mounted() -> anyhow::Result<Tracefs> {
             path,
             mounted_now: false,
         });
+    }
+    if let Some(path) = mount_point() {
+        bail!(
+            "tracefs is mounted at {} but not readable by this user (needs root)",
+            path.display()
+        );
     }
     let target = Path::new(CANDIDATES[0]);
     if !target.is_dir() {

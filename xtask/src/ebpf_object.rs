@@ -134,3 +134,79 @@ impl Fnv {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workspace(files: &[(&str, &str)]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "ebpf-object-test-{}-{}",
+            std::process::id(),
+            files.len()
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        for (path, contents) in files {
+            let path = dir.join(path);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, contents).unwrap();
+        }
+        dir
+    }
+
+    const LOCK: &str = "version = 4\n\n[[package]]\nname = \"aya-ebpf\"\nversion = \"0.2.1\"\ndependencies = [\n \"libc\",\n]\n\n[[package]]\nname = \"tokio\"\nversion = \"1.0.0\"\n";
+
+    #[test]
+    fn fingerprint_follows_kernel_sources_and_ignores_userspace_locks() {
+        let base = workspace(&[
+            ("observer-ebpf/src/main.rs", "fn a() {}"),
+            ("Cargo.lock", LOCK),
+        ]);
+        let first = fingerprint(&base).unwrap();
+        assert_eq!(first, fingerprint(&base).unwrap(), "deterministic");
+
+        fs::write(
+            base.join("Cargo.lock"),
+            LOCK.replace("1.0.0", "1.1.0")
+                .replace("\"libc\"", "\"libc 0.2\""),
+        )
+        .unwrap();
+        assert_eq!(
+            first,
+            fingerprint(&base).unwrap(),
+            "userspace lock changes are not kernel inputs"
+        );
+
+        fs::write(base.join("Cargo.lock"), LOCK.replace("0.2.1", "0.2.2")).unwrap();
+        let bumped = fingerprint(&base).unwrap();
+        assert_ne!(first, bumped, "a kernel-side crate version is an input");
+
+        fs::write(base.join("observer-ebpf/src/main.rs"), "fn b() {}").unwrap();
+        assert_ne!(
+            bumped,
+            fingerprint(&base).unwrap(),
+            "kernel source is an input"
+        );
+        fs::remove_dir_all(base).unwrap();
+    }
+
+    /// aya's newer releases need rustc 1.98: the lockfile must keep the pinned ones.
+    #[test]
+    fn lockfile_keeps_the_pinned_aya_versions() {
+        let lock = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.lock"))
+            .unwrap();
+        for (name, version) in [
+            ("aya", "0.14.0"),
+            ("aya-ebpf", "0.2.1"),
+            ("aya-log", "0.3.0"),
+            ("aya-log-ebpf", "0.2.0"),
+            ("aya-build", "0.2.0"),
+        ] {
+            let entry = format!("name = \"{name}\"\nversion = \"{version}\"\n");
+            assert!(
+                lock.contains(&entry),
+                "Cargo.lock should pin {name} {version}"
+            );
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! Black-box tests of the `observer` binary: `observer check` on this host, and bad input on
+//! the command line (each a one-line error and a non-zero exit).
+
+mod support;
+
+use std::{net::TcpListener, process::Command};
+
+fn observer(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_observer"))
+        .args(args)
+        .output()
+        .expect("run observer")
+}
+
+fn stderr_of(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A usage error is exactly one line on stderr, nothing on stdout, and a non-zero exit.
+fn assert_one_line_error(output: &std::process::Output, expect: &str) {
+    let stderr = stderr_of(output);
+    assert!(!output.status.success(), "exit status {:?}", output.status);
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "stderr should be one line: {stderr:?}"
+    );
+    assert!(stderr.starts_with("error: "), "{stderr:?}");
+    assert!(stderr.contains(expect), "expected {expect:?} in {stderr:?}");
+    assert!(
+        output.stdout.is_empty(),
+        "stdout: {:?}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+}
+
+#[test]
+fn check_reports_ebpf_mode_with_tracepoints_and_listeners() {
+    if !support::require_root("check_reports_ebpf_mode") {
+        return;
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let output = observer(&["check", "--json", "--watch", &format!("{port}=gateway")]);
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|err| panic!("{err}: {}", String::from_utf8_lossy(&output.stdout)));
+    assert!(output.status.success(), "check failed: {report:#}");
+    assert_eq!(report["mode"], "ebpf");
+    assert_eq!(report["problems"], serde_json::json!([]));
+    assert_eq!(report["btf"], true);
+    assert!(
+        report["program"]["Ok"]
+            .as_str()
+            .unwrap()
+            .contains("attached sys_enter_close"),
+        "{report:#}"
+    );
+    let tracepoints = report["tracepoints"].as_array().unwrap();
+    assert_eq!(tracepoints.len(), 25);
+    assert!(
+        tracepoints.iter().all(|t| t["found"] == true),
+        "{tracepoints:#?}"
+    );
+    assert!(
+        tracepoints
+            .iter()
+            .any(|t| t["name"] == "syscalls:sys_exit_recvmsg")
+    );
+    // The listener this test holds is found, with this process as its holder.
+    let ports = report["listeners"].as_array().unwrap();
+    assert_eq!(ports.len(), 1);
+    assert_eq!(ports[0]["port"], port);
+    assert_eq!(ports[0]["role"], "gateway");
+    let holders = ports[0]["listeners"][0]["holders"].as_array().unwrap();
+    assert!(
+        holders.iter().any(|h| h["pid"] == std::process::id()),
+        "{holders:#?}"
+    );
+    // No NVIDIA driver on CI machines: reported, not fatal.
+    assert!(report["nvml"]["status"] == "available" || report["nvml"]["reason"].as_str().is_some());
+}
+
+#[test]
+fn check_human_output_names_the_mode_and_each_tracepoint() {
+    if !support::require_root("check_human_output") {
+        return;
+    }
+    let output = observer(&["check"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", stderr_of(&output));
+    assert!(stdout.contains("eBPF mode works"), "{stdout}");
+    assert!(
+        stdout.contains("found   syscalls:sys_enter_accept4"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("18789 (gateway)") && stdout.contains("11434 (upstream)"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn unknown_flag_is_a_one_line_error() {
+    assert_one_line_error(&observer(&["check", "--no-such-flag"]), "--no-such-flag");
+    assert_one_line_error(&observer(&["frobnicate"]), "frobnicate");
+}
+
+#[test]
+fn bad_watch_flag_is_a_one_line_error() {
+    assert_one_line_error(
+        &observer(&["check", "--watch", "99999=gateway"]),
+        "not a port",
+    );
+    assert_one_line_error(
+        &observer(&["check", "--watch", "80=proxy"]),
+        "neither gateway nor upstream",
+    );
+}
+
+#[test]
+fn bad_listen_address_is_a_one_line_error() {
+    assert_one_line_error(&observer(&["sim", "--listen", "nonsense"]), "nonsense");
+    assert_one_line_error(
+        &observer(&["sim", "--listen", "127.0.0.1:99999"]),
+        "127.0.0.1:99999",
+    );
+}
+
+#[test]
+fn port_in_use_is_a_one_line_error() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let output = observer(&["sim", "--listen", &addr]);
+    assert_one_line_error(&output, &format!("cannot listen on {addr}"));
+    assert!(
+        stderr_of(&output).contains("in use"),
+        "{}",
+        stderr_of(&output)
+    );
+}
+
+#[test]
+fn help_and_version_succeed() {
+    let help = observer(&["--help"]);
+    assert!(help.status.success());
+    assert!(String::from_utf8_lossy(&help.stdout).contains("check"));
+    let version = observer(&["--version"]);
+    assert!(version.status.success());
+    assert!(String::from_utf8_lossy(&version.stdout).starts_with("observer "));
+}

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Installs, idempotently, everything this project needs on a fresh Debian 12 machine of the
+# `rust` kind: Debian's LLVM 22 and bpftool, rust-src for nightly, bpf-linker 0.13 built against
+# LLVM 22, and a Python virtualenv with the real Ollama and OpenAI clients used by the tests.
+# A second run with everything present finishes in seconds. Needs root (apt-get).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/env.sh
+
+BPF_LINKER_VERSION=0.13.0
+APT_PACKAGES=(llvm-22-dev bpftool)
+
+say() { printf 'setup: %s\n' "$*"; }
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    say "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! rustup toolchain list | grep -q '^nightly'; then
+    echo "setup: the nightly toolchain is missing (rustup toolchain install nightly); the kernel programs need it" >&2
+    exit 1
+fi
+if ! rustup component list --toolchain nightly --installed | grep -q '^rust-src'; then
+    say "adding rust-src to nightly"
+    rustup component add rust-src --toolchain nightly
+fi
+
+if [[ "$(bpf-linker --version 2>/dev/null)" != "bpf-linker $BPF_LINKER_VERSION" ]]; then
+    say "building bpf-linker $BPF_LINKER_VERSION against LLVM 22 (a few minutes, once)"
+    cargo install --quiet --locked --force "bpf-linker@$BPF_LINKER_VERSION" --no-default-features --features llvm-22
+fi
+
+# The Python clients the tests drive the simulator with, pinned.
+requirements=tests/python/requirements.txt
+stamp=.venv/.requirements
+if [[ ! -x .venv/bin/python ]] || ! cmp -s "$requirements" "$stamp"; then
+    say "creating .venv with $(tr '\n' ' ' <"$requirements")"
+    python3 -m venv .venv
+    .venv/bin/pip install --quiet --disable-pip-version-check -r "$requirements"
+    cp "$requirements" "$stamp"
+fi
+say "ready"

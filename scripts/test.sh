@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Sets up (idempotently) and runs every check and test: formatting, clippy, the kernel object
+# build, the Rust tests (kernel tests included: they need root), and the Python client tests.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/setup.sh
+source scripts/env.sh
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "format"
+cargo fmt --all --check
+step "kernel object"
+cargo xtask build-ebpf
+step "clippy (kernel programs)"
+cargo xtask clippy-ebpf
+step "clippy"
+cargo clippy --all-targets --locked -- -D warnings
+step "build"
+cargo build --locked
+step "Rust tests"
+cargo test --locked
+step "Python client tests"
+OBSERVER_BIN="$PWD/target/debug/observer" .venv/bin/python -m pytest -q tests/python
