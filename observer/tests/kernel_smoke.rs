@@ -7,7 +7,7 @@ mod support;
 use std::{io::Read, net::TcpListener, os::fd::AsRawFd, time::Duration};
 
 use observer::capture::{
-    Capture, CaptureConfig, Role, WatchedPort,
+    Capture, CaptureConfig, Role, TRACEPOINTS, WatchedPort,
     decode::{Direction, Event, Side},
     reader::EventReader,
 };
@@ -30,16 +30,10 @@ async fn loopback_write_on_watched_port_reaches_the_ring_buffer() {
         exclude_self: false,
         ..CaptureConfig::default()
     };
-    let mut capture = Capture::load(&config).expect("load the embedded kernel object");
-    for (category, name) in [
-        ("syscalls", "sys_enter_connect"),
-        ("syscalls", "sys_exit_connect"),
-        ("syscalls", "sys_enter_write"),
-        ("syscalls", "sys_exit_write"),
-        ("syscalls", "sys_enter_close"),
-    ] {
-        capture.attach(name, category, name).expect("attach");
-    }
+    let mut capture = Capture::start(&config).expect("load and attach the embedded kernel object");
+    let attached = capture.attached();
+    assert_eq!(attached.len(), TRACEPOINTS.len(), "{attached:?}");
+    assert!(attached.contains(&"sys_exit_write"), "{attached:?}");
     let mut reader = EventReader::new(capture.take_events().unwrap()).unwrap();
 
     let payload: Vec<u8> = (0..PAYLOAD_LEN).map(|i| (i % 251) as u8).collect();
