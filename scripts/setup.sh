@@ -34,7 +34,9 @@ fi
 
 if [[ "$(bpf-linker --version 2>/dev/null)" != "bpf-linker $BPF_LINKER_VERSION" ]]; then
     say "building bpf-linker $BPF_LINKER_VERSION against LLVM 22 (a few minutes, once)"
-    cargo install --quiet --locked --force "bpf-linker@$BPF_LINKER_VERSION" --no-default-features --features llvm-22
+    # llvm-sys must find LLVM 22's llvm-config before any other LLVM on the machine.
+    PATH="/usr/lib/llvm-22/bin:$PATH" cargo install --quiet --locked --force \
+        "bpf-linker@$BPF_LINKER_VERSION" --no-default-features --features llvm-22
 fi
 
 # The Python clients the tests drive the simulator with, pinned.
