@@ -1,17 +1,190 @@
-//! `observer sim`: a simulated Ollama upstream. (Being written.)
+//! `observer sim`: a simulated Ollama upstream that speaks Ollama's real wire format, with
+//! configurable model load, time-to-first-token and per-token delays, and injected faults.
+//! It owns its HTTP/1.1 server (tokio + `httparse`) so the bytes on the wire are exactly
+//! those Ollama's Go server (net/http + gin) would write; it is used by `observer demo` and by
+//! the tests of the whole project, and never by the observer's own data path.
+//!
+//! # Routes
+//!
+//! `GET|HEAD /`, `GET|HEAD /api/version`, `GET|HEAD /api/tags`, `GET /api/ps`,
+//! `POST /api/generate`, `POST /api/chat`, `POST /v1/chat/completions`, `GET /v1/models`.
+//! Other methods on these paths get gin's 405 (with `Allow`), other paths gin's 404.
+//!
+//! # Faults
+//!
+//! Configured rates (`--fault-rate`, `--hang-rate`, …) apply to inference routes only. A
+//! request forces its own faults, for any route, with the header `X-Sim-Fault`: a comma-
+//! separated list of items (when the header is present, no rates are rolled for it):
+//!
+//! | item | effect |
+//! |---|---|
+//! | `status=CODE` | answer CODE (400–599) with Ollama's error body for it |
+//! | `reset-after=N` | send N streamed chunks, then reset the connection (SO_LINGER 0, close) when the next would go out; a shorter stream resets before its last chunk; a non-streamed response resets instead of being sent |
+//! | `error-after=N` | after N content chunks send Ollama's mid-stream `{"error":…}` line instead of the next one (N=0: a 500 before any content; non-streamed: a 500; OpenAI stream: an empty model-less chunk and the end, as Ollama's middleware does) |
+//! | `hang` | read the request, never answer |
+//! | `slow-head-ms=MS` | dribble the response head a line at a time over MS |
+//! | `load-ms=MS`, `first-token-ms=MS`, `token-ms=MS`, `tokens=N` | this request's timing |
+//! | `none` | no fault (and no rolled fault) |
+//!
+//! Example: `X-Sim-Fault: first-token-ms=4000` or `X-Sim-Fault: reset-after=3, slow-head-ms=200`.
+//! A malformed header is answered 400 with `{"error": "..."}`.
+//!
+//! # Timing and metrics
+//!
+//! A model's first use (and first use after `--keep-alive-secs`) waits `--load-ms`; then the
+//! prompt takes `--first-token-ms`; tokens follow every `--token-ms`, `--tokens` of them, capped
+//! by `options.num_predict` / `max_tokens` (`done_reason` `length`). The final message reports
+//! the measured durations; `prompt_eval_count` is Σ over prompt texts of 4 + ⌈bytes/4⌉.
+//!
+//! # Layout
+//!
+//! - `config`: [`SimConfig`] and the flags. `server`: listener and connection loop.
+//! - `request`, `chunked`, `response`: HTTP/1.x framing as Go does it. `routes`: gin's routing.
+//! - `ollama`, `openai`: the two inference APIs; `inference_request`: their request bodies;
+//!   `listing`: tags, ps, version, models. `generation`, `models`: what the "model" does.
+//! - `faults`: fault decisions. `gojson`, `clock`: Go's JSON and time encodings.
 
-use std::net::SocketAddr;
+mod chunked;
+mod clock;
+mod config;
+mod faults;
+mod generation;
+mod gojson;
+mod inference_request;
+mod listing;
+mod models;
+mod ollama;
+mod openai;
+mod request;
+mod response;
+mod routes;
+mod server;
 
-#[derive(Debug, clap::Args)]
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::info;
+
+pub use config::{ConfigError, DEFAULT_MODELS, DEFAULT_OLLAMA_VERSION, SimConfig};
+pub use faults::{FAULT_HEADER, FaultRates};
+pub use generation::{Timing, prompt_tokens, reply_text};
+pub use request::Limits;
+pub use server::{SimServer, serve, serve_with_shutdown, spawn};
+
+/// Flags of `observer sim`.
+#[derive(Debug, Clone, clap::Args)]
 pub struct SimArgs {
-    /// Address to listen on.
+    /// Address to listen on (port 0 picks a free port; the ready line shows the real one).
     #[arg(long, default_value = "127.0.0.1:11434")]
-    pub listen: SocketAddr,
+    pub listen: String,
+    /// A model to serve (repeatable). Default: llama3.2:1b and qwen2.5:0.5b.
+    #[arg(long, value_name = "NAME")]
+    pub model: Vec<String>,
+    /// Version reported by /api/version.
+    #[arg(long, value_name = "VERSION", default_value = DEFAULT_OLLAMA_VERSION)]
+    pub ollama_version: String,
+    // Boxed so that the CLI's command enum stays small.
+    #[command(flatten)]
+    pub timing: Box<TimingArgs>,
+    #[command(flatten)]
+    pub faults: Box<FaultArgs>,
+    #[command(flatten)]
+    pub limits: Box<LimitArgs>,
 }
 
+/// Delays of the simulated model.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Timing")]
+pub struct TimingArgs {
+    /// Model load delay on first use, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 800)]
+    pub load_ms: u64,
+    /// Time from a loaded model to the first token (prompt evaluation), in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 150)]
+    pub first_token_ms: u64,
+    /// Delay between tokens, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 20)]
+    pub token_ms: u64,
+    /// Tokens per reply (a request's num_predict / max_tokens may cap it).
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    pub tokens: u32,
+    /// Seconds a model stays loaded after its last use (0: unload after every request).
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    pub keep_alive_secs: u64,
+}
+
+/// Injected faults; rates apply to inference requests. Any flag of a fault turns it on.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Faults")]
+pub struct FaultArgs {
+    /// Status answered by the status fault (default 500).
+    #[arg(long, value_name = "CODE")]
+    pub fault_status: Option<u16>,
+    /// Fraction of inference requests answered with the fault status.
+    #[arg(long, value_name = "RATE")]
+    pub fault_rate: Option<f64>,
+    /// Reset streamed responses after N chunks.
+    #[arg(long, value_name = "N")]
+    pub fault_reset_after: Option<u32>,
+    /// Fraction of inference requests reset (default 1 when --fault-reset-after is given).
+    #[arg(long, value_name = "RATE")]
+    pub fault_reset_rate: Option<f64>,
+    /// Fraction of inference requests that end with a mid-stream error line.
+    #[arg(long, value_name = "RATE")]
+    pub fault_mid_stream_error_rate: Option<f64>,
+    /// Content chunks before the mid-stream error (default 2).
+    #[arg(long, value_name = "N")]
+    pub fault_error_after: Option<u32>,
+    /// Delay and dribble the response head over MS milliseconds.
+    #[arg(long, value_name = "MS")]
+    pub slow_head: Option<u64>,
+    /// Fraction of inference requests with a slow head (default 1 when --slow-head is given).
+    #[arg(long, value_name = "RATE")]
+    pub slow_head_rate: Option<f64>,
+    /// Fraction of inference requests accepted and never answered.
+    #[arg(long, value_name = "RATE")]
+    pub hang_rate: Option<f64>,
+    /// Seed for fault rolls and completion ids (default: from the clock).
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+/// Bounds on requests.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Limits")]
+pub struct LimitArgs {
+    /// Largest request head accepted (431 above).
+    #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024)]
+    pub max_head_bytes: usize,
+    /// Largest request body accepted (413 above).
+    #[arg(long, value_name = "BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+}
+
+/// `observer sim`: binds, prints `observer sim listening on ADDR` on stdout when ready, serves
+/// until SIGINT or SIGTERM.
 pub async fn run(args: SimArgs) -> anyhow::Result<()> {
-    anyhow::bail!(
-        "observer sim is not built yet (asked to listen on {})",
-        args.listen
-    )
+    let config = SimConfig::from_args(&args)?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let listener = TcpListener::bind(args.listen.as_str())
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener
+        .local_addr()
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    info!(%addr, models = ?config.models, "simulated Ollama upstream ready");
+    {
+        use std::io::Write as _;
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "observer sim listening on {addr}").context("cannot write to stdout")?;
+        stdout.flush().context("cannot write to stdout")?;
+    }
+    serve_with_shutdown(listener, config, async move {
+        tokio::select! {
+            _ = interrupt.recv() => info!("SIGINT received"),
+            _ = terminate.recv() => info!("SIGTERM received"),
+        }
+    })
+    .await
 }

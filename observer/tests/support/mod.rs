@@ -15,6 +15,8 @@ pub fn require_root(test: &str) -> bool {
     false
 }
 
+pub mod sim_client;
+
 /// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {

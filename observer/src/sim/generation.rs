@@ -1,0 +1,275 @@
+//! Simulated inference: what a reply says, when each token comes out, and the metrics Ollama
+//! reports for it, measured from the real delays so they agree with what a client observes.
+//!
+//! Timeline of one request: received → (model load, first use only) → prompt evaluation (the
+//! time to first token) → token 1 → token 2 after one token interval → … → token n → one more
+//! interval for the end-of-sequence step → done. So `eval_count` = n and `eval_duration` ≈ n ×
+//! the token interval. No HTTP or JSON here.
+
+use std::time::{Duration, Instant};
+
+/// Delays of a simulated model. Every value may be zero (tests use tiny values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// Load delay on a model's first use (and after its keep-alive ran out).
+    pub load: Duration,
+    /// Prompt evaluation: from the model being ready to the first token.
+    pub first_token: Duration,
+    /// Between tokens.
+    pub token_interval: Duration,
+    /// Tokens in a full reply; a request's `num_predict` / `max_tokens` may cap it.
+    pub tokens_per_reply: u32,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            load: Duration::from_millis(800),
+            first_token: Duration::from_millis(150),
+            token_interval: Duration::from_millis(20),
+            tokens_per_reply: 32,
+        }
+    }
+}
+
+/// Why generation stopped: Ollama's `done_reason`, OpenAI's `finish_reason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DoneReason {
+    /// The model ended its reply.
+    Stop,
+    /// The token limit of the request was reached.
+    Length,
+}
+
+impl DoneReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+        }
+    }
+}
+
+/// How many tokens a reply has and why it ends there. `limit` is the request's
+/// `num_predict`/`max_tokens`; zero or negative means no limit (Ollama: -1 infinite, -2 fill).
+pub fn reply_length(tokens_per_reply: u32, limit: Option<i64>) -> (u32, DoneReason) {
+    match limit {
+        Some(n) if n > 0 && n < i64::from(tokens_per_reply) => (n as u32, DoneReason::Length),
+        _ => (tokens_per_reply, DoneReason::Stop),
+    }
+}
+
+/// The prompt size reported as `prompt_eval_count`: about four bytes per token for each text,
+/// plus four template tokens per message (role markers), at least one token per text.
+pub fn prompt_tokens<'a>(texts: impl IntoIterator<Item = &'a str>) -> u32 {
+    texts
+        .into_iter()
+        .map(|t| 4 + (t.len() as u32).div_ceil(4).max(1))
+        .sum()
+}
+
+const WORDS: &[&str] = &[
+    "The",
+    " sky",
+    " appears",
+    " blue",
+    " because",
+    " molecules",
+    " in",
+    " the",
+    " air",
+    " scatter",
+    " short",
+    " wavelengths",
+    " of",
+    " sunlight",
+    " more",
+    " strongly",
+    " than",
+    " long",
+    " ones",
+    ",",
+    " a",
+    " process",
+    " called",
+    " Rayleigh",
+    " scattering",
+    ".",
+    " At",
+    " sunset",
+    " light",
+    " travels",
+    " farther",
+    ",",
+    " so",
+    " reds",
+    " remain",
+    ".",
+];
+
+/// Token `index` of every simulated reply (a fixed text, repeated as needed).
+pub fn token_text(index: u32) -> &'static str {
+    WORDS[index as usize % WORDS.len()]
+}
+
+/// The whole text of a reply of `tokens` tokens.
+pub fn reply_text(tokens: u32) -> String {
+    (0..tokens).map(token_text).collect()
+}
+
+/// Durations Ollama reports in the final message, in nanoseconds on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Metrics {
+    pub total: Duration,
+    pub load: Duration,
+    pub prompt_eval_count: u32,
+    pub prompt_eval: Duration,
+    pub eval_count: u32,
+    pub eval: Duration,
+}
+
+/// One reply being generated. Call [`Generation::next_token`] until it returns `None`.
+#[derive(Debug)]
+pub struct Generation {
+    timing: Timing,
+    tokens: u32,
+    done_reason: DoneReason,
+    prompt_eval_count: u32,
+    received_at: Instant,
+    loaded_at: Instant,
+    prompt_done_at: Option<Instant>,
+    emitted: u32,
+    done_at: Option<Instant>,
+}
+
+impl Generation {
+    /// A generation on a model that became ready at `loaded_at` for a request received at
+    /// `received_at`.
+    pub fn new(
+        timing: Timing,
+        limit: Option<i64>,
+        prompt_eval_count: u32,
+        received_at: Instant,
+        loaded_at: Instant,
+    ) -> Self {
+        let (tokens, done_reason) = reply_length(timing.tokens_per_reply, limit);
+        Self {
+            timing,
+            tokens,
+            done_reason,
+            prompt_eval_count,
+            received_at,
+            loaded_at,
+            prompt_done_at: None,
+            emitted: 0,
+            done_at: None,
+        }
+    }
+
+    pub fn done_reason(&self) -> DoneReason {
+        self.done_reason
+    }
+
+    /// Content tokens emitted so far.
+    pub fn emitted(&self) -> u32 {
+        self.emitted
+    }
+
+    /// Waits until the next token is due and returns it; `None` once the reply is complete.
+    pub async fn next_token(&mut self) -> Option<&'static str> {
+        if self.done_at.is_some() {
+            return None;
+        }
+        let prompt_done_at = match self.prompt_done_at {
+            Some(at) => at,
+            None => {
+                tokio::time::sleep(self.timing.first_token).await;
+                *self.prompt_done_at.insert(Instant::now())
+            }
+        };
+        // Deadlines from one origin keep the rate exact however late each wake-up is.
+        // Absurd configured delays saturate (tokio treats an overlong sleep as "forever").
+        let offset = self.timing.token_interval.checked_mul(self.emitted);
+        match offset.and_then(|o| prompt_done_at.checked_add(o)) {
+            Some(due) => tokio::time::sleep_until(due.into()).await,
+            None => tokio::time::sleep(Duration::MAX).await,
+        }
+        if self.emitted < self.tokens {
+            let token = token_text(self.emitted);
+            self.emitted += 1;
+            Some(token)
+        } else {
+            self.done_at = Some(Instant::now());
+            None
+        }
+    }
+
+    /// The reported metrics; complete once `next_token` has returned `None`.
+    pub fn metrics(&self) -> Metrics {
+        let now = Instant::now();
+        let prompt_done_at = self.prompt_done_at.unwrap_or(now);
+        let done_at = self.done_at.unwrap_or(now);
+        Metrics {
+            total: done_at - self.received_at,
+            load: self.loaded_at - self.received_at,
+            prompt_eval_count: self.prompt_eval_count,
+            prompt_eval: prompt_done_at - self.loaded_at,
+            eval_count: self.emitted,
+            eval: done_at - prompt_done_at,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_limit_below_the_reply_length_cuts_it() {
+        assert_eq!(reply_length(32, None), (32, DoneReason::Stop));
+        assert_eq!(reply_length(32, Some(5)), (5, DoneReason::Length));
+        assert_eq!(reply_length(32, Some(32)), (32, DoneReason::Stop));
+        assert_eq!(reply_length(32, Some(-1)), (32, DoneReason::Stop));
+        assert_eq!(reply_length(32, Some(0)), (32, DoneReason::Stop));
+    }
+
+    #[test]
+    fn prompt_tokens_follow_the_documented_estimate() {
+        assert_eq!(prompt_tokens(["Why is the sky blue?"]), 4 + 5);
+        assert_eq!(
+            prompt_tokens(["", "abcd", "abcde"]),
+            (4 + 1) + (4 + 1) + (4 + 2)
+        );
+    }
+
+    #[test]
+    fn reply_text_is_the_tokens_in_order() {
+        assert_eq!(reply_text(4), "The sky appears blue");
+        assert_eq!(token_text(WORDS.len() as u32), "The");
+    }
+
+    #[tokio::test]
+    async fn metrics_agree_with_the_delays() {
+        let timing = Timing {
+            load: Duration::ZERO,
+            first_token: Duration::from_millis(30),
+            token_interval: Duration::from_millis(10),
+            tokens_per_reply: 4,
+        };
+        let received = Instant::now();
+        let mut generation = Generation::new(timing, None, 9, received, received);
+        let mut tokens = Vec::new();
+        while let Some(token) = generation.next_token().await {
+            tokens.push(token);
+        }
+        assert_eq!(tokens.concat(), "The sky appears blue");
+        let m = generation.metrics();
+        assert_eq!((m.eval_count, m.prompt_eval_count), (4, 9));
+        assert!(m.prompt_eval >= Duration::from_millis(30), "{m:?}");
+        // n tokens = (n - 1) intervals between them + the end-of-sequence step.
+        assert!(m.eval >= Duration::from_millis(40), "{m:?}");
+        assert!(m.eval < Duration::from_millis(40 + 50), "{m:?}");
+        assert_eq!(m.total, m.load + m.prompt_eval + m.eval);
+        assert!(generation.next_token().await.is_none());
+    }
+}

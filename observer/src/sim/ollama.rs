@@ -1,0 +1,337 @@
+//! Ollama's native API: `/api/chat`, `/api/generate` (NDJSON streams or one JSON object),
+//! with Ollama's errors for them.
+//!
+//! The response structs mirror `api/types.go` (`ChatResponse`, `GenerateResponse`, `Metrics`)
+//! field by field in declaration order, `omitempty` fields skipped when empty, durations in
+//! nanoseconds. Streams go through `streamResponse` semantics: one flushed NDJSON line per
+//! token, and an error line (or, before any content, an error status) when generation fails.
+//! Errors and their texts follow `server/routes.go`.
+
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use super::clock::rfc3339_nano;
+use super::generation::{Generation, Metrics, prompt_tokens};
+use super::gojson::{self, DecodeError};
+use super::inference_request::{InferenceRequest, parse_chat, parse_generate};
+use super::response::{ResponseWriter, WriteError};
+use super::routes::{Exchange, JSON_UTF8, MID_STREAM_ERROR, native_error};
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// `api.Metrics`, flattened into the final message.
+#[derive(Debug, Default, Serialize)]
+struct MetricsJson {
+    #[serde(skip_serializing_if = "is_zero")]
+    total_duration: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    load_duration: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    prompt_eval_count: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    prompt_eval_duration: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    eval_count: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    eval_duration: u64,
+}
+
+impl From<Metrics> for MetricsJson {
+    fn from(m: Metrics) -> Self {
+        let ns = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        Self {
+            total_duration: ns(m.total),
+            load_duration: ns(m.load),
+            prompt_eval_count: u64::from(m.prompt_eval_count),
+            prompt_eval_duration: ns(m.prompt_eval),
+            eval_count: u64::from(m.eval_count),
+            eval_duration: ns(m.eval),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct MessageJson<'a> {
+    role: &'a str,
+    content: &'a str,
+}
+
+/// `api.ChatResponse`.
+#[derive(Debug, Serialize)]
+struct ChatResponseJson<'a> {
+    model: &'a str,
+    created_at: String,
+    message: MessageJson<'a>,
+    done: bool,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    done_reason: &'a str,
+    #[serde(flatten)]
+    metrics: MetricsJson,
+}
+
+/// `api.GenerateResponse`.
+#[derive(Debug, Serialize)]
+struct GenerateResponseJson<'a> {
+    model: &'a str,
+    created_at: String,
+    response: &'a str,
+    done: bool,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    done_reason: &'a str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    context: Vec<u32>,
+    #[serde(flatten)]
+    metrics: MetricsJson,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Api {
+    Chat,
+    Generate,
+}
+
+pub async fn chat(ex: &Exchange<'_>, w: &mut ResponseWriter<'_>) -> Result<(), WriteError> {
+    inference(ex, w, Api::Chat).await
+}
+
+pub async fn generate(ex: &Exchange<'_>, w: &mut ResponseWriter<'_>) -> Result<(), WriteError> {
+    inference(ex, w, Api::Generate).await
+}
+
+/// One line (or the whole object) of a chat or generate response.
+fn response_json(
+    api: Api,
+    model: &str,
+    content: &str,
+    done_reason: &str,
+    metrics: Option<Metrics>,
+    context: Vec<u32>,
+) -> Vec<u8> {
+    let created_at = rfc3339_nano(SystemTime::now());
+    let metrics = metrics.map(MetricsJson::from).unwrap_or_default();
+    let done = !done_reason.is_empty();
+    match api {
+        Api::Chat => gojson::marshal(&ChatResponseJson {
+            model,
+            created_at,
+            message: MessageJson {
+                role: "assistant",
+                content,
+            },
+            done,
+            done_reason,
+            metrics,
+        }),
+        Api::Generate => gojson::marshal(&GenerateResponseJson {
+            model,
+            created_at,
+            response: content,
+            done,
+            done_reason,
+            context,
+            metrics,
+        }),
+    }
+}
+
+/// Token ids of prompt and reply, as the `context` of a final generate message.
+fn context_tokens(count: u32) -> Vec<u32> {
+    (0..count)
+        .map(|i| 128_000 + (i * 7_919 + 271) % 28_000)
+        .collect()
+}
+
+async fn inference(
+    ex: &Exchange<'_>,
+    w: &mut ResponseWriter<'_>,
+    api: Api,
+) -> Result<(), WriteError> {
+    let parsed = match api {
+        Api::Chat => parse_chat(&ex.request.body),
+        Api::Generate => parse_generate(&ex.request.body),
+    };
+    let req = match parsed {
+        Ok(req) => req,
+        Err(DecodeError::Empty) => return native_error(w, 400, "missing request body").await,
+        Err(err) => return native_error(w, 400, &err.to_string()).await,
+    };
+    if req.model.trim().is_empty() {
+        // Chat and generate word a missing model differently (routes.go).
+        return match api {
+            Api::Chat => native_error(w, 400, "model is required").await,
+            Api::Generate => {
+                native_error(w, 404, &format!("model '{}' not found", req.model)).await
+            }
+        };
+    }
+    let Some(model) = ex.sim.models.find(&req.model) else {
+        return native_error(w, 404, &format!("model '{}' not found", req.model)).await;
+    };
+    let timing = ex.timing();
+    let keep_alive = ex.sim.config.keep_alive;
+    let loaded_at = model.load(timing.load, keep_alive).await;
+    if req.load_only {
+        let body = response_json(api, &req.model, "", "load", None, Vec::new());
+        return w
+            .send(200, &[("Content-Type", JSON_UTF8.to_owned())], &body)
+            .await;
+    }
+    let prompt_count = prompt_tokens(req.texts.iter().map(String::as_str));
+    let mut generation =
+        Generation::new(timing, req.limit, prompt_count, ex.received_at, loaded_at);
+    let result = if req.stream {
+        stream(ex, w, api, &req, &mut generation).await
+    } else {
+        whole(ex, w, api, &req, &mut generation).await
+    };
+    model.touch(keep_alive);
+    result
+}
+
+/// NDJSON over chunked coding, one flushed line per token, then the final line with metrics.
+async fn stream(
+    ex: &Exchange<'_>,
+    w: &mut ResponseWriter<'_>,
+    api: Api,
+    req: &InferenceRequest,
+    generation: &mut Generation,
+) -> Result<(), WriteError> {
+    w.begin_stream(200, "application/x-ndjson");
+    loop {
+        let token = generation.next_token().await;
+        let sent = generation.emitted() - u32::from(token.is_some());
+        if ex.plan.error_after == Some(sent) {
+            if sent == 0 {
+                // Nothing written yet: streamResponse answers the error as a status instead.
+                w.begin_stream(500, "application/json");
+                w.chunk(&gojson::marshal(
+                    &serde_json::json!({ "error": MID_STREAM_ERROR }),
+                ))
+                .await?;
+            } else {
+                w.chunk(&gojson::encode_line(
+                    &serde_json::json!({ "error": MID_STREAM_ERROR }),
+                ))
+                .await?;
+            }
+            return w.finish().await;
+        }
+        let mut line = match token {
+            Some(text) => response_json(api, &req.model, text, "", None, Vec::new()),
+            None => final_json(api, req, generation, ""),
+        };
+        line.push(b'\n');
+        w.chunk(&line).await?;
+        if token.is_none() {
+            return w.finish().await;
+        }
+    }
+}
+
+fn final_json(api: Api, req: &InferenceRequest, generation: &Generation, content: &str) -> Vec<u8> {
+    let metrics = generation.metrics();
+    let context = if api == Api::Generate && !req.raw {
+        context_tokens(metrics.prompt_eval_count + metrics.eval_count)
+    } else {
+        Vec::new()
+    };
+    response_json(
+        api,
+        &req.model,
+        content,
+        generation.done_reason().as_str(),
+        Some(metrics),
+        context,
+    )
+}
+
+/// `"stream": false`: the whole reply in one object once generation is done.
+async fn whole(
+    ex: &Exchange<'_>,
+    w: &mut ResponseWriter<'_>,
+    api: Api,
+    req: &InferenceRequest,
+    generation: &mut Generation,
+) -> Result<(), WriteError> {
+    let mut content = String::new();
+    loop {
+        let token = generation.next_token().await;
+        let sent = generation.emitted() - u32::from(token.is_some());
+        if ex.plan.error_after == Some(sent) {
+            return native_error(w, 500, MID_STREAM_ERROR).await;
+        }
+        match token {
+            Some(text) => content.push_str(text),
+            None => break,
+        }
+    }
+    let body = final_json(api, req, generation, &content);
+    w.send(200, &[("Content-Type", JSON_UTF8.to_owned())], &body)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(bytes: Vec<u8>) -> String {
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn chat_lines_have_go_field_order_and_omit_empty_fields() {
+        let line = text(response_json(Api::Chat, "m", "Hi", "", None, Vec::new()));
+        let created = line
+            .split("\"created_at\":\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap();
+        assert_eq!(
+            line,
+            format!(
+                r#"{{"model":"m","created_at":"{created}","message":{{"role":"assistant","content":"Hi"}},"done":false}}"#
+            )
+        );
+        let metrics = Metrics {
+            total: std::time::Duration::from_nanos(10),
+            load: std::time::Duration::from_nanos(1),
+            prompt_eval_count: 9,
+            prompt_eval: std::time::Duration::from_nanos(2),
+            eval_count: 3,
+            eval: std::time::Duration::from_nanos(7),
+        };
+        let done = text(response_json(
+            Api::Chat,
+            "m",
+            "",
+            "stop",
+            Some(metrics),
+            Vec::new(),
+        ));
+        assert!(done.ends_with(
+            r#""message":{"role":"assistant","content":""},"done":true,"done_reason":"stop","total_duration":10,"load_duration":1,"prompt_eval_count":9,"prompt_eval_duration":2,"eval_count":3,"eval_duration":7}"#
+        ), "{done}");
+    }
+
+    #[test]
+    fn generate_final_line_puts_context_before_metrics() {
+        let metrics = Metrics {
+            eval_count: 1,
+            ..Metrics::default()
+        };
+        let done = text(response_json(
+            Api::Generate,
+            "m",
+            "",
+            "length",
+            Some(metrics),
+            vec![1, 2],
+        ));
+        assert!(done.ends_with(r#""response":"","done":true,"done_reason":"length","context":[1,2],"eval_count":1}"#), "{done}");
+    }
+}

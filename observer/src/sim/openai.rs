@@ -1,0 +1,362 @@
+//! Ollama's OpenAI-compatible chat: `/v1/chat/completions` (SSE stream or one
+//! `chat.completion`), and the OpenAI error shape shared with `/v1/models`.
+//!
+//! Shapes follow `openai/openai.go` (`ChatCompletionChunk`, `ChatCompletion`, `Usage`,
+//! `ErrorResponse`) and the writers of `middleware/openai.go`: a role on the first delta only,
+//! a separate finish chunk with an empty delta, a usage chunk with empty `choices` when
+//! `stream_options.include_usage` is set, then `data: [DONE]`. The middleware has no error
+//! event: a mid-stream `{"error":…}` from the chat handler is rewritten into an empty-content
+//! chunk with an empty `model`, and the stream just ends (no finish chunk, no `[DONE]`).
+
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use super::clock::unix_seconds;
+use super::generation::{Generation, Metrics, prompt_tokens};
+use super::gojson;
+use super::inference_request::{InferenceRequest, parse_chat_completion};
+use super::response::{ResponseWriter, WriteError};
+use super::routes::{Exchange, JSON_UTF8, MID_STREAM_ERROR};
+
+const FINGERPRINT: &str = "fp_ollama";
+
+/// `openai.Error`.
+#[derive(Debug, Serialize)]
+struct ErrorJson<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<()>,
+    code: Option<()>,
+}
+
+#[derive(Debug, Serialize)]
+struct ErrorResponseJson<'a> {
+    error: ErrorJson<'a>,
+}
+
+/// `openai.NewError`.
+fn error_json(status: u16, message: &str) -> ErrorResponseJson<'_> {
+    let kind = match status {
+        400 => "invalid_request_error",
+        404 => "not_found_error",
+        _ => "api_error",
+    };
+    ErrorResponseJson {
+        error: ErrorJson {
+            message,
+            kind,
+            param: None,
+            code: None,
+        },
+    }
+}
+
+/// An error from the wrapped Ollama handler, as the middleware's `writeError` rewrites it:
+/// `Content-Type: application/json` and `Encode`'s trailing newline.
+pub async fn handler_error(
+    w: &mut ResponseWriter<'_>,
+    status: u16,
+    message: &str,
+) -> Result<(), WriteError> {
+    let body = gojson::encode_line(&error_json(status, message));
+    w.send(
+        status,
+        &[("Content-Type", "application/json".to_owned())],
+        &body,
+    )
+    .await
+}
+
+/// An error from the middleware itself (`c.AbortWithStatusJSON`): gin's JSON, no newline.
+async fn middleware_error(
+    w: &mut ResponseWriter<'_>,
+    status: u16,
+    message: &str,
+) -> Result<(), WriteError> {
+    let body = gojson::marshal(&error_json(status, message));
+    w.send(status, &[("Content-Type", JSON_UTF8.to_owned())], &body)
+        .await
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+struct UsageJson {
+    prompt_tokens: u32,
+    completion_tokens: u32,
+    total_tokens: u32,
+}
+
+impl From<Metrics> for UsageJson {
+    fn from(m: Metrics) -> Self {
+        Self {
+            prompt_tokens: m.prompt_eval_count,
+            completion_tokens: m.eval_count,
+            total_tokens: m.prompt_eval_count + m.eval_count,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct DeltaJson<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
+}
+
+#[derive(Debug, Serialize)]
+struct ChunkChoiceJson<'a> {
+    index: u32,
+    delta: DeltaJson<'a>,
+    finish_reason: Option<&'a str>,
+}
+
+/// `openai.ChatCompletionChunk`.
+#[derive(Debug, Serialize)]
+struct ChunkJson<'a> {
+    id: &'a str,
+    object: &'a str,
+    created: u64,
+    model: &'a str,
+    system_fingerprint: &'a str,
+    choices: Vec<ChunkChoiceJson<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<UsageJson>,
+}
+
+#[derive(Debug, Serialize)]
+struct ChoiceMessageJson<'a> {
+    role: &'a str,
+    content: &'a str,
+}
+
+#[derive(Debug, Serialize)]
+struct ChoiceJson<'a> {
+    index: u32,
+    message: ChoiceMessageJson<'a>,
+    finish_reason: Option<&'a str>,
+}
+
+/// `openai.ChatCompletion` (Go's `omitempty` does not drop a struct, so `usage` is always there).
+#[derive(Debug, Serialize)]
+struct CompletionJson<'a> {
+    id: &'a str,
+    object: &'a str,
+    created: u64,
+    model: &'a str,
+    system_fingerprint: &'a str,
+    choices: [ChoiceJson<'a>; 1],
+    usage: UsageJson,
+}
+
+/// One SSE event as the middleware writes it.
+fn sse(chunk: &ChunkJson<'_>) -> Vec<u8> {
+    [b"data: ".as_slice(), &gojson::marshal(chunk), b"\n\n"].concat()
+}
+
+/// A content chunk; `role` only on the stream's first.
+fn content_chunk<'a>(
+    id: &'a str,
+    created: u64,
+    model: &'a str,
+    content: &'a str,
+    first: bool,
+) -> ChunkJson<'a> {
+    ChunkJson {
+        id,
+        object: "chat.completion.chunk",
+        created,
+        model,
+        system_fingerprint: FINGERPRINT,
+        choices: vec![ChunkChoiceJson {
+            index: 0,
+            delta: DeltaJson {
+                role: first.then_some("assistant"),
+                content: Some(content),
+            },
+            finish_reason: None,
+        }],
+        usage: None,
+    }
+}
+
+pub async fn chat_completions(
+    ex: &Exchange<'_>,
+    w: &mut ResponseWriter<'_>,
+) -> Result<(), WriteError> {
+    let req = match parse_chat_completion(&ex.request.body) {
+        Ok(req) => req,
+        Err(err) => return middleware_error(w, 400, &err.to_string()).await,
+    };
+    if req.messages == 0 {
+        return middleware_error(w, 400, "[] is too short - 'messages'").await;
+    }
+    if req.model.trim().is_empty() {
+        return handler_error(w, 400, "model is required").await;
+    }
+    let Some(model) = ex.sim.models.find(&req.model) else {
+        return handler_error(w, 404, &format!("model '{}' not found", req.model)).await;
+    };
+    let id = format!("chatcmpl-{}", ex.sim.roll_below(999));
+    let timing = ex.timing();
+    let keep_alive = ex.sim.config.keep_alive;
+    let loaded_at = model.load(timing.load, keep_alive).await;
+    let prompt_count = prompt_tokens(req.texts.iter().map(String::as_str));
+    let mut generation =
+        Generation::new(timing, req.limit, prompt_count, ex.received_at, loaded_at);
+    let result = if req.stream {
+        stream(ex, w, &req, &id, &mut generation).await
+    } else {
+        whole(ex, w, &req, &id, &mut generation).await
+    };
+    model.touch(keep_alive);
+    result
+}
+
+async fn stream(
+    ex: &Exchange<'_>,
+    w: &mut ResponseWriter<'_>,
+    req: &InferenceRequest,
+    id: &str,
+    generation: &mut Generation,
+) -> Result<(), WriteError> {
+    w.begin_stream(200, "text/event-stream");
+    // Every chunk carries the timestamp of the first response.
+    let mut created = None;
+    loop {
+        let token = generation.next_token().await;
+        let sent = generation.emitted() - u32::from(token.is_some());
+        let created = *created.get_or_insert_with(|| unix_seconds(SystemTime::now()));
+        if ex.plan.error_after == Some(sent) {
+            if sent == 0 {
+                // Nothing written yet: the error goes out as a 500 through writeError.
+                w.begin_stream(500, "application/json");
+                w.chunk(&gojson::encode_line(&error_json(500, MID_STREAM_ERROR)))
+                    .await?;
+            } else {
+                w.chunk(&sse(&content_chunk(id, created, "", "", false)))
+                    .await?;
+            }
+            return w.finish().await;
+        }
+        let Some(text) = token else { break };
+        w.chunk(&sse(&content_chunk(
+            id,
+            created,
+            &req.model,
+            text,
+            sent == 0,
+        )))
+        .await?;
+    }
+    // The final Ollama message becomes the finish chunk, the usage chunk and [DONE], written
+    // together and flushed once. An empty reply still opens with a role chunk.
+    let created = created.unwrap_or_default();
+    let mut tail = Vec::new();
+    if generation.emitted() == 0 {
+        tail.extend(sse(&content_chunk(id, created, &req.model, "", true)));
+    }
+    let mut finish = ChunkJson {
+        id,
+        object: "chat.completion.chunk",
+        created,
+        model: &req.model,
+        system_fingerprint: FINGERPRINT,
+        choices: vec![ChunkChoiceJson {
+            index: 0,
+            delta: DeltaJson {
+                role: None,
+                content: None,
+            },
+            finish_reason: Some(generation.done_reason().as_str()),
+        }],
+        usage: None,
+    };
+    tail.extend(sse(&finish));
+    if req.include_usage {
+        finish.choices.clear();
+        finish.usage = Some(generation.metrics().into());
+        tail.extend(sse(&finish));
+    }
+    tail.extend_from_slice(b"data: [DONE]\n\n");
+    w.chunk(&tail).await?;
+    w.finish().await
+}
+
+async fn whole(
+    ex: &Exchange<'_>,
+    w: &mut ResponseWriter<'_>,
+    req: &InferenceRequest,
+    id: &str,
+    generation: &mut Generation,
+) -> Result<(), WriteError> {
+    let mut content = String::new();
+    loop {
+        let token = generation.next_token().await;
+        let sent = generation.emitted() - u32::from(token.is_some());
+        if ex.plan.error_after == Some(sent) {
+            return handler_error(w, 500, MID_STREAM_ERROR).await;
+        }
+        match token {
+            Some(text) => content.push_str(text),
+            None => break,
+        }
+    }
+    let completion = CompletionJson {
+        id,
+        object: "chat.completion",
+        created: unix_seconds(SystemTime::now()),
+        model: &req.model,
+        system_fingerprint: FINGERPRINT,
+        choices: [ChoiceJson {
+            index: 0,
+            message: ChoiceMessageJson {
+                role: "assistant",
+                content: &content,
+            },
+            finish_reason: Some(generation.done_reason().as_str()),
+        }],
+        usage: generation.metrics().into(),
+    };
+    let body = gojson::encode_line(&completion);
+    w.send(
+        200,
+        &[("Content-Type", "application/json".to_owned())],
+        &body,
+    )
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_match_the_middleware_output() {
+        assert_eq!(
+            String::from_utf8(sse(&content_chunk(
+                "chatcmpl-7",
+                1_700_000_000,
+                "m",
+                "Hi",
+                true
+            )))
+            .unwrap(),
+            "data: {\"id\":\"chatcmpl-7\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"m\",\
+             \"system_fingerprint\":\"fp_ollama\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"Hi\"},\
+             \"finish_reason\":null}]}\n\n"
+        );
+    }
+
+    #[test]
+    fn errors_use_openai_shape() {
+        assert_eq!(
+            String::from_utf8(gojson::encode_line(&error_json(404, "model 'x' not found")))
+                .unwrap(),
+            "{\"error\":{\"message\":\"model 'x' not found\",\"type\":\"not_found_error\",\"param\":null,\"code\":null}}\n"
+        );
+        assert_eq!(error_json(500, "x").error.kind, "api_error");
+        assert_eq!(error_json(400, "x").error.kind, "invalid_request_error");
+    }
+}

@@ -1,0 +1,216 @@
+//! The listener and the per-connection loop: accept, read requests in order, decide each
+//! request's faults, answer, keep the connection alive or close it.
+//!
+//! Requests on one connection are answered strictly in order (pipelining falls out of the
+//! sequential loop). Accepted sockets get `TCP_NODELAY` as Go sets it, so every flushed chunk
+//! leaves as its own segment. On shutdown the listener stops and open connections are dropped.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::{JoinHandle, JoinSet};
+use tracing::{debug, info, warn};
+
+use super::config::SimConfig;
+use super::faults::{Dice, FAULT_HEADER, FaultPlan};
+use super::models::ModelCatalog;
+use super::request::{Request, RequestError, RequestReader};
+use super::response::{ResponseWriter, WriteError};
+use super::routes::{self, Exchange, Resolution, native_error};
+
+/// State shared by all connections of one simulator.
+#[derive(Debug)]
+pub struct SimState {
+    pub config: SimConfig,
+    pub models: ModelCatalog,
+    dice: Mutex<Dice>,
+}
+
+impl SimState {
+    pub fn new(config: SimConfig) -> Self {
+        let seed = config.seed.unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+        });
+        Self {
+            models: ModelCatalog::new(&config.models, SystemTime::now()),
+            dice: Mutex::new(Dice::new(seed)),
+            config,
+        }
+    }
+
+    fn dice(&self) -> std::sync::MutexGuard<'_, Dice> {
+        // The dice hold no invariant a panic could break.
+        self.dice.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Uniform in `0..n`.
+    pub fn roll_below(&self, n: u64) -> u64 {
+        self.dice().below(n)
+    }
+
+    /// The request's faults: forced by its header, else rolled for inference routes.
+    fn plan_for(&self, request: &Request) -> Result<FaultPlan, super::faults::FaultHeaderError> {
+        if let Some(forced) = request.header(FAULT_HEADER) {
+            return FaultPlan::from_header(forced);
+        }
+        match routes::resolve(&request.method, &request.path) {
+            Resolution::Found(route) if route.is_inference() => {
+                Ok(FaultPlan::roll(&self.config.faults, &mut self.dice()))
+            }
+            _ => Ok(FaultPlan::default()),
+        }
+    }
+}
+
+/// A simulator running on its own task.
+#[derive(Debug)]
+pub struct SimServer {
+    local_addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl SimServer {
+    /// The address actually bound (useful after binding port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting, drops open connections, and waits for the server task.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await.context("simulator task failed")?
+    }
+}
+
+impl Drop for SimServer {
+    fn drop(&mut self) {
+        // Without an explicit shutdown the server must not outlive its handle.
+        self.task.abort();
+    }
+}
+
+/// Starts a simulator on `listener` in a background task (needs a Tokio runtime).
+pub fn spawn(listener: TcpListener, config: SimConfig) -> std::io::Result<SimServer> {
+    let local_addr = listener.local_addr()?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve_with_shutdown(listener, config, async move {
+        let _ = stopped.await;
+    }));
+    Ok(SimServer {
+        local_addr,
+        stop: Some(stop),
+        task,
+    })
+}
+
+/// Serves until the task is cancelled.
+pub async fn serve(listener: TcpListener, config: SimConfig) -> anyhow::Result<()> {
+    serve_with_shutdown(listener, config, std::future::pending()).await
+}
+
+/// Serves until `shutdown` completes, then drops all connections.
+pub async fn serve_with_shutdown(
+    listener: TcpListener,
+    config: SimConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let sim = std::sync::Arc::new(SimState::new(config));
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let sim = sim.clone();
+                    connections.spawn(async move { serve_connection(&sim, stream, peer).await });
+                }
+                Err(err) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    warn!(error = %err, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    info!(open = connections.len(), "simulator stopping");
+    connections.shutdown().await;
+    Ok(())
+}
+
+async fn serve_connection(sim: &SimState, mut stream: TcpStream, peer: SocketAddr) {
+    if let Err(err) = stream.set_nodelay(true) {
+        debug!(%peer, error = %err, "cannot set TCP_NODELAY");
+    }
+    let mut reader = RequestReader::new(sim.config.limits);
+    loop {
+        let request = match reader.next(&mut stream).await {
+            Ok(request) => request,
+            Err(RequestError::Closed) => return,
+            Err(err) => {
+                debug!(%peer, error = %err, "bad request, closing");
+                if let Some(reply) = err.reply() {
+                    let _ = stream.write_all(reply.as_bytes()).await;
+                    let _ = stream.shutdown().await;
+                }
+                return;
+            }
+        };
+        let received_at = Instant::now();
+        debug!(%peer, method = %request.method, path = %request.path, "request");
+        let (plan, header_error) = match sim.plan_for(&request) {
+            Ok(plan) => (plan, None),
+            Err(err) => (FaultPlan::default(), Some(err)),
+        };
+        if plan.hang {
+            debug!(%peer, path = %request.path, "hanging on purpose");
+            hang(&mut stream).await;
+            return;
+        }
+        let mut writer = ResponseWriter::new(&mut stream, &request, &plan);
+        let exchange = Exchange {
+            sim,
+            request: &request,
+            plan: &plan,
+            received_at,
+        };
+        let answered = match &header_error {
+            Some(err) => native_error(&mut writer, 400, &err.to_string()).await,
+            None => routes::respond(&exchange, &mut writer).await,
+        };
+        let close = writer.must_close();
+        match answered {
+            Ok(()) if close => {
+                let _ = stream.shutdown().await;
+                return;
+            }
+            Ok(()) => {}
+            Err(WriteError::ResetInjected) => {
+                debug!(%peer, path = %request.path, "connection reset on purpose");
+                return;
+            }
+            Err(WriteError::Io(err)) => {
+                debug!(%peer, error = %err, "client went away");
+                return;
+            }
+        }
+    }
+}
+
+/// Never answers: reads and discards until the client gives up.
+async fn hang(stream: &mut TcpStream) {
+    let mut sink = [0u8; 4096];
+    while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+}
