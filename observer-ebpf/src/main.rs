@@ -247,13 +247,7 @@ fn exit_io(ctx: &TracePointContext) -> Result<(), i64> {
         (*event).port = pending.conn.port;
         (*event).len = len;
 
-        let head_want = core::ptr::read_volatile(&HEAD_BYTES) as u64;
-        let head_len = if len < head_want { len } else { head_want };
-        let head_len = if head_len > HEAD_MAX as u64 {
-            HEAD_MAX as u64
-        } else {
-            head_len
-        };
+        let head_len = capture_len(len, core::ptr::read_volatile(&HEAD_BYTES), HEAD_MAX);
         let head_ok = read_user_into(
             (*event).head.as_mut_ptr(),
             pending.buf,
@@ -264,13 +258,7 @@ fn exit_io(ctx: &TracePointContext) -> Result<(), i64> {
 
         // The tail covers what the head did not, up to TAIL_BYTES.
         let rest = len - head_len;
-        let tail_want = core::ptr::read_volatile(&TAIL_BYTES) as u64;
-        let tail_len = if rest < tail_want { rest } else { tail_want };
-        let tail_len = if tail_len > TAIL_MAX as u64 {
-            TAIL_MAX as u64
-        } else {
-            tail_len
-        };
+        let tail_len = capture_len(rest, core::ptr::read_volatile(&TAIL_BYTES), TAIL_MAX);
         let tail_ok = read_user_into(
             (*event).tail.as_mut_ptr(),
             pending.buf + len - tail_len,
@@ -284,6 +272,17 @@ fn exit_io(ctx: &TracePointContext) -> Result<(), i64> {
     }
     entry.submit(0);
     Ok(())
+}
+
+/// Bytes to capture: what is available, no more than configured, never more than the buffer.
+#[inline(always)]
+fn capture_len(available: u64, configured: u32, max: usize) -> u64 {
+    let want = if available < configured as u64 {
+        available
+    } else {
+        configured as u64
+    };
+    if want > max as u64 { max as u64 } else { want }
 }
 
 /// Copies `len` (≤ `max`) bytes of user memory. The explicit bound is for the verifier.

@@ -175,6 +175,23 @@ impl Generation {
         self.emitted
     }
 
+    /// Generates the whole reply for a non-streamed response; `None` when a planned mid-stream
+    /// error interrupts it after `error_after` tokens.
+    pub async fn whole_reply(&mut self, error_after: Option<u32>) -> Option<String> {
+        let mut content = String::new();
+        loop {
+            let token = self.next_token().await;
+            let sent = self.emitted() - u32::from(token.is_some());
+            if error_after == Some(sent) {
+                return None;
+            }
+            match token {
+                Some(text) => content.push_str(text),
+                None => return Some(content),
+            }
+        }
+    }
+
     /// Waits until the next token is due and returns it; `None` once the reply is complete.
     pub async fn next_token(&mut self) -> Option<&'static str> {
         if self.done_at.is_some() {

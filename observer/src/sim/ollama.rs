@@ -256,18 +256,9 @@ async fn whole(
     req: &InferenceRequest,
     generation: &mut Generation,
 ) -> Result<(), WriteError> {
-    let mut content = String::new();
-    loop {
-        let token = generation.next_token().await;
-        let sent = generation.emitted() - u32::from(token.is_some());
-        if ex.plan.error_after == Some(sent) {
-            return native_error(w, 500, MID_STREAM_ERROR).await;
-        }
-        match token {
-            Some(text) => content.push_str(text),
-            None => break,
-        }
-    }
+    let Some(content) = generation.whole_reply(ex.plan.error_after).await else {
+        return native_error(w, 500, MID_STREAM_ERROR).await;
+    };
     let body = final_json(api, req, generation, &content);
     w.send(200, &[("Content-Type", JSON_UTF8.to_owned())], &body)
         .await

@@ -291,18 +291,9 @@ async fn whole(
     id: &str,
     generation: &mut Generation,
 ) -> Result<(), WriteError> {
-    let mut content = String::new();
-    loop {
-        let token = generation.next_token().await;
-        let sent = generation.emitted() - u32::from(token.is_some());
-        if ex.plan.error_after == Some(sent) {
-            return handler_error(w, 500, MID_STREAM_ERROR).await;
-        }
-        match token {
-            Some(text) => content.push_str(text),
-            None => break,
-        }
-    }
+    let Some(content) = generation.whole_reply(ex.plan.error_after).await else {
+        return handler_error(w, 500, MID_STREAM_ERROR).await;
+    };
     let completion = CompletionJson {
         id,
         object: "chat.completion",
