@@ -15,5 +15,5 @@ if ss -ltnH "sport = :11434" 2>/dev/null | grep -q .; then
     echo "port 11434 is taken: the simulator picks a free port"
 fi
 echo
-echo "Try: curl -N http://<address below>/api/chat -d '{\"model\":\"llama3.2:1b\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'"
+echo "The simulator prints its address below; then try: curl -N http://ADDRESS/api/chat -d '{\"model\":\"llama3.2:1b\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'"
 exec ./target/release/observer sim --listen "$listen"

@@ -4,7 +4,7 @@
 //! Every subcommand's flags live beside the code that uses them (`check::CheckArgs`,
 //! `sim::SimArgs`, ...); this module only assembles them.
 
-use std::process::ExitCode;
+use std::{io::IsTerminal as _, process::ExitCode};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
@@ -104,7 +104,9 @@ fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
         .map_err(|err| anyhow::anyhow!("invalid --log filter {filter:?}: {err}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal, never in files or journald.
+        .with_ansi(std::io::stderr().is_terminal());
     let installed = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
