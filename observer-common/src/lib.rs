@@ -16,11 +16,24 @@ pub const TAIL_MAX: usize = 256;
 pub mod names {
     pub const EVENTS: &str = "EVENTS";
     pub const WATCHED_PORTS: &str = "WATCHED_PORTS";
+    pub const LISTENERS: &str = "LISTENERS";
     pub const CONNS: &str = "CONNS";
+    pub const WATCHED_TGIDS: &str = "WATCHED_TGIDS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const HEAD_BYTES: &str = "HEAD_BYTES";
     pub const TAIL_BYTES: &str = "TAIL_BYTES";
     pub const SELF_TGID: &str = "SELF_TGID";
+    pub const WAKEUP_BYTES: &str = "WAKEUP_BYTES";
+    pub const FORK_CHILD_PID_OFFSET: &str = "FORK_CHILD_PID_OFFSET";
+}
+
+/// Length of a process name (`TASK_COMM_LEN`).
+pub const COMM_LEN: usize = 16;
+
+/// Address families as the kernel numbers them.
+pub mod family {
+    pub const INET: u32 = 2;
+    pub const INET6: u32 = 10;
 }
 
 /// What a watched port is to the host: the gateway in front, or the model server behind it.
@@ -62,7 +75,9 @@ pub mod counter {
     pub const CONNS_FULL: u32 = 2;
     /// Reading the caller's sockaddr or payload failed.
     pub const READ_USER_FAILED: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// The listener table was full when a watched listener was to be tracked.
+    pub const LISTENERS_FULL: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 /// Key of the `CONNS` map: a socket as a process sees it.
@@ -73,17 +88,44 @@ pub struct SockKey {
     pub fd: u32,
 }
 
+/// An IPv4 or IPv6 endpoint as the kernel side knows it. `family` 0 means unknown; IPv4
+/// addresses use the first 4 bytes of `addr`. The port is in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Endpoint {
+    pub family: u32,
+    pub port: u32,
+    pub addr: [u8; 16],
+}
+
+/// Value of the `LISTENERS` map: a watched listening socket, keyed by every `(tgid, fd)` that
+/// holds it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenInfo {
+    pub role: u32,
+    /// The watched port (host byte order).
+    pub port: u32,
+    /// The bound address (may be the wildcard).
+    pub local: Endpoint,
+}
+
 /// Value of the `CONNS` map: a watched connection.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnInfo {
-    /// Unique for the host's uptime: the open timestamp with the CPU number in the low bits.
+    /// Unique for the host's uptime: the open timestamp with the CPU number in the low byte
+    /// (0xff for connections seeded by userspace).
     pub conn_id: u64,
     pub role: u32,
     pub side: u32,
     /// The watched port (host byte order).
     pub port: u32,
     pub _pad: u32,
+    /// What is known of the two ends: the listener's address and the peer for the server
+    /// side, the connect() target for the client side.
+    pub local: Endpoint,
+    pub remote: Endpoint,
 }
 
 /// One send or receive on a watched connection. Fixed size; `head_len`/`tail_len` say how much
@@ -107,6 +149,8 @@ pub struct DataEvent {
     pub len: u64,
     pub head_len: u32,
     pub tail_len: u32,
+    /// Process name at the syscall, NUL-padded.
+    pub comm: [u8; COMM_LEN],
     pub head: [u8; HEAD_MAX],
     pub tail: [u8; TAIL_MAX],
 }
@@ -126,13 +170,19 @@ pub struct ConnEvent {
     pub fd: u32,
     /// The watched port (host byte order).
     pub port: u32,
-    pub _pad: u32,
+    /// 1 when userspace found the connection in /proc rather than seeing it open.
+    pub seeded: u32,
+    pub local: Endpoint,
+    pub remote: Endpoint,
+    pub comm: [u8; COMM_LEN],
 }
 
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all are #[repr(C)] plain integers and byte arrays with no implicit padding.
     unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::Endpoint {}
+    unsafe impl aya::Pod for super::ListenInfo {}
     unsafe impl aya::Pod for super::ConnInfo {}
     unsafe impl aya::Pod for super::DataEvent {}
     unsafe impl aya::Pod for super::ConnEvent {}
@@ -140,6 +190,8 @@ mod pod {
 
 // The layouts are part of the contract between the two sides: catch accidental padding.
 const _: () = assert!(core::mem::size_of::<SockKey>() == 8);
-const _: () = assert!(core::mem::size_of::<ConnInfo>() == 24);
-const _: () = assert!(core::mem::size_of::<ConnEvent>() == 48);
-const _: () = assert!(core::mem::size_of::<DataEvent>() == 64 + HEAD_MAX + TAIL_MAX);
+const _: () = assert!(core::mem::size_of::<Endpoint>() == 24);
+const _: () = assert!(core::mem::size_of::<ListenInfo>() == 32);
+const _: () = assert!(core::mem::size_of::<ConnInfo>() == 72);
+const _: () = assert!(core::mem::size_of::<ConnEvent>() == 112);
+const _: () = assert!(core::mem::size_of::<DataEvent>() == 80 + HEAD_MAX + TAIL_MAX);

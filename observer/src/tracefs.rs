@@ -97,3 +97,42 @@ pub fn tracepoint_exists(root: &Path, category: &str, name: &str) -> bool {
         .join("id")
         .is_file()
 }
+
+/// The offset of `field` in the record of `category:name`, from its `format` file. Tracepoint
+/// layouts differ between kernel versions (e.g. `sched_process_fork` once carried its comms
+/// inline); reading the format keeps the kernel programs free of hard-coded offsets.
+pub fn field_offset(root: &Path, category: &str, name: &str, field: &str) -> Option<usize> {
+    let format =
+        std::fs::read_to_string(root.join("events").join(category).join(name).join("format"))
+            .ok()?;
+    parse_field_offset(&format, field)
+}
+
+/// `\tfield:pid_t child_pid;\toffset:20;\tsize:4;\tsigned:1;` → 20 for `child_pid`.
+fn parse_field_offset(format: &str, field: &str) -> Option<usize> {
+    format.lines().find_map(|line| {
+        let declaration = line.trim().strip_prefix("field:")?.split(';').next()?;
+        let name = declaration.rsplit([' ', '*']).next()?;
+        if name != field {
+            return None;
+        }
+        let offset = line.split("offset:").nth(1)?.split(';').next()?;
+        offset.trim().parse().ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_field_offsets_of_old_and_new_fork_formats() {
+        let new = "name: sched_process_fork\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\n\tfield:__data_loc char[] parent_comm;\toffset:8;\tsize:4;\tsigned:0;\n\tfield:pid_t parent_pid;\toffset:12;\tsize:4;\tsigned:1;\n\tfield:__data_loc char[] child_comm;\toffset:16;\tsize:4;\tsigned:0;\n\tfield:pid_t child_pid;\toffset:20;\tsize:4;\tsigned:1;\n";
+        assert_eq!(parse_field_offset(new, "child_pid"), Some(20));
+        assert_eq!(parse_field_offset(new, "parent_pid"), Some(12));
+        let old = "\tfield:char parent_comm[16];\toffset:8;\tsize:16;\tsigned:0;\n\tfield:pid_t parent_pid;\toffset:24;\tsize:4;\tsigned:1;\n\tfield:char child_comm[16];\toffset:28;\tsize:16;\tsigned:0;\n\tfield:pid_t child_pid;\toffset:44;\tsize:4;\tsigned:1;\n";
+        assert_eq!(parse_field_offset(old, "child_pid"), Some(44));
+        assert_eq!(parse_field_offset(old, "child_comm[16]"), Some(28));
+        assert_eq!(parse_field_offset(old, "no_such_field"), None);
+    }
+}

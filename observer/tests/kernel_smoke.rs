@@ -51,15 +51,30 @@ async fn loopback_write_on_watched_port_reaches_the_ring_buffer() {
     drop(client);
     let after = support::monotonic_ns();
 
-    let events = collect(&mut reader, 3).await;
-    let [Event::Open(open), Event::Data(data), Event::Close(close)] = events.as_slice() else {
-        panic!("expected open, data, close; got {events:#?}");
+    // Client side: open, the write, close. Server side (the listener was seeded from /proc):
+    // open on accept, the read.
+    let events = collect(&mut reader, 5).await;
+    let client: Vec<&Event> = events
+        .iter()
+        .filter(|e| side_of(e) == Side::Client)
+        .collect();
+    let server: Vec<&Event> = events
+        .iter()
+        .filter(|e| side_of(e) == Side::Server)
+        .collect();
+    let [Event::Open(open), Event::Data(data), Event::Close(close)] = client.as_slice() else {
+        panic!("client side: expected open, data, close; got {events:#?}");
     };
     let me = std::process::id();
     assert_eq!(
         (open.port, open.role, open.side, open.tgid, open.fd),
         (port, Role::Upstream, Side::Client, me, client_fd)
     );
+    assert_eq!(
+        open.remote,
+        Some(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+    );
+    assert!(!open.seeded);
     assert_eq!(data.conn_id, open.conn_id);
     assert_eq!(close.conn_id, open.conn_id);
     assert_eq!(data.direction, Direction::Egress);
@@ -76,6 +91,20 @@ async fn loopback_write_on_watched_port_reaches_the_ring_buffer() {
         data.ts_ns,
         close.ts_ns
     );
+    let [Event::Open(accepted), Event::Data(read)] = server.as_slice() else {
+        panic!("server side: expected open, data; got {events:#?}");
+    };
+    assert_eq!(
+        (accepted.port, accepted.tgid, read.conn_id),
+        (port, me, accepted.conn_id)
+    );
+    assert_eq!(accepted.local.map(|a| a.port()), Some(port));
+    assert_eq!(
+        (read.direction, read.len),
+        (Direction::Ingress, PAYLOAD_LEN as u64)
+    );
+    assert_eq!(read.head, payload[..1024], "server head bytes");
+    assert_eq!(read.tail, payload[PAYLOAD_LEN - 256..], "server tail bytes");
     assert_eq!(
         capture.counters().unwrap(),
         Default::default(),
@@ -93,6 +122,13 @@ async fn loopback_write_on_watched_port_reaches_the_ring_buffer() {
     let waited =
         tokio::time::timeout(Duration::from_millis(300), reader.read_batch(&mut late)).await;
     assert!(waited.is_err(), "events after detach: {late:?}");
+}
+
+fn side_of(event: &Event) -> Side {
+    match event {
+        Event::Data(d) => d.side,
+        Event::Open(c) | Event::Close(c) => c.side,
+    }
 }
 
 async fn collect(reader: &mut EventReader, want: usize) -> Vec<Event> {

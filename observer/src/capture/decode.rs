@@ -4,7 +4,11 @@
 //! `u32` says which. Decoding checks sizes and every enumerated field, so a record from a
 //! mismatched kernel object is an error counted by reason, never a panic or a wrong event.
 
-use observer_common::{ConnEvent, DataEvent, HEAD_MAX, TAIL_MAX, direction, kind, side};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use observer_common::{
+    COMM_LEN, ConnEvent, DataEvent, Endpoint, HEAD_MAX, TAIL_MAX, direction, family, kind, side,
+};
 
 use super::Role;
 
@@ -33,6 +37,8 @@ pub struct DataRecord {
     pub conn_id: u64,
     pub tgid: u32,
     pub pid: u32,
+    /// Process name at the syscall.
+    pub comm: String,
     pub role: Role,
     pub side: Side,
     pub direction: Direction,
@@ -44,17 +50,25 @@ pub struct DataRecord {
     pub tail: Vec<u8>,
 }
 
-/// A watched connection opened or closed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A watched connection opened or closed (or found open in `/proc` at start: `seeded`).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnRecord {
     pub ts_ns: u64,
     pub conn_id: u64,
     pub tgid: u32,
     pub pid: u32,
+    pub comm: String,
     pub role: Role,
     pub side: Side,
     pub fd: u32,
     pub port: u16,
+    /// What the kernel side knows of this end: the listener's address for the server side;
+    /// unknown for the client side (its ephemeral port is chosen inside connect()).
+    pub local: Option<SocketAddr>,
+    /// The peer: from accept()'s sockaddr for the server side (when the caller asked for
+    /// it), the connect() target for the client side.
+    pub remote: Option<SocketAddr>,
+    pub seeded: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,6 +148,7 @@ fn decode_data(record: &[u8]) -> Result<DataRecord, DecodeError> {
         },
         fd: raw.fd,
         port: decode_port(raw.port)?,
+        comm: decode_comm(&raw.comm),
         len: raw.len,
         head: raw.head[..head_len].to_vec(),
         tail: raw.tail[..tail_len].to_vec(),
@@ -151,7 +166,59 @@ fn decode_conn(record: &[u8]) -> Result<ConnRecord, DecodeError> {
         side: decode_side(raw.side)?,
         fd: raw.fd,
         port: decode_port(raw.port)?,
+        comm: decode_comm(&raw.comm),
+        local: decode_endpoint(&raw.local)?,
+        remote: decode_endpoint(&raw.remote)?,
+        seeded: raw.seeded != 0,
     })
+}
+
+/// A NUL-padded process name.
+pub fn decode_comm(raw: &[u8; COMM_LEN]) -> String {
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
+    String::from_utf8_lossy(&raw[..end]).into_owned()
+}
+
+/// An endpoint the kernel side filled in, or `None` when it did not know it.
+pub fn decode_endpoint(raw: &Endpoint) -> Result<Option<SocketAddr>, DecodeError> {
+    let port = decode_port(raw.port)?;
+    let ip = match raw.family {
+        0 => return Ok(None),
+        family::INET => IpAddr::V4(Ipv4Addr::new(
+            raw.addr[0],
+            raw.addr[1],
+            raw.addr[2],
+            raw.addr[3],
+        )),
+        family::INET6 => IpAddr::V6(Ipv6Addr::from(raw.addr)),
+        other => {
+            return Err(DecodeError::BadField {
+                field: "family",
+                value: other.into(),
+            });
+        }
+    };
+    Ok(Some(SocketAddr::new(ip, port)))
+}
+
+/// The kernel-side form of an address (for seeding maps from userspace).
+pub fn encode_endpoint(addr: SocketAddr) -> Endpoint {
+    let mut endpoint = Endpoint {
+        family: 0,
+        port: u32::from(addr.port()),
+        addr: [0; 16],
+    };
+    match addr.ip() {
+        IpAddr::V4(ip) => {
+            endpoint.family = family::INET;
+            endpoint.addr[..4].copy_from_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            endpoint.family = family::INET6;
+            endpoint.addr = ip.octets();
+        }
+    }
+    endpoint
 }
 
 fn decode_role(value: u32) -> Result<Role, DecodeError> {
@@ -222,6 +289,7 @@ mod tests {
             len,
             head_len: head.len() as u32,
             tail_len: 0,
+            comm: *b"nginx\0\0\0\0\0\0\0\0\0\0\0",
             head: [0; HEAD_MAX],
             tail: [0; TAIL_MAX],
         };
@@ -241,6 +309,7 @@ mod tests {
             (16, 11434, Role::Upstream, Side::Client)
         );
         assert_eq!(data.direction, Direction::Egress);
+        assert_eq!(data.comm, "nginx");
         assert!(data.tail.is_empty());
     }
 
@@ -256,7 +325,10 @@ mod tests {
             role: role::GATEWAY,
             fd: 9,
             port: 18789,
-            _pad: 0,
+            seeded: 0,
+            local: encode_endpoint("0.0.0.0:18789".parse().unwrap()),
+            remote: encode_endpoint("[::1]:40000".parse().unwrap()),
+            comm: [0; COMM_LEN],
         };
         assert!(
             matches!(decode(&as_bytes(&conn)), Ok(Event::Open(c)) if c.side == Side::Server && c.port == 18789)
@@ -266,6 +338,20 @@ mod tests {
             ..conn
         };
         assert!(matches!(decode(&as_bytes(&close)), Ok(Event::Close(c)) if c.fd == 9));
+    }
+
+    #[test]
+    fn endpoints_round_trip_and_unknown_is_none() {
+        for addr in ["127.0.0.1:11434", "[::1]:18789", "[fe80::1]:1", "0.0.0.0:0"] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            assert_eq!(decode_endpoint(&encode_endpoint(addr)), Ok(Some(addr)));
+        }
+        assert_eq!(decode_endpoint(&Endpoint::default()), Ok(None));
+        let bad = Endpoint {
+            family: 99,
+            ..Endpoint::default()
+        };
+        assert_eq!(decode_endpoint(&bad).unwrap_err().reason(), "bad_field");
     }
 
     #[test]

@@ -1,242 +1,116 @@
 //! Kernel capture: load the embedded kernel object, configure it, attach its tracepoint
-//! programs, and hand out the ring buffer of events.
+//! programs, seed it with what `/proc` shows, and hand out the ring buffer of events.
 //!
 //! Owns the `aya::Ebpf` instance and therefore the programs' lifetime: dropping a [`Capture`]
-//! (or calling [`Capture::detach`]) detaches every program. Decoding lives in [`decode`], the
-//! asynchronous ring buffer reader in [`reader`], `/proc` socket discovery in [`seed`].
+//! (or calling [`Capture::detach`]) detaches every program. Configuration lives in [`config`],
+//! decoding in [`decode`], the asynchronous ring buffer reader in [`reader`], `/proc` socket
+//! discovery in [`seed`].
 
+pub mod config;
 pub mod decode;
 pub mod reader;
 pub mod seed;
 
-use std::{fmt, str::FromStr};
+use std::path::Path;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{TracePoint, trace_point::TracePointLinkId},
 };
-use observer_common::{HEAD_MAX, TAIL_MAX, counter, names, role};
+use observer_common::{ConnInfo, ListenInfo, SockKey, counter, names};
+
+pub use config::{CaptureConfig, Role, WatchedPort};
+use decode::ConnRecord;
 
 /// The kernel object built by `cargo xtask build-ebpf`, embedded at compile time.
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("OBSERVER_BPF_OBJECT"));
 
-/// Every tracepoint a full capture attaches to, as (category, name, program).
-pub const TRACEPOINTS: &[(&str, &str, &str)] = &[
-    ("syscalls", "sys_enter_connect", "sys_enter_connect"),
-    ("syscalls", "sys_exit_connect", "sys_exit_connect"),
-    ("syscalls", "sys_enter_write", "sys_enter_write"),
-    ("syscalls", "sys_exit_write", "sys_exit_write"),
-    ("syscalls", "sys_enter_close", "sys_enter_close"),
-];
-
-/// Tracepoints the complete capture design relies on (SPEC §3); `observer check` reports each.
-pub const REQUIRED_TRACEPOINTS: &[(&str, &str)] = &[
-    ("syscalls", "sys_enter_read"),
-    ("syscalls", "sys_exit_read"),
-    ("syscalls", "sys_enter_readv"),
-    ("syscalls", "sys_exit_readv"),
-    ("syscalls", "sys_enter_recvfrom"),
-    ("syscalls", "sys_exit_recvfrom"),
-    ("syscalls", "sys_enter_recvmsg"),
-    ("syscalls", "sys_exit_recvmsg"),
-    ("syscalls", "sys_enter_write"),
-    ("syscalls", "sys_exit_write"),
-    ("syscalls", "sys_enter_writev"),
-    ("syscalls", "sys_exit_writev"),
-    ("syscalls", "sys_enter_sendto"),
-    ("syscalls", "sys_exit_sendto"),
-    ("syscalls", "sys_enter_sendmsg"),
-    ("syscalls", "sys_exit_sendmsg"),
+/// Every program of the kernel object and the tracepoint it attaches to, as
+/// (category, name); the program is named after its tracepoint.
+pub const TRACEPOINTS: &[(&str, &str)] = &[
+    ("syscalls", "sys_enter_connect"),
+    ("syscalls", "sys_exit_connect"),
+    ("syscalls", "sys_enter_bind"),
+    ("syscalls", "sys_exit_bind"),
     ("syscalls", "sys_enter_accept"),
     ("syscalls", "sys_exit_accept"),
     ("syscalls", "sys_enter_accept4"),
     ("syscalls", "sys_exit_accept4"),
-    ("syscalls", "sys_enter_connect"),
-    ("syscalls", "sys_exit_connect"),
     ("syscalls", "sys_enter_close"),
-    ("syscalls", "sys_exit_close"),
+    ("syscalls", "sys_enter_read"),
+    ("syscalls", "sys_exit_read"),
+    ("syscalls", "sys_enter_write"),
+    ("syscalls", "sys_exit_write"),
+    ("syscalls", "sys_enter_recvfrom"),
+    ("syscalls", "sys_exit_recvfrom"),
+    ("syscalls", "sys_enter_sendto"),
+    ("syscalls", "sys_exit_sendto"),
+    ("syscalls", "sys_enter_readv"),
+    ("syscalls", "sys_exit_readv"),
+    ("syscalls", "sys_enter_writev"),
+    ("syscalls", "sys_exit_writev"),
+    ("syscalls", "sys_enter_recvmsg"),
+    ("syscalls", "sys_exit_recvmsg"),
+    ("syscalls", "sys_enter_sendmsg"),
+    ("syscalls", "sys_exit_sendmsg"),
     ("sched", "sched_process_fork"),
 ];
 
-/// What a watched port is to this host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Gateway,
-    Upstream,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Gateway => "gateway",
-            Role::Upstream => "upstream",
-        }
-    }
-
-    pub fn to_kernel(self) -> u32 {
-        match self {
-            Role::Gateway => role::GATEWAY,
-            Role::Upstream => role::UPSTREAM,
-        }
-    }
-
-    pub fn from_kernel(value: u32) -> Option<Role> {
-        match value {
-            role::GATEWAY => Some(Role::Gateway),
-            role::UPSTREAM => Some(Role::Upstream),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// `--watch PORT=ROLE`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct WatchedPort {
-    pub port: u16,
-    pub role: Role,
-}
-
-impl WatchedPort {
-    /// The product's defaults: the gateway on 18789, Ollama on 11434.
-    pub fn defaults() -> Vec<WatchedPort> {
-        vec![
-            WatchedPort {
-                port: 18789,
-                role: Role::Gateway,
-            },
-            WatchedPort {
-                port: 11434,
-                role: Role::Upstream,
-            },
-        ]
-    }
-}
-
-impl FromStr for WatchedPort {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (port, role) = s
-            .split_once('=')
-            .ok_or_else(|| format!("expected PORT=ROLE, got {s:?}"))?;
-        let port: u16 = port
-            .trim()
-            .parse()
-            .map_err(|_| format!("{port:?} is not a port number"))?;
-        if port == 0 {
-            return Err("port 0 cannot be watched".into());
-        }
-        let role = match role.trim() {
-            "gateway" => Role::Gateway,
-            "upstream" => Role::Upstream,
-            other => return Err(format!("role {other:?} is neither gateway nor upstream")),
-        };
-        Ok(WatchedPort { port, role })
-    }
-}
-
-/// How the kernel side is sized and what it watches.
-#[derive(Debug, Clone)]
-pub struct CaptureConfig {
-    pub watch: Vec<WatchedPort>,
-    /// Bytes captured from the start of each buffer (≤ HEAD_MAX).
-    pub head_bytes: u32,
-    /// Bytes captured from the end of each buffer (≤ TAIL_MAX).
-    pub tail_bytes: u32,
-    /// Ring buffer size in bytes: a power of two, at least a page.
-    pub ring_bytes: u32,
-    /// Most connections tracked at once.
-    pub max_conns: u32,
-    /// Leave this process's own sockets (the readiness probe) out.
-    pub exclude_self: bool,
-}
-
-impl Default for CaptureConfig {
-    fn default() -> Self {
-        CaptureConfig {
-            watch: WatchedPort::defaults(),
-            head_bytes: HEAD_MAX as u32,
-            tail_bytes: TAIL_MAX as u32,
-            ring_bytes: 8 * 1024 * 1024,
-            max_conns: 65_536,
-            exclude_self: true,
-        }
-    }
-}
-
-impl CaptureConfig {
-    fn validate(&self) -> anyhow::Result<()> {
-        if self.watch.is_empty() {
-            bail!("no port to watch");
-        }
-        if self.head_bytes as usize > HEAD_MAX {
-            bail!(
-                "head capture of {} bytes exceeds the maximum of {HEAD_MAX}",
-                self.head_bytes
-            );
-        }
-        if self.tail_bytes as usize > TAIL_MAX {
-            bail!(
-                "tail capture of {} bytes exceeds the maximum of {TAIL_MAX}",
-                self.tail_bytes
-            );
-        }
-        if !self.ring_bytes.is_power_of_two() || self.ring_bytes < 4096 {
-            bail!(
-                "ring buffer size {} is not a power of two of at least 4096",
-                self.ring_bytes
-            );
-        }
-        if self.max_conns == 0 {
-            bail!("the connection table needs at least one entry");
-        }
-        Ok(())
-    }
-}
+/// Tracepoints the capture needs (SPEC §3); `observer check` reports each.
+pub const REQUIRED_TRACEPOINTS: &[(&str, &str)] = TRACEPOINTS;
 
 /// Loaded and attached kernel programs.
 pub struct Capture {
     ebpf: Ebpf,
     links: Vec<(&'static str, TracePointLinkId)>,
     logger: Option<KernelLogger>,
+    seeded: Vec<ConnRecord>,
 }
 
 /// Forwards `aya-log-ebpf` records to this process's `log`/`tracing` output.
 pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 
 impl Capture {
-    /// Loads the embedded object with `config` and attaches every program of [`TRACEPOINTS`].
+    /// Loads the embedded object with `config`, attaches every program of [`TRACEPOINTS`],
+    /// then seeds the listeners and established connections found in `/proc` (after
+    /// attaching, so that nothing opened in between is missed).
     pub fn start(config: &CaptureConfig) -> anyhow::Result<Capture> {
         let mut capture = Capture::load(config)?;
-        for &(category, name, program) in TRACEPOINTS {
-            capture.attach(program, category, name)?;
+        for &(category, name) in TRACEPOINTS {
+            capture.attach(name, category, name)?;
         }
+        capture
+            .seed(config)
+            .context("seeding watched sockets from /proc")?;
         Ok(capture)
     }
 
     /// Loads the embedded object into the kernel and configures it, attaching nothing.
     pub fn load(config: &CaptureConfig) -> anyhow::Result<Capture> {
         config.validate()?;
-        crate::tracefs::ensure_mounted()?;
+        let tracefs = crate::tracefs::ensure_mounted()?;
         raise_memlock_limit();
         let self_tgid = if config.exclude_self {
             std::process::id()
         } else {
             0
         };
+        // Past an eighth of the ring, a submit wakes the reader; below, its timer finds them.
+        let wakeup_bytes = u64::from(config.ring_bytes / 8);
+        let fork_child_pid_offset = crate::tracefs::field_offset(&tracefs.path, "sched", "sched_process_fork", "child_pid")
+            .map(|offset| offset as u32)
+            .unwrap_or_else(|| {
+                tracing::warn!("sched_process_fork has no child_pid field: forked workers are found by /proc rescans only");
+                0
+            });
         let mut ebpf = EbpfLoader::new()
             .override_global(names::HEAD_BYTES, &config.head_bytes, true)
             .override_global(names::TAIL_BYTES, &config.tail_bytes, true)
             .override_global(names::SELF_TGID, &self_tgid, true)
+            .override_global(names::WAKEUP_BYTES, &wakeup_bytes, true)
+            .override_global(names::FORK_CHILD_PID_OFFSET, &fork_child_pid_offset, true)
             .map_max_entries(names::EVENTS, config.ring_bytes)
             .map_max_entries(names::CONNS, config.max_conns)
             .load(BPF_OBJECT)
@@ -262,7 +136,55 @@ impl Capture {
             ebpf,
             links: Vec::new(),
             logger,
+            seeded: Vec::new(),
         })
+    }
+
+    /// Puts the watched listeners and established connections that `/proc` shows into the
+    /// kernel maps: every process that holds one, under every fd it holds it as.
+    fn seed(&mut self, config: &CaptureConfig) -> anyhow::Result<()> {
+        let self_tgid = config.exclude_self.then(std::process::id);
+        let found = seed::scan(Path::new("/proc"), &config.watch, self_tgid)?;
+        let mut listeners: HashMap<_, SockKey, ListenInfo> = HashMap::try_from(
+            self.ebpf
+                .map_mut(names::LISTENERS)
+                .context("LISTENERS map missing")?,
+        )?;
+        for (key, listener) in &found.listeners {
+            listeners
+                .insert(key, listener, 0)
+                .context("the listener table is full")?;
+        }
+        let mut tgids: HashMap<_, u32, u32> = HashMap::try_from(
+            self.ebpf
+                .map_mut(names::WATCHED_TGIDS)
+                .context("WATCHED_TGIDS map missing")?,
+        )?;
+        for (key, _) in &found.listeners {
+            tgids.insert(key.tgid, 1, 0)?;
+        }
+        let mut conns: HashMap<_, SockKey, ConnInfo> = HashMap::try_from(
+            self.ebpf
+                .map_mut(names::CONNS)
+                .context("CONNS map missing")?,
+        )?;
+        for (key, conn, record) in found.conns {
+            // A connection the kernel already saw opening (between attach and this scan) keeps
+            // its entry.
+            if conns.get(&key, 0).is_ok() {
+                continue;
+            }
+            conns
+                .insert(key, conn, 0)
+                .context("the connection table is full")?;
+            self.seeded.push(record);
+        }
+        tracing::debug!(
+            listeners = found.listeners.len(),
+            connections = self.seeded.len(),
+            "seeded from /proc"
+        );
+        Ok(())
     }
 
     /// Loads (once) and attaches one program to `category:name`.
@@ -294,6 +216,12 @@ impl Capture {
         self.links.iter().map(|(program, _)| *program).collect()
     }
 
+    /// Connections that were already open when the capture started (found in `/proc`); the
+    /// kernel sends no open event for them.
+    pub fn seeded(&self) -> &[ConnRecord] {
+        &self.seeded
+    }
+
     /// Takes the ring buffer of events (once).
     pub fn take_events(&mut self) -> anyhow::Result<RingBuf<MapData>> {
         let map = self
@@ -309,7 +237,7 @@ impl Capture {
         self.logger.take()
     }
 
-    /// Sums the kernel-side counters over CPUs, in [`counter`] slot order.
+    /// Sums the kernel-side counters over CPUs.
     pub fn counters(&self) -> anyhow::Result<KernelCounters> {
         let array: PerCpuArray<_, u64> = PerCpuArray::try_from(
             self.ebpf
@@ -321,6 +249,7 @@ impl Capture {
             lost_data: sum(counter::LOST_DATA)?,
             lost_conn: sum(counter::LOST_CONN)?,
             conns_full: sum(counter::CONNS_FULL)?,
+            listeners_full: sum(counter::LISTENERS_FULL)?,
             read_user_failed: sum(counter::READ_USER_FAILED)?,
         })
     }
@@ -344,9 +273,15 @@ impl Capture {
 /// Conditions the kernel programs counted instead of reporting one by one.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct KernelCounters {
+    /// Data events lost: the ring buffer was full.
     pub lost_data: u64,
+    /// Open/close events lost: the ring buffer was full.
     pub lost_conn: u64,
+    /// Connections not watched: the connection table was full.
     pub conns_full: u64,
+    /// Listeners not watched: the listener table was full.
+    pub listeners_full: u64,
+    /// Payload or sockaddr reads from user memory that failed.
     pub read_user_failed: u64,
 }
 
@@ -362,83 +297,5 @@ fn raise_memlock_limit() {
             "could not lift RLIMIT_MEMLOCK: {}",
             std::io::Error::last_os_error()
         );
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn watch_flag_parses_port_and_role() {
-        assert_eq!(
-            "18789=gateway".parse(),
-            Ok(WatchedPort {
-                port: 18789,
-                role: Role::Gateway
-            })
-        );
-        assert_eq!(
-            "11434=upstream".parse(),
-            Ok(WatchedPort {
-                port: 11434,
-                role: Role::Upstream
-            })
-        );
-    }
-
-    #[test]
-    fn watch_flag_rejects_bad_input() {
-        assert!(
-            "18789"
-                .parse::<WatchedPort>()
-                .unwrap_err()
-                .contains("PORT=ROLE")
-        );
-        assert!(
-            "http=gateway"
-                .parse::<WatchedPort>()
-                .unwrap_err()
-                .contains("not a port")
-        );
-        assert!(
-            "0=gateway"
-                .parse::<WatchedPort>()
-                .unwrap_err()
-                .contains("port 0")
-        );
-        assert!(
-            "70000=gateway"
-                .parse::<WatchedPort>()
-                .unwrap_err()
-                .contains("not a port")
-        );
-        assert!(
-            "80=proxy"
-                .parse::<WatchedPort>()
-                .unwrap_err()
-                .contains("neither")
-        );
-    }
-
-    #[test]
-    fn config_validation_catches_bad_sizes() {
-        let ok = CaptureConfig::default();
-        assert!(ok.validate().is_ok());
-        let head = CaptureConfig {
-            head_bytes: HEAD_MAX as u32 + 1,
-            ..ok.clone()
-        };
-        assert!(head.validate().is_err());
-        let ring = CaptureConfig {
-            ring_bytes: 5000,
-            ..ok.clone()
-        };
-        assert!(ring.validate().is_err());
-        let none = CaptureConfig {
-            watch: vec![],
-            ..ok
-        };
-        assert!(none.validate().is_err());
     }
 }

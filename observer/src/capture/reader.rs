@@ -1,13 +1,18 @@
-//! Asynchronous ring buffer reader: waits on the ring buffer's fd with tokio's `AsyncFd`, then
+//! Asynchronous ring buffer reader: waits on the ring buffer's fd with tokio's `AsyncFd` or
+//! for a short timer (the kernel side wakes the reader only once a batch is waiting), then
 //! drains every available record and decodes it. Decode errors are counted by reason, never
 //! dropped in silence and never fatal.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Duration};
 
 use aya::maps::{MapData, RingBuf};
 use tokio::io::{Interest, unix::AsyncFd};
 
 use super::decode::{Event, decode};
+
+/// How often the reader looks for events that did not wake it. Timestamps come from the
+/// kernel, so this delays delivery, never measurements.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(10);
 
 pub struct EventReader {
     ring: AsyncFd<RingBuf<MapData>>,
@@ -31,25 +36,33 @@ impl EventReader {
     /// `out`. Returns the number of records consumed (decoded or not).
     pub async fn read_batch(&mut self, out: &mut Vec<Event>) -> std::io::Result<usize> {
         loop {
-            let mut guard = self.ring.readable_mut().await?;
-            let mut consumed = 0;
-            while let Some(record) = guard.get_inner_mut().next() {
-                consumed += 1;
-                match decode(&record) {
-                    Ok(event) => out.push(event),
-                    Err(err) => {
-                        tracing::debug!("undecodable ring buffer record: {err}");
-                        *self.decode_errors.entry(err.reason()).or_default() += 1;
-                    }
-                }
-            }
-            // Tokio only clears readiness if no new wake-up arrived while we were draining.
-            guard.clear_ready();
+            let consumed = self.drain(out);
             if consumed > 0 {
-                self.records += consumed as u64;
                 return Ok(consumed);
             }
+            tokio::select! {
+                ready = self.ring.readable_mut() => ready?.clear_ready(),
+                () = tokio::time::sleep(POLL_INTERVAL) => {}
+            }
         }
+    }
+
+    /// Decodes every record available now.
+    fn drain(&mut self, out: &mut Vec<Event>) -> usize {
+        let ring = self.ring.get_mut();
+        let mut consumed = 0;
+        while let Some(record) = ring.next() {
+            consumed += 1;
+            match decode(&record) {
+                Ok(event) => out.push(event),
+                Err(err) => {
+                    tracing::debug!("undecodable ring buffer record: {err}");
+                    *self.decode_errors.entry(err.reason()).or_default() += 1;
+                }
+            }
+        }
+        self.records += consumed as u64;
+        consumed
     }
 
     /// Records consumed so far.

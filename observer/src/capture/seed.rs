@@ -5,6 +5,10 @@
 //! Used by `observer check` to list listeners, and by the capture to seed connections that
 //! predate the daemon. Read-only; a process that vanishes mid-scan is skipped, not an error.
 
+use super::{
+    WatchedPort,
+    decode::{ConnRecord, Side, encode_endpoint},
+};
 use std::{
     collections::{BTreeMap, HashSet},
     fs,
@@ -212,4 +216,164 @@ mod tests {
         let me = std::process::id();
         assert!(found[0].holders.iter().any(|h| h.pid == me), "{found:?}");
     }
+
+    #[test]
+    fn scan_finds_listener_and_both_ends_of_a_connection() {
+        use std::io::Write as _;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (_server, _) = listener.accept().unwrap();
+        client.write_all(b"x").unwrap();
+        let watch = [WatchedPort {
+            port,
+            role: crate::capture::Role::Upstream,
+        }];
+        let me = std::process::id();
+        let seed = scan(Path::new("/proc"), &watch, None).unwrap();
+        assert!(
+            seed.listeners
+                .iter()
+                .any(|(k, l)| k.tgid == me && l.port == u32::from(port)),
+            "{seed:?}"
+        );
+        let sides: Vec<Side> = seed
+            .conns
+            .iter()
+            .filter(|(k, ..)| k.tgid == me)
+            .map(|(.., r)| r.side)
+            .collect();
+        assert!(
+            sides.contains(&Side::Server) && sides.contains(&Side::Client),
+            "{sides:?}"
+        );
+        assert!(
+            seed.conns
+                .iter()
+                .all(|(_, c, r)| c.conn_id & 0xff == 0xff && r.seeded && r.port == port)
+        );
+        // The daemon leaves itself out.
+        let without_me = scan(Path::new("/proc"), &watch, Some(me)).unwrap();
+        assert!(
+            without_me
+                .listeners
+                .iter()
+                .chain([])
+                .all(|(k, _)| k.tgid != me)
+        );
+        assert!(without_me.conns.iter().all(|(k, ..)| k.tgid != me));
+    }
+}
+
+/// What `/proc` shows on the watched ports, as kernel map entries.
+#[derive(Debug, Default)]
+pub struct Seed {
+    /// Every (holder tgid, fd) of a watched listener.
+    pub listeners: Vec<(observer_common::SockKey, observer_common::ListenInfo)>,
+    /// Every (holder tgid, fd) of an established connection on a watched port, with the
+    /// record reported for it.
+    pub conns: Vec<(
+        observer_common::SockKey,
+        observer_common::ConnInfo,
+        ConnRecord,
+    )>,
+}
+
+/// Finds the watched listeners and established connections and who holds them, leaving out
+/// `exclude_tgid` (the daemon itself). A connection whose local port is watched is the server
+/// side; one whose remote port is watched is the client side.
+pub fn scan(
+    proc_root: &Path,
+    watch: &[WatchedPort],
+    exclude_tgid: Option<u32>,
+) -> std::io::Result<Seed> {
+    use observer_common::{ConnInfo, ListenInfo, SockKey, side};
+
+    let role_of = |port: u16| watch.iter().find(|w| w.port == port).map(|w| w.role);
+    let sockets = tcp_sockets(proc_root)?;
+    let inodes: HashSet<u64> = sockets
+        .iter()
+        .filter(|s| match s.state {
+            TCP_LISTEN => role_of(s.local.port()).is_some(),
+            TCP_ESTABLISHED => role_of(s.local.port())
+                .or(role_of(s.remote.port()))
+                .is_some(),
+            _ => false,
+        })
+        .map(|s| s.inode)
+        .collect();
+    let holders = socket_holders(proc_root, &inodes)?;
+    let now = monotonic_ns();
+    let mut seed = Seed::default();
+    for socket in sockets.iter().filter(|s| inodes.contains(&s.inode)) {
+        let Some(holders) = holders.get(&socket.inode) else {
+            continue;
+        };
+        for holder in holders.iter().filter(|h| Some(h.pid) != exclude_tgid) {
+            let key = SockKey {
+                tgid: holder.pid,
+                fd: holder.fd,
+            };
+            if socket.state == TCP_LISTEN {
+                let role = role_of(socket.local.port()).expect("filtered on a watched port");
+                let listener = ListenInfo {
+                    role: role.to_kernel(),
+                    port: u32::from(socket.local.port()),
+                    local: encode_endpoint(socket.local),
+                };
+                seed.listeners.push((key, listener));
+                continue;
+            }
+            let (side, role, port) = match role_of(socket.local.port()) {
+                Some(role) => (Side::Server, role, socket.local.port()),
+                None => (
+                    Side::Client,
+                    role_of(socket.remote.port()).expect("filtered"),
+                    socket.remote.port(),
+                ),
+            };
+            // Unique beside the kernel's ids: theirs never end in 0xff.
+            let conn_id = ((now + seed.conns.len() as u64) << 8) | 0xff;
+            let conn = ConnInfo {
+                conn_id,
+                role: role.to_kernel(),
+                side: if side == Side::Server {
+                    side::SERVER
+                } else {
+                    side::CLIENT
+                },
+                port: u32::from(port),
+                _pad: 0,
+                local: encode_endpoint(socket.local),
+                remote: encode_endpoint(socket.remote),
+            };
+            let record = ConnRecord {
+                ts_ns: now,
+                conn_id,
+                tgid: holder.pid,
+                pid: holder.pid,
+                comm: holder.comm.clone(),
+                role,
+                side,
+                fd: holder.fd,
+                port,
+                local: Some(socket.local),
+                remote: Some(socket.remote),
+                seeded: true,
+            };
+            seed.conns.push((key, conn, record));
+        }
+    }
+    Ok(seed)
+}
+
+/// CLOCK_MONOTONIC in ns, the clock of the kernel side's timestamps.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

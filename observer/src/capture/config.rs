@@ -1,0 +1,228 @@
+//! Capture configuration: watched ports and their roles (`--watch PORT=ROLE`), payload
+//! capture sizes, and map sizes. Validated before anything is loaded into the kernel.
+
+use std::{fmt, str::FromStr};
+
+use anyhow::bail;
+use observer_common::{HEAD_MAX, TAIL_MAX, role};
+
+/// What a watched port is to this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Gateway,
+    Upstream,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Gateway => "gateway",
+            Role::Upstream => "upstream",
+        }
+    }
+
+    pub fn to_kernel(self) -> u32 {
+        match self {
+            Role::Gateway => role::GATEWAY,
+            Role::Upstream => role::UPSTREAM,
+        }
+    }
+
+    pub fn from_kernel(value: u32) -> Option<Role> {
+        match value {
+            role::GATEWAY => Some(Role::Gateway),
+            role::UPSTREAM => Some(Role::Upstream),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `--watch PORT=ROLE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct WatchedPort {
+    pub port: u16,
+    pub role: Role,
+}
+
+impl WatchedPort {
+    /// The product's defaults: the gateway on 18789, Ollama on 11434.
+    pub fn defaults() -> Vec<WatchedPort> {
+        vec![
+            WatchedPort {
+                port: 18789,
+                role: Role::Gateway,
+            },
+            WatchedPort {
+                port: 11434,
+                role: Role::Upstream,
+            },
+        ]
+    }
+}
+
+impl FromStr for WatchedPort {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (port, role) = s
+            .split_once('=')
+            .ok_or_else(|| format!("expected PORT=ROLE, got {s:?}"))?;
+        let port: u16 = port
+            .trim()
+            .parse()
+            .map_err(|_| format!("{port:?} is not a port number"))?;
+        if port == 0 {
+            return Err("port 0 cannot be watched".into());
+        }
+        let role = match role.trim() {
+            "gateway" => Role::Gateway,
+            "upstream" => Role::Upstream,
+            other => return Err(format!("role {other:?} is neither gateway nor upstream")),
+        };
+        Ok(WatchedPort { port, role })
+    }
+}
+
+/// How the kernel side is sized and what it watches.
+#[derive(Debug, Clone)]
+pub struct CaptureConfig {
+    pub watch: Vec<WatchedPort>,
+    /// Bytes captured from the start of each buffer (≤ HEAD_MAX).
+    pub head_bytes: u32,
+    /// Bytes captured from the end of each buffer (≤ TAIL_MAX).
+    pub tail_bytes: u32,
+    /// Ring buffer size in bytes: a power of two, at least a page.
+    pub ring_bytes: u32,
+    /// Most connections tracked at once.
+    pub max_conns: u32,
+    /// Leave this process's own sockets (the readiness probe) out.
+    pub exclude_self: bool,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        CaptureConfig {
+            watch: WatchedPort::defaults(),
+            head_bytes: HEAD_MAX as u32,
+            tail_bytes: TAIL_MAX as u32,
+            ring_bytes: 8 * 1024 * 1024,
+            max_conns: 65_536,
+            exclude_self: true,
+        }
+    }
+}
+
+impl CaptureConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.watch.is_empty() {
+            bail!("no port to watch");
+        }
+        if self.head_bytes as usize > HEAD_MAX {
+            bail!(
+                "head capture of {} bytes exceeds the maximum of {HEAD_MAX}",
+                self.head_bytes
+            );
+        }
+        if self.tail_bytes as usize > TAIL_MAX {
+            bail!(
+                "tail capture of {} bytes exceeds the maximum of {TAIL_MAX}",
+                self.tail_bytes
+            );
+        }
+        if !self.ring_bytes.is_power_of_two() || self.ring_bytes < 4096 {
+            bail!(
+                "ring buffer size {} is not a power of two of at least 4096",
+                self.ring_bytes
+            );
+        }
+        if self.max_conns == 0 {
+            bail!("the connection table needs at least one entry");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watch_flag_parses_port_and_role() {
+        assert_eq!(
+            "18789=gateway".parse(),
+            Ok(WatchedPort {
+                port: 18789,
+                role: Role::Gateway
+            })
+        );
+        assert_eq!(
+            "11434=upstream".parse(),
+            Ok(WatchedPort {
+                port: 11434,
+                role: Role::Upstream
+            })
+        );
+    }
+
+    #[test]
+    fn watch_flag_rejects_bad_input() {
+        assert!(
+            "18789"
+                .parse::<WatchedPort>()
+                .unwrap_err()
+                .contains("PORT=ROLE")
+        );
+        assert!(
+            "http=gateway"
+                .parse::<WatchedPort>()
+                .unwrap_err()
+                .contains("not a port")
+        );
+        assert!(
+            "0=gateway"
+                .parse::<WatchedPort>()
+                .unwrap_err()
+                .contains("port 0")
+        );
+        assert!(
+            "70000=gateway"
+                .parse::<WatchedPort>()
+                .unwrap_err()
+                .contains("not a port")
+        );
+        assert!(
+            "80=proxy"
+                .parse::<WatchedPort>()
+                .unwrap_err()
+                .contains("neither")
+        );
+    }
+
+    #[test]
+    fn config_validation_catches_bad_sizes() {
+        let ok = CaptureConfig::default();
+        assert!(ok.validate().is_ok());
+        let head = CaptureConfig {
+            head_bytes: HEAD_MAX as u32 + 1,
+            ..ok.clone()
+        };
+        assert!(head.validate().is_err());
+        let ring = CaptureConfig {
+            ring_bytes: 5000,
+            ..ok.clone()
+        };
+        assert!(ring.validate().is_err());
+        let none = CaptureConfig {
+            watch: vec![],
+            ..ok
+        };
+        assert!(none.validate().is_err());
+    }
+}
