@@ -173,6 +173,28 @@ fn decode_conn(record: &[u8]) -> Result<ConnRecord, DecodeError> {
     })
 }
 
+/// The record of a connection that userspace closes or seeds itself (no kernel event).
+pub fn conn_record(
+    ts_ns: u64,
+    key: observer_common::SockKey,
+    conn: &observer_common::ConnInfo,
+) -> Result<ConnRecord, DecodeError> {
+    Ok(ConnRecord {
+        ts_ns,
+        conn_id: conn.conn_id,
+        tgid: key.tgid,
+        pid: key.tgid,
+        comm: String::new(),
+        role: decode_role(conn.role)?,
+        side: decode_side(conn.side)?,
+        fd: key.fd,
+        port: decode_port(conn.port)?,
+        local: decode_endpoint(&conn.local)?,
+        remote: decode_endpoint(&conn.remote)?,
+        seeded: false,
+    })
+}
+
 /// A NUL-padded process name.
 pub fn decode_comm(raw: &[u8; COMM_LEN]) -> String {
     let end = raw.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);

@@ -222,6 +222,45 @@ impl Capture {
         &self.seeded
     }
 
+    /// Forgets the connections and listeners of processes that have exited: their fds closed
+    /// without `close(2)`, so the kernel side never saw it. Returns a close record for each
+    /// connection forgotten. Run it every few seconds; the cost is one walk of the tables.
+    pub fn sweep_exited(&mut self) -> anyhow::Result<Vec<ConnRecord>> {
+        let alive = |tgid: u32| Path::new("/proc").join(tgid.to_string()).exists();
+        let mut closed = Vec::new();
+        let mut conns: HashMap<_, SockKey, ConnInfo> = HashMap::try_from(
+            self.ebpf
+                .map_mut(names::CONNS)
+                .context("CONNS map missing")?,
+        )?;
+        let gone: Vec<(SockKey, ConnInfo)> = conns
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(key, _)| !alive(key.tgid))
+            .collect();
+        let now = seed::monotonic_ns();
+        for (key, conn) in gone {
+            // Already removed (closed for real) since the walk: nothing to report.
+            if conns.remove(&key).is_ok() {
+                closed.push(decode::conn_record(now, key, &conn)?);
+            }
+        }
+        let mut listeners: HashMap<_, SockKey, ListenInfo> = HashMap::try_from(
+            self.ebpf
+                .map_mut(names::LISTENERS)
+                .context("LISTENERS map missing")?,
+        )?;
+        let gone: Vec<SockKey> = listeners
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| !alive(key.tgid))
+            .collect();
+        for key in gone {
+            let _ = listeners.remove(&key);
+        }
+        Ok(closed)
+    }
+
     /// Takes the ring buffer of events (once).
     pub fn take_events(&mut self) -> anyhow::Result<RingBuf<MapData>> {
         let map = self
