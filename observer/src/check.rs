@@ -65,6 +65,12 @@ pub struct PortListeners {
 }
 
 pub async fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    // A mistake in the flags is the operator's, not the host's: say so before checking.
+    CaptureConfig {
+        watch: args.watch.clone(),
+        ..CaptureConfig::default()
+    }
+    .validate()?;
     let report = tokio::task::spawn_blocking(move || gather(&args.watch)).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -112,6 +112,10 @@ fn unknown_flag_is_a_one_line_error() {
 #[test]
 fn bad_watch_flag_is_a_one_line_error() {
     assert_one_line_error(
+        &observer(&["check", "--watch", "80=gateway", "--watch", "80=upstream"]),
+        "port 80 is watched twice",
+    );
+    assert_one_line_error(
         &observer(&["check", "--watch", "99999=gateway"]),
         "not a port",
     );

@@ -124,6 +124,16 @@ impl CaptureConfig {
         if self.watch.is_empty() {
             bail!("no port to watch");
         }
+        for (i, watched) in self.watch.iter().enumerate() {
+            if let Some(other) = self.watch[..i].iter().find(|w| w.port == watched.port) {
+                bail!(
+                    "port {} is watched twice (as {} and as {})",
+                    watched.port,
+                    other.role,
+                    watched.role
+                );
+            }
+        }
         if self.head_bytes as usize > HEAD_MAX {
             bail!(
                 "head capture of {} bytes exceeds the maximum of {HEAD_MAX}",
@@ -219,6 +229,20 @@ mod tests {
             ..ok.clone()
         };
         assert!(ring.validate().is_err());
+        let twice = CaptureConfig {
+            watch: vec![
+                "80=gateway".parse().unwrap(),
+                "80=upstream".parse().unwrap(),
+            ],
+            ..ok.clone()
+        };
+        assert!(
+            twice
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("watched twice")
+        );
         let none = CaptureConfig {
             watch: vec![],
             ..ok
