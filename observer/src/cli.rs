@@ -9,7 +9,7 @@ use std::{io::IsTerminal as _, process::ExitCode};
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
-use crate::{check, sim};
+use crate::{check, sim, trace};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -34,6 +34,8 @@ pub enum Command {
     Check(check::CheckArgs),
     /// Run a simulated Ollama upstream (real wire format, configurable timing and faults).
     Sim(sim::SimArgs),
+    /// Print the kernel capture's events as JSON lines until interrupted (root).
+    Trace(trace::TraceArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -66,6 +68,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Check(args) => check::run(args).await,
             Command::Sim(args) => sim::run(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Trace(args) => trace::run(args).await,
         }
     });
     match result {

@@ -11,6 +11,7 @@
 //! - [`check`]: `observer check`, what this host supports and which mode will work.
 //! - [`gpu`]: NVIDIA GPUs through NVML, loaded at run time; absent drivers are normal.
 //! - [`sim`]: `observer sim`, a simulated Ollama upstream speaking Ollama's real wire format.
+//! - [`trace`]: `observer trace`, the capture's events as JSON lines, for debugging the kernel side.
 //! - [`tracefs`]: find or mount tracefs and list tracepoints.
 
 pub mod capture;
@@ -18,4 +19,5 @@ pub mod check;
 pub mod cli;
 pub mod gpu;
 pub mod sim;
+pub mod trace;
 pub mod tracefs;

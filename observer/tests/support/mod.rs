@@ -15,7 +15,10 @@ pub fn require_root(test: &str) -> bool {
     false
 }
 
+pub mod capture;
+pub mod nginx;
 pub mod sim_client;
+pub mod socket_io;
 
 /// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {

@@ -1,0 +1,157 @@
+//! A real nginx (Debian's `/usr/sbin/nginx`) as the gateway for the capture tests: a reverse
+//! proxy on a free loopback port to one upstream, with upstream keep-alive, unbuffered
+//! responses and two worker processes. Everything it writes (config, pid, logs, temp files)
+//! lives in its own temporary directory, so it runs as root without touching `/etc/nginx`.
+//! Dropping it stops nginx (SIGTERM, then SIGKILL) and removes the directory.
+
+use std::{
+    fs,
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+pub const NGINX: &str = "/usr/sbin/nginx";
+pub const WORKERS: usize = 2;
+
+pub struct Nginx {
+    child: Child,
+    dir: PathBuf,
+    /// The port nginx listens on (127.0.0.1).
+    pub port: u16,
+}
+
+impl Nginx {
+    /// Starts nginx proxying `127.0.0.1:<free port>` to `upstream`, and waits until its
+    /// workers are running.
+    pub fn start(upstream: SocketAddr) -> Nginx {
+        assert!(
+            std::path::Path::new(NGINX).exists(),
+            "{NGINX} is missing: run scripts/setup.sh"
+        );
+        static COUNT: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "observer-nginx-{}-{}",
+            std::process::id(),
+            COUNT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let port = super::capture::free_port();
+        let d = dir.display();
+        let conf = format!(
+            r#"worker_processes {WORKERS};
+daemon off;
+master_process on;
+user root;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections 64; }}
+http {{
+    access_log {d}/access.log;
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    upstream u {{
+        server {upstream};
+        keepalive 8;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://u;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}
+}}
+"#
+        );
+        fs::write(dir.join("nginx.conf"), conf).unwrap();
+        let child = Command::new(NGINX)
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nginx");
+        let mut nginx = Nginx { child, dir, port };
+        nginx.wait_for_workers();
+        nginx
+    }
+
+    fn wait_for_workers(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("nginx exited with {status}: {}", self.error_log());
+            }
+            let workers = self.worker_pids();
+            if workers.len() == WORKERS && workers.iter().all(|&pid| comm(pid) == "nginx") {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nginx workers did not start ({workers:?}): {}",
+                self.error_log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    pub fn master_pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The master's children: its worker processes.
+    pub fn worker_pids(&self) -> Vec<u32> {
+        let pid = self.master_pid();
+        fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(|p| p.parse().unwrap())
+            .collect()
+    }
+
+    pub fn error_log(&self) -> String {
+        fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
+    }
+}
+
+/// A process's name (`/proc/<pid>/comm`), empty when it is gone.
+pub fn comm(pid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| c.trim_end().to_owned())
+        .unwrap_or_default()
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SAFETY: kill has no memory preconditions; the pid is our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.child.try_wait().ok().flatten().is_none() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,379 @@
+//! `observer trace`, the binary (root, real kernel for the first test): with nginx proxying to
+//! the simulated upstream, it prints a ready line, the connections it seeded, then a curl
+//! request through nginx as it happens, one JSON line per event; SIGTERM stops it with a
+//! summary and exit 0. Bad flags are one-line errors.
+
+mod support;
+
+use std::{process::Stdio, time::Duration};
+
+use observer::capture::TRACEPOINTS;
+use serde_json::Value;
+use support::{nginx::Nginx, sim_client};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines},
+    process::{Child, ChildStderr, ChildStdout, Command},
+};
+
+const OBSERVER: &str = env!("CARGO_BIN_EXE_observer");
+/// Loading and attaching every program takes a few seconds in a debug build.
+const READY_WAIT: Duration = Duration::from_secs(20);
+const EVENT_WAIT: Duration = Duration::from_secs(5);
+
+/// Whether a trace line is one a test waits for.
+type LinePredicate<'a> = dyn Fn(&Value) -> bool + 'a;
+
+const DATA_KEYS: &[&str] = &[
+    "time",
+    "ts_ns",
+    "event",
+    "conn_id",
+    "role",
+    "side",
+    "tgid",
+    "pid",
+    "comm",
+    "fd",
+    "port",
+    "direction",
+    "len",
+    "head_len",
+    "tail_len",
+    "preview",
+];
+const CONN_KEYS: &[&str] = &[
+    "time", "ts_ns", "event", "conn_id", "role", "side", "tgid", "pid", "comm", "fd", "port",
+    "local", "remote", "seeded",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_shows_a_curl_request_through_nginx_as_it_happens() {
+    if !support::require_root("trace_shows_a_curl_request_through_nginx_as_it_happens") {
+        return;
+    }
+    let me = std::process::id();
+    let sim = sim_client::start(sim_client::fast_config()).await;
+    let sim_addr = sim.local_addr();
+    let nginx = tokio::task::spawn_blocking(move || Nginx::start(sim_addr))
+        .await
+        .unwrap();
+    let workers = nginx.worker_pids();
+    // A keep-alive connection straight to the simulator, open before the trace starts: both
+    // of its ends (this process) are seeded.
+    let mut early = sim_client::Client::connect(sim_addr).await;
+    early.send(&sim_client::get("/api/version")).await;
+    assert!(early.reply().await.head.starts_with("HTTP/1.1 200 OK"));
+
+    let start = wall_now();
+    let mut trace = Command::new(OBSERVER)
+        .args(["trace", "--watch"])
+        .arg(format!("{}=gateway", nginx.port))
+        .arg("--watch")
+        .arg(format!("{}=upstream", sim_addr.port()))
+        .env("OBSERVER_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(trace.stdout.take().unwrap()).lines();
+    let mut stderr = BufReader::new(trace.stderr.take().unwrap()).lines();
+    let ready = ready_line(&mut stderr, &mut trace).await;
+    assert_eq!(
+        ready,
+        format!(
+            "observer trace: watching {}=gateway, {}=upstream ({} programs attached, 2 connections seeded)",
+            nginx.port,
+            sim_addr.port(),
+            TRACEPOINTS.len()
+        )
+    );
+
+    let mut lines = Vec::new();
+    for _ in 0..2 {
+        lines.push(next_line(&mut stdout).await.expect("a seeded open line"));
+    }
+    let mut sides: Vec<&str> = lines
+        .iter()
+        .map(|l| {
+            assert_eq!(
+                (
+                    &l["event"],
+                    &l["seeded"],
+                    &l["role"],
+                    &l["port"],
+                    &l["tgid"]
+                ),
+                (
+                    &Value::from("open"),
+                    &Value::from(true),
+                    &Value::from("upstream"),
+                    &Value::from(sim_addr.port()),
+                    &Value::from(me)
+                ),
+                "{l}"
+            );
+            l["side"].as_str().unwrap()
+        })
+        .collect();
+    sides.sort();
+    assert_eq!(sides, ["client", "server"]);
+
+    let curl = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "5",
+            "-H",
+            "Content-Type: application/json",
+        ])
+        .args(["--data-binary", sim_client::CHAT])
+        .arg(format!("http://{}/api/chat", nginx.addr()))
+        .output()
+        .await
+        .unwrap();
+    assert!(curl.status.success(), "{curl:?}\n{}", nginx.error_log());
+    let body = String::from_utf8(curl.stdout).unwrap();
+    assert_eq!(
+        body.lines().count(),
+        sim_client::TOKENS as usize + 1,
+        "{body}"
+    );
+    assert!(
+        body.lines().last().unwrap().contains(r#""done":true"#),
+        "{body}"
+    );
+
+    // What must show: the request at the gateway (read by a worker) and upstream (written by
+    // a worker, read by the simulator), the worker's connection to the simulator, curl itself.
+    let is = |l: &Value, event: &str, role: &str, side: &str| {
+        l["event"] == event && l["role"] == role && l["side"] == side
+    };
+    let post = |l: &Value, prefix: &str| l["preview"].as_str().unwrap().starts_with(prefix);
+    let by_worker = |l: &Value| workers.contains(&(l["tgid"].as_u64().unwrap() as u32));
+    let wanted: Vec<(&str, Box<LinePredicate>)> = vec![
+        (
+            "gateway server-side ingress of POST /api/chat by an nginx worker",
+            Box::new(|l: &Value| {
+                is(l, "data", "gateway", "server")
+                    && l["direction"] == "ingress"
+                    && l["comm"] == "nginx"
+                    && by_worker(l)
+                    && post(l, "POST /api/chat")
+            }),
+        ),
+        (
+            "gateway client-side egress by curl",
+            Box::new(|l: &Value| {
+                is(l, "data", "gateway", "client")
+                    && l["direction"] == "egress"
+                    && l["comm"] == "curl"
+                    && post(l, "POST /api/chat HTTP/1.1\\r\\n")
+            }),
+        ),
+        (
+            "upstream client-side open by an nginx worker",
+            Box::new(|l: &Value| {
+                is(l, "open", "upstream", "client")
+                    && by_worker(l)
+                    && l["remote"] == sim_addr.to_string().as_str()
+                    && l["seeded"] == false
+            }),
+        ),
+        (
+            "upstream client-side egress of POST /api/chat by an nginx worker",
+            Box::new(|l: &Value| {
+                is(l, "data", "upstream", "client")
+                    && l["direction"] == "egress"
+                    && by_worker(l)
+                    && post(l, "POST /api/chat HTTP/1.1\\r\\n")
+            }),
+        ),
+        (
+            "upstream server-side ingress of POST /api/chat by the simulator",
+            Box::new(|l: &Value| {
+                is(l, "data", "upstream", "server")
+                    && l["direction"] == "ingress"
+                    && l["tgid"] == me
+                    && post(l, "POST /api/chat HTTP/1.1\\r\\n")
+            }),
+        ),
+        (
+            "the simulator's response",
+            Box::new(|l: &Value| {
+                is(l, "data", "upstream", "server")
+                    && l["direction"] == "egress"
+                    && l["tgid"] == me
+                    && l["len"].as_u64().unwrap() > 0
+            }),
+        ),
+    ];
+    let deadline = tokio::time::Instant::now() + EVENT_WAIT;
+    loop {
+        let missing: Vec<&str> = wanted
+            .iter()
+            .filter(|(_, found)| !lines.iter().any(found))
+            .map(|(what, _)| *what)
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        let line = tokio::time::timeout_at(deadline, next_line(&mut stdout))
+            .await
+            .unwrap_or_else(|_| panic!("missing after 5 s: {missing:?}\n{}", dump(&lines)))
+            .unwrap_or_else(|| panic!("stdout ended; missing {missing:?}\n{}", dump(&lines)));
+        lines.push(line);
+    }
+
+    // Stop it; everything it printed, and nothing else, is counted in its summary.
+    // SAFETY: kill has no memory preconditions; the pid is our own child.
+    unsafe { libc::kill(trace.id().unwrap() as i32, libc::SIGTERM) };
+    let status = tokio::time::timeout(EVENT_WAIT, trace.wait())
+        .await
+        .expect("exits within 5 s of SIGTERM")
+        .unwrap();
+    while let Some(line) = next_line(&mut stdout).await {
+        lines.push(line);
+    }
+    let mut rest = Vec::new();
+    while let Some(line) = stderr.next_line().await.unwrap() {
+        rest.push(line);
+    }
+    assert!(status.success(), "{status:?}; stderr: {rest:?}");
+    let summary = rest.last().expect("a summary line");
+    assert!(
+        summary.starts_with(&format!(
+            "observer trace: stopped; {} events printed; lost 0 data and 0 connection events, ",
+            lines.len()
+        )),
+        "{summary}"
+    );
+    assert!(summary.ends_with(" 0 decode errors"), "{summary}");
+
+    for line in &lines {
+        check_shape(line);
+    }
+    // Kernel timestamps turned into wall-clock times that fall within this test (fixed-width
+    // RFC 3339 UTC strings compare as the instants do).
+    let end = wall_now();
+    for line in &lines {
+        let time = line["time"].as_str().unwrap();
+        assert!(
+            start.as_str() <= time && time <= end.as_str(),
+            "{start} {time} {end}"
+        );
+    }
+    drop(nginx);
+    let mut early = early;
+    early.stream.shutdown().await.unwrap();
+    sim.shutdown().await.unwrap();
+}
+
+#[test]
+fn bad_flags_are_one_line_errors() {
+    for (args, code, expect) in [
+        (
+            &["trace", "--watch", "80=proxy"][..],
+            2,
+            "neither gateway nor upstream",
+        ),
+        (&["trace", "--ring-bytes", "lots"][..], 2, "--ring-bytes"),
+        (&["trace", "--preview"][..], 2, "--preview"),
+        (
+            &["trace", "--ring-bytes", "5000"][..],
+            1,
+            "ring buffer size 5000 is not a power of two",
+        ),
+        (
+            &["trace", "--head-bytes", "2000"][..],
+            1,
+            "head capture of 2000 bytes exceeds the maximum of 1024",
+        ),
+    ] {
+        let output = std::process::Command::new(OBSERVER)
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(code), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr:?}");
+        assert!(stderr.starts_with("error: "), "{args:?}: {stderr:?}");
+        assert!(stderr.contains(expect), "{args:?}: {stderr:?}");
+        assert!(output.stdout.is_empty(), "{args:?}");
+    }
+}
+
+/// Waits for the ready line on stderr (log lines may come first).
+async fn ready_line(stderr: &mut Lines<BufReader<ChildStderr>>, trace: &mut Child) -> String {
+    let mut seen = Vec::new();
+    let found = tokio::time::timeout(READY_WAIT, async {
+        while let Some(line) = stderr.next_line().await.unwrap() {
+            if line.starts_with("observer trace: watching") {
+                return Some(line);
+            }
+            seen.push(line);
+        }
+        None
+    })
+    .await;
+    match found {
+        Ok(Some(line)) => line,
+        other => panic!(
+            "no ready line ({other:?}); exit {:?}; stderr: {seen:#?}",
+            trace.try_wait()
+        ),
+    }
+}
+
+/// The next stdout line as JSON; `None` at the end.
+async fn next_line(stdout: &mut Lines<BufReader<ChildStdout>>) -> Option<Value> {
+    let line = stdout.next_line().await.unwrap()?;
+    Some(serde_json::from_str(&line).unwrap_or_else(|err| panic!("{err}: {line}")))
+}
+
+/// Every line has exactly the fields of its kind, in order, with sane values.
+fn check_shape(line: &Value) {
+    let keys: Vec<&str> = line
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let mut expected: Vec<&str> = match line["event"].as_str().unwrap() {
+        "data" => DATA_KEYS.to_vec(),
+        "open" | "close" => CONN_KEYS.to_vec(),
+        other => panic!("unknown event {other}: {line}"),
+    };
+    // serde_json's map sorts keys; the order on the wire is checked by the unit tests.
+    let mut sorted = keys.clone();
+    sorted.sort();
+    expected.sort();
+    assert_eq!(sorted, expected, "{line}");
+    let time = line["time"].as_str().unwrap();
+    assert_eq!(time.len(), "2024-01-01T00:00:00.000000000Z".len(), "{time}");
+    assert!(
+        time.ends_with('Z') && &time[10..11] == "T" && &time[19..20] == ".",
+        "{time}"
+    );
+    assert!(["gateway", "upstream"].contains(&line["role"].as_str().unwrap()));
+    assert!(["server", "client"].contains(&line["side"].as_str().unwrap()));
+    if line["event"] == "data" {
+        assert!(["ingress", "egress"].contains(&line["direction"].as_str().unwrap()));
+        let len = line["len"].as_u64().unwrap();
+        let head = line["head_len"].as_u64().unwrap();
+        let tail = line["tail_len"].as_u64().unwrap();
+        assert!(head + tail <= len && head <= 1024 && tail <= 256, "{line}");
+    }
+}
+
+fn wall_now() -> String {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    observer::trace::rfc3339_nanos(since_epoch.as_nanos() as i128)
+}
+
+fn dump(lines: &[Value]) -> String {
+    lines.iter().map(|l| format!("  {l}\n")).collect::<String>()
+}
