@@ -14,6 +14,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::capture::{
     Capture, CaptureConfig, KernelCounters, Role, WatchedPort,
     decode::{ConnRecord, DataRecord, Direction, Event, Side},
+    endpoints::EndpointBook,
     reader::{self, EventReader},
 };
 
@@ -99,8 +100,11 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
     let mut sweep =
         tokio::time::interval_at(tokio::time::Instant::now() + SWEEP_INTERVAL, SWEEP_INTERVAL);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The kernel side cannot know every endpoint; /proc completes them, per batch.
+    let mut endpoints = EndpointBook::new("/proc");
     let stdout_open = 'trace: {
         for conn in capture.seeded() {
+            endpoints.remember(conn);
             if !write_line(&mut out, &conn_line("open", conn, &clock))? {
                 break 'trace false;
             }
@@ -121,6 +125,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
                     batch.extend(capture.sweep_exited()?.into_iter().map(Event::Close));
                 }
             }
+            endpoints.complete(&mut batch);
             for event in batch.drain(..) {
                 if !write_line(&mut out, &event_line(&event, &clock, args.preview_bytes))? {
                     break 'trace false;

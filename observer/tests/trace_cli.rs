@@ -150,6 +150,13 @@ async fn trace_shows_a_curl_request_through_nginx_as_it_happens() {
     let is = |l: &Value, event: &str, role: &str, side: &str| {
         l["event"] == event && l["role"] == role && l["side"] == side
     };
+    // The kernel side cannot know a client's ephemeral port; trace completes it from /proc.
+    let local_port = |l: &Value| {
+        l["local"]
+            .as_str()
+            .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+            .map(|a| a.port())
+    };
     let post = |l: &Value, prefix: &str| l["preview"].as_str().unwrap().starts_with(prefix);
     let by_worker = |l: &Value| workers.contains(&(l["tgid"].as_u64().unwrap() as u32));
     let wanted: Vec<(&str, Box<LinePredicate>)> = vec![
@@ -173,12 +180,21 @@ async fn trace_shows_a_curl_request_through_nginx_as_it_happens() {
             }),
         ),
         (
-            "upstream client-side open by an nginx worker",
+            "upstream client-side open by an nginx worker, with its whole 4-tuple",
             Box::new(|l: &Value| {
                 is(l, "open", "upstream", "client")
                     && by_worker(l)
                     && l["remote"] == sim_addr.to_string().as_str()
+                    && local_port(l).is_some_and(|port| port != 0 && port != sim_addr.port())
                     && l["seeded"] == false
+            }),
+        ),
+        (
+            "gateway client-side open by curl, with its whole 4-tuple",
+            Box::new(|l: &Value| {
+                is(l, "open", "gateway", "client")
+                    && l["comm"] == "curl"
+                    && local_port(l).is_some_and(|port| port != 0)
             }),
         ),
         (

@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod decode;
+pub mod endpoints;
 pub mod reader;
 pub mod seed;
 
