@@ -12,6 +12,7 @@
 //! - [`gpu`]: NVIDIA GPUs through NVML, loaded at run time; absent drivers are normal.
 //! - [`sim`]: `observer sim`, a simulated Ollama upstream speaking Ollama's real wire format.
 //! - [`trace`]: `observer trace`, the capture's events as JSON lines, for debugging the kernel side.
+//! - [`wallclock`]: instants as text (RFC 3339, HTTP dates), one calendar conversion.
 //! - [`tracefs`]: find or mount tracefs and list tracepoints.
 
 pub mod capture;
@@ -21,3 +22,4 @@ pub mod gpu;
 pub mod sim;
 pub mod trace;
 pub mod tracefs;
+pub mod wallclock;

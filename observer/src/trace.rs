@@ -353,26 +353,8 @@ fn clock_ns(clock: libc::clockid_t) -> i128 {
 
 /// RFC 3339 in UTC with nanoseconds, always nine digits: `2024-05-01T10:00:00.000000042Z`.
 pub fn rfc3339_nanos(unix_ns: i128) -> String {
-    let secs = unix_ns.div_euclid(1_000_000_000) as i64;
-    let nanos = unix_ns.rem_euclid(1_000_000_000);
-    let days = secs.div_euclid(86_400);
-    let of_day = secs.rem_euclid(86_400);
-    // Howard Hinnant's days-to-civil algorithm (proleptic Gregorian calendar).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
-        of_day / 3_600,
-        of_day / 60 % 60,
-        of_day % 60
-    )
+    let since = std::time::Duration::from_nanos(u64::try_from(unix_ns).unwrap_or(0));
+    crate::wallclock::rfc3339_fixed_nanos(std::time::UNIX_EPOCH + since)
 }
 
 #[cfg(test)]

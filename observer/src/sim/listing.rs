@@ -8,11 +8,11 @@
 
 use serde::Serialize;
 
-use super::clock::{rfc3339_nano, unix_seconds};
 use super::gojson;
 use super::models::ModelInfo;
 use super::response::{ResponseWriter, WriteError};
 use super::routes::{Exchange, JSON_UTF8};
+use crate::wallclock::{rfc3339_nano, unix_seconds};
 
 /// `api.ModelDetails`.
 #[derive(Debug, Serialize)]

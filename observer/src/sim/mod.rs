@@ -42,10 +42,9 @@
 //! - `request`, `chunked`, `response`: HTTP/1.x framing as Go does it. `routes`: gin's routing.
 //! - `ollama`, `openai`: the two inference APIs; `inference_request`: their request bodies;
 //!   `listing`: tags, ps, version, models. `generation`, `models`: what the "model" does.
-//! - `faults`: fault decisions. `gojson`, `clock`: Go's JSON and time encodings.
+//! - `faults`: fault decisions. `gojson`: Go's JSON (times: `crate::wallclock`).
 
 mod chunked;
-mod clock;
 mod config;
 mod faults;
 mod generation;

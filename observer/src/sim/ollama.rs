@@ -11,12 +11,12 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use super::clock::rfc3339_nano;
 use super::generation::{Generation, Metrics, prompt_tokens};
 use super::gojson::{self, DecodeError};
 use super::inference_request::{InferenceRequest, parse_chat, parse_generate};
 use super::response::{ResponseWriter, WriteError};
 use super::routes::{Exchange, JSON_UTF8, MID_STREAM_ERROR, native_error};
+use crate::wallclock::rfc3339_nano;
 
 fn is_zero(n: &u64) -> bool {
     *n == 0

@@ -12,12 +12,12 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use super::clock::unix_seconds;
 use super::generation::{Generation, Metrics, prompt_tokens};
 use super::gojson;
 use super::inference_request::{InferenceRequest, parse_chat_completion};
 use super::response::{ResponseWriter, WriteError};
 use super::routes::{Exchange, JSON_UTF8, MID_STREAM_ERROR};
+use crate::wallclock::unix_seconds;
 
 const FINGERPRINT: &str = "fp_ollama";
 

@@ -17,9 +17,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::chunked::{LAST_CHUNK, encode_chunk};
-use super::clock::http_date;
 use super::faults::FaultPlan;
 use super::request::Request;
+use crate::wallclock::http_date;
 
 /// Go's `bufferBeforeChunkingSize`: a body up to this size, written without a flush, is sent
 /// with a Content-Length.

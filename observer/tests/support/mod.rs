@@ -21,12 +21,5 @@ pub mod sim_client;
 pub mod socket_io;
 
 /// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is a valid timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+#[allow(unused_imports, reason = "each test binary uses a part of support")]
+pub use observer::capture::seed::monotonic_ns;
