@@ -36,6 +36,9 @@ pub struct CaptureArgs {
     /// Most connections tracked at once.
     #[arg(long, value_name = "N", default_value_t = CaptureConfig::default().max_conns)]
     pub max_conns: u32,
+    /// Most (process, fd) holders of watched listeners tracked at once.
+    #[arg(long, value_name = "N", default_value_t = CaptureConfig::default().max_listeners)]
+    pub max_listeners: u32,
     /// Also capture this process's own sockets.
     #[arg(long)]
     pub include_self: bool,
@@ -49,6 +52,7 @@ impl CaptureArgs {
             tail_bytes: self.tail_bytes,
             ring_bytes: self.ring_bytes,
             max_conns: self.max_conns,
+            max_listeners: self.max_listeners,
             exclude_self: !self.include_self,
         }
     }
@@ -529,6 +533,7 @@ mod tests {
             (1024, 256, 8 * 1024 * 1024)
         );
         assert_eq!(config.max_conns, defaults.max_conns);
+        assert_eq!(config.max_listeners, defaults.max_listeners);
         assert!(config.exclude_self);
         assert_eq!(args.preview_bytes, 64);
     }
@@ -549,6 +554,8 @@ mod tests {
             "65536",
             "--max-conns",
             "10",
+            "--max-listeners",
+            "7",
             "--include-self",
             "--preview-bytes",
             "8",
@@ -566,6 +573,7 @@ mod tests {
             ),
             (512, 64, 65536, 10)
         );
+        assert_eq!(config.max_listeners, 7);
         assert!(!config.exclude_self);
         assert_eq!(args.preview_bytes, 8);
         assert!(Wrapper::try_parse_from(["trace", "--watch", "80=proxy"]).is_err());

@@ -102,6 +102,8 @@ pub struct CaptureConfig {
     pub ring_bytes: u32,
     /// Most connections tracked at once.
     pub max_conns: u32,
+    /// Most (process, fd) holders of watched listeners tracked at once.
+    pub max_listeners: u32,
     /// Leave this process's own sockets (the readiness probe) out.
     pub exclude_self: bool,
 }
@@ -114,6 +116,7 @@ impl Default for CaptureConfig {
             tail_bytes: TAIL_MAX as u32,
             ring_bytes: 8 * 1024 * 1024,
             max_conns: 65_536,
+            max_listeners: 4096,
             exclude_self: true,
         }
     }
@@ -154,6 +157,9 @@ impl CaptureConfig {
         }
         if self.max_conns == 0 {
             bail!("the connection table needs at least one entry");
+        }
+        if self.max_listeners == 0 {
+            bail!("the listener table needs at least one entry");
         }
         Ok(())
     }

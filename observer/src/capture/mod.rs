@@ -114,6 +114,7 @@ impl Capture {
             .override_global(names::FORK_CHILD_PID_OFFSET, &fork_child_pid_offset, true)
             .map_max_entries(names::EVENTS, config.ring_bytes)
             .map_max_entries(names::CONNS, config.max_conns)
+            .map_max_entries(names::LISTENERS, config.max_listeners)
             .load(BPF_OBJECT)
             .context("loading the kernel object (are you root, with BPF allowed?)")?;
         // The logger owns the log map: it must outlive the programs that write to it.
