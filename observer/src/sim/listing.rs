@@ -159,13 +159,7 @@ pub async fn openai_models(
         object: "list",
         data: (!data.is_empty()).then_some(data),
     };
-    let body = gojson::encode_line(&list);
-    w.send(
-        200,
-        &[("Content-Type", "application/json".to_owned())],
-        &body,
-    )
-    .await
+    super::openai::send_encoded(w, 200, &list).await
 }
 
 #[cfg(test)]

@@ -60,7 +60,17 @@ pub async fn handler_error(
     status: u16,
     message: &str,
 ) -> Result<(), WriteError> {
-    let body = gojson::encode_line(&error_json(status, message));
+    send_encoded(w, status, &error_json(status, message)).await
+}
+
+/// How Ollama's OpenAI middleware writes a body: `json.NewEncoder(w).Encode(v)` (a trailing
+/// newline) with a plain `application/json` content type.
+pub async fn send_encoded<T: serde::Serialize>(
+    w: &mut ResponseWriter<'_>,
+    status: u16,
+    value: &T,
+) -> Result<(), WriteError> {
+    let body = gojson::encode_line(value);
     w.send(
         status,
         &[("Content-Type", "application/json".to_owned())],
@@ -310,13 +320,7 @@ async fn whole(
         }],
         usage: generation.metrics().into(),
     };
-    let body = gojson::encode_line(&completion);
-    w.send(
-        200,
-        &[("Content-Type", "application/json".to_owned())],
-        &body,
-    )
-    .await
+    send_encoded(w, 200, &completion).await
 }
 
 #[cfg(test)]
