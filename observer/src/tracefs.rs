@@ -75,6 +75,13 @@ pub fn ensure_mounted() -> anyhow::Result<Tracefs> {
     };
     if rc != 0 {
         let err = std::io::Error::last_os_error();
+        // Another process (or thread) may have mounted it between our look and our mount.
+        if let Some(path) = find() {
+            return Ok(Tracefs {
+                path,
+                mounted_now: false,
+            });
+        }
         return Err(err).with_context(|| {
             format!(
                 "tracefs is not mounted and mounting it at {} failed (needs root / CAP_SYS_ADMIN)",
