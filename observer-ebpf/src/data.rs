@@ -176,52 +176,50 @@ pub fn sys_exit_sendmsg(ctx: TracePointContext) -> u32 {
 
 /// `(fd, buf, count)` syscalls.
 fn enter_plain(ctx: &TracePointContext, direction: u32) -> Option<()> {
-    let buf: u64 = unsafe { ctx.read_at(ARG1) }.ok()?;
-    remember(ctx, direction, buf, 0)
+    remember(ctx, direction, |ctx| {
+        Some((unsafe { ctx.read_at(ARG1) }.ok()?, 0))
+    })
 }
 
 /// `(fd, iov, iovcnt)` syscalls.
 fn enter_iovec(ctx: &TracePointContext, direction: u32) -> Option<()> {
-    let iov: u64 = unsafe { ctx.read_at(ARG1) }.ok()?;
-    let iovcnt: u64 = unsafe { ctx.read_at(ARG2) }.ok()?;
-    remember(ctx, direction, iov, iovcnt)
+    remember(ctx, direction, |ctx| {
+        let iov: u64 = unsafe { ctx.read_at(ARG1) }.ok()?;
+        let iovcnt: u64 = unsafe { ctx.read_at(ARG2) }.ok()?;
+        Some((iov, iovcnt))
+    })
 }
 
 /// `(fd, msghdr, flags)` syscalls: the iovec array is in the user's msghdr.
 fn enter_msg(ctx: &TracePointContext, direction: u32) -> Option<()> {
-    let msg: u64 = unsafe { ctx.read_at(ARG1) }.ok()?;
-    if msg == 0 {
-        return None;
-    }
-    // Only for watched fds is the user's msghdr worth reading.
-    let (pid_tgid, tgid) = current();
-    let fd = unsafe { ctx.read_at::<u64>(ARG0) }.ok()? as u32;
-    let conn = *unsafe { CONNS.get(SockKey { tgid, fd }) }?;
-    let Ok([iov, iovcnt]) = (unsafe { bpf_probe_read_user((msg + MSGHDR_IOV) as *const [u64; 2]) })
-    else {
-        count(counter::READ_USER_FAILED);
-        return None;
-    };
-    let pending = PendingIo {
-        conn_id: conn.conn_id,
-        buf: iov,
-        iovcnt: iovcnt.max(1),
-        role: conn.role,
-        side: conn.side,
-        port: conn.port,
-        fd,
-        direction,
-        _pad: 0,
-    };
-    PENDING_IO.insert(pid_tgid, pending, 0).ok()
+    remember(ctx, direction, |ctx| {
+        let msg: u64 = unsafe { ctx.read_at(ARG1) }.ok()?;
+        if msg == 0 {
+            return None;
+        }
+        match unsafe { bpf_probe_read_user((msg + MSGHDR_IOV) as *const [u64; 2]) } {
+            Ok([iov, iovcnt]) => Some((iov, iovcnt.max(1))),
+            Err(_) => {
+                count(counter::READ_USER_FAILED);
+                None
+            }
+        }
+    })
 }
 
 /// Remembers the buffer of a syscall on a watched connection. The `CONNS` lookup is the whole
-/// cost for every other fd.
-fn remember(ctx: &TracePointContext, direction: u32, buf: u64, iovcnt: u64) -> Option<()> {
+/// cost for every other fd: `buffer` (the syscall's buffer, or iovec array and count) is read
+/// only after it.
+#[inline(always)]
+fn remember(
+    ctx: &TracePointContext,
+    direction: u32,
+    buffer: impl FnOnce(&TracePointContext) -> Option<(u64, u64)>,
+) -> Option<()> {
     let (pid_tgid, tgid) = current();
     let fd = unsafe { ctx.read_at::<u64>(ARG0) }.ok()? as u32;
     let conn = *unsafe { CONNS.get(SockKey { tgid, fd }) }?;
+    let (buf, iovcnt) = buffer(ctx)?;
     let pending = PendingIo {
         conn_id: conn.conn_id,
         buf,
