@@ -16,7 +16,7 @@ use std::{
 
 use super::{
     decode::{ConnRecord, Event},
-    seed::{TcpSocket, tcp_sockets},
+    seed::{self, TcpSocket, tcp_sockets},
 };
 
 /// More remembered connections than this means closes were lost (a ring buffer overrun):
@@ -116,11 +116,7 @@ fn incomplete(conn: &ConnRecord) -> bool {
 
 fn socket_inode(process: &Path, fd: u32) -> Option<u64> {
     let link = fs::read_link(process.join("fd").join(fd.to_string())).ok()?;
-    link.to_str()?
-        .strip_prefix("socket:[")?
-        .strip_suffix(']')?
-        .parse()
-        .ok()
+    seed::socket_inode(link.to_str()?)
 }
 
 #[cfg(test)]

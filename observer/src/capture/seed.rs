@@ -132,7 +132,7 @@ pub fn socket_holders(
 }
 
 /// `socket:[12345]` → 12345.
-fn socket_inode(link: &str) -> Option<u64> {
+pub(crate) fn socket_inode(link: &str) -> Option<u64> {
     link.strip_prefix("socket:[")?
         .strip_suffix(']')?
         .parse()
