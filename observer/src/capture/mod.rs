@@ -228,7 +228,13 @@ impl Capture {
     /// without `close(2)`, so the kernel side never saw it. Returns a close record for each
     /// connection forgotten. Run it every few seconds; the cost is one walk of the tables.
     pub fn sweep_exited(&mut self) -> anyhow::Result<Vec<ConnRecord>> {
-        let alive = |tgid: u32| Path::new("/proc").join(tgid.to_string()).exists();
+        // One look at /proc per process, however many sockets it held.
+        let mut known: std::collections::HashMap<u32, bool> = std::collections::HashMap::new();
+        let mut alive = |tgid: u32| {
+            *known
+                .entry(tgid)
+                .or_insert_with(|| Path::new("/proc").join(tgid.to_string()).exists())
+        };
         let mut closed = Vec::new();
         let mut conns: HashMap<_, SockKey, ConnInfo> = HashMap::try_from(
             self.ebpf
