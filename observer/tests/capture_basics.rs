@@ -192,17 +192,7 @@ async fn conversations(listener: TcpListener, apis: &[Api]) -> Vec<Driven> {
             .collect();
         assert_eq!(client_sends, CLIENT_SENDS.map(|s| s as u64), "{api:?}");
     }
-    let counters = capture.counters().unwrap();
-    assert_eq!(
-        (
-            counters.lost_data,
-            counters.lost_conn,
-            counters.conns_full,
-            counters.read_user_failed
-        ),
-        (0, 0, 0, 0),
-        "{counters:?}"
-    );
+    cap::assert_no_loss(&capture);
     // Nothing but these connections was seen.
     let ours: Vec<u64> = driven
         .iter()

@@ -208,16 +208,7 @@ async fn requests_through_nginx_show_on_gateway_and_upstream() {
         data_of(&events, Role::Upstream, Side::Server).all(|d| d.tgid == me),
         "{summary}"
     );
-    let counters = capture.counters().unwrap();
-    assert_eq!(
-        (
-            counters.lost_data,
-            counters.lost_conn,
-            counters.read_user_failed
-        ),
-        (0, 0, 0),
-        "{counters:?}"
-    );
+    cap::assert_no_loss(&capture);
     drop(nginx);
     sim.shutdown().await.unwrap();
 }

@@ -131,14 +131,5 @@ async fn big_response(head_bytes: u32, tail_bytes: u32) {
     cap::assert_payload(client_view, Direction::Ingress, &response, sizes, true);
     cap::assert_payload(client_view, Direction::Egress, REQUEST, sizes, true);
 
-    let counters = capture.counters().unwrap();
-    assert_eq!(
-        (
-            counters.lost_data,
-            counters.lost_conn,
-            counters.read_user_failed
-        ),
-        (0, 0, 0),
-        "{counters:?}"
-    );
+    cap::assert_no_loss(&capture);
 }

@@ -80,6 +80,21 @@ pub async fn collect_quiet(reader: &mut EventReader, events: &mut Vec<Event>, qu
     assert_no_decode_errors(reader);
 }
 
+/// Nothing was lost, left untracked or unreadable on the kernel side.
+pub fn assert_no_loss(capture: &Capture) {
+    let counters = capture.counters().unwrap();
+    assert_eq!(
+        (
+            counters.lost_data,
+            counters.lost_conn,
+            counters.conns_full,
+            counters.read_user_failed
+        ),
+        (0, 0, 0, 0),
+        "{counters:?}"
+    );
+}
+
 pub fn assert_no_decode_errors(reader: &EventReader) {
     assert!(
         reader.decode_errors().is_empty(),
