@@ -9,6 +9,7 @@
 //! - [`cli`]: command line, logging set-up, dispatch to the subcommands.
 //! - [`capture`]: load and attach the embedded kernel programs, read and decode the ring buffer.
 //! - [`check`]: `observer check`, what this host supports and which mode will work.
+//! - [`engine`]: the HTTP exchange engine: per-connection bytes in, exchanges with LLM fields out.
 //! - [`gpu`]: NVIDIA GPUs through NVML, loaded at run time; absent drivers are normal.
 //! - [`sim`]: `observer sim`, a simulated Ollama upstream speaking Ollama's real wire format.
 //! - [`trace`]: `observer trace`, the capture's events as JSON lines, for debugging the kernel side.
@@ -18,6 +19,7 @@
 pub mod capture;
 pub mod check;
 pub mod cli;
+pub mod engine;
 pub mod gpu;
 pub mod sim;
 pub mod trace;
