@@ -1,6 +1,277 @@
 //! The HTTP exchange engine (SPEC §4): ordered byte events of each connection in, finished
-//! [`Exchange`]s out. It knows nothing about where the bytes came from (eBPF or the proxy).
+//! [`Exchange`]s out. It knows nothing about where the bytes came from (eBPF or the proxy)
+//! and nothing about metrics.
+//!
+//! - [`http`]: framing of one direction (heads, bodies, gaps, resynchronisation).
+//! - `conn`: one connection: requests paired with responses, pipelining.
+//! - `llm`: model, stream flag, tokens and chunk timing from the bodies.
+//! - [`correlate`]: gateway exchanges paired with the upstream exchanges they caused.
+//!
+//! Memory is bounded: connections (`max_conns`, the least recently active is evicted), a
+//! head buffer per direction, [`conn::MAX_PIPELINE`] waiting requests, one line buffer per
+//! response. Every limit hit is counted in [`Engine::errors`].
 
+mod conn;
+pub mod correlate;
 mod exchange;
+pub mod http;
+mod llm;
 
+use std::collections::HashMap;
+
+pub use conn::MAX_PIPELINE;
 pub use exchange::{ConnMeta, Exchange, LlmFields, MAX_PATH, Method, Outcome, Timestamps};
+
+use crate::capture::{Role, decode::Direction};
+use conn::{Conn, Output};
+
+/// Why bytes could not be read as planned. Counted per role; the label of
+/// `http_parse_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorReason {
+    /// A connection first seen in the middle of a message: bytes skipped to the next one.
+    MidStream,
+    /// Bytes that are not an HTTP head where one was due (garbage, another protocol).
+    BadHead,
+    /// A head longer than the buffer or with too many headers.
+    HeadTooLarge,
+    /// Capture left a gap inside a head: its first lines were used, framing fell back.
+    TruncatedHead,
+    /// A malformed chunk size or chunk end.
+    BadChunk,
+    /// A gap hid framing bytes: the message end was inferred.
+    FramingFallback,
+    /// A response with no request waiting for it.
+    UnmatchedResponse,
+    /// More pipelined requests than [`MAX_PIPELINE`].
+    PipelineOverflow,
+    /// More connections than the engine keeps: the least recently active was dropped.
+    ConnLimit,
+}
+
+impl ErrorReason {
+    pub const COUNT: usize = 9;
+    pub const ALL: [ErrorReason; ErrorReason::COUNT] = [
+        ErrorReason::MidStream,
+        ErrorReason::BadHead,
+        ErrorReason::HeadTooLarge,
+        ErrorReason::TruncatedHead,
+        ErrorReason::BadChunk,
+        ErrorReason::FramingFallback,
+        ErrorReason::UnmatchedResponse,
+        ErrorReason::PipelineOverflow,
+        ErrorReason::ConnLimit,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorReason::MidStream => "mid_stream",
+            ErrorReason::BadHead => "bad_head",
+            ErrorReason::HeadTooLarge => "head_too_large",
+            ErrorReason::TruncatedHead => "truncated_head",
+            ErrorReason::BadChunk => "bad_chunk",
+            ErrorReason::FramingFallback => "framing_fallback",
+            ErrorReason::UnmatchedResponse => "unmatched_response",
+            ErrorReason::PipelineOverflow => "pipeline_overflow",
+            ErrorReason::ConnLimit => "conn_limit",
+        }
+    }
+
+    /// Whether the message it happened in is no longer framed exactly.
+    fn loses_framing(self) -> bool {
+        matches!(
+            self,
+            ErrorReason::TruncatedHead | ErrorReason::BadChunk | ErrorReason::FramingFallback
+        )
+    }
+}
+
+/// Errors so far, by role and reason.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ErrorCounts {
+    counts: [[u64; ErrorReason::COUNT]; 2],
+}
+
+impl ErrorCounts {
+    pub fn get(&self, role: Role, reason: ErrorReason) -> u64 {
+        self.counts[role_index(role)][reason as usize]
+    }
+
+    /// Every non-zero count.
+    pub fn iter(&self) -> impl Iterator<Item = (Role, ErrorReason, u64)> + '_ {
+        [Role::Gateway, Role::Upstream]
+            .into_iter()
+            .flat_map(move |role| {
+                ErrorReason::ALL
+                    .into_iter()
+                    .map(move |reason| (role, reason, self.get(role, reason)))
+                    .filter(|&(_, _, n)| n > 0)
+            })
+    }
+
+    pub fn total(&self) -> u64 {
+        self.counts.iter().flatten().sum()
+    }
+}
+
+fn role_index(role: Role) -> usize {
+    match role {
+        Role::Gateway => 0,
+        Role::Upstream => 1,
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct EngineConfig {
+    /// Connections kept at once.
+    pub max_conns: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { max_conns: 65_536 }
+    }
+}
+
+/// Connections by id, and what they produced since the last drain.
+pub struct Engine {
+    config: EngineConfig,
+    conns: HashMap<u64, Conn>,
+    finished: Vec<Exchange>,
+    errors: ErrorCounts,
+    /// Requests in flight by role and side.
+    in_flight: [[usize; 2]; 2],
+}
+
+impl Engine {
+    pub fn new(config: EngineConfig) -> Engine {
+        Engine {
+            config,
+            conns: HashMap::new(),
+            finished: Vec::new(),
+            errors: ErrorCounts::default(),
+            in_flight: [[0; 2]; 2],
+        }
+    }
+
+    /// A connection was opened (`mid_stream`: found already open, e.g. seeded from /proc).
+    /// A connection id seen again replaces the old one, which is closed first.
+    pub fn open(&mut self, meta: ConnMeta, ts: u64, mid_stream: bool) {
+        if self.conns.contains_key(&meta.conn_id) {
+            self.close(meta.conn_id);
+        }
+        self.insert(meta, ts, mid_stream);
+    }
+
+    /// Bytes of one send or receive: `len` moved, `head` and `tail` captured.
+    pub fn data(
+        &mut self,
+        meta: ConnMeta,
+        direction: Direction,
+        ts: u64,
+        len: u64,
+        head: &[u8],
+        tail: &[u8],
+    ) {
+        if !self.conns.contains_key(&meta.conn_id) {
+            // Its open was missed (before the daemon, or lost): pick it up mid-stream.
+            self.insert(meta, ts, true);
+        }
+        let Some(conn) = self.conns.get_mut(&meta.conn_id) else {
+            return;
+        };
+        let before = conn.in_flight();
+        let errors = &mut self.errors.counts[role_index(conn.meta.role)];
+        conn.segment(
+            direction,
+            ts,
+            len,
+            head,
+            tail,
+            Output {
+                exchanges: &mut self.finished,
+                errors,
+            },
+        );
+        let after = conn.in_flight();
+        let slot = &mut self.in_flight[role_index(conn.meta.role)][side_index(conn.meta)];
+        *slot = (*slot + after).saturating_sub(before);
+    }
+
+    /// The connection closed; exchanges still open end as aborted.
+    pub fn close(&mut self, conn_id: u64) {
+        self.remove(conn_id, Outcome::Aborted);
+    }
+
+    fn remove(&mut self, conn_id: u64, outcome: Outcome) {
+        let Some(conn) = self.conns.remove(&conn_id) else {
+            return;
+        };
+        let slot = &mut self.in_flight[role_index(conn.meta.role)][side_index(conn.meta)];
+        *slot = slot.saturating_sub(conn.in_flight());
+        let errors = &mut self.errors.counts[role_index(conn.meta.role)];
+        conn.close(
+            outcome,
+            Output {
+                exchanges: &mut self.finished,
+                errors,
+            },
+        );
+    }
+
+    fn insert(&mut self, meta: ConnMeta, ts: u64, mid_stream: bool) {
+        if self.conns.len() >= self.config.max_conns {
+            let oldest = self
+                .conns
+                .values()
+                .min_by_key(|conn| conn.last_ts)
+                .map(|conn| (conn.meta.conn_id, conn.meta.role));
+            if let Some((id, role)) = oldest {
+                self.errors.counts[role_index(role)][ErrorReason::ConnLimit as usize] += 1;
+                self.remove(id, Outcome::Evicted);
+            }
+        }
+        self.conns
+            .insert(meta.conn_id, Conn::new(meta, ts, mid_stream));
+    }
+
+    /// Exchanges finished since the last call, in the order they finished.
+    pub fn drain_finished(&mut self) -> std::vec::Drain<'_, Exchange> {
+        self.finished.drain(..)
+    }
+
+    pub fn errors(&self) -> &ErrorCounts {
+        &self.errors
+    }
+
+    /// Requests seen whose responses have not finished, on connections of this role and side.
+    pub fn in_flight(&self, role: Role, side: crate::capture::decode::Side) -> usize {
+        self.in_flight[role_index(role)][match side {
+            crate::capture::decode::Side::Server => 0,
+            crate::capture::decode::Side::Client => 1,
+        }]
+    }
+
+    /// Connections kept.
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Ends every connection (daemon shutdown): open exchanges come out as evicted.
+    pub fn close_all(&mut self) {
+        let ids: Vec<u64> = self.conns.keys().copied().collect();
+        for id in ids {
+            self.remove(id, Outcome::Evicted);
+        }
+    }
+}
+
+fn side_index(meta: ConnMeta) -> usize {
+    match meta.side {
+        crate::capture::decode::Side::Server => 0,
+        crate::capture::decode::Side::Client => 1,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,269 @@
+//! Gateway ↔ upstream correlation (SPEC §4): a gateway exchange (the gateway's server side) is
+//! paired with the upstream exchange (the gateway's client side of an upstream connection)
+//! that the same gateway process sent while the gateway exchange was open. The gateway adds
+//! `gateway duration − upstream duration` to a request, and `gateway TTFB − upstream TTFB` to
+//! its first byte.
+//!
+//! Exchanges arrive in the order they finish, and an upstream exchange finishes before the
+//! gateway exchange that relays it; a gateway exchange still waits up to [`GATEWAY_WAIT_NS`]
+//! for its upstream exchange. Upstream exchanges nobody claims within [`UPSTREAM_KEEP_NS`] are
+//! counted unmatched, as are gateway exchanges that find none. Bounded: at most
+//! [`MAX_WAITING`] exchanges wait on each side.
+
+use std::collections::VecDeque;
+
+use super::exchange::Exchange;
+use crate::capture::{Role, decode::Side};
+
+/// How long a finished gateway exchange waits for its upstream exchange.
+pub const GATEWAY_WAIT_NS: u64 = 1_000_000_000;
+/// How long a finished upstream exchange waits to be claimed.
+pub const UPSTREAM_KEEP_NS: u64 = 5_000_000_000;
+/// Exchanges waiting on each side; the oldest is counted unmatched beyond it.
+pub const MAX_WAITING: usize = 4096;
+
+/// The times of an exchange that correlation needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Span {
+    tgid: u32,
+    path: String,
+    request_first: u64,
+    request_last: u64,
+    response_first: u64,
+    response_last: u64,
+}
+
+impl Span {
+    fn of(ex: &Exchange) -> Option<Span> {
+        Some(Span {
+            tgid: ex.conn.tgid,
+            path: ex.path.clone(),
+            request_first: ex.ts.request_first,
+            request_last: ex.ts.request_last,
+            response_first: ex.ts.response_first?,
+            response_last: ex.ts.response_last?,
+        })
+    }
+
+    fn contains(&self, inner: &Span) -> bool {
+        self.tgid == inner.tgid
+            && inner.request_first >= self.request_first
+            && inner.response_last <= self.response_last
+    }
+}
+
+/// What the gateway added to one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Overhead {
+    /// The gateway exchange's path (for the route label).
+    pub path: String,
+    pub overhead_s: f64,
+    pub first_byte_overhead_s: f64,
+}
+
+/// Results of one [`Correlator::resolve`].
+#[derive(Debug, Default, PartialEq)]
+pub struct Resolved {
+    pub overheads: Vec<Overhead>,
+    pub unmatched_gateway: u64,
+    pub unmatched_upstream: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Correlator {
+    gateway: VecDeque<Span>,
+    upstream: VecDeque<Span>,
+    unmatched_gateway: u64,
+    unmatched_upstream: u64,
+}
+
+impl Correlator {
+    pub fn new() -> Correlator {
+        Correlator::default()
+    }
+
+    /// Takes note of a finished exchange if it is one correlation uses: a gateway's server
+    /// side, or an upstream client side. Exchanges without a response are not correlated.
+    pub fn add(&mut self, ex: &Exchange) {
+        let queue = match (ex.conn.role, ex.conn.side) {
+            (Role::Gateway, Side::Server) => &mut self.gateway,
+            (Role::Upstream, Side::Client) => &mut self.upstream,
+            _ => return,
+        };
+        let Some(span) = Span::of(ex) else {
+            if ex.conn.role == Role::Gateway {
+                self.unmatched_gateway += 1;
+            }
+            return;
+        };
+        if queue.len() >= MAX_WAITING {
+            queue.pop_front();
+            match ex.conn.role {
+                Role::Gateway => self.unmatched_gateway += 1,
+                Role::Upstream => self.unmatched_upstream += 1,
+            }
+        }
+        queue.push_back(span);
+    }
+
+    /// Pairs what can be paired; `now_ns` (the capture clock) expires what waited too long.
+    pub fn resolve(&mut self, now_ns: u64) -> Resolved {
+        let mut overheads = Vec::new();
+        let mut waiting = VecDeque::with_capacity(self.gateway.len());
+        while let Some(gateway) = self.gateway.pop_front() {
+            match self.claim(&gateway) {
+                Some(upstream) => overheads.push(overhead(&gateway, &upstream)),
+                None if now_ns.saturating_sub(gateway.response_last) > GATEWAY_WAIT_NS => {
+                    self.unmatched_gateway += 1;
+                }
+                None => waiting.push_back(gateway),
+            }
+        }
+        self.gateway = waiting;
+        while let Some(front) = self.upstream.front() {
+            if now_ns.saturating_sub(front.response_last) <= UPSTREAM_KEEP_NS {
+                break;
+            }
+            self.upstream.pop_front();
+            self.unmatched_upstream += 1;
+        }
+        Resolved {
+            overheads,
+            unmatched_gateway: std::mem::take(&mut self.unmatched_gateway),
+            unmatched_upstream: std::mem::take(&mut self.unmatched_upstream),
+        }
+    }
+
+    /// The upstream exchange a gateway exchange relayed: of those it contains, the same path
+    /// first, then the one that ended last (a retry's final attempt).
+    fn claim(&mut self, gateway: &Span) -> Option<Span> {
+        let best = self
+            .upstream
+            .iter()
+            .enumerate()
+            .filter(|(_, up)| gateway.contains(up))
+            .max_by_key(|(_, up)| (up.path == gateway.path, up.response_last))
+            .map(|(at, _)| at)?;
+        self.upstream.remove(best)
+    }
+
+    /// Exchanges waiting (gateway, upstream).
+    pub fn waiting(&self) -> (usize, usize) {
+        (self.gateway.len(), self.upstream.len())
+    }
+}
+
+fn overhead(gateway: &Span, upstream: &Span) -> Overhead {
+    let duration = |s: &Span| s.response_last.saturating_sub(s.request_first) as i128;
+    let ttfb = |s: &Span| s.response_first.saturating_sub(s.request_last) as i128;
+    let seconds = |ns: i128| ns.max(0) as f64 / 1e9;
+    Overhead {
+        path: gateway.path.clone(),
+        overhead_s: seconds(duration(gateway) - duration(upstream)),
+        first_byte_overhead_s: seconds(ttfb(gateway) - ttfb(upstream)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{ConnMeta, LlmFields, Method, Outcome, Timestamps};
+
+    fn exchange(role: Role, side: Side, tgid: u32, times: [u64; 4]) -> Exchange {
+        Exchange {
+            conn: ConnMeta {
+                conn_id: 1,
+                role,
+                side,
+                port: 1,
+                tgid,
+            },
+            method: Method::Post,
+            path: "/api/chat".into(),
+            status: Some(200),
+            ts: Timestamps {
+                request_first: times[0],
+                request_last: times[1],
+                response_first: Some(times[2]),
+                first_chunk: None,
+                response_last: Some(times[3]),
+            },
+            request_body_bytes: 0,
+            response_body_bytes: 0,
+            outcome: Outcome::Complete,
+            exact: true,
+            llm: LlmFields::default(),
+        }
+    }
+
+    #[test]
+    fn pairs_a_gateway_exchange_with_the_upstream_exchange_inside_it() {
+        let mut c = Correlator::new();
+        c.add(&exchange(
+            Role::Upstream,
+            Side::Client,
+            7,
+            [110, 120, 300, 900],
+        ));
+        c.add(&exchange(
+            Role::Gateway,
+            Side::Server,
+            7,
+            [100, 105, 310, 950],
+        ));
+        let r = c.resolve(1000);
+        assert_eq!(r.overheads.len(), 1);
+        let o = &r.overheads[0];
+        // (950-100) - (900-110) = 60 ns; (310-105) - (300-120) = 25 ns.
+        assert!((o.overhead_s - 60e-9).abs() < 1e-15, "{o:?}");
+        assert!((o.first_byte_overhead_s - 25e-9).abs() < 1e-15, "{o:?}");
+        assert_eq!((r.unmatched_gateway, r.unmatched_upstream), (0, 0));
+        assert_eq!(c.waiting(), (0, 0));
+    }
+
+    #[test]
+    fn concurrent_exchanges_of_one_worker_pair_by_containment() {
+        let mut c = Correlator::new();
+        // B [10,50] nested in A [0,100]; B finishes first.
+        c.add(&exchange(Role::Upstream, Side::Client, 7, [11, 12, 20, 49]));
+        c.add(&exchange(Role::Gateway, Side::Server, 7, [10, 11, 21, 50]));
+        c.add(&exchange(Role::Upstream, Side::Client, 7, [1, 2, 30, 99]));
+        c.add(&exchange(Role::Gateway, Side::Server, 7, [0, 1, 31, 100]));
+        let r = c.resolve(100);
+        let got: Vec<f64> = r.overheads.iter().map(|o| o.overhead_s * 1e9).collect();
+        assert_eq!(got.len(), 2);
+        assert!(
+            (got[0] - 2.0).abs() < 1e-6 && (got[1] - 2.0).abs() < 1e-6,
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn other_processes_and_late_arrivals() {
+        let mut c = Correlator::new();
+        c.add(&exchange(Role::Gateway, Side::Server, 7, [0, 1, 2, 100]));
+        // Another process's upstream exchange is not this gateway's.
+        c.add(&exchange(Role::Upstream, Side::Client, 8, [10, 11, 20, 90]));
+        let r = c.resolve(200);
+        assert!(r.overheads.is_empty());
+        assert_eq!(c.waiting(), (1, 1));
+        // The right one arrives late but within the wait.
+        c.add(&exchange(Role::Upstream, Side::Client, 7, [10, 11, 20, 90]));
+        let r = c.resolve(300);
+        assert_eq!(r.overheads.len(), 1);
+        // The stranger expires unclaimed.
+        let r = c.resolve(90 + UPSTREAM_KEEP_NS + 1);
+        assert_eq!((r.unmatched_gateway, r.unmatched_upstream), (0, 1));
+    }
+
+    #[test]
+    fn a_gateway_exchange_with_no_upstream_is_unmatched_after_the_wait() {
+        let mut c = Correlator::new();
+        c.add(&exchange(Role::Gateway, Side::Server, 7, [0, 1, 2, 100]));
+        assert_eq!(c.resolve(100 + GATEWAY_WAIT_NS).unmatched_gateway, 0);
+        assert_eq!(c.resolve(101 + GATEWAY_WAIT_NS).unmatched_gateway, 1);
+        // Server-side upstream exchanges (the model server's view) are not correlated.
+        c.add(&exchange(Role::Upstream, Side::Server, 7, [0, 1, 2, 100]));
+        assert_eq!(c.waiting(), (0, 0));
+    }
+}
