@@ -17,6 +17,7 @@ use crate::capture::{
     endpoints::EndpointBook,
     reader::{self, EventReader},
 };
+use crate::engine::{ConnMeta, Engine, EngineConfig, Exchange};
 
 /// Flags that size and aim the kernel capture; `observer trace` and `observer run` share them.
 #[derive(Debug, Clone, clap::Args)]
@@ -66,6 +67,9 @@ pub struct TraceArgs {
     /// Bytes of each data event's head shown (escaped) in `preview`.
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub preview_bytes: usize,
+    /// Print finished HTTP exchanges (from the engine) instead of raw events.
+    #[arg(long)]
+    pub exchanges: bool,
 }
 
 /// How often the connections of exited processes are looked for.
@@ -100,6 +104,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
 
     let mut out = io::BufWriter::new(io::stdout().lock());
     let mut printed = 0u64;
+    let mut engine = args.exchanges.then(|| Engine::new(EngineConfig::default()));
     let mut batch = Vec::new();
     let mut sweep =
         tokio::time::interval_at(tokio::time::Instant::now() + SWEEP_INTERVAL, SWEEP_INTERVAL);
@@ -109,6 +114,10 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
     let stdout_open = 'trace: {
         for conn in capture.seeded() {
             endpoints.remember(conn);
+            if let Some(engine) = &mut engine {
+                engine.open(conn_meta(conn), conn.ts_ns, true);
+                continue;
+            }
             if !write_line(&mut out, &conn_line("open", conn, &clock))? {
                 break 'trace false;
             }
@@ -130,6 +139,17 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
                 }
             }
             endpoints.complete(&mut batch);
+            if let Some(engine) = &mut engine {
+                for event in batch.drain(..) {
+                    feed_engine(engine, &event);
+                }
+                for exchange in engine.drain_finished() {
+                    if !write_line(&mut out, &ExchangeLine::new(&exchange, &clock))? {
+                        break 'trace false;
+                    }
+                    printed += 1;
+                }
+            }
             for event in batch.drain(..) {
                 if !write_line(&mut out, &event_line(&event, &clock, args.preview_bytes))? {
                     break 'trace false;
@@ -152,12 +172,17 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
         task.abort();
     }
     let decode_errors: u64 = events.decode_errors().values().sum();
-    eprintln!("{}", summary(printed, &counters, decode_errors));
+    let what = if args.exchanges {
+        "exchanges"
+    } else {
+        "events"
+    };
+    eprintln!("{}", summary(printed, what, &counters, decode_errors));
     Ok(ExitCode::SUCCESS)
 }
 
 /// Writes one line; `false` when the reader of stdout has gone away (a closed pipe).
-fn write_line(out: &mut impl io::Write, line: &TraceLine<'_>) -> anyhow::Result<bool> {
+fn write_line(out: &mut impl io::Write, line: &impl serde::Serialize) -> anyhow::Result<bool> {
     let written = serde_json::to_writer(&mut *out, line)
         .map_err(io::Error::from)
         .and_then(|()| out.write_all(b"\n"));
@@ -186,9 +211,9 @@ pub fn watch_list(watch: &[WatchedPort]) -> String {
 }
 
 /// The last line on stderr: how much was shown and what the kernel side could not report.
-pub fn summary(printed: u64, counters: &KernelCounters, decode_errors: u64) -> String {
+pub fn summary(printed: u64, what: &str, counters: &KernelCounters, decode_errors: u64) -> String {
     format!(
-        "observer trace: stopped; {printed} events printed; lost {} data and {} connection events, \
+        "observer trace: stopped; {printed} {what} printed; lost {} data and {} connection events, \
          connection table full {} times, listener table full {} times, \
          {} failed user-memory reads, {decode_errors} decode errors",
         counters.lost_data,
@@ -197,6 +222,60 @@ pub fn summary(printed: u64, counters: &KernelCounters, decode_errors: u64) -> S
         counters.listeners_full,
         counters.read_user_failed
     )
+}
+
+/// The engine's view of a capture event's connection.
+pub fn conn_meta(conn: &ConnRecord) -> ConnMeta {
+    ConnMeta {
+        conn_id: conn.conn_id,
+        role: conn.role,
+        side: conn.side,
+        port: conn.port,
+        tgid: conn.tgid,
+    }
+}
+
+fn feed_engine(engine: &mut Engine, event: &Event) {
+    match event {
+        Event::Data(d) => {
+            let meta = ConnMeta {
+                conn_id: d.conn_id,
+                role: d.role,
+                side: d.side,
+                port: d.port,
+                tgid: d.tgid,
+            };
+            engine.data(meta, d.direction, d.ts_ns, d.len, &d.head, &d.tail);
+        }
+        Event::Open(c) => engine.open(conn_meta(c), c.ts_ns, c.seeded),
+        Event::Close(c) => engine.close(c.conn_id),
+    }
+}
+
+/// One line of `--exchanges`: a finished exchange, its wall-clock start and its derived
+/// durations in seconds.
+#[derive(Debug, serde::Serialize)]
+pub struct ExchangeLine<'a> {
+    /// Wall-clock time of the request's first byte.
+    pub time: String,
+    pub duration_s: Option<f64>,
+    pub time_to_first_byte_s: Option<f64>,
+    pub time_to_first_chunk_s: Option<f64>,
+    #[serde(flatten)]
+    pub exchange: &'a Exchange,
+}
+
+impl<'a> ExchangeLine<'a> {
+    pub fn new(exchange: &'a Exchange, clock: &ClockOffset) -> ExchangeLine<'a> {
+        let seconds = |ns: Option<u64>| ns.map(|ns| ns as f64 / 1e9);
+        ExchangeLine {
+            time: rfc3339_nanos(clock.wall_ns(exchange.ts.request_first)),
+            duration_s: seconds(exchange.ts.duration_ns()),
+            time_to_first_byte_s: seconds(exchange.ts.time_to_first_byte_ns()),
+            time_to_first_chunk_s: seconds(exchange.ts.time_to_first_chunk_ns()),
+            exchange,
+        }
+    }
 }
 
 /// One line of output: the fields every event has, in this order, then those of its kind.
@@ -589,7 +668,7 @@ mod tests {
             listeners_full: 6,
             read_user_failed: 4,
         };
-        let line = summary(10, &counters, 5);
+        let line = summary(10, "events", &counters, 5);
         assert_eq!(
             line,
             "observer trace: stopped; 10 events printed; lost 3 data and 1 connection events, \

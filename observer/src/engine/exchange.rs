@@ -16,7 +16,7 @@ pub struct ConnMeta {
 }
 
 /// A request method; anything else is `Other` (bounded label values).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Method {
     Get,
     Head,
@@ -59,6 +59,12 @@ impl Method {
             Method::Trace => "TRACE",
             Method::Other => "other",
         }
+    }
+}
+
+impl serde::Serialize for Method {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
     }
 }
 
