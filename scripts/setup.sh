@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Installs, idempotently, everything this project needs on a fresh Debian 12 machine of the
-# `rust` kind: Debian's LLVM 22 and bpftool, rust-src for nightly, bpf-linker 0.13 built against
-# LLVM 22, nginx (a real gateway for the capture tests), and a Python virtualenv with the real Ollama and OpenAI clients used by the tests.
+# `rust` kind: Debian's LLVM 22, bpftool and prometheus (for promtool), rust-src for nightly,
+# bpf-linker 0.13 built against LLVM 22, nginx (a real gateway for the capture tests), and a Python virtualenv with the real Ollama and OpenAI clients used by the tests.
 # A second run with everything present finishes in seconds. Needs root (apt-get).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/env.sh
 
 BPF_LINKER_VERSION=0.13.0
-APT_PACKAGES=(llvm-22-dev bpftool nginx-light curl)
+APT_PACKAGES=(llvm-22-dev bpftool nginx-light curl prometheus)
 
 say() { printf 'setup: %s\n' "$*"; }
 

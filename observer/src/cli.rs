@@ -9,7 +9,7 @@ use std::{io::IsTerminal as _, process::ExitCode};
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
-use crate::{check, sim, trace};
+use crate::{check, run, sim, trace};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -34,7 +34,9 @@ pub enum Command {
     Check(check::CheckArgs),
     /// Run a simulated Ollama upstream (real wire format, configurable timing and faults).
     Sim(sim::SimArgs),
-    /// Print the kernel capture's events as JSON lines until interrupted (root).
+    /// Run the daemon: kernel capture → HTTP exchanges → Prometheus metrics on the admin server (root).
+    Run(run::RunArgs),
+    /// Print the kernel capture's events (or, with --exchanges, HTTP exchanges) as JSON lines until interrupted (root).
     Trace(trace::TraceArgs),
 }
 
@@ -68,6 +70,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Check(args) => check::run(args).await,
             Command::Sim(args) => sim::run(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Run(args) => run::run(args).await,
             Command::Trace(args) => trace::run(args).await,
         }
     });

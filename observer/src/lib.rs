@@ -6,21 +6,29 @@
 //!
 //! # Layout
 //!
+//! - [`admin`]: the admin HTTP listener: `/metrics`, `/healthz`, `/readyz`, `/status`.
 //! - [`cli`]: command line, logging set-up, dispatch to the subcommands.
 //! - [`capture`]: load and attach the embedded kernel programs, read and decode the ring buffer.
 //! - [`check`]: `observer check`, what this host supports and which mode will work.
 //! - [`engine`]: the HTTP exchange engine: per-connection bytes in, exchanges with LLM fields out.
 //! - [`gpu`]: NVIDIA GPUs through NVML, loaded at run time; absent drivers are normal.
+//! - [`metrics`]: one `Metrics` owning the Prometheus registry; exchanges in, exposition out.
+//! - [`pipeline`]: capture events → engine → metrics and gateway correlation; counts each exchange once.
+//! - [`run`]: `observer run`, the daemon: capture, pipeline and admin server wired together.
 //! - [`sim`]: `observer sim`, a simulated Ollama upstream speaking Ollama's real wire format.
 //! - [`trace`]: `observer trace`, the capture's events as JSON lines, for debugging the kernel side.
 //! - [`wallclock`]: instants as text (RFC 3339, HTTP dates), one calendar conversion.
 //! - [`tracefs`]: find or mount tracefs and list tracepoints.
 
+pub mod admin;
 pub mod capture;
 pub mod check;
 pub mod cli;
 pub mod engine;
 pub mod gpu;
+pub mod metrics;
+pub mod pipeline;
+pub mod run;
 pub mod sim;
 pub mod trace;
 pub mod tracefs;

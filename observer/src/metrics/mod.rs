@@ -1,0 +1,299 @@
+//! The daemon's Prometheus metrics (SPEC §5): one [`Metrics`] owning a custom registry (no
+//! global one), fed with exchanges and counts by the pipeline, encoded for `/metrics`.
+//!
+//! Owns the mapping from an [`Exchange`] to observations: which families, which label values,
+//! which units. Label values come from bounded sets (`labels`); the only payload text that
+//! becomes a label is a model name, capped at 32 distinct values. Nothing here parses traffic
+//! or decides what an exchange is; it must not log or label request paths, prompts or bodies.
+
+pub mod families;
+pub mod labels;
+pub mod openmetrics;
+
+#[cfg(test)]
+mod tests;
+
+use anyhow::Context as _;
+use prometheus::{Encoder as _, Registry, TextEncoder, process_collector::ProcessCollector};
+
+pub use self::openmetrics::ExpositionFormat;
+use self::{
+    families::Families,
+    labels::{ModelLabels, NONE, Routes},
+};
+use crate::{
+    capture::{Role, decode::Direction},
+    engine::Exchange,
+};
+
+/// What the metrics are named and labelled with.
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    /// Family names are `{prefix}_{family}`; empty for no prefix.
+    pub prefix: String,
+    /// `--route` additions to the known routes.
+    pub extra_routes: Vec<String>,
+    /// `ebpf` or `proxy`, for `build_info`.
+    pub mode: &'static str,
+    /// Whose exchanges feed the role-less `llm_*` histograms: the upstream when an upstream port
+    /// is watched, so that one generation seen by gateway and upstream is observed once.
+    pub llm_role: Role,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            prefix: "observer".into(),
+            extra_routes: Vec::new(),
+            mode: "ebpf",
+            llm_role: Role::Upstream,
+        }
+    }
+}
+
+/// Every metric the daemon exports, and the registry they are exported from.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    families: Families,
+    routes: Routes,
+    models: ModelLabels,
+    llm_role: Role,
+}
+
+fn seconds(ns: u64) -> f64 {
+    ns as f64 / 1e9
+}
+
+impl Metrics {
+    pub fn new(config: MetricsConfig) -> anyhow::Result<Metrics> {
+        labels::validate_prefix(&config.prefix)?;
+        let routes = Routes::new(config.extra_routes).context("invalid --route")?;
+        let registry = Registry::new();
+        let families = Families::register(&registry, &config.prefix)
+            .context("registering the metric families")?;
+        registry
+            .register(Box::new(ProcessCollector::for_self()))
+            .context("registering the process collector")?;
+        families
+            .build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), config.mode])
+            .set(1);
+        Ok(Metrics {
+            registry,
+            families,
+            routes,
+            models: ModelLabels::default(),
+            llm_role: config.llm_role,
+        })
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The `route` label of a request path: a known route, an extra route, or `other`.
+    pub fn route(&self, path: &str) -> &str {
+        self.routes.route(path)
+    }
+
+    /// Records one finished exchange: the `http_*` families, and the `llm_*` families when the
+    /// request named a model.
+    pub fn observe_exchange(&self, ex: &Exchange) {
+        let f = &self.families;
+        let role = ex.conn.role.as_str();
+        let method = ex.method.as_str();
+        let route = self.routes.route(&ex.path);
+        let code = labels::status_code(ex.status);
+        let port = ex.conn.port.to_string();
+        let model = self.models.label_or_none(ex.llm.model.as_deref());
+
+        f.http_requests
+            .with_label_values(&[role, &port, method, route, &code])
+            .inc();
+        if let Some(ns) = ex.ts.duration_ns() {
+            f.http_duration
+                .with_label_values(&[role, method, route, &code])
+                .observe(seconds(ns));
+        }
+        if let Some(ns) = ex.ts.time_to_first_byte_ns() {
+            f.http_first_byte
+                .with_label_values(&[role, route])
+                .observe(seconds(ns));
+        }
+        if let Some(ns) = ex.ts.time_to_first_chunk_ns() {
+            f.http_first_chunk
+                .with_label_values(&[role, route, model])
+                .observe(seconds(ns));
+        }
+        f.http_request_size
+            .with_label_values(&[role, route])
+            .observe(ex.request_body_bytes as f64);
+        f.http_response_size
+            .with_label_values(&[role, route])
+            .observe(ex.response_body_bytes as f64);
+
+        if model != NONE {
+            self.observe_llm(ex, model);
+        }
+    }
+
+    fn observe_llm(&self, ex: &Exchange, model: &str) {
+        let f = &self.families;
+        let llm = &ex.llm;
+        let role = ex.conn.role.as_str();
+        f.llm_requests
+            .with_label_values(&[role, model, labels::done_reason(llm)])
+            .inc();
+        if let Some(tokens) = llm.prompt_tokens {
+            f.llm_tokens
+                .with_label_values(&[role, model, "prompt"])
+                .inc_by(tokens);
+        }
+        if let Some(tokens) = llm.completion_tokens {
+            f.llm_tokens
+                .with_label_values(&[role, model, "completion"])
+                .inc_by(tokens);
+        }
+        if ex.conn.role != self.llm_role {
+            return;
+        }
+        if let Some(rate) = output_tokens_per_second(ex) {
+            f.llm_tokens_per_second
+                .with_label_values(&[model])
+                .observe(rate);
+        }
+        if let Some(ns) = llm.inter_chunk_ns(ex.ts.first_chunk) {
+            f.llm_inter_chunk
+                .with_label_values(&[model])
+                .observe(seconds(ns));
+        }
+        if let Some(ns) = llm.load_duration_ns.filter(|&ns| ns > 0) {
+            f.llm_load_duration
+                .with_label_values(&[model])
+                .observe(seconds(ns));
+        }
+    }
+
+    /// Records what the gateway added to one request; negative overheads (clock order, partial
+    /// captures) count as zero.
+    pub fn observe_gateway_overhead(
+        &self,
+        route_path: &str,
+        overhead_s: f64,
+        first_byte_overhead_s: Option<f64>,
+    ) {
+        let route = self.routes.route(route_path);
+        self.families
+            .gateway_overhead
+            .with_label_values(&[route])
+            .observe(overhead_s.max(0.0));
+        if let Some(overhead) = first_byte_overhead_s {
+            self.families
+                .gateway_first_byte_overhead
+                .with_label_values(&[route])
+                .observe(overhead.max(0.0));
+        }
+    }
+
+    /// Counts gateway or upstream exchanges the correlator could not pair.
+    pub fn count_unmatched(&self, role: Role, n: u64) {
+        self.families
+            .gateway_unmatched
+            .with_label_values(&[role.as_str()])
+            .inc_by(n);
+    }
+
+    pub fn set_in_flight(&self, role: Role, n: i64) {
+        self.families
+            .http_in_flight
+            .with_label_values(&[role.as_str()])
+            .set(n);
+    }
+
+    /// Counts an opened connection; `tcp_connections_active` is set separately from the
+    /// connection table ([`Metrics::set_connections_active`]), so it cannot drift.
+    pub fn connection_opened(&self, role: Role) {
+        self.families
+            .tcp_opened
+            .with_label_values(&[role.as_str()])
+            .inc();
+    }
+
+    /// Counts a closed connection (see [`Metrics::connection_opened`]).
+    pub fn connection_closed(&self, role: Role) {
+        self.families
+            .tcp_closed
+            .with_label_values(&[role.as_str()])
+            .inc();
+    }
+
+    pub fn set_connections_active(&self, role: Role, n: i64) {
+        self.families
+            .tcp_active
+            .with_label_values(&[role.as_str()])
+            .set(n);
+    }
+
+    pub fn add_bytes(&self, role: Role, direction: Direction, n: u64) {
+        let direction = match direction {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        };
+        self.families
+            .tcp_bytes
+            .with_label_values(&[role.as_str(), direction])
+            .inc_by(n);
+    }
+
+    pub fn add_parse_errors(&self, role: Role, reason: &'static str, n: u64) {
+        self.families
+            .http_parse_errors
+            .with_label_values(&[role.as_str(), reason])
+            .inc_by(n);
+    }
+
+    pub fn add_ebpf_events(&self, kind: &'static str, n: u64) {
+        self.families
+            .ebpf_events
+            .with_label_values(&[kind])
+            .inc_by(n);
+    }
+
+    pub fn add_ebpf_lost(&self, kind: &'static str, n: u64) {
+        self.families.ebpf_lost.with_label_values(&[kind]).inc_by(n);
+    }
+
+    /// The exposition in `format`, with its content type.
+    pub fn encode(&self, format: ExpositionFormat) -> (&'static str, Vec<u8>) {
+        let families = self.registry.gather();
+        let body = match format {
+            ExpositionFormat::OpenMetrics => openmetrics::encode(&families).into_bytes(),
+            ExpositionFormat::Text => {
+                let mut body = Vec::with_capacity(16 * 1024);
+                // Fails only for a family without samples or name, which gather() never returns.
+                if let Err(err) = TextEncoder::new().encode(&families, &mut body) {
+                    tracing::warn!(%err, "encoding metrics");
+                }
+                body
+            }
+        };
+        (format.content_type(), body)
+    }
+}
+
+/// Generation speed: the server's own eval timing when it reported one, else the completion
+/// tokens over the span from first chunk to the end of the response.
+fn output_tokens_per_second(ex: &Exchange) -> Option<f64> {
+    let llm = &ex.llm;
+    let tokens = llm.completion_tokens?;
+    if let Some(eval_ns) = llm.eval_duration_ns.filter(|&ns| ns > 0) {
+        return Some(tokens as f64 / seconds(eval_ns));
+    }
+    if tokens == 0 {
+        return None;
+    }
+    let end = ex.ts.response_last.or(llm.last_chunk_ns)?;
+    let span = end.checked_sub(ex.ts.first_chunk?).filter(|&ns| ns > 0)?;
+    Some(tokens as f64 / seconds(span))
+}

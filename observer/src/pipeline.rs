@@ -1,0 +1,244 @@
+//! The daemon's flow after the capture: connection events and byte segments into the
+//! [`Engine`], finished exchanges into [`Metrics`], gateway and upstream exchanges into the
+//! [`Correlator`]. Fed by `observer run` (eBPF events) and by the fallback proxy alike.
+//!
+//! It owns the rule that counts every exchange once (SPEC §3): where the listener of a port is
+//! on this host its server side is counted; the client side only where the server is remote.
+//! The client side still feeds correlation. It does no I/O.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use crate::capture::{
+    KernelCounters, Role,
+    decode::{Direction, Event, Side},
+};
+use crate::engine::{ConnMeta, Engine, EngineConfig, ErrorCounts, Exchange, correlate::Correlator};
+use crate::metrics::Metrics;
+
+/// Totals of what went through, for `/status` and logs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub events: u64,
+    pub exchanges: u64,
+    pub connections: usize,
+}
+
+pub struct Pipeline {
+    engine: Engine,
+    correlator: Correlator,
+    metrics: Arc<Metrics>,
+    /// Ports whose listener is on this host (their server side is counted).
+    local_ports: HashSet<u16>,
+    /// Roles with a local listener: their in-flight gauge follows the server side.
+    local_roles: [bool; 2],
+    /// Counted connections open now, for `tcp_connections_active`.
+    active: HashSet<u64>,
+    active_by_role: [i64; 2],
+    /// Engine errors already added to the metrics.
+    reported_errors: ErrorCounts,
+    reported_kernel: KernelCounters,
+    reported_undecodable: u64,
+    totals: Totals,
+}
+
+impl Pipeline {
+    pub fn new(metrics: Arc<Metrics>, config: EngineConfig) -> Pipeline {
+        Pipeline {
+            engine: Engine::new(config),
+            correlator: Correlator::new(),
+            metrics,
+            local_ports: HashSet::new(),
+            local_roles: [false; 2],
+            active: HashSet::new(),
+            active_by_role: [0; 2],
+            reported_errors: ErrorCounts::default(),
+            reported_kernel: KernelCounters::default(),
+            reported_undecodable: 0,
+            totals: Totals::default(),
+        }
+    }
+
+    /// A listener on `port` is on this host: its server side is the one counted.
+    pub fn mark_local(&mut self, port: u16, role: Role) {
+        self.local_ports.insert(port);
+        self.local_roles[role_index(role)] = true;
+    }
+
+    /// Whether exchanges and connections of this end are the ones counted.
+    pub fn counts(&self, meta: &ConnMeta) -> bool {
+        meta.side == Side::Server || !self.local_ports.contains(&meta.port)
+    }
+
+    pub fn on_event(&mut self, event: &Event) {
+        self.totals.events += 1;
+        match event {
+            Event::Data(d) => {
+                self.metrics.add_ebpf_events("data", 1);
+                let meta = ConnMeta {
+                    conn_id: d.conn_id,
+                    role: d.role,
+                    side: d.side,
+                    port: d.port,
+                    tgid: d.tgid,
+                };
+                self.on_data(meta, d.direction, d.ts_ns, d.len, &d.head, &d.tail);
+            }
+            Event::Open(c) => {
+                self.metrics.add_ebpf_events("open", 1);
+                let meta = ConnMeta {
+                    conn_id: c.conn_id,
+                    role: c.role,
+                    side: c.side,
+                    port: c.port,
+                    tgid: c.tgid,
+                };
+                self.on_open(meta, c.ts_ns, c.seeded);
+            }
+            Event::Close(c) => {
+                self.metrics.add_ebpf_events("close", 1);
+                self.on_close(c.conn_id, c.role);
+            }
+        }
+    }
+
+    /// A connection opened (`existing`: found already open, e.g. seeded from `/proc`).
+    pub fn on_open(&mut self, meta: ConnMeta, ts: u64, existing: bool) {
+        if meta.side == Side::Server {
+            self.mark_local(meta.port, meta.role);
+        }
+        self.engine.open(meta, ts, existing);
+        if self.counts(&meta) {
+            if !existing {
+                self.metrics.connection_opened(meta.role);
+            }
+            self.activate(meta);
+        }
+    }
+
+    pub fn on_data(
+        &mut self,
+        meta: ConnMeta,
+        direction: Direction,
+        ts: u64,
+        len: u64,
+        head: &[u8],
+        tail: &[u8],
+    ) {
+        if self.counts(&meta) {
+            self.metrics.add_bytes(meta.role, direction, len);
+            self.activate(meta);
+        }
+        self.engine.data(meta, direction, ts, len, head, tail);
+    }
+
+    pub fn on_close(&mut self, conn_id: u64, role: Role) {
+        self.engine.close(conn_id);
+        if self.active.remove(&conn_id) {
+            self.metrics.connection_closed(role);
+            self.active_by_role[role_index(role)] -= 1;
+            self.metrics
+                .set_connections_active(role, self.active_by_role[role_index(role)]);
+        }
+    }
+
+    fn activate(&mut self, meta: ConnMeta) {
+        if self.active.insert(meta.conn_id) {
+            self.active_by_role[role_index(meta.role)] += 1;
+            self.metrics
+                .set_connections_active(meta.role, self.active_by_role[role_index(meta.role)]);
+        }
+    }
+
+    /// After a batch of events: finished exchanges into metrics (and to `each`), correlation
+    /// up to `now_ns` (the capture clock), engine errors and in-flight gauges.
+    pub fn flush(&mut self, now_ns: u64, mut each: impl FnMut(&Exchange)) {
+        let finished: Vec<Exchange> = self.engine.drain_finished().collect();
+        for ex in &finished {
+            self.totals.exchanges += 1;
+            self.correlator.add(ex);
+            if self.counts(&ex.conn) {
+                self.metrics.observe_exchange(ex);
+            }
+            each(ex);
+        }
+        let resolved = self.correlator.resolve(now_ns);
+        for o in &resolved.overheads {
+            self.metrics.observe_gateway_overhead(
+                &o.path,
+                o.overhead_s,
+                Some(o.first_byte_overhead_s),
+            );
+        }
+        if resolved.unmatched_gateway > 0 {
+            self.metrics
+                .count_unmatched(Role::Gateway, resolved.unmatched_gateway);
+        }
+        if resolved.unmatched_upstream > 0 {
+            self.metrics
+                .count_unmatched(Role::Upstream, resolved.unmatched_upstream);
+        }
+        let errors = self.engine.errors().clone();
+        for (role, reason, n) in errors.iter() {
+            let new = n - self.reported_errors.get(role, reason);
+            if new > 0 {
+                self.metrics.add_parse_errors(role, reason.as_str(), new);
+            }
+        }
+        self.reported_errors = errors;
+        for role in [Role::Gateway, Role::Upstream] {
+            let side = if self.local_roles[role_index(role)] {
+                Side::Server
+            } else {
+                Side::Client
+            };
+            self.metrics
+                .set_in_flight(role, self.engine.in_flight(role, side) as i64);
+        }
+        self.totals.connections = self.engine.connections();
+    }
+
+    /// The kernel's loss counters (cumulative) into `ebpf_events_lost_total`, and decode
+    /// errors of the ring buffer reader (cumulative).
+    pub fn kernel_counters(&mut self, counters: &KernelCounters, undecodable: u64) {
+        let before = self.reported_kernel;
+        let pairs = [
+            ("data", counters.lost_data, before.lost_data),
+            ("conn", counters.lost_conn, before.lost_conn),
+            ("conn_table_full", counters.conns_full, before.conns_full),
+            (
+                "listener_table_full",
+                counters.listeners_full,
+                before.listeners_full,
+            ),
+            (
+                "read_failed",
+                counters.read_user_failed,
+                before.read_user_failed,
+            ),
+            ("undecodable", undecodable, self.reported_undecodable),
+        ];
+        for (kind, now, then) in pairs {
+            if now > then {
+                self.metrics.add_ebpf_lost(kind, now - then);
+            }
+        }
+        self.reported_kernel = *counters;
+        self.reported_undecodable = undecodable;
+    }
+
+    pub fn totals(&self) -> Totals {
+        self.totals
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+}
+
+fn role_index(role: Role) -> usize {
+    match role {
+        Role::Gateway => 0,
+        Role::Upstream => 1,
+    }
+}

@@ -1,0 +1,222 @@
+//! `observer run`: the production daemon. Starts the admin server, loads and attaches the
+//! kernel capture, seeds what is already open, then moves every ring buffer batch through the
+//! [`Pipeline`] (engine → metrics) until SIGINT or SIGTERM, when it detaches and exits 0.
+//!
+//! It owns the daemon's wiring and its periodic chores (sweeping the connections of exited
+//! processes, reading the kernel's loss counters); the work itself lives in the modules it
+//! calls. The admin server answers from the start (`/readyz` says 503 until the programs are
+//! attached and the pipeline runs).
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::admin::{self, AdminConfig, StatusBoard};
+use crate::capture::{
+    Capture, Role,
+    decode::Side,
+    reader::{self, EventReader},
+    seed,
+};
+use crate::engine::EngineConfig;
+use crate::metrics::{Metrics, MetricsConfig};
+use crate::pipeline::Pipeline;
+use crate::trace::{CaptureArgs, conn_meta, watch_list};
+
+/// Flags of the admin server and the metrics it serves; `observer proxy` shares them.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MetricsArgs {
+    /// Address of the admin server (`/metrics`, `/healthz`, `/readyz`, `/status`).
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "127.0.0.1:9464",
+        env = "OBSERVER_METRICS_ADDR"
+    )]
+    pub metrics_addr: SocketAddr,
+    /// A file holding a bearer token that `/metrics` then requires.
+    #[arg(long, value_name = "PATH", env = "OBSERVER_METRICS_TOKEN_FILE")]
+    pub metrics_token_file: Option<PathBuf>,
+    /// Prefix of every metric name.
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = "observer",
+        env = "OBSERVER_METRIC_PREFIX"
+    )]
+    pub metric_prefix: String,
+    /// A request path to keep as its own `route` label value (repeatable); others are `other`.
+    #[arg(long = "route", value_name = "PATH")]
+    pub routes: Vec<String>,
+}
+
+impl MetricsArgs {
+    pub fn metrics_config(
+        &self,
+        mode: &'static str,
+        watch: &[crate::capture::WatchedPort],
+    ) -> MetricsConfig {
+        let llm_role = if watch.iter().any(|w| w.role == Role::Upstream) {
+            Role::Upstream
+        } else {
+            Role::Gateway
+        };
+        MetricsConfig {
+            prefix: self.metric_prefix.clone(),
+            extra_routes: self.routes.clone(),
+            mode,
+            llm_role,
+        }
+    }
+
+    pub fn admin_config(&self) -> anyhow::Result<AdminConfig> {
+        let token = match &self.metrics_token_file {
+            Some(path) => Some(admin::read_token_file(path)?),
+            None => None,
+        };
+        Ok(AdminConfig { token })
+    }
+}
+
+/// Flags of `observer run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub capture: CaptureArgs,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
+}
+
+/// How often exited processes are swept and kernel counters read.
+const CHORE_INTERVAL: Duration = Duration::from_secs(1);
+
+pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+
+    let config = args.capture.to_config();
+    config.validate()?;
+    let metrics = Arc::new(Metrics::new(
+        args.metrics.metrics_config("ebpf", &config.watch),
+    )?);
+    let admin_config = args.metrics.admin_config()?;
+    let listener = tokio::net::TcpListener::bind(args.metrics.metrics_addr)
+        .await
+        .with_context(|| format!("binding the admin server to {}", args.metrics.metrics_addr))?;
+    let admin_addr = listener.local_addr()?;
+    let status = Arc::new(StatusBoard::new(
+        "ebpf",
+        config.watch.iter().map(|w| (w.port, w.role)).collect(),
+    ));
+    let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin_task = tokio::spawn(admin::serve(
+        listener,
+        metrics.clone(),
+        status.clone(),
+        admin_config,
+        async move {
+            let _ = admin_stopped.await;
+        },
+    ));
+
+    // Loading and verifying the programs takes seconds: off the async threads.
+    let mut capture = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || Capture::start(&config)).await??
+    };
+    let mut events = EventReader::new(capture.take_events()?)
+        .context("registering the ring buffer with the runtime")?;
+    let kernel_logs = match capture.take_logger() {
+        Some(logger) => Some(reader::forward_kernel_logs(logger)?),
+        None => None,
+    };
+
+    let mut pipeline = Pipeline::new(
+        metrics.clone(),
+        EngineConfig {
+            max_conns: config.max_conns as usize,
+        },
+    );
+    let ports: Vec<u16> = config.watch.iter().map(|w| w.port).collect();
+    for listener in seed::listeners(std::path::Path::new("/proc"), &ports).unwrap_or_default() {
+        if let Some(w) = config.watch.iter().find(|w| w.port == listener.addr.port()) {
+            pipeline.mark_local(w.port, w.role);
+        }
+    }
+    for conn in capture.seeded() {
+        if conn.side == Side::Server {
+            pipeline.mark_local(conn.port, conn.role);
+        }
+    }
+    for conn in capture.seeded() {
+        pipeline.on_open(conn_meta(conn), conn.ts_ns, true);
+    }
+    pipeline.flush(seed::monotonic_ns(), |_| {});
+    status.set_programs_attached(capture.attached().len());
+    status.set_ready(true);
+    tracing::info!(
+        "observer run: watching {} ({} programs attached, {} connections seeded); metrics on http://{admin_addr}/metrics",
+        watch_list(&config.watch),
+        capture.attached().len(),
+        capture.seeded().len()
+    );
+
+    let mut batch = Vec::new();
+    let mut reported = crate::pipeline::Totals::default();
+    let mut chores = tokio::time::interval(CHORE_INTERVAL);
+    chores.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let result: anyhow::Result<()> = loop {
+        tokio::select! {
+            _ = interrupt.recv() => break Ok(()),
+            _ = terminate.recv() => break Ok(()),
+            read = events.read_batch(&mut batch) => {
+                if let Err(err) = read {
+                    break Err(err).context("reading the ring buffer");
+                }
+            }
+            _ = chores.tick() => {
+                match capture.sweep_exited() {
+                    Ok(closed) => batch.extend(closed.into_iter().map(crate::capture::decode::Event::Close)),
+                    Err(err) => tracing::warn!("sweeping connections of exited processes: {err:#}"),
+                }
+                match capture.counters() {
+                    Ok(counters) => {
+                        let undecodable = events.decode_errors().values().sum();
+                        pipeline.kernel_counters(&counters, undecodable);
+                    }
+                    Err(err) => tracing::warn!("reading the kernel counters: {err:#}"),
+                }
+            }
+        }
+        for event in batch.drain(..) {
+            pipeline.on_event(&event);
+        }
+        pipeline.flush(seed::monotonic_ns(), |_| {});
+        let totals = pipeline.totals();
+        status.add_events(totals.events - reported.events);
+        status.add_exchanges(totals.exchanges - reported.exchanges);
+        status.set_connections_open(totals.connections as u64);
+        reported = totals;
+    };
+
+    status.set_ready(false);
+    capture.detach()?;
+    if let Some(task) = kernel_logs {
+        task.abort();
+    }
+    let _ = stop_admin.send(());
+    match tokio::time::timeout(Duration::from_secs(5), admin_task).await {
+        Ok(Ok(Err(err))) => tracing::warn!("admin server: {err}"),
+        Ok(Err(err)) => tracing::warn!("admin server task: {err}"),
+        _ => {}
+    }
+    result?;
+    let totals = pipeline.totals();
+    tracing::info!(
+        "observer run: stopped after {} events and {} exchanges",
+        totals.events,
+        totals.exchanges
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,261 @@
+//! The admin server over real sockets: routes, status codes, the bearer token on `/metrics`,
+//! content negotiation, readiness flips and the `/status` document. Requests are written by
+//! hand on a `TcpStream`, so the test sees exactly what a scraper or probe would.
+
+use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+
+use observer::{
+    admin::{AdminConfig, StatusBoard, serve},
+    capture::Role,
+    metrics::{Metrics, MetricsConfig},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::oneshot,
+    task::JoinHandle,
+};
+
+struct Reply {
+    status: u16,
+    headers: HashMap<String, String>,
+    body: String,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> &str {
+        self.headers.get(name).map_or("", String::as_str)
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection, read until the server closes it.
+async fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("Content-Length: 0\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.unwrap();
+    let raw = String::from_utf8(raw).unwrap();
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .expect("a complete response head");
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap();
+    let status = status_line.split(' ').nth(1).unwrap().parse().unwrap();
+    let headers: HashMap<String, String> = lines
+        .map(|line| line.split_once(':').unwrap())
+        .map(|(name, value)| (name.to_ascii_lowercase(), value.trim().to_owned()))
+        .collect();
+    assert_ne!(
+        headers.get("transfer-encoding").map(String::as_str),
+        Some("chunked")
+    );
+    if let Some(length) = headers.get("content-length") {
+        assert_eq!(length.parse::<usize>().unwrap(), body.len(), "{path}");
+    }
+    Reply {
+        status,
+        headers,
+        body: body.to_owned(),
+    }
+}
+
+async fn get(addr: SocketAddr, path: &str) -> Reply {
+    request(addr, "GET", path, &[]).await
+}
+
+struct Server {
+    addr: SocketAddr,
+    status: Arc<StatusBoard>,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+async fn start(token: Option<&str>) -> Server {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let metrics = Arc::new(Metrics::new(MetricsConfig::default()).unwrap());
+    metrics.add_ebpf_events("data", 3);
+    let status = Arc::new(StatusBoard::new(
+        "ebpf",
+        vec![(18789, Role::Gateway), (11434, Role::Upstream)],
+    ));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let config = AdminConfig {
+        token: token.map(str::to_owned),
+    };
+    let task = tokio::spawn(serve(listener, metrics, status.clone(), config, async {
+        let _ = stopped.await;
+    }));
+    Server {
+        addr,
+        status,
+        stop,
+        task,
+    }
+}
+
+impl Server {
+    async fn shut_down(self) {
+        self.stop.send(()).unwrap();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test]
+async fn routes_and_errors() {
+    let server = start(None).await;
+    let addr = server.addr;
+
+    let health = get(addr, "/healthz").await;
+    assert_eq!((health.status, health.body.as_str()), (200, "ok\n"));
+    assert_eq!(health.header("content-type"), "text/plain; charset=utf-8");
+
+    for path in ["/", "/nope", "/metrics/", "/healthz/extra"] {
+        let missing = get(addr, path).await;
+        assert_eq!(
+            (missing.status, missing.body.as_str()),
+            (404, "not found\n"),
+            "{path}"
+        );
+        assert!(missing.header("content-type").starts_with("text/plain"));
+    }
+
+    for path in ["/metrics", "/healthz", "/readyz", "/status"] {
+        let wrong = request(addr, "POST", path, &[]).await;
+        assert_eq!(wrong.status, 405, "{path}");
+        assert!(wrong.header("allow").contains("GET"), "{path}");
+    }
+
+    // Without a token configured, /metrics is open.
+    let metrics = get(addr, "/metrics").await;
+    assert_eq!(metrics.status, 200);
+    assert_eq!(
+        metrics.header("content-type"),
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    assert!(
+        metrics
+            .body
+            .contains("observer_ebpf_events_total{kind=\"data\"} 3\n")
+    );
+    assert!(metrics.body.contains("observer_build_info{mode=\"ebpf\""));
+
+    server.shut_down().await;
+}
+
+#[tokio::test]
+async fn metrics_token_and_negotiation() {
+    let server = start(Some("s3cret")).await;
+    let addr = server.addr;
+
+    let anonymous = get(addr, "/metrics").await;
+    assert_eq!(anonymous.status, 401);
+    assert!(anonymous.header("www-authenticate").starts_with("Bearer"));
+    assert!(!anonymous.body.contains("observer_"));
+
+    for wrong in ["Bearer s3cre", "Bearer s3cret2", "Basic s3cret", "s3cret"] {
+        let reply = request(addr, "GET", "/metrics", &[("Authorization", wrong)]).await;
+        assert_eq!(reply.status, 401, "{wrong}");
+    }
+
+    let auth = ("Authorization", "Bearer s3cret");
+    let text = request(addr, "GET", "/metrics", &[auth]).await;
+    assert_eq!(text.status, 200);
+    assert!(
+        text.header("content-type")
+            .starts_with("text/plain; version=0.0.4")
+    );
+    assert!(
+        text.body
+            .contains("# TYPE observer_ebpf_events_total counter\n")
+    );
+
+    let accept = (
+        "Accept",
+        "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+    );
+    let om = request(addr, "GET", "/metrics", &[auth, accept]).await;
+    assert_eq!(om.status, 200);
+    assert_eq!(
+        om.header("content-type"),
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    assert!(om.body.contains("# TYPE observer_ebpf_events counter\n"));
+    assert!(om.body.ends_with("# EOF\n"));
+
+    // Only /metrics is behind the token.
+    assert_eq!(get(addr, "/healthz").await.status, 200);
+    assert_eq!(get(addr, "/status").await.status, 200);
+    assert_eq!(get(addr, "/readyz").await.status, 503);
+
+    server.shut_down().await;
+}
+
+#[tokio::test]
+async fn readiness_flips_with_the_pipeline() {
+    let server = start(None).await;
+    let addr = server.addr;
+
+    let not_yet = get(addr, "/readyz").await;
+    assert_eq!(not_yet.status, 503);
+    assert_eq!(not_yet.body, "not ready: the pipeline is not running\n");
+
+    server.status.set_ready(true);
+    let no_programs = get(addr, "/readyz").await;
+    assert_eq!(no_programs.status, 503);
+    assert_eq!(
+        no_programs.body,
+        "not ready: no kernel programs are attached\n"
+    );
+
+    server.status.set_programs_attached(12);
+    let ready = get(addr, "/readyz").await;
+    assert_eq!((ready.status, ready.body.as_str()), (200, "ready\n"));
+
+    server.status.set_not_ready("ring buffer reader stopped");
+    let stopped = get(addr, "/readyz").await;
+    assert_eq!(stopped.status, 503);
+    assert_eq!(stopped.body, "not ready: ring buffer reader stopped\n");
+
+    server.shut_down().await;
+}
+
+#[tokio::test]
+async fn status_document() {
+    let server = start(Some("s3cret")).await;
+    let addr = server.addr;
+    server.status.set_programs_attached(12);
+    server.status.set_ready(true);
+    server.status.add_events(40);
+    server.status.add_exchanges(9);
+    server.status.set_connections_open(2);
+
+    let reply = get(addr, "/status").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header("content-type"), "application/json");
+    let doc: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+    assert_eq!(doc["mode"], "ebpf");
+    assert_eq!(doc["ready"], true);
+    assert_eq!(doc["not_ready_reason"], serde_json::Value::Null);
+    assert_eq!(doc["programs_attached"], 12);
+    assert_eq!(doc["events"], 40);
+    assert_eq!(doc["exchanges"], 9);
+    assert_eq!(doc["connections_open"], 2);
+    assert_eq!(doc["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(
+        doc["watched_ports"],
+        serde_json::json!([
+            {"port": 18789, "role": "gateway"},
+            {"port": 11434, "role": "upstream"},
+        ])
+    );
+    assert!(doc["uptime_seconds"].as_f64().unwrap() >= 0.0);
+    assert!(!reply.body.contains("s3cret"));
+
+    server.shut_down().await;
+}

@@ -1,0 +1,188 @@
+//! The text exposition after a realistic mix of traffic passes `promtool check metrics` with
+//! no lint complaint (SPEC §5). Skips with a message where promtool is not installed, except
+//! in CI (`CI` set), where a missing promtool is a failure.
+
+use std::{
+    io::ErrorKind,
+    process::{Command, Stdio},
+};
+
+use observer::{
+    capture::{Role, decode::Direction, decode::Side},
+    engine::{ConnMeta, Exchange, LlmFields, Method, Outcome, Timestamps},
+    metrics::{ExpositionFormat, Metrics, MetricsConfig},
+};
+
+const MS: u64 = 1_000_000;
+
+fn exchange(role: Role, method: Method, path: &str, status: Option<u16>) -> Exchange {
+    let port = if role == Role::Gateway { 18789 } else { 11434 };
+    let start = 5_000 * MS;
+    Exchange {
+        conn: ConnMeta {
+            conn_id: 1,
+            role,
+            side: Side::Server,
+            port,
+            tgid: 100,
+        },
+        method,
+        path: path.into(),
+        status,
+        ts: Timestamps {
+            request_first: start,
+            request_last: start + MS,
+            response_first: status.map(|_| start + 40 * MS),
+            first_chunk: None,
+            response_last: status.map(|_| start + 900 * MS),
+        },
+        request_body_bytes: 180,
+        response_body_bytes: 2_400,
+        outcome: if status.is_some() {
+            Outcome::Complete
+        } else {
+            Outcome::Aborted
+        },
+        exact: true,
+        llm: LlmFields::default(),
+    }
+}
+
+fn generation(role: Role, path: &str, model: &str, reason: &str) -> Exchange {
+    let mut ex = exchange(role, Method::Post, path, Some(200));
+    ex.ts.first_chunk = Some(ex.ts.request_last + 350 * MS);
+    ex.llm = LlmFields {
+        model: Some(model.into()),
+        stream: Some(true),
+        done_reason: Some(reason.into()),
+        prompt_tokens: Some(31),
+        completion_tokens: Some(42),
+        eval_duration_ns: Some(500 * MS),
+        load_duration_ns: Some(1_200 * MS),
+        total_duration_ns: Some(2_000 * MS),
+        chunks: 43,
+        last_chunk_ns: Some(ex.ts.request_last + 850 * MS),
+        error: false,
+    };
+    ex
+}
+
+fn observed_metrics() -> Metrics {
+    let m = Metrics::new(MetricsConfig::default()).unwrap();
+    for role in [Role::Gateway, Role::Upstream] {
+        m.observe_exchange(&generation(role, "/api/chat", "llama3.2:3b", "stop"));
+        m.observe_exchange(&generation(
+            role,
+            "/v1/chat/completions",
+            "qwen3:8b",
+            "length",
+        ));
+        m.observe_exchange(&exchange(role, Method::Get, "/api/tags?x=1", Some(200)));
+        m.observe_exchange(&exchange(role, Method::Post, "/api/embed", Some(500)));
+        m.observe_exchange(&exchange(role, Method::Other, "/wp-login.php", Some(404)));
+        m.observe_exchange(&exchange(role, Method::Post, "/api/generate", None));
+        m.set_in_flight(role, 2);
+        m.connection_opened(role);
+        m.connection_closed(role);
+        m.set_connections_active(role, 4);
+        m.add_bytes(role, Direction::Ingress, 1_000);
+        m.add_bytes(role, Direction::Egress, 20_000);
+        m.add_parse_errors(role, "bad_request_line", 1);
+    }
+    let mut failed = generation(Role::Upstream, "/api/chat", "llama3.2:3b", "stop");
+    failed.llm.error = true;
+    m.observe_exchange(&failed);
+    m.observe_gateway_overhead("/api/chat", 0.0031, Some(0.0007));
+    m.observe_gateway_overhead("/api/chat", -0.0001, None);
+    m.count_unmatched(Role::Gateway, 1);
+    m.add_ebpf_events("data", 120);
+    m.add_ebpf_events("open", 6);
+    m.add_ebpf_lost("data", 0);
+    m
+}
+
+#[test]
+fn text_exposition_passes_promtool_lint() {
+    let (content_type, body) = observed_metrics().encode(ExpositionFormat::Text);
+    assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8");
+    let text = String::from_utf8(body).unwrap();
+    for family in [
+        "observer_http_requests_total",
+        "observer_http_request_duration_seconds",
+        "observer_http_time_to_first_chunk_seconds",
+        "observer_llm_output_tokens_per_second",
+        "observer_gateway_overhead_seconds",
+        "observer_build_info",
+        "process_cpu_seconds_total",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {family} ")),
+            "{family} missing"
+        );
+    }
+
+    let path = std::env::temp_dir().join(format!("observer-metrics-{}.prom", std::process::id()));
+    std::fs::write(&path, &text).unwrap();
+    let stdin = std::fs::File::open(&path).unwrap();
+    let output = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::from(stdin))
+        .output();
+    std::fs::remove_file(&path).unwrap();
+    let output = match output {
+        Ok(output) => output,
+        Err(err) if err.kind() == ErrorKind::NotFound => {
+            if std::env::var_os("CI").is_some() {
+                panic!("promtool is not installed (scripts/setup.sh installs it)");
+            }
+            eprintln!("SKIPPED text_exposition_passes_promtool_lint: promtool is not installed");
+            return;
+        }
+        Err(err) => panic!("running promtool: {err}"),
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && stdout.trim().is_empty() && stderr.trim().is_empty(),
+        "promtool check metrics: {}\nstdout:\n{stdout}\nstderr:\n{stderr}\nexposition:\n{text}",
+        output.status
+    );
+}
+
+#[test]
+fn openmetrics_exposition_is_well_formed() {
+    let (content_type, body) = observed_metrics().encode(ExpositionFormat::OpenMetrics);
+    assert_eq!(
+        content_type,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    let text = String::from_utf8(body).unwrap();
+    assert!(text.ends_with("# EOF\n"));
+    let mut family = String::new();
+    let mut kind = String::new();
+    for line in text.lines().filter(|l| *l != "# EOF") {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, k) = rest.split_once(' ').unwrap();
+            (family, kind) = (name.to_owned(), k.to_owned());
+            if kind == "counter" {
+                assert!(!family.ends_with("_total"), "{line}");
+            }
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            assert!(rest.starts_with(&format!("{family} ")), "{line}");
+            continue;
+        }
+        // Every sample belongs to the family declared above it, with the type's suffixes.
+        let name = line.split(['{', ' ']).next().unwrap();
+        let suffix = name.strip_prefix(family.as_str()).unwrap_or_else(|| {
+            panic!("sample {line:?} outside its family {family}");
+        });
+        let allowed: &[&str] = match kind.as_str() {
+            "counter" => &["_total"],
+            "histogram" => &["_bucket", "_count", "_sum"],
+            _ => &[""],
+        };
+        assert!(allowed.contains(&suffix), "{line} in a {kind}");
+    }
+}
