@@ -279,7 +279,7 @@ async fn engine_reads_the_simulators_streams_exactly() {
             _ => {}
         }
         if name != "tags" {
-            assert_eq!(ex.llm.model.is_some(), true, "{name}");
+            assert!(ex.llm.model.is_some(), "{name}");
         }
 
         // Re-split into 1..40-byte reads: the same fields (timestamps are per read, so the

@@ -14,6 +14,10 @@ use super::decode::{Event, decode};
 /// kernel, so this delays delivery, never measurements.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(10);
 
+/// Records decoded per batch at most: a full ring is drained in several batches, so the
+/// memory a batch holds stays small whatever the ring's size.
+pub const MAX_BATCH: usize = 1024;
+
 pub struct EventReader {
     ring: AsyncFd<RingBuf<MapData>>,
     decode_errors: BTreeMap<&'static str, u64>,
@@ -32,8 +36,8 @@ impl EventReader {
         })
     }
 
-    /// Waits until at least one record is available, then appends every available event to
-    /// `out`. Returns the number of records consumed (decoded or not).
+    /// Waits until at least one record is available, then appends the available events (at
+    /// most [`MAX_BATCH`]) to `out`. Returns the number of records consumed (decoded or not).
     pub async fn read_batch(&mut self, out: &mut Vec<Event>) -> std::io::Result<usize> {
         loop {
             let consumed = self.drain(out);
@@ -51,7 +55,9 @@ impl EventReader {
     fn drain(&mut self, out: &mut Vec<Event>) -> usize {
         let ring = self.ring.get_mut();
         let mut consumed = 0;
-        while let Some(record) = ring.next() {
+        while consumed < MAX_BATCH
+            && let Some(record) = ring.next()
+        {
             consumed += 1;
             match decode(&record) {
                 Ok(event) => out.push(event),

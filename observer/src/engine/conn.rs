@@ -57,7 +57,8 @@ struct Exchanges {
     next_seq: u64,
     /// The request whose bytes are arriving.
     receiving: Option<u64>,
-    response: Option<Response>,
+    /// Boxed: most connections are idle between exchanges most of the time.
+    response: Option<Box<Response>>,
     upgraded: bool,
 }
 
@@ -190,6 +191,8 @@ impl ConnSink<'_, '_> {
         let seq = self.state.next_seq;
         self.state.next_seq += 1;
         self.state.receiving = Some(seq);
+        // One request at a time is the rule (pipelining is rare): no room for four.
+        self.state.pending.reserve_exact(1);
         self.state.pending.push_back(Pending {
             seq,
             method: head.method,
@@ -220,7 +223,7 @@ impl ConnSink<'_, '_> {
         if seq.is_none() && !interim {
             self.error(ErrorReason::UnmatchedResponse);
         }
-        self.state.response = Some(Response {
+        self.state.response = Some(Box::new(Response {
             seq,
             status: head.status,
             first: ts,
@@ -228,7 +231,7 @@ impl ConnSink<'_, '_> {
             scan: ResponseScan::new(head.body_type),
             exact: head.complete,
             interim,
-        });
+        }));
         if head.status == 101 || (method == Some(Method::Connect) && head.status / 100 == 2) {
             self.state.upgraded = true;
             return BodyRule::Opaque;
@@ -343,7 +346,7 @@ impl Sink for ConnSink<'_, '_> {
 fn finish(
     conn: ConnMeta,
     pending: Pending,
-    response: Option<Response>,
+    response: Option<Box<Response>>,
     last_ts: u64,
     outcome: Outcome,
 ) -> Exchange {
