@@ -47,7 +47,9 @@ pub const MAX_MODELS: usize = 32;
 pub const MAX_MODEL_BYTES: usize = 128;
 
 /// Ollama's `done_reason` and OpenAI's `finish_reason` values worth a series of their own.
-const KNOWN_DONE_REASONS: [&str; 7] = [
+const KNOWN_DONE_REASONS: [&str; 8] = [
+    // Set by the engine when the connection closed mid-response.
+    "incomplete",
     "stop",
     "length",
     "load",
