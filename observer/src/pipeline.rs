@@ -242,3 +242,78 @@ fn role_index(role: Role) -> usize {
         Role::Upstream => 1,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::{ExpositionFormat, MetricsConfig};
+
+    fn meta(conn_id: u64, role: Role, side: Side, port: u16) -> ConnMeta {
+        ConnMeta {
+            conn_id,
+            role,
+            side,
+            port,
+            tgid: 7,
+        }
+    }
+
+    /// One GET on `conn`, as its side sees it.
+    fn exchange(p: &mut Pipeline, conn: ConnMeta, ts: u64) {
+        let (req, resp) = match conn.side {
+            Side::Server => (Direction::Ingress, Direction::Egress),
+            Side::Client => (Direction::Egress, Direction::Ingress),
+        };
+        let request = b"GET /api/tags HTTP/1.1\r\n\r\n";
+        let response = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}";
+        p.on_data(conn, req, ts, request.len() as u64, request, &[]);
+        p.on_data(conn, resp, ts + 10, response.len() as u64, response, &[]);
+    }
+
+    fn requests(metrics: &Metrics, role: &str) -> u64 {
+        let (_, text) = metrics.encode(ExpositionFormat::Text);
+        String::from_utf8(text)
+            .unwrap()
+            .lines()
+            .filter(|l| {
+                l.starts_with("observer_http_requests_total{")
+                    && l.contains(&format!("role=\"{role}\""))
+            })
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    }
+
+    #[test]
+    fn each_exchange_is_counted_once_and_the_client_side_only_for_remote_servers() {
+        let metrics = Arc::new(Metrics::new(MetricsConfig::default()).unwrap());
+        let mut p = Pipeline::new(metrics.clone(), EngineConfig::default());
+        // Both ends of a loopback connection to a local upstream: the server side counts.
+        let server = meta(1, Role::Upstream, Side::Server, 11434);
+        let client = meta(2, Role::Upstream, Side::Client, 11434);
+        p.on_open(server, 1, false);
+        p.on_open(client, 1, false);
+        exchange(&mut p, server, 100);
+        exchange(&mut p, client, 100);
+        // An upstream on another host: only its client side is seen, and it counts.
+        let remote = meta(3, Role::Upstream, Side::Client, 8080);
+        p.on_open(remote, 1, false);
+        exchange(&mut p, remote, 200);
+        p.flush(300, |_| {});
+        assert_eq!(requests(&metrics, "upstream"), 2);
+        assert_eq!(p.totals().exchanges, 3);
+        p.on_close(1, Role::Upstream);
+        p.on_close(2, Role::Upstream);
+        p.on_close(3, Role::Upstream);
+        p.flush(400, |_| {});
+        let (_, text) = metrics.encode(ExpositionFormat::Text);
+        let text = String::from_utf8(text).unwrap();
+        assert!(
+            text.contains("observer_tcp_connections_opened_total{role=\"upstream\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("observer_tcp_connections_active{role=\"upstream\"} 0"),
+            "{text}"
+        );
+    }
+}
