@@ -62,7 +62,7 @@ impl Pipeline {
     /// A listener on `port` is on this host: its server side is the one counted.
     pub fn mark_local(&mut self, port: u16, role: Role) {
         self.local_ports.insert(port);
-        self.local_roles[role_index(role)] = true;
+        self.local_roles[role.index()] = true;
     }
 
     /// Whether exchanges and connections of this end are the ones counted.
@@ -75,25 +75,11 @@ impl Pipeline {
         match event {
             Event::Data(d) => {
                 self.metrics.add_ebpf_events("data", 1);
-                let meta = ConnMeta {
-                    conn_id: d.conn_id,
-                    role: d.role,
-                    side: d.side,
-                    port: d.port,
-                    tgid: d.tgid,
-                };
-                self.on_data(meta, d.direction, d.ts_ns, d.len, &d.head, &d.tail);
+                self.on_data(d.into(), d.direction, d.ts_ns, d.len, &d.head, &d.tail);
             }
             Event::Open(c) => {
                 self.metrics.add_ebpf_events("open", 1);
-                let meta = ConnMeta {
-                    conn_id: c.conn_id,
-                    role: c.role,
-                    side: c.side,
-                    port: c.port,
-                    tgid: c.tgid,
-                };
-                self.on_open(meta, c.ts_ns, c.seeded);
+                self.on_open(c.into(), c.ts_ns, c.seeded);
             }
             Event::Close(c) => {
                 self.metrics.add_ebpf_events("close", 1);
@@ -136,17 +122,17 @@ impl Pipeline {
         self.engine.close(conn_id);
         if self.active.remove(&conn_id) {
             self.metrics.connection_closed(role);
-            self.active_by_role[role_index(role)] -= 1;
+            self.active_by_role[role.index()] -= 1;
             self.metrics
-                .set_connections_active(role, self.active_by_role[role_index(role)]);
+                .set_connections_active(role, self.active_by_role[role.index()]);
         }
     }
 
     fn activate(&mut self, meta: ConnMeta) {
         if self.active.insert(meta.conn_id) {
-            self.active_by_role[role_index(meta.role)] += 1;
+            self.active_by_role[meta.role.index()] += 1;
             self.metrics
-                .set_connections_active(meta.role, self.active_by_role[role_index(meta.role)]);
+                .set_connections_active(meta.role, self.active_by_role[meta.role.index()]);
         }
     }
 
@@ -187,7 +173,7 @@ impl Pipeline {
         }
         self.reported_errors = errors;
         for role in [Role::Gateway, Role::Upstream] {
-            let side = if self.local_roles[role_index(role)] {
+            let side = if self.local_roles[role.index()] {
                 Side::Server
             } else {
                 Side::Client
@@ -233,13 +219,6 @@ impl Pipeline {
 
     pub fn engine(&self) -> &Engine {
         &self.engine
-    }
-}
-
-fn role_index(role: Role) -> usize {
-    match role {
-        Role::Gateway => 0,
-        Role::Upstream => 1,
     }
 }
 

@@ -22,7 +22,7 @@ use crate::capture::{
 use crate::engine::EngineConfig;
 use crate::metrics::{Metrics, MetricsConfig};
 use crate::pipeline::Pipeline;
-use crate::trace::{CaptureArgs, conn_meta, watch_list};
+use crate::trace::{CaptureArgs, watch_list};
 
 /// Flags of the admin server and the metrics it serves; `observer proxy` shares them.
 #[derive(Debug, Clone, clap::Args)]
@@ -150,7 +150,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
     }
     for conn in capture.seeded() {
-        pipeline.on_open(conn_meta(conn), conn.ts_ns, true);
+        pipeline.on_open(conn.into(), conn.ts_ns, true);
     }
     pipeline.flush(seed::monotonic_ns(), |_| {});
     status.set_programs_attached(capture.attached().len());

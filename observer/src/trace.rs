@@ -17,7 +17,7 @@ use crate::capture::{
     endpoints::EndpointBook,
     reader::{self, EventReader},
 };
-use crate::engine::{ConnMeta, Engine, EngineConfig, Exchange};
+use crate::engine::{Engine, EngineConfig, Exchange};
 
 /// Flags that size and aim the kernel capture; `observer trace` and `observer run` share them.
 #[derive(Debug, Clone, clap::Args)]
@@ -115,7 +115,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
         for conn in capture.seeded() {
             endpoints.remember(conn);
             if let Some(engine) = &mut engine {
-                engine.open(conn_meta(conn), conn.ts_ns, true);
+                engine.open(conn.into(), conn.ts_ns, true);
                 continue;
             }
             if !write_line(&mut out, &conn_line("open", conn, &clock))? {
@@ -224,30 +224,10 @@ pub fn summary(printed: u64, what: &str, counters: &KernelCounters, decode_error
     )
 }
 
-/// The engine's view of a capture event's connection.
-pub fn conn_meta(conn: &ConnRecord) -> ConnMeta {
-    ConnMeta {
-        conn_id: conn.conn_id,
-        role: conn.role,
-        side: conn.side,
-        port: conn.port,
-        tgid: conn.tgid,
-    }
-}
-
 fn feed_engine(engine: &mut Engine, event: &Event) {
     match event {
-        Event::Data(d) => {
-            let meta = ConnMeta {
-                conn_id: d.conn_id,
-                role: d.role,
-                side: d.side,
-                port: d.port,
-                tgid: d.tgid,
-            };
-            engine.data(meta, d.direction, d.ts_ns, d.len, &d.head, &d.tail);
-        }
-        Event::Open(c) => engine.open(conn_meta(c), c.ts_ns, c.seeded),
+        Event::Data(d) => engine.data(d.into(), d.direction, d.ts_ns, d.len, &d.head, &d.tail),
+        Event::Open(c) => engine.open(c.into(), c.ts_ns, c.seeded),
         Event::Close(c) => engine.close(c.conn_id),
     }
 }

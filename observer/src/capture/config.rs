@@ -22,6 +22,14 @@ impl Role {
         }
     }
 
+    /// 0 or 1, for per-role arrays.
+    pub fn index(self) -> usize {
+        match self {
+            Role::Gateway => 0,
+            Role::Upstream => 1,
+        }
+    }
+
     pub fn to_kernel(self) -> u32 {
         match self {
             Role::Gateway => role::GATEWAY,

@@ -2,7 +2,10 @@
 //! timestamps of SPEC §4 and the LLM fields read from the bodies. Plain data: no parsing here,
 //! and nothing that knows about metrics or where the bytes came from.
 
-use crate::capture::{Role, decode::Side};
+use crate::capture::{
+    Role,
+    decode::{ConnRecord, DataRecord, Side},
+};
 
 /// The connection an exchange was seen on: which port and role, which end of it the observed
 /// process is, and the process.
@@ -13,6 +16,30 @@ pub struct ConnMeta {
     pub side: Side,
     pub port: u16,
     pub tgid: u32,
+}
+
+impl From<&DataRecord> for ConnMeta {
+    fn from(d: &DataRecord) -> ConnMeta {
+        ConnMeta {
+            conn_id: d.conn_id,
+            role: d.role,
+            side: d.side,
+            port: d.port,
+            tgid: d.tgid,
+        }
+    }
+}
+
+impl From<&ConnRecord> for ConnMeta {
+    fn from(c: &ConnRecord) -> ConnMeta {
+        ConnMeta {
+            conn_id: c.conn_id,
+            role: c.role,
+            side: c.side,
+            port: c.port,
+            tgid: c.tgid,
+        }
+    }
 }
 
 /// A request method; anything else is `Other` (bounded label values).

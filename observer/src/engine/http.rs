@@ -61,6 +61,22 @@ pub struct Head {
     pub complete: bool,
 }
 
+impl Head {
+    /// A head's start line; the headers fill in the rest.
+    fn start(method: Method, path: String, status: u16, complete: bool) -> Head {
+        Head {
+            method,
+            path,
+            status,
+            content_length: None,
+            chunked: false,
+            expect_continue: false,
+            body_type: BodyType::Other,
+            complete,
+        }
+    }
+}
+
 /// Receives what the parser finds. `ts` is the timestamp of the write or read the bytes
 /// came in.
 pub trait Sink {
@@ -574,16 +590,7 @@ fn parse_head(kind: Kind, bytes: &[u8]) -> Parsed {
     };
     match parsed {
         Ok((method, path, status, len, headers)) => {
-            let mut head = Head {
-                method,
-                path,
-                status,
-                content_length: None,
-                chunked: false,
-                expect_continue: false,
-                body_type: BodyType::Other,
-                complete: true,
-            };
+            let mut head = Head::start(method, path, status, true);
             for header in headers.iter() {
                 if apply_header(&mut head, header.name, header.value).is_err() {
                     return Parsed::Invalid(ErrorReason::BadHead);
@@ -655,16 +662,7 @@ fn parse_cut_head(kind: Kind, bytes: &[u8]) -> Option<Head> {
     };
     // The first line must have been whole: a line feed follows it.
     bytes.iter().position(|&b| b == b'\n')?;
-    let mut head = Head {
-        method,
-        path,
-        status,
-        content_length: None,
-        chunked: false,
-        expect_continue: false,
-        body_type: BodyType::Other,
-        complete: false,
-    };
+    let mut head = Head::start(method, path, status, false);
     let whole: Vec<&[u8]> = lines.collect();
     // The last piece was cut by the gap (or is empty): only lines before it are whole.
     for line in whole.iter().take(whole.len().saturating_sub(1)) {

@@ -94,7 +94,7 @@ pub struct ErrorCounts {
 
 impl ErrorCounts {
     pub fn get(&self, role: Role, reason: ErrorReason) -> u64 {
-        self.counts[role_index(role)][reason as usize]
+        self.counts[role.index()][reason as usize]
     }
 
     /// Every non-zero count.
@@ -111,13 +111,6 @@ impl ErrorCounts {
 
     pub fn total(&self) -> u64 {
         self.counts.iter().flatten().sum()
-    }
-}
-
-fn role_index(role: Role) -> usize {
-    match role {
-        Role::Gateway => 0,
-        Role::Upstream => 1,
     }
 }
 
@@ -181,7 +174,7 @@ impl Engine {
             return;
         };
         let before = conn.in_flight();
-        let errors = &mut self.errors.counts[role_index(conn.meta.role)];
+        let errors = &mut self.errors.counts[conn.meta.role.index()];
         conn.segment(
             direction,
             ts,
@@ -194,7 +187,7 @@ impl Engine {
             },
         );
         let after = conn.in_flight();
-        let slot = &mut self.in_flight[role_index(conn.meta.role)][side_index(conn.meta)];
+        let slot = &mut self.in_flight[conn.meta.role.index()][side_index(conn.meta)];
         *slot = (*slot + after).saturating_sub(before);
     }
 
@@ -207,9 +200,9 @@ impl Engine {
         let Some(conn) = self.conns.remove(&conn_id) else {
             return;
         };
-        let slot = &mut self.in_flight[role_index(conn.meta.role)][side_index(conn.meta)];
+        let slot = &mut self.in_flight[conn.meta.role.index()][side_index(conn.meta)];
         *slot = slot.saturating_sub(conn.in_flight());
-        let errors = &mut self.errors.counts[role_index(conn.meta.role)];
+        let errors = &mut self.errors.counts[conn.meta.role.index()];
         conn.close(
             outcome,
             Output {
@@ -227,7 +220,7 @@ impl Engine {
                 .min_by_key(|conn| conn.last_ts)
                 .map(|conn| (conn.meta.conn_id, conn.meta.role));
             if let Some((id, role)) = oldest {
-                self.errors.counts[role_index(role)][ErrorReason::ConnLimit as usize] += 1;
+                self.errors.counts[role.index()][ErrorReason::ConnLimit as usize] += 1;
                 self.remove(id, Outcome::Evicted);
             }
         }
@@ -246,7 +239,7 @@ impl Engine {
 
     /// Requests seen whose responses have not finished, on connections of this role and side.
     pub fn in_flight(&self, role: Role, side: crate::capture::decode::Side) -> usize {
-        self.in_flight[role_index(role)][match side {
+        self.in_flight[role.index()][match side {
             crate::capture::decode::Side::Server => 0,
             crate::capture::decode::Side::Client => 1,
         }]

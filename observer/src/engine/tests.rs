@@ -625,4 +625,3 @@ fn client_side_connections_read_egress_as_requests() {
     assert_eq!((ex.conn.side, ex.status), (Side::Client, Some(200)));
     assert_eq!(engine.in_flight(Role::Upstream, Side::Client), 0);
 }
-
