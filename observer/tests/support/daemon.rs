@@ -1,0 +1,208 @@
+//! The real daemon and simulator as child processes, for end-to-end tests: `observer run`
+//! (waited for until `/readyz` says 200, stopped with SIGTERM and required to exit 0), `observer
+//! sim` on a free port, and a parser of the text exposition for exact comparisons.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const OBSERVER: &str = env!("CARGO_BIN_EXE_observer");
+
+/// `observer run` watching the given ports.
+pub struct Daemon {
+    child: Option<Child>,
+    pub metrics: SocketAddr,
+    stderr: std::path::PathBuf,
+}
+
+impl Daemon {
+    pub fn start(watch: &[(u16, &str)]) -> Daemon {
+        let metrics: SocketAddr = format!("127.0.0.1:{}", super::capture::free_port())
+            .parse()
+            .unwrap();
+        let stderr = std::env::temp_dir().join(format!(
+            "observer-run-{}-{}.log",
+            std::process::id(),
+            metrics.port()
+        ));
+        let mut cmd = Command::new(OBSERVER);
+        cmd.arg("run")
+            .arg("--metrics-addr")
+            .arg(metrics.to_string());
+        for (port, role) in watch {
+            cmd.arg("--watch").arg(format!("{port}={role}"));
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("starting observer run");
+        let mut daemon = Daemon {
+            child: Some(child),
+            metrics,
+            stderr,
+        };
+        let start = Instant::now();
+        while !daemon.get("/readyz").0.eq(&200) {
+            if let Some(status) = daemon.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("observer run exited ({status}): {}", daemon.log());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "observer run not ready after 30 s: {}",
+                daemon.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        daemon
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// `(status, body)` of a GET on the admin server; status 0 when it does not answer.
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.metrics, path)
+    }
+
+    pub fn scrape(&self) -> Samples {
+        let (status, body) = self.get("/metrics");
+        assert_eq!(status, 200, "{body}");
+        Samples::parse(&body)
+    }
+
+    /// Stops the daemon with SIGTERM and requires a clean exit.
+    pub fn stop(mut self) {
+        let status = self.terminate();
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "observer run exited with {status:?}: {}",
+            self.log()
+        );
+    }
+
+    fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        // SAFETY: kill with our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        child.wait().ok()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.terminate();
+        let _ = std::fs::remove_file(&self.stderr);
+    }
+}
+
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let Ok(mut stream) = TcpStream::connect(addr) else {
+        return (0, String::new());
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let _ = write!(stream, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n");
+    let mut response = String::new();
+    if stream.read_to_string(&mut response).is_err() {
+        return (0, String::new());
+    }
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// `observer sim` in its own process on a free port.
+pub struct Sim {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Sim {
+    pub fn start(flags: &[&str]) -> Sim {
+        let mut child = Command::new(OBSERVER)
+            .args(["sim", "--listen", "127.0.0.1:0"])
+            .args(flags)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting observer sim");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("observer sim listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line of observer sim: {line:?}"))
+            .parse()
+            .unwrap();
+        Sim { child, addr }
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A scrape in the text format: every sample by name and labels.
+#[derive(Debug, Clone, Default)]
+pub struct Samples(Vec<(String, BTreeMap<String, String>, f64)>);
+
+impl Samples {
+    pub fn parse(text: &str) -> Samples {
+        let mut out = Vec::new();
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            let (name, labels) = match series.split_once('{') {
+                Some((name, rest)) => (name, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let labels = labels
+                .split("\",")
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    let (k, v) = p.split_once("=\"").unwrap();
+                    (k.to_string(), v.trim_end_matches('"').to_string())
+                })
+                .collect();
+            out.push((name.to_string(), labels, value.parse().unwrap()));
+        }
+        Samples(out)
+    }
+
+    /// The sum of every sample of `name` whose labels include `labels`.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.0
+            .iter()
+            .filter(|(n, l, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|(_, _, v)| v)
+            .sum()
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.0.iter().any(|(n, _, _)| n == name)
+    }
+}
