@@ -2,12 +2,23 @@
 //! (Ollama's wire format), `observer run` watching both ports, and the official `ollama`
 //! Python client sending streamed and non-streamed chats, chats for a missing model (404) and
 //! streams that fail mid-way. After every request the test scrapes `/metrics` and checks that
-//! one exchange was added per role with the right route and code, that the gateway's duration
-//! and time to first chunk are within 2 ms of what the client measured, that the token counts
-//! equal the final line's, and that the gateway overhead was observed once.
+//! one exchange was added per role with the right route and code, that the gateway's duration,
+//! time to first byte and time to first chunk are within 2 ms of what the client measured at
+//! its socket, that the token counts equal the final line's, and that the gateway overhead was
+//! observed once.
+//!
+//! The client's clock is read at its socket (tests/python/ollama_driver.py wraps httpcore's
+//! network stream), not around the library call: the library's own work before the first
+//! write and after the last read (building the request, JSON and pydantic parsing) is
+//! invisible to any server-side observer: it put the library-level figures 2.7–3.5 ms (duration)
+//! and 3.5–4.4 ms (time to first chunk) away from the observer's at worst, against 0.1–0.8 ms
+//! at the socket. Both are measured; the test prints the worst differences of each. The client
+//! and nginx's workers run at real-time priority so that other tests on a small machine do not
+//! delay one side of a comparison.
 
 mod support;
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -17,27 +28,81 @@ use support::daemon::{Daemon, Samples, Sim};
 use support::nginx::Nginx;
 
 const TOLERANCE_S: f64 = 0.002;
+const MODEL: &str = "llama3.2:1b";
 
-/// Sums over both roles' request counter.
 fn requests(s: &Samples, role: &str) -> f64 {
     s.value("observer_http_requests_total", &[("role", role)])
 }
 
-/// Scrapes until both roles have counted `want` requests (events arrive within milliseconds).
+/// The counters every exchange adds to once per role.
+const PER_EXCHANGE: [&str; 5] = [
+    "observer_http_requests_total",
+    "observer_http_request_duration_seconds_count",
+    "observer_http_time_to_first_byte_seconds_count",
+    "observer_http_time_to_first_chunk_seconds_count",
+    "observer_llm_requests_total",
+];
+
+/// What the test compares, besides the per-exchange counts.
+fn compared(s: &Samples) -> Vec<f64> {
+    ["gateway", "upstream"]
+        .into_iter()
+        .flat_map(|role| {
+            ["prompt", "completion"].map(|kind| {
+                s.value(
+                    "observer_llm_tokens_total",
+                    &[("role", role), ("type", kind)],
+                )
+            })
+        })
+        .chain([s.value("observer_gateway_overhead_seconds_sum", &[])])
+        .collect()
+}
+
+/// Scrapes until every per-exchange count of both roles and the gateway overhead count reached
+/// `want`, and two scrapes in a row agree (the daemon records one exchange in several families,
+/// and a scrape may fall between them). Events arrive within milliseconds; 5 s bounds a loaded
+/// machine.
 fn scrape_until(daemon: &Daemon, want: f64) -> Samples {
     let start = Instant::now();
+    let mut previous = None;
     loop {
         let s = daemon.scrape();
-        if requests(&s, "gateway") >= want && requests(&s, "upstream") >= want {
+        let counts: Vec<(String, f64)> = PER_EXCHANGE
+            .iter()
+            .flat_map(|name| ["gateway", "upstream"].map(|role| (*name, role)))
+            .map(|(name, role)| {
+                (
+                    format!("{name}{{role={role}}}"),
+                    s.value(name, &[("role", role)]),
+                )
+            })
+            .chain([(
+                "observer_gateway_overhead_seconds_count".to_string(),
+                s.value("observer_gateway_overhead_seconds_count", &[]),
+            )])
+            .collect();
+        let now = compared(&s);
+        if counts.iter().all(|(_, n)| *n >= want) && previous.as_ref() == Some(&now) {
             return s;
         }
+        previous = Some(now);
         assert!(
             start.elapsed() < Duration::from_secs(5),
-            "the daemon counted {} gateway and {} upstream requests, {want} sent",
-            requests(&s, "gateway"),
-            requests(&s, "upstream")
+            "{want} requests sent, the daemon counted {counts:?}"
         );
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The worst |observer − client| seen for one timing.
+#[derive(Default)]
+struct Worst(BTreeMap<&'static str, f64>);
+
+impl Worst {
+    fn note(&mut self, what: &'static str, diff: f64) {
+        let worst = self.0.entry(what).or_default();
+        *worst = worst.max(diff.abs());
     }
 }
 
@@ -73,26 +138,36 @@ fn ollama_client_through_nginx_is_measured_exactly() {
         .stdout(Stdio::piped())
         .spawn()
         .expect("starting the Python driver (run scripts/setup.sh for .venv)");
+    // The client and nginx's workers preempt whatever else runs (other tests, builds): their
+    // wake-up latency would otherwise add milliseconds to one side of a comparison now and then.
+    let normal: Vec<u32> = std::iter::once(driver.id())
+        .chain(nginx.worker_pids())
+        .filter(|&pid| !support::daemon::realtime(pid))
+        .collect();
+    if !normal.is_empty() {
+        eprintln!("note: no real-time priority for {normal:?}; a busy machine may upset timings");
+    }
     let mut to_driver = driver.stdin.take().unwrap();
     let mut from_driver = BufReader::new(driver.stdout.take().unwrap());
 
-    let model = "llama3.2:1b";
-    let mut commands = vec![json!({"model": model, "stream": true})]; // warm-up, counted too
-    for i in 0..6 {
-        commands.push(json!({"model": model, "stream": true}));
-        commands.push(json!({"model": model, "stream": false}));
+    // A warm-up (timed and counted like the rest), then 24 more: streamed and non-streamed
+    // chats, missing models (404, both kinds) and streams that fail after 2 to 5 chunks.
+    let mut commands = vec![json!({"model": MODEL, "stream": true})];
+    for i in 0..8 {
+        commands.push(json!({"model": MODEL, "stream": true}));
+        commands.push(json!({"model": MODEL, "stream": false}));
         if i % 2 == 0 {
-            commands.push(json!({"model": "no-such-model:1b", "stream": i == 0}));
+            commands.push(json!({"model": "no-such-model:1b", "stream": i % 4 == 0}));
             commands.push(
-                json!({"model": model, "stream": true, "fault": format!("error-after={}", 2 + i)}),
+                json!({"model": MODEL, "stream": true, "fault": format!("error-after={}", 2 + i / 2)}),
             );
         }
     }
 
     let mut sent = 0.0;
     let mut before = scrape_until(&daemon, 0.0);
-    let mut worst = (0.0f64, 0.0f64);
-    let mut by_code: std::collections::BTreeMap<&str, f64> = Default::default();
+    let mut worst = Worst::default();
+    let mut by_code: BTreeMap<&str, f64> = BTreeMap::new();
     for command in &commands {
         writeln!(to_driver, "{command}").unwrap();
         let mut line = String::new();
@@ -102,14 +177,21 @@ fn ollama_client_through_nginx_is_measured_exactly() {
         sent += 1.0;
         let after = scrape_until(&daemon, sent);
         let what = format!("{command} -> {result}");
-        // A client's first call connects and pays Python's first-call costs before the first
-        // byte reaches nginx: its counts are checked, its timings are not.
-        let timed = result["fresh_client"] == false;
 
-        let missing = command["model"] != model;
+        let missing = command["model"] != MODEL;
         let faulty = command.get("fault").is_some();
+        let streamed = command["stream"] == true && !missing;
         let code = if missing { "404" } else { "200" };
         *by_code.entry(code).or_default() += 1.0;
+        match (missing, faulty) {
+            (true, _) => assert_eq!(result["status"], 404, "{what}"),
+            (false, true) => assert!(result["error"].is_string(), "{what}"),
+            (false, false) => assert!(result["error"].is_null(), "{what}"),
+        }
+
+        let delta = |name: &str, labels: &[(&str, &str)]| {
+            after.value(name, labels) - before.value(name, labels)
+        };
         for role in ["gateway", "upstream"] {
             let labels = [
                 ("role", role),
@@ -117,76 +199,117 @@ fn ollama_client_through_nginx_is_measured_exactly() {
                 ("code", code),
                 ("method", "POST"),
             ];
-            let added = after.value("observer_http_requests_total", &labels)
-                - before.value("observer_http_requests_total", &labels);
-            assert_eq!(added, 1.0, "{role}: {what}");
+            assert_eq!(
+                delta("observer_http_requests_total", &labels),
+                1.0,
+                "{role}: {what}"
+            );
             assert_eq!(requests(&after, role), sent, "{role}: {what}");
-        }
-        if missing {
-            assert_eq!(result["status"], 404, "{what}");
+            // One observation per exchange and role in each timing histogram.
+            for histogram in [
+                "observer_http_request_duration_seconds_count",
+                "observer_http_time_to_first_byte_seconds_count",
+                "observer_http_time_to_first_chunk_seconds_count",
+            ] {
+                assert_eq!(
+                    delta(histogram, &[("role", role)]),
+                    1.0,
+                    "{role} {histogram}: {what}"
+                );
+            }
         }
 
-        // Duration and time to first chunk, one observation each, against the client's clock.
-        let delta = |name: &str, labels: &[(&str, &str)]| {
-            (
-                after.value(&format!("{name}_sum"), labels)
-                    - before.value(&format!("{name}_sum"), labels),
-                after.value(&format!("{name}_count"), labels)
-                    - before.value(&format!("{name}_count"), labels),
-            )
+        // The gateway's timings against the client's socket, which sees the same bytes.
+        let sock = |field: &str| {
+            result["sock"][field]
+                .as_f64()
+                .unwrap_or_else(|| panic!("no sock.{field}: {what}"))
         };
         let gw = [("role", "gateway")];
-        let (duration, n) = delta("observer_http_request_duration_seconds", &gw);
-        assert_eq!(n, 1.0, "{what}");
-        let client_duration =
-            result["t_end"].as_f64().unwrap() - result["t_start"].as_f64().unwrap();
-        if timed {
-            worst.0 = worst.0.max((duration - client_duration).abs());
-        }
-        assert!(
-            !timed || (duration - client_duration).abs() <= TOLERANCE_S,
-            "duration {duration:.6} s, client {client_duration:.6} s: {what}"
-        );
-        let (ttfc, n) = delta("observer_http_time_to_first_chunk_seconds", &gw);
-        if let Some(first) = result["t_first_chunk"].as_f64() {
-            assert_eq!(n, 1.0, "{what}");
-            let client_ttfc = first - result["t_start"].as_f64().unwrap();
-            if timed {
-                worst.1 = worst.1.max((ttfc - client_ttfc).abs());
-            }
+        let observed = |name: &str| delta(&format!("{name}_sum"), &gw);
+        let checks = [
+            (
+                "duration",
+                observed("observer_http_request_duration_seconds"),
+                sock("end") - sock("first_write"),
+            ),
+            (
+                "time to first byte",
+                observed("observer_http_time_to_first_byte_seconds"),
+                sock("first_read") - sock("last_write"),
+            ),
+            (
+                "time to first chunk",
+                observed("observer_http_time_to_first_chunk_seconds"),
+                // SPEC §4: the first content line of a stream, the first body byte otherwise.
+                sock(if streamed {
+                    "first_chunk"
+                } else {
+                    "first_body"
+                }) - sock("last_write"),
+            ),
+        ];
+        for (name, observer, client) in checks {
+            worst.note(name, observer - client);
             assert!(
-                !timed || (ttfc - client_ttfc).abs() <= TOLERANCE_S,
-                "time to first chunk {ttfc:.6} s, client {client_ttfc:.6} s: {what}"
+                (observer - client).abs() <= TOLERANCE_S,
+                "{name}: observer {observer:.6} s, client socket {client:.6} s: {what}"
+            );
+        }
+        // The same against the library call, reported only (Python's work included).
+        let api = |field: &str| result["api"][field].as_f64();
+        let api_duration = api("end").unwrap() - api("start").unwrap();
+        worst.note("duration, library call", checks[0].1 - api_duration);
+        if let Some(first) = api("first_chunk") {
+            worst.note(
+                "time to first chunk, library call",
+                checks[2].1 - (first - api("start").unwrap()),
             );
         }
 
-        // Token counts equal the final line's, on both roles.
+        // Token counts equal the final line's, and errors are errors, on both roles.
         for role in ["gateway", "upstream"] {
             for (kind, field) in [
                 ("prompt", "prompt_eval_count"),
                 ("completion", "eval_count"),
             ] {
                 let labels = [("role", role), ("type", kind)];
-                let added = after.value("observer_llm_tokens_total", &labels)
-                    - before.value("observer_llm_tokens_total", &labels);
                 assert_eq!(
-                    added,
+                    delta("observer_llm_tokens_total", &labels),
                     result[field].as_f64().unwrap_or(0.0),
                     "{role} {kind}: {what}"
                 );
             }
-            let labels = [("role", role), ("done_reason", "error")];
-            let errors = after.value("observer_llm_requests_total", &labels)
-                - before.value("observer_llm_requests_total", &labels);
+            let model = command["model"].as_str().unwrap();
             assert_eq!(
-                errors,
+                delta(
+                    "observer_llm_requests_total",
+                    &[("role", role), ("model", model)]
+                ),
+                1.0,
+                "{role}: {what}"
+            );
+            assert_eq!(
+                delta(
+                    "observer_llm_requests_total",
+                    &[("role", role), ("done_reason", "error")]
+                ),
                 if missing || faulty { 1.0 } else { 0.0 },
                 "{role}: {what}"
             );
         }
-        // A gateway overhead observation for every gateway exchange.
-        let (_, overheads) = delta("observer_gateway_overhead_seconds", &[]);
-        assert_eq!(overheads, 1.0, "{what}");
+
+        // One gateway overhead per gateway exchange, between 0 and the gateway's duration.
+        assert_eq!(
+            delta("observer_gateway_overhead_seconds_count", &[]),
+            1.0,
+            "{what}"
+        );
+        let overhead = delta("observer_gateway_overhead_seconds_sum", &[]);
+        assert!(
+            (0.0..=checks[0].1).contains(&overhead),
+            "overhead {overhead}: {what}"
+        );
         before = after;
     }
     drop(to_driver);
@@ -208,7 +331,8 @@ fn ollama_client_through_nginx_is_measured_exactly() {
     for role in ["gateway", "upstream"] {
         assert_eq!(
             last.value("observer_http_requests_in_flight", &[("role", role)]),
-            0.0
+            0.0,
+            "{role}"
         );
         assert_eq!(
             last.value("observer_http_parse_errors_total", &[("role", role)]),
@@ -217,16 +341,15 @@ fn ollama_client_through_nginx_is_measured_exactly() {
             daemon.log()
         );
     }
+    // Absent or zero.
     assert_eq!(last.value("observer_ebpf_events_lost_total", &[]), 0.0);
     assert_eq!(
         last.value("observer_gateway_unmatched_exchanges_total", &[]),
         0.0
     );
-    eprintln!(
-        "{} requests; worst |observer − client|: duration {:.3} ms, time to first chunk {:.3} ms",
-        commands.len(),
-        worst.0 * 1e3,
-        worst.1 * 1e3
-    );
+    eprintln!("{} requests; worst |observer − client|:", commands.len());
+    for (what, diff) in &worst.0 {
+        eprintln!("  {what}: {:.3} ms", diff * 1e3);
+    }
     daemon.stop();
 }

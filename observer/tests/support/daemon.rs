@@ -1,6 +1,7 @@
 //! The real daemon and simulator as child processes, for end-to-end tests: `observer run`
 //! (waited for until `/readyz` says 200, stopped with SIGTERM and required to exit 0), `observer
-//! sim` on a free port, and a parser of the text exposition for exact comparisons.
+//! sim` on a free port, a parser of the text exposition for exact comparisons, and real-time
+//! priority for the processes whose timing a test compares.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -74,7 +75,7 @@ impl Daemon {
         Samples::parse(&body)
     }
 
-    /// Stops the daemon with SIGTERM and requires a clean exit.
+    /// Stops the daemon with SIGTERM and requires a clean exit (status 0 within 10 s).
     pub fn stop(mut self) {
         let status = self.terminate();
         assert!(
@@ -84,11 +85,21 @@ impl Daemon {
         );
     }
 
+    /// SIGTERM, then SIGKILL (and `None`) if it has not exited within 10 s.
     fn terminate(&mut self) -> Option<std::process::ExitStatus> {
         let mut child = self.child.take()?;
         // SAFETY: kill with our own child's pid.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        child.wait().ok()
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
     }
 }
 
@@ -205,4 +216,20 @@ impl Samples {
     pub fn has(&self, name: &str) -> bool {
         self.0.iter().any(|(n, _, _)| n == name)
     }
+}
+
+/// Puts every thread of `pid` in `SCHED_FIFO` at the lowest real-time priority, so that on a
+/// machine busy with other tests it runs as soon as it is woken: a timing test then compares
+/// the observer with the client, not with the scheduler's latency. Returns whether it worked
+/// for every thread (it needs `CAP_SYS_NICE`; callers go on without it).
+pub fn realtime(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    let param = libc::sched_param { sched_priority: 1 };
+    tasks.flatten().all(|task| {
+        let tid: i32 = task.file_name().to_string_lossy().parse().unwrap();
+        // SAFETY: sched_setscheduler reads `param`, which outlives the call.
+        unsafe { libc::sched_setscheduler(tid, libc::SCHED_FIFO, &param) == 0 }
+    })
 }
