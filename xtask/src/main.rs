@@ -4,6 +4,8 @@
 //!   `bpf-linker`, and leave the object where `observer/build.rs` embeds it.
 //! - `clippy-ebpf`: clippy on the kernel programs (they build for the BPF target only, so the
 //!   workspace's plain `cargo clippy` does not see them).
+//! - `bench [NAME] [-- ARGS]`: the benchmarks in [`BENCHES`], all of them or the one named;
+//!   `ARGS` go to the benchmark binary (criterion's options, e.g. `--save-baseline main`).
 
 mod ebpf_object;
 
@@ -32,12 +34,44 @@ enum Task {
     },
     /// Run clippy (warnings denied) on the kernel programs.
     ClippyEbpf,
+    /// Run the benchmarks (release build): all of them, or the one named.
+    Bench {
+        /// Which benchmark (default: every one, in order).
+        #[arg(value_parser = clap::builder::PossibleValuesParser::new(BENCHES.iter().map(|b| b.name)))]
+        name: Option<String>,
+        /// Passed to the benchmark binary (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
+
+/// A benchmark `cargo xtask bench` runs: a `[[bench]]` target of the `observer` package.
+struct Bench {
+    /// The name on the command line.
+    name: &'static str,
+    /// The `[[bench]]` target in `observer/Cargo.toml`.
+    target: &'static str,
+}
+
+/// Every benchmark, in the order `cargo xtask bench` runs them.
+const BENCHES: &[Bench] = &[
+    // Capture events per second through one engine (criterion).
+    Bench {
+        name: "engine",
+        target: "engine",
+    },
+    // Resident memory of `observer run` with many open connections (needs root).
+    Bench {
+        name: "daemon-memory",
+        target: "daemon_memory",
+    },
+];
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::BuildEbpf { release } => build_ebpf(release),
         Task::ClippyEbpf => clippy_ebpf(),
+        Task::Bench { name, args } => bench(name.as_deref(), &args),
     }
 }
 
@@ -98,6 +132,30 @@ fn run(mut cmd: Command, what: &str) -> anyhow::Result<()> {
         bail!(
             "{what} failed ({status}); scripts/setup.sh installs nightly, rust-src and bpf-linker"
         );
+    }
+    Ok(())
+}
+
+/// `cargo bench -p observer --bench <target> -- <args>` for the named benchmark, or for each.
+fn bench(name: Option<&str>, args: &[String]) -> anyhow::Result<()> {
+    // Benchmarks build with the release profile, which embeds the release kernel object.
+    build_ebpf(true)?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    for bench in BENCHES
+        .iter()
+        .filter(|b| name.is_none_or(|name| b.name == name))
+    {
+        let mut cmd = Command::new(&cargo);
+        cmd.current_dir(workspace_root())
+            .args(["bench", "--package", "observer", "--bench", bench.target])
+            .arg("--")
+            .args(args);
+        let status = cmd
+            .status()
+            .with_context(|| format!("benchmark {}: cannot run cargo", bench.name))?;
+        if !status.success() {
+            bail!("benchmark {} failed ({status})", bench.name);
+        }
     }
     Ok(())
 }

@@ -216,8 +216,14 @@ impl ConnSink<'_, '_> {
 
     fn response_head(&mut self, head: &Head, ts: u64) -> BodyRule {
         let interim = (100..200).contains(&head.status) && head.status != 101;
-        // The oldest request without a finished response is the one answered.
-        let answered = self.state.pending.front();
+        // The oldest request without a finished response is the one answered, unless the
+        // response began before it: then it answers a request that was missed (a connection
+        // picked up mid-stream), and taking this one would shift every later pairing.
+        let answered = self
+            .state
+            .pending
+            .front()
+            .filter(|p| p.ts.request_first <= ts);
         let seq = answered.map(|p| p.seq);
         let method = answered.map(|p| p.method);
         if seq.is_none() && !interim {

@@ -401,6 +401,46 @@ fn a_connection_seen_mid_stream_resyncs_at_the_next_request() {
 }
 
 #[test]
+fn a_response_begun_before_a_request_does_not_answer_it() {
+    // Caught by the fuzz target's timestamp check (fuzz/): on a connection picked up
+    // mid-stream, a response to a
+    // request never seen is written in pieces while the client pipelines its next request.
+    // It used to answer that request: the response began before the request (negative time
+    // to first byte), and the request's real response was left unmatched.
+    let mut engine = Engine::new(EngineConfig::default());
+    engine.open(SERVER, 0, true);
+    whole(&mut engine, OUT, 1, b"HTTP/1.1 200 OK\r\n");
+    whole(&mut engine, IN, 2, b"GET /api/ps HTTP/1.1\r\n\r\n");
+    whole(&mut engine, OUT, 3, b"Content-Length: 2\r\n\r\n{}");
+    whole(
+        &mut engine,
+        OUT,
+        4,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\n{\"models\":[]}",
+    );
+    let ex = only(engine.drain_finished().collect());
+    assert_eq!(
+        (ex.path.as_str(), ex.outcome, ex.response_body_bytes),
+        ("/api/ps", Outcome::Complete, 13)
+    );
+    assert_eq!(
+        (
+            ex.ts.request_first,
+            ex.ts.response_first,
+            ex.ts.response_last
+        ),
+        (2, Some(4), Some(4))
+    );
+    assert_eq!(
+        engine
+            .errors()
+            .get(Role::Upstream, ErrorReason::UnmatchedResponse),
+        1
+    );
+    assert_eq!(engine.errors().total(), 1);
+}
+
+#[test]
 fn partial_capture_keeps_exact_framing_from_lengths() {
     let mut engine = Engine::new(EngineConfig::default());
     engine.open(SERVER, 0, false);
