@@ -320,6 +320,107 @@ fn bad_flags_are_one_line_errors() {
     }
 }
 
+/// `--exchanges`: one line per finished exchange instead of raw events; a streamed chat
+/// through nginx shows up once per end that was watched (curl's client side and nginx's server
+/// side of the gateway port, nginx's client side and the simulator's server side of the
+/// upstream port), each with the model, status and tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_exchanges_prints_finished_exchanges() {
+    if !support::require_root("trace_exchanges_prints_finished_exchanges") {
+        return;
+    }
+    let sim = sim_client::start(sim_client::fast_config()).await;
+    let sim_addr = sim.local_addr();
+    let nginx = tokio::task::spawn_blocking(move || Nginx::start(sim_addr))
+        .await
+        .unwrap();
+    let mut trace = Command::new(OBSERVER)
+        .args(["trace", "--exchanges", "--watch"])
+        .arg(format!("{}=gateway", nginx.port))
+        .arg("--watch")
+        .arg(format!("{}=upstream", sim_addr.port()))
+        .env("OBSERVER_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(trace.stdout.take().unwrap()).lines();
+    let mut stderr = BufReader::new(trace.stderr.take().unwrap()).lines();
+    ready_line(&mut stderr, &mut trace).await;
+    let curl = Command::new("curl")
+        .args(["-sS", "--max-time", "5", "--data-binary", sim_client::CHAT])
+        .arg(format!("http://{}/api/chat", nginx.addr()))
+        .output()
+        .await
+        .unwrap();
+    assert!(curl.status.success());
+    let mut ends = Vec::new();
+    for _ in 0..4 {
+        let line = tokio::time::timeout(EVENT_WAIT, next_line(&mut stdout))
+            .await
+            .expect("an exchange line in time")
+            .expect("an exchange line");
+        assert_eq!(
+            (
+                &line["method"],
+                &line["path"],
+                &line["status"],
+                &line["outcome"],
+                &line["exact"]
+            ),
+            (
+                &Value::from("POST"),
+                &Value::from("/api/chat"),
+                &Value::from(200),
+                &Value::from("complete"),
+                &Value::from(true)
+            ),
+            "{line}"
+        );
+        assert_eq!(
+            line["llm"]["completion_tokens"],
+            Value::from(sim_client::TOKENS),
+            "{line}"
+        );
+        assert!(line["llm"]["model"].is_string(), "{line}");
+        assert!(
+            line["duration_s"].as_f64().unwrap() >= line["time_to_first_chunk_s"].as_f64().unwrap()
+        );
+        ends.push(format!(
+            "{}/{}",
+            line["conn"]["role"].as_str().unwrap(),
+            line["conn"]["side"].as_str().unwrap()
+        ));
+    }
+    ends.sort();
+    assert_eq!(
+        ends,
+        [
+            "gateway/client",
+            "gateway/server",
+            "upstream/client",
+            "upstream/server"
+        ]
+    );
+    // SAFETY: kill with our own child's pid.
+    unsafe { libc::kill(trace.id().unwrap() as i32, libc::SIGTERM) };
+    assert!(trace.wait().await.unwrap().success());
+    let mut rest = Vec::new();
+    while let Some(line) = next_line(&mut stdout).await {
+        rest.push(line);
+    }
+    let mut summary = String::new();
+    while let Some(line) = stderr.next_line().await.unwrap() {
+        summary = line;
+    }
+    assert!(
+        summary.starts_with("observer trace: stopped; 4 exchanges printed;"),
+        "{summary} {rest:?}"
+    );
+}
+
 /// Waits for the ready line on stderr (log lines may come first).
 async fn ready_line(stderr: &mut Lines<BufReader<ChildStderr>>, trace: &mut Child) -> String {
     let mut seen = Vec::new();
