@@ -65,20 +65,7 @@ async fn trace_shows_a_curl_request_through_nginx_as_it_happens() {
     assert!(early.reply().await.head.starts_with("HTTP/1.1 200 OK"));
 
     let start = wall_now();
-    let mut trace = Command::new(OBSERVER)
-        .args(["trace", "--watch"])
-        .arg(format!("{}=gateway", nginx.port))
-        .arg("--watch")
-        .arg(format!("{}=upstream", sim_addr.port()))
-        .env("OBSERVER_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(trace.stdout.take().unwrap()).lines();
-    let mut stderr = BufReader::new(trace.stderr.take().unwrap()).lines();
+    let (mut trace, mut stdout, mut stderr) = start_trace(&[], nginx.port, sim_addr.port());
     let ready = ready_line(&mut stderr, &mut trace).await;
     assert_eq!(
         ready,
@@ -334,20 +321,8 @@ async fn trace_exchanges_prints_finished_exchanges() {
     let nginx = tokio::task::spawn_blocking(move || Nginx::start(sim_addr))
         .await
         .unwrap();
-    let mut trace = Command::new(OBSERVER)
-        .args(["trace", "--exchanges", "--watch"])
-        .arg(format!("{}=gateway", nginx.port))
-        .arg("--watch")
-        .arg(format!("{}=upstream", sim_addr.port()))
-        .env("OBSERVER_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(trace.stdout.take().unwrap()).lines();
-    let mut stderr = BufReader::new(trace.stderr.take().unwrap()).lines();
+    let (mut trace, mut stdout, mut stderr) =
+        start_trace(&["--exchanges"], nginx.port, sim_addr.port());
     ready_line(&mut stderr, &mut trace).await;
     let curl = Command::new("curl")
         .args(["-sS", "--max-time", "5", "--data-binary", sim_client::CHAT])
@@ -419,6 +394,35 @@ async fn trace_exchanges_prints_finished_exchanges() {
         summary.starts_with("observer trace: stopped; 4 exchanges printed;"),
         "{summary} {rest:?}"
     );
+}
+
+/// `observer trace` watching the gateway and upstream ports, with its output as lines.
+fn start_trace(
+    extra: &[&str],
+    gateway: u16,
+    upstream: u16,
+) -> (
+    Child,
+    Lines<BufReader<ChildStdout>>,
+    Lines<BufReader<ChildStderr>>,
+) {
+    let mut trace = Command::new(OBSERVER)
+        .arg("trace")
+        .args(extra)
+        .arg("--watch")
+        .arg(format!("{gateway}=gateway"))
+        .arg("--watch")
+        .arg(format!("{upstream}=upstream"))
+        .env("OBSERVER_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(trace.stdout.take().unwrap()).lines();
+    let stderr = BufReader::new(trace.stderr.take().unwrap()).lines();
+    (trace, stdout, stderr)
 }
 
 /// Waits for the ready line on stderr (log lines may come first).
