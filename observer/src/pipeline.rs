@@ -216,10 +216,6 @@ impl Pipeline {
     pub fn totals(&self) -> Totals {
         self.totals
     }
-
-    pub fn engine(&self) -> &Engine {
-        &self.engine
-    }
 }
 
 #[cfg(test)]

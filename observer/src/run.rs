@@ -138,11 +138,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             max_conns: config.max_conns as usize,
         },
     );
-    let ports: Vec<u16> = config.watch.iter().map(|w| w.port).collect();
-    for listener in seed::listeners(std::path::Path::new("/proc"), &ports).unwrap_or_default() {
-        if let Some(w) = config.watch.iter().find(|w| w.port == listener.addr.port()) {
-            pipeline.mark_local(w.port, w.role);
-        }
+    for &(port, role) in capture.seeded_listeners() {
+        pipeline.mark_local(port, role);
     }
     for conn in capture.seeded() {
         if conn.side == Side::Server {

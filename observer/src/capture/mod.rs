@@ -68,6 +68,8 @@ pub struct Capture {
     links: Vec<(&'static str, TracePointLinkId)>,
     logger: Option<KernelLogger>,
     seeded: Vec<ConnRecord>,
+    /// The watched ports found listening in `/proc` at start, with their roles.
+    seeded_listeners: Vec<(u16, Role)>,
 }
 
 /// Forwards `aya-log-ebpf` records to this process's `log`/`tracing` output.
@@ -139,6 +141,7 @@ impl Capture {
             links: Vec::new(),
             logger,
             seeded: Vec::new(),
+            seeded_listeners: Vec::new(),
         })
     }
 
@@ -162,8 +165,15 @@ impl Capture {
                 .map_mut(names::WATCHED_TGIDS)
                 .context("WATCHED_TGIDS map missing")?,
         )?;
-        for (key, _) in &found.listeners {
+        for (key, listener) in &found.listeners {
             tgids.insert(key.tgid, 1, 0)?;
+            if let (Ok(port), Some(role)) = (
+                u16::try_from(listener.port),
+                Role::from_kernel(listener.role),
+            ) && !self.seeded_listeners.contains(&(port, role))
+            {
+                self.seeded_listeners.push((port, role));
+            }
         }
         let mut conns: HashMap<_, SockKey, ConnInfo> = HashMap::try_from(
             self.ebpf
@@ -222,6 +232,11 @@ impl Capture {
     /// kernel sends no open event for them.
     pub fn seeded(&self) -> &[ConnRecord] {
         &self.seeded
+    }
+
+    /// The watched ports that had a listener on this host at start, with their roles.
+    pub fn seeded_listeners(&self) -> &[(u16, Role)] {
+        &self.seeded_listeners
     }
 
     /// Forgets the connections and listeners of processes that have exited: their fds closed
