@@ -172,11 +172,6 @@ impl MessageParser {
         !matches!(self.state, State::Idle | State::Resync | State::Opaque)
     }
 
-    /// Heap bytes held (the split-head buffer).
-    pub fn buffered(&self) -> usize {
-        self.buf.capacity()
-    }
-
     /// One write or read: `len` bytes moved, of which the first `head.len()` and the last
     /// `tail.len()` were captured.
     pub fn segment(&mut self, ts: u64, len: u64, head: &[u8], tail: &[u8], sink: &mut impl Sink) {
@@ -359,24 +354,23 @@ impl MessageParser {
         let before = self.buf.len();
         let taken = bytes.len().min(MAX_HEAD + 1 - before);
         self.buf.extend_from_slice(&bytes[..taken]);
-        let buf = std::mem::take(&mut self.buf);
-        let parsed = parse_head(self.kind, &buf);
-        self.buf = buf;
+        let parsed = parse_head(self.kind, &self.buf);
+        let too_large = self.buf.len() > MAX_HEAD;
+        if !matches!(parsed, Parsed::Partial) || too_large {
+            self.buf.clear();
+        }
         match parsed {
             Parsed::Complete(head, len) => {
-                self.buf.clear();
                 self.start_body(head, sink);
                 len - before
             }
-            Parsed::Partial if self.buf.len() > MAX_HEAD => {
-                self.buf.clear();
+            Parsed::Partial if too_large => {
                 self.reject_head(ErrorReason::HeadTooLarge, sink);
                 // Skip the rest of this write; resync at the next one.
                 bytes.len()
             }
             Parsed::Partial => taken,
             Parsed::Invalid(reason) => {
-                self.buf.clear();
                 self.reject_head(reason, sink);
                 // Start looking again just after the first buffered byte.
                 0
@@ -403,29 +397,23 @@ impl MessageParser {
 
     /// A gap inside a head: read what its first lines say, then fall back.
     fn cut_head(&mut self, sink: &mut impl Sink) {
-        let buf = std::mem::take(&mut self.buf);
-        match parse_cut_head(self.kind, &buf) {
-            Some(head) => {
-                sink.error(ErrorReason::TruncatedHead);
-                self.last_ts = self.head_ts;
-                let chunked = head.chunked;
-                match sink.head(&head, self.head_ts) {
-                    BodyRule::Opaque => self.state = State::Opaque,
-                    BodyRule::None => {
-                        // The rest of the head is in the gap; nothing follows it.
-                        self.end_message(sink);
-                        self.state = State::Resync;
-                    }
-                    BodyRule::Framed => self.unframe(chunked),
-                }
-            }
-            None => {
-                sink.error(ErrorReason::TruncatedHead);
+        let head = parse_cut_head(self.kind, &self.buf);
+        self.buf.clear();
+        sink.error(ErrorReason::TruncatedHead);
+        let Some(head) = head else {
+            self.state = State::Resync;
+            return;
+        };
+        self.last_ts = self.head_ts;
+        match sink.head(&head, self.head_ts) {
+            BodyRule::Opaque => self.state = State::Opaque,
+            BodyRule::None => {
+                // The rest of the head is in the gap; nothing follows it.
+                self.end_message(sink);
                 self.state = State::Resync;
             }
+            BodyRule::Framed => self.unframe(head.chunked),
         }
-        self.buf = buf;
-        self.buf.clear();
     }
 
     fn start_body(&mut self, head: Head, sink: &mut impl Sink) {
@@ -470,14 +458,14 @@ impl MessageParser {
                     _ if digits > 0 && matches!(b, b';' | b' ' | b'\t' | b'\r') => {
                         Chunk::SizeLine { size }
                     }
-                    _ if digits > 0 && b == b'\n' => return self.chunk_size_done(size, sink),
+                    _ if digits > 0 && b == b'\n' => return self.chunk_size_done(size),
                     _ => return self.bad_chunk(sink),
                 };
                 (next, 1)
             }
             Chunk::SizeLine { size } => match memchr::memchr(b'\n', bytes) {
                 Some(at) => {
-                    let used = self.chunk_size_done(size, sink);
+                    let used = self.chunk_size_done(size);
                     return at + used;
                 }
                 None => (chunk, bytes.len()),
@@ -502,7 +490,7 @@ impl MessageParser {
     }
 
     /// The size line is read (its line feed is the byte at hand).
-    fn chunk_size_done(&mut self, size: u64, _sink: &mut impl Sink) -> usize {
+    fn chunk_size_done(&mut self, size: u64) -> usize {
         self.state = State::Chunked(if size == 0 {
             Chunk::Trailer { blank: true }
         } else {
