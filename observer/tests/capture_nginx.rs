@@ -13,7 +13,7 @@ use observer::capture::{
     Role,
     decode::{ConnRecord, DataRecord, Direction, Event, Side},
 };
-use support::{capture as cap, capture::ConnView, nginx::Nginx, sim_client};
+use support::{capture as cap, capture::ConnView, sim_client};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -26,11 +26,8 @@ async fn requests_through_nginx_show_on_gateway_and_upstream() {
     if !support::require_root("requests_through_nginx_show_on_gateway_and_upstream") {
         return;
     }
-    let sim = sim_client::start(sim_client::fast_config()).await;
+    let (sim, nginx) = support::nginx::in_front_of_sim().await;
     let sim_addr = sim.local_addr();
-    let nginx = tokio::task::spawn_blocking(move || Nginx::start(sim_addr))
-        .await
-        .unwrap();
     let (master, workers) = (nginx.master_pid(), nginx.worker_pids());
     let me = std::process::id();
     // The simulator is this process: it must not be left out.

@@ -9,7 +9,7 @@ use std::{process::Stdio, time::Duration};
 
 use observer::capture::TRACEPOINTS;
 use serde_json::Value;
-use support::{nginx::Nginx, sim_client};
+use support::sim_client;
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines},
     process::{Child, ChildStderr, ChildStdout, Command},
@@ -52,11 +52,8 @@ async fn trace_shows_a_curl_request_through_nginx_as_it_happens() {
         return;
     }
     let me = std::process::id();
-    let sim = sim_client::start(sim_client::fast_config()).await;
+    let (sim, nginx) = support::nginx::in_front_of_sim().await;
     let sim_addr = sim.local_addr();
-    let nginx = tokio::task::spawn_blocking(move || Nginx::start(sim_addr))
-        .await
-        .unwrap();
     let workers = nginx.worker_pids();
     // A keep-alive connection straight to the simulator, open before the trace starts: both
     // of its ends (this process) are seeded.
@@ -316,11 +313,8 @@ async fn trace_exchanges_prints_finished_exchanges() {
     if !support::require_root("trace_exchanges_prints_finished_exchanges") {
         return;
     }
-    let sim = sim_client::start(sim_client::fast_config()).await;
+    let (sim, nginx) = support::nginx::in_front_of_sim().await;
     let sim_addr = sim.local_addr();
-    let nginx = tokio::task::spawn_blocking(move || Nginx::start(sim_addr))
-        .await
-        .unwrap();
     let (mut trace, mut stdout, mut stderr) =
         start_trace(&["--exchanges"], nginx.port, sim_addr.port());
     ready_line(&mut stderr, &mut trace).await;

@@ -155,3 +155,14 @@ impl Drop for Nginx {
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A fast in-process `observer sim` with nginx in front of it (needs a multi-thread runtime:
+/// nginx is started off the async threads).
+pub async fn in_front_of_sim() -> (observer::sim::SimServer, Nginx) {
+    let sim = super::sim_client::start(super::sim_client::fast_config()).await;
+    let sim_addr = sim.local_addr();
+    let nginx = tokio::task::spawn_blocking(move || Nginx::start(sim_addr))
+        .await
+        .unwrap();
+    (sim, nginx)
+}
