@@ -67,7 +67,7 @@ impl Pipeline {
 
     /// Whether exchanges and connections of this end are the ones counted.
     pub fn counts(&self, meta: &ConnMeta) -> bool {
-        meta.side == Side::Server || !self.local_ports.contains(&meta.port)
+        counted(&self.local_ports, meta)
     }
 
     pub fn on_event(&mut self, event: &Event) {
@@ -139,14 +139,13 @@ impl Pipeline {
     /// After a batch of events: finished exchanges into metrics (and to `each`), correlation
     /// up to `now_ns` (the capture clock), engine errors and in-flight gauges.
     pub fn flush(&mut self, now_ns: u64, mut each: impl FnMut(&Exchange)) {
-        let finished: Vec<Exchange> = self.engine.drain_finished().collect();
-        for ex in &finished {
+        for ex in self.engine.drain_finished() {
             self.totals.exchanges += 1;
-            self.correlator.add(ex);
-            if self.counts(&ex.conn) {
-                self.metrics.observe_exchange(ex);
+            self.correlator.add(&ex);
+            if counted(&self.local_ports, &ex.conn) {
+                self.metrics.observe_exchange(&ex);
             }
-            each(ex);
+            each(&ex);
         }
         let resolved = self.correlator.resolve(now_ns);
         for o in &resolved.overheads {
@@ -216,6 +215,12 @@ impl Pipeline {
     pub fn totals(&self) -> Totals {
         self.totals
     }
+}
+
+/// The count-once rule: the server side always; the client side where the port's listener is
+/// not on this host.
+fn counted(local_ports: &HashSet<u16>, meta: &ConnMeta) -> bool {
+    meta.side == Side::Server || !local_ports.contains(&meta.port)
 }
 
 #[cfg(test)]
