@@ -29,6 +29,10 @@
 //! Example: `X-Sim-Fault: first-token-ms=4000` or `X-Sim-Fault: reset-after=3, slow-head-ms=200`.
 //! A malformed header is answered 400 with `{"error": "..."}`.
 //!
+//! A running simulator can be stalled as a whole ([`SimControl`]; SIGUSR1 for `observer sim`,
+//! SIGUSR2 resumes): inference requests are then read and never answered, whatever their
+//! header; listing routes keep answering, as when Ollama's runner hangs but its API does not.
+//!
 //! # Timing and metrics
 //!
 //! A model's first use (and first use after `--keep-alive-secs`) waits `--load-ms`; then the
@@ -68,7 +72,7 @@ pub use config::{ConfigError, DEFAULT_MODELS, DEFAULT_OLLAMA_VERSION, SimConfig}
 pub use faults::{FAULT_HEADER, FaultRates};
 pub use generation::{Timing, prompt_tokens, reply_text};
 pub use request::Limits;
-pub use server::{SimServer, serve, serve_with_shutdown, spawn};
+pub use server::{SimControl, SimServer, serve, serve_controlled, serve_with_shutdown, spawn};
 
 /// Flags of `observer sim`.
 #[derive(Debug, Clone, clap::Args)]
@@ -161,7 +165,8 @@ pub struct LimitArgs {
 }
 
 /// `observer sim`: binds, prints `observer sim listening on ADDR` on stdout when ready, serves
-/// until SIGINT or SIGTERM.
+/// until SIGINT or SIGTERM. SIGUSR1 stalls inference routes (requests read, never answered),
+/// SIGUSR2 resumes them.
 pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     let config = SimConfig::from_args(&args)?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
@@ -179,10 +184,24 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         writeln!(stdout, "observer sim listening on {addr}").context("cannot write to stdout")?;
         stdout.flush().context("cannot write to stdout")?;
     }
-    serve_with_shutdown(listener, config, async move {
-        tokio::select! {
-            _ = interrupt.recv() => info!("SIGINT received"),
-            _ = terminate.recv() => info!("SIGTERM received"),
+    let mut stall = signal(SignalKind::user_defined1()).context("cannot watch SIGUSR1")?;
+    let mut resume = signal(SignalKind::user_defined2()).context("cannot watch SIGUSR2")?;
+    let control = SimControl::default();
+    let switch = control.clone();
+    serve_controlled(listener, config, control, async move {
+        loop {
+            tokio::select! {
+                _ = interrupt.recv() => break info!("SIGINT received"),
+                _ = terminate.recv() => break info!("SIGTERM received"),
+                _ = stall.recv() => {
+                    switch.stall();
+                    info!("SIGUSR1 received: stalling inference requests");
+                }
+                _ = resume.recv() => {
+                    switch.resume();
+                    info!("SIGUSR2 received: answering inference requests again");
+                }
+            }
         }
     })
     .await

@@ -7,7 +7,10 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicBool, Ordering},
+};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
@@ -24,16 +27,39 @@ use super::request::{Request, RequestError, RequestReader};
 use super::response::{ResponseWriter, WriteError};
 use super::routes::{self, Exchange, Resolution, native_error};
 
+/// Switches a running simulator between serving and stalling, from outside (a test, or
+/// `observer sim`'s SIGUSR1/SIGUSR2). While stalled, inference requests are read and never
+/// answered, as by an Ollama whose GPU hung; listing routes keep answering.
+#[derive(Debug, Clone, Default)]
+pub struct SimControl {
+    stalled: Arc<AtomicBool>,
+}
+
+impl SimControl {
+    pub fn stall(&self) {
+        self.stalled.store(true, Ordering::Relaxed);
+    }
+
+    pub fn resume(&self) {
+        self.stalled.store(false, Ordering::Relaxed);
+    }
+
+    pub fn is_stalled(&self) -> bool {
+        self.stalled.load(Ordering::Relaxed)
+    }
+}
+
 /// State shared by all connections of one simulator.
 #[derive(Debug)]
 pub struct SimState {
     pub config: SimConfig,
     pub models: ModelCatalog,
     dice: Mutex<Dice>,
+    control: SimControl,
 }
 
 impl SimState {
-    pub fn new(config: SimConfig) -> Self {
+    pub fn new(config: SimConfig, control: SimControl) -> Self {
         let seed = config.seed.unwrap_or_else(|| {
             SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -43,6 +69,7 @@ impl SimState {
             models: ModelCatalog::new(&config.models, SystemTime::now()),
             dice: Mutex::new(Dice::new(seed)),
             config,
+            control,
         }
     }
 
@@ -58,10 +85,17 @@ impl SimState {
 
     /// The request's faults: forced by its header, else rolled for inference routes.
     fn plan_for(&self, request: &Request) -> Result<FaultPlan, super::faults::FaultHeaderError> {
+        let route = routes::resolve(&request.method, &request.path);
+        if self.control.is_stalled() && matches!(route, Resolution::Found(r) if r.is_inference()) {
+            return Ok(FaultPlan {
+                hang: true,
+                ..FaultPlan::default()
+            });
+        }
         if let Some(forced) = request.header(FAULT_HEADER) {
             return FaultPlan::from_header(forced);
         }
-        match routes::resolve(&request.method, &request.path) {
+        match route {
             Resolution::Found(route) if route.is_inference() => {
                 Ok(FaultPlan::roll(&self.config.faults, &mut self.dice()))
             }
@@ -74,6 +108,7 @@ impl SimState {
 #[derive(Debug)]
 pub struct SimServer {
     local_addr: SocketAddr,
+    control: SimControl,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -82,6 +117,11 @@ impl SimServer {
     /// The address actually bound (useful after binding port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The switch that stalls and resumes this simulator.
+    pub fn control(&self) -> SimControl {
+        self.control.clone()
     }
 
     /// Stops accepting, drops open connections, and waits for the server task.
@@ -104,11 +144,18 @@ impl Drop for SimServer {
 pub fn spawn(listener: TcpListener, config: SimConfig) -> std::io::Result<SimServer> {
     let local_addr = listener.local_addr()?;
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(serve_with_shutdown(listener, config, async move {
-        let _ = stopped.await;
-    }));
+    let control = SimControl::default();
+    let task = tokio::spawn(serve_controlled(
+        listener,
+        config,
+        control.clone(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
     Ok(SimServer {
         local_addr,
+        control,
         stop: Some(stop),
         task,
     })
@@ -125,7 +172,17 @@ pub async fn serve_with_shutdown(
     config: SimConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let sim = std::sync::Arc::new(SimState::new(config));
+    serve_controlled(listener, config, SimControl::default(), shutdown).await
+}
+
+/// Serves until `shutdown` completes, stalling while `control` says so.
+pub async fn serve_controlled(
+    listener: TcpListener,
+    config: SimConfig,
+    control: SimControl,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let sim = Arc::new(SimState::new(config, control));
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
