@@ -14,6 +14,7 @@
 //! - [`gpu`]: NVIDIA GPUs through NVML, loaded at run time; absent drivers are normal.
 //! - [`metrics`]: one `Metrics` owning the Prometheus registry; exchanges in, exposition out.
 //! - [`pipeline`]: capture events → engine → metrics and gateway correlation; counts each exchange once.
+//! - [`procfs`]: CPU, memory, fds and threads of the processes that own the watched listeners.
 //! - [`run`]: `observer run`, the daemon: capture, pipeline and admin server wired together.
 //! - [`sim`]: `observer sim`, a simulated Ollama upstream speaking Ollama's real wire format.
 //! - [`trace`]: `observer trace`, the capture's events as JSON lines, for debugging the kernel side.
@@ -28,6 +29,7 @@ pub mod engine;
 pub mod gpu;
 pub mod metrics;
 pub mod pipeline;
+pub mod procfs;
 pub mod run;
 pub mod sim;
 pub mod trace;

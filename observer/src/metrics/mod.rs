@@ -55,10 +55,20 @@ impl Default for MetricsConfig {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    prefix: String,
     families: Families,
     routes: Routes,
     models: ModelLabels,
     llm_role: Role,
+}
+
+/// The full name of a family: `{prefix}_{name}`, or `name` alone for an empty prefix.
+pub fn family_name(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{prefix}_{name}")
+    }
 }
 
 fn seconds(ns: u64) -> f64 {
@@ -81,6 +91,7 @@ impl Metrics {
             .set(1);
         Ok(Metrics {
             registry,
+            prefix: config.prefix,
             families,
             routes,
             models: ModelLabels::default(),
@@ -90,6 +101,18 @@ impl Metrics {
 
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// The metric name prefix (`--metric-prefix`), for collectors that name their own families.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Registers a collector that renders its own families at scrape time (GPU, processes).
+    pub fn register(&self, collector: Box<dyn prometheus::core::Collector>) -> anyhow::Result<()> {
+        self.registry
+            .register(collector)
+            .context("registering a metrics collector")
     }
 
     /// The `route` label of a request path: a known route, an extra route, or `other`.

@@ -1,11 +1,32 @@
-//! NVIDIA GPUs through NVML, loaded at run time (`nvml-wrapper` dlopens the driver's library).
+//! NVIDIA GPUs through NVML, loaded at run time (`nvml-wrapper` dlopens the driver's library),
+//! and the `gpu_*` metric families (SPEC §5, §7).
 //!
 //! A host without the NVIDIA driver is normal: every entry point here reports "unavailable"
-//! with the reason instead of failing. (The metrics collector builds on [`open`].)
+//! with the reason instead of failing, and then no GPU series is exported at all.
+//!
+//! - [`reading`]: what one read of the GPUs returns; the [`GpuSource`] seam.
+//! - [`nvml`]: [`NvmlSource`], the source over NVML.
+//! - [`collector`]: [`GpuCollector`], the families rendered at scrape time.
+//! - [`monitor`]: [`GpuMonitor`], start-up and the periodic read → update the daemon drives.
+
+pub mod collector;
+pub mod monitor;
+pub mod nvml;
+pub mod reading;
+
+#[cfg(test)]
+mod fixtures;
 
 use std::ffi::OsStr;
 
 use nvml_wrapper::Nvml;
+
+pub use self::{
+    collector::GpuCollector,
+    monitor::{GpuMonitor, process_comm},
+    nvml::NvmlSource,
+    reading::{GpuProcess, GpuReading, GpuSnapshot, GpuSource},
+};
 
 /// Library names to try, most specific first: driver packages always ship the `.so.1`, the
 /// unversioned name only comes with development files.
@@ -68,5 +89,24 @@ pub fn detect() -> GpuPresence {
     GpuPresence::Available {
         driver_version,
         gpus,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_driver_open_says_which_library_is_missing() {
+        match open() {
+            Ok(_) => eprintln!("skipped: an NVIDIA driver is installed on this host"),
+            Err(reason) => {
+                assert!(
+                    reason.starts_with("no usable NVIDIA driver library (libnvidia-ml.so.1: "),
+                    "{reason}"
+                );
+                assert_eq!(detect(), GpuPresence::Unavailable { reason });
+            }
+        }
     }
 }
