@@ -1,6 +1,7 @@
 //! The admin HTTP server (SPEC §9), on its own listener apart from any traffic port:
-//! `/metrics` (optionally behind a bearer token), `/healthz`, `/readyz`, `/status`; 404 for
-//! any other path, 405 for another method on one of these.
+//! `/metrics` (optionally behind a bearer token), `/healthz`, `/readyz` (the daemon itself),
+//! `/ready/model` and `/ready/model/{name}` (the readiness probe's verdict, for load
+//! balancers), `/status`; 404 for any other path, 405 for another method on one of these.
 //!
 //! Owns the routes and the [`StatusBoard`] the daemon writes its state into. It reads metrics
 //! and state and never changes them; it must not serve anything from the traffic it observes.
@@ -9,7 +10,7 @@ use std::{
     future::Future,
     path::Path,
     sync::{
-        Arc, PoisonError, RwLock,
+        Arc, OnceLock, PoisonError, RwLock,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::{Instant, SystemTime},
@@ -18,7 +19,7 @@ use std::{
 use anyhow::{Context as _, ensure};
 use axum::{
     Json, Router,
-    extract::State,
+    extract::{Path as UrlPath, State},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
@@ -27,6 +28,7 @@ use axum::{
 use crate::{
     capture::Role,
     metrics::{ExpositionFormat, Metrics},
+    probe::Readiness,
     wallclock,
 };
 
@@ -68,6 +70,8 @@ pub struct StatusBoard {
     events: AtomicU64,
     exchanges: AtomicU64,
     connections_open: AtomicU64,
+    /// The probe's verdicts and the upstream it probes, once the probe runs.
+    probe: OnceLock<(Readiness, String)>,
 }
 
 impl StatusBoard {
@@ -84,7 +88,13 @@ impl StatusBoard {
             events: AtomicU64::new(0),
             exchanges: AtomicU64::new(0),
             connections_open: AtomicU64::new(0),
+            probe: OnceLock::new(),
         }
+    }
+
+    /// Makes `/ready/model` answer from the probe's verdicts (once; later calls are ignored).
+    pub fn attach_probe(&self, readiness: Readiness, upstream: String) {
+        let _ = self.probe.set((readiness, upstream));
     }
 
     pub fn set_programs_attached(&self, n: usize) {
@@ -152,6 +162,16 @@ impl StatusBoard {
             .map(|(port, role)| serde_json::json!({ "port": port, "role": role }))
             .collect();
         let readiness = self.readiness();
+        let models = self.probe.get().and_then(|(probe, upstream)| {
+            let report = probe.report(upstream, None)?;
+            Some(
+                report
+                    .models
+                    .iter()
+                    .map(|m| serde_json::json!({ "model": m.model, "verdict": m.verdict }))
+                    .collect::<Vec<_>>(),
+            )
+        });
         serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
             "mode": self.mode,
@@ -162,6 +182,7 @@ impl StatusBoard {
             "events": self.events.load(Ordering::Relaxed),
             "exchanges": self.exchanges.load(Ordering::Relaxed),
             "connections_open": self.connections_open.load(Ordering::Relaxed),
+            "models": models,
             "started_at": wallclock::rfc3339_nano(self.started_at),
             "uptime_seconds": self.started.elapsed().as_secs_f64(),
         })
@@ -201,6 +222,8 @@ fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/ready/model", get(ready_model_all))
+        .route("/ready/model/{*model}", get(ready_model_one))
         .route("/status", get(status))
         .fallback(not_found)
         .with_state(state)
@@ -242,6 +265,42 @@ async fn readyz(State(state): State<AdminState>) -> Response {
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {reason}\n"),
         ),
+    }
+}
+
+async fn ready_model_all(State(state): State<AdminState>) -> Response {
+    ready_model(&state, None)
+}
+
+async fn ready_model_one(
+    State(state): State<AdminState>,
+    UrlPath(model): UrlPath<String>,
+) -> Response {
+    ready_model(&state, Some(&model))
+}
+
+/// 200 when the probed models (or the one named) are ready, 503 when not, with the verdicts as
+/// JSON either way; 404 when the probe is off or does not probe that model.
+fn ready_model(state: &AdminState, model: Option<&str>) -> Response {
+    let Some((probe, upstream)) = state.status.probe.get() else {
+        let body = serde_json::json!({ "error": "the readiness probe is off (--no-probe)" });
+        return (StatusCode::NOT_FOUND, Json(body)).into_response();
+    };
+    match probe.report(upstream, model) {
+        Some(report) => {
+            let code = if report.ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            (code, Json(report)).into_response()
+        }
+        None => {
+            let body = serde_json::json!({
+                "error": format!("model {:?} is not probed (see --model)", model.unwrap_or_default())
+            });
+            (StatusCode::NOT_FOUND, Json(body)).into_response()
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use std::{io::IsTerminal as _, process::ExitCode};
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
-use crate::{check, run, sim, trace};
+use crate::{check, probe, run, sim, trace};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -35,7 +35,9 @@ pub enum Command {
     /// Run a simulated Ollama upstream (real wire format, configurable timing and faults).
     Sim(sim::SimArgs),
     /// Run the daemon: kernel capture → HTTP exchanges → Prometheus metrics on the admin server (root).
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
+    /// Check once whether the upstream's models can answer (exit 0 ready, 1 not ready, 3 unreachable).
+    Probe(probe::ProbeArgs),
     /// Print the kernel capture's events (or, with --exchanges, HTTP exchanges) as JSON lines until interrupted (root).
     Trace(trace::TraceArgs),
 }
@@ -70,8 +72,9 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Check(args) => check::run(args).await,
             Command::Sim(args) => sim::run(args).await.map(|()| ExitCode::SUCCESS),
-            Command::Run(args) => run::run(args).await,
+            Command::Run(args) => run::run(*args).await,
             Command::Trace(args) => trace::run(args).await,
+            Command::Probe(args) => probe::run(args).await,
         }
     });
     match result {

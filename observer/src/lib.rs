@@ -10,10 +10,12 @@
 //! - [`cli`]: command line, logging set-up, dispatch to the subcommands.
 //! - [`capture`]: load and attach the embedded kernel programs, read and decode the ring buffer.
 //! - [`check`]: `observer check`, what this host supports and which mode will work.
+//! - [`collectors`]: process resources and GPUs, read on one thread beside the pipeline.
 //! - [`engine`]: the HTTP exchange engine: per-connection bytes in, exchanges with LLM fields out.
 //! - [`gpu`]: NVIDIA GPUs through NVML, loaded at run time; absent drivers are normal.
 //! - [`metrics`]: one `Metrics` owning the Prometheus registry; exchanges in, exposition out.
 //! - [`pipeline`]: capture events → engine → metrics and gateway correlation; counts each exchange once.
+//! - [`probe`]: the model readiness probe (tcp, api, generate stages), `observer probe`.
 //! - [`procfs`]: CPU, memory, fds and threads of the processes that own the watched listeners.
 //! - [`run`]: `observer run`, the daemon: capture, pipeline and admin server wired together.
 //! - [`sim`]: `observer sim`, a simulated Ollama upstream speaking Ollama's real wire format.
@@ -25,10 +27,12 @@ pub mod admin;
 pub mod capture;
 pub mod check;
 pub mod cli;
+pub mod collectors;
 pub mod engine;
 pub mod gpu;
 pub mod metrics;
 pub mod pipeline;
+pub mod probe;
 pub mod procfs;
 pub mod run;
 pub mod sim;

@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 use crate::capture::{
     KernelCounters, Role,
-    decode::{Direction, Event, Side},
+    decode::{ConnRecord, Direction, Event, Side},
+    own_ports::OwnPorts,
 };
 use crate::engine::{ConnMeta, Engine, EngineConfig, ErrorCounts, Exchange, correlate::Correlator};
 use crate::metrics::Metrics;
@@ -32,6 +33,10 @@ pub struct Pipeline {
     local_ports: HashSet<u16>,
     /// Roles with a local listener: their in-flight gauge follows the server side.
     local_roles: [bool; 2],
+    /// Ports of the daemon's own client connections: their server end is not observed.
+    own_ports: Option<OwnPorts>,
+    /// Server ends of the daemon's own connections, skipped until they close.
+    ignored: HashSet<u64>,
     /// Counted connections open now, for `tcp_connections_active`.
     active: HashSet<u64>,
     active_by_role: [i64; 2],
@@ -50,6 +55,8 @@ impl Pipeline {
             metrics,
             local_ports: HashSet::new(),
             local_roles: [false; 2],
+            own_ports: None,
+            ignored: HashSet::new(),
             active: HashSet::new(),
             active_by_role: [0; 2],
             reported_errors: ErrorCounts::default(),
@@ -63,6 +70,11 @@ impl Pipeline {
     pub fn mark_local(&mut self, port: u16, role: Role) {
         self.local_ports.insert(port);
         self.local_roles[role.index()] = true;
+    }
+
+    /// Server-side connections from these ports (the daemon's own probes) are ignored.
+    pub fn ignore_peers(&mut self, own_ports: OwnPorts) {
+        self.own_ports = Some(own_ports);
     }
 
     /// Whether exchanges and connections of this end are the ones counted.
@@ -79,13 +91,26 @@ impl Pipeline {
             }
             Event::Open(c) => {
                 self.metrics.add_ebpf_events("open", 1);
-                self.on_open(c.into(), c.ts_ns, c.seeded);
+                self.on_conn_open(c);
             }
             Event::Close(c) => {
                 self.metrics.add_ebpf_events("close", 1);
                 self.on_close(c.conn_id, c.role);
             }
         }
+    }
+
+    /// A connection the capture saw open (or found open when seeded), unless it is the server's
+    /// end of one of the daemon's own connections.
+    pub fn on_conn_open(&mut self, c: &ConnRecord) {
+        if c.side == Side::Server
+            && let (Some(own), Some(remote)) = (&self.own_ports, c.remote)
+            && own.contains(remote.port())
+        {
+            self.ignored.insert(c.conn_id);
+            return;
+        }
+        self.on_open(c.into(), c.ts_ns, c.seeded);
     }
 
     /// A connection opened (`existing`: found already open, e.g. seeded from `/proc`).
@@ -111,6 +136,9 @@ impl Pipeline {
         head: &[u8],
         tail: &[u8],
     ) {
+        if !self.ignored.is_empty() && self.ignored.contains(&meta.conn_id) {
+            return;
+        }
         if self.counts(&meta) {
             self.metrics.add_bytes(meta.role, direction, len);
             self.activate(meta);
@@ -119,6 +147,9 @@ impl Pipeline {
     }
 
     pub fn on_close(&mut self, conn_id: u64, role: Role) {
+        if self.ignored.remove(&conn_id) {
+            return;
+        }
         self.engine.close(conn_id);
         if self.active.remove(&conn_id) {
             self.metrics.connection_closed(role);

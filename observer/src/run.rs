@@ -16,12 +16,15 @@ use crate::admin::{self, AdminConfig, StatusBoard};
 use crate::capture::{
     Capture, Role,
     decode::Side,
+    own_ports::OwnPorts,
     reader::{self, EventReader},
     seed,
 };
+use crate::collectors::{self, ResourceArgs};
 use crate::engine::EngineConfig;
 use crate::metrics::{Metrics, MetricsConfig};
 use crate::pipeline::Pipeline;
+use crate::probe::{self, DaemonProbeArgs};
 use crate::trace::{CaptureArgs, watch_list};
 
 /// Flags of the admin server and the metrics it serves; `observer proxy` shares them.
@@ -86,6 +89,25 @@ pub struct RunArgs {
     pub capture: CaptureArgs,
     #[command(flatten)]
     pub metrics: MetricsArgs,
+    #[command(flatten)]
+    pub probe: DaemonProbeArgs,
+    #[command(flatten)]
+    pub resources: ResourceArgs,
+}
+
+/// Starts the readiness probe unless `--no-probe`, with `/ready/model` answering from it.
+pub fn start_probe(
+    args: &DaemonProbeArgs,
+    metrics: &Metrics,
+    status: &StatusBoard,
+    own_ports: OwnPorts,
+) -> anyhow::Result<Option<probe::Prober>> {
+    if args.no_probe {
+        return Ok(None);
+    }
+    let prober = probe::spawn(args, metrics, own_ports)?;
+    status.attach_probe(prober.readiness(), prober.upstream().to_owned());
+    Ok(Some(prober))
 }
 
 /// How often exited processes are swept and kernel counters read.
@@ -120,6 +142,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         },
     ));
 
+    let own_ports = OwnPorts::default();
+    let _prober = start_probe(&args.probe, &metrics, &status, own_ports.clone())?;
+    let _collectors = collectors::start(&args.resources, &metrics, &config.watch)?;
+
     // Loading and verifying the programs takes seconds: off the async threads.
     let mut capture = {
         let config = config.clone();
@@ -138,6 +164,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             max_conns: config.max_conns as usize,
         },
     );
+    pipeline.ignore_peers(own_ports);
     for &(port, role) in capture.seeded_listeners() {
         pipeline.mark_local(port, role);
     }
@@ -147,7 +174,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
     }
     for conn in capture.seeded() {
-        pipeline.on_open(conn.into(), conn.ts_ns, true);
+        pipeline.on_conn_open(conn);
     }
     pipeline.flush(seed::monotonic_ns(), |_| {});
     status.set_programs_attached(capture.attached().len());

@@ -259,3 +259,94 @@ async fn status_document() {
 
     server.shut_down().await;
 }
+
+/// `/ready/model` follows a real probe of an in-process simulator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_model_answers_from_the_probe() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        probe: observer::probe::DaemonProbeArgs,
+    }
+
+    let server = start(None).await;
+    let reply = get(server.addr, "/ready/model").await;
+    assert_eq!(reply.status, 404);
+    assert!(
+        reply.body.contains("the readiness probe is off"),
+        "{}",
+        reply.body
+    );
+
+    let sim_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut config = observer::sim::SimConfig::default();
+    config.timing.load = std::time::Duration::from_millis(5);
+    config.timing.first_token = std::time::Duration::from_millis(5);
+    let sim = observer::sim::spawn(sim_listener, config).unwrap();
+    let upstream = sim.local_addr().to_string();
+    let flags = Flags::parse_from([
+        "run",
+        "--upstream",
+        &upstream,
+        "--model",
+        "llama3.2:1b",
+        "--probe-tcp-interval",
+        "50ms",
+        "--probe-api-interval",
+        "50ms",
+        "--probe-generate-interval",
+        "50ms",
+        "--probe-first-chunk-timeout",
+        "200ms",
+        "--probe-failures",
+        "1",
+    ]);
+    let metrics = Metrics::new(MetricsConfig::default()).unwrap();
+    let prober = observer::probe::spawn(&flags.probe, &metrics, Default::default()).unwrap();
+    server
+        .status
+        .attach_probe(prober.readiness(), prober.upstream().to_owned());
+
+    let wait_for = |path: &'static str, status: u16| async move {
+        for _ in 0..200 {
+            let reply = get(server.addr, path).await;
+            if reply.status == status {
+                return reply;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("{path} never answered {status}");
+    };
+    let reply = wait_for("/ready/model", 200).await;
+    assert_eq!(reply.header("content-type"), "application/json");
+    let doc: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+    assert_eq!(doc["ready"], true);
+    assert_eq!(doc["upstream"], upstream);
+    assert_eq!(doc["models"][0]["model"], "llama3.2:1b");
+    assert_eq!(doc["models"][0]["verdict"], "ready");
+    assert_eq!(
+        get(server.addr, "/ready/model/llama3.2:1b").await.status,
+        200
+    );
+    let other = get(server.addr, "/ready/model/qwen3:0.6b").await;
+    assert_eq!(other.status, 404);
+    assert!(other.body.contains("is not probed"), "{}", other.body);
+    let status = get(server.addr, "/status").await;
+    assert!(
+        status
+            .body
+            .contains(r#""models":[{"model":"llama3.2:1b","verdict":"ready"}]"#),
+        "{}",
+        status.body
+    );
+
+    sim.control().stall();
+    let reply = wait_for("/ready/model/llama3.2:1b", 503).await;
+    let doc: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+    assert_eq!(doc["ready"], false);
+    assert_eq!(doc["models"][0]["verdict"], "not_ready");
+    drop(prober);
+    sim.shutdown().await.unwrap();
+    server.shut_down().await;
+}

@@ -9,6 +9,7 @@
 pub mod config;
 pub mod decode;
 pub mod endpoints;
+pub mod own_ports;
 pub mod reader;
 pub mod seed;
 

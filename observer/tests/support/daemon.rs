@@ -20,6 +20,11 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(watch: &[(u16, &str)]) -> Daemon {
+        Daemon::start_with(watch, &[])
+    }
+
+    /// `observer run` with more flags.
+    pub fn start_with(watch: &[(u16, &str)], flags: &[&str]) -> Daemon {
         let metrics: SocketAddr = format!("127.0.0.1:{}", super::capture::free_port())
             .parse()
             .unwrap();
@@ -35,6 +40,7 @@ impl Daemon {
         for (port, role) in watch {
             cmd.arg("--watch").arg(format!("{port}={role}"));
         }
+        cmd.args(flags);
         let child = cmd
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr).unwrap())
@@ -160,6 +166,14 @@ impl Sim {
             .parse()
             .unwrap();
         Sim { child, addr }
+    }
+}
+
+impl Sim {
+    /// Sends `signal` to the simulator (SIGUSR1 stalls inference, SIGUSR2 resumes it).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill with our own child's pid.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
     }
 }
 

@@ -1,0 +1,111 @@
+//! The collectors beside the traffic pipeline (SPEC §7): the resources of the processes that
+//! own the watched listeners ([`crate::procfs`]) and the GPUs ([`crate::gpu`]), read on one
+//! blocking thread every `--resources-interval` and rendered at scrape time.
+//!
+//! Owns their flags, start-up and schedule. Reads of `/proc` and NVML block, so they never run
+//! on the async threads; a scrape only reads the last snapshot.
+
+use std::{
+    path::Path,
+    sync::mpsc::{self, RecvTimeoutError},
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+
+use crate::{
+    capture::WatchedPort,
+    gpu::GpuMonitor,
+    metrics::Metrics,
+    procfs::{TargetProcesses, Targets},
+};
+
+/// Whether to read GPUs through NVML.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GpuMode {
+    /// Use NVML when the NVIDIA driver is there; without it, one log line and no GPU series.
+    Auto,
+    /// Require NVML: fail at start-up without the driver.
+    On,
+    /// Never load NVML.
+    Off,
+}
+
+/// Flags of the resource collectors, shared by `observer run` and `observer proxy`.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Resources")]
+pub struct ResourceArgs {
+    /// GPU metrics through NVML.
+    #[arg(long, value_enum, default_value_t = GpuMode::Auto, env = "OBSERVER_GPU")]
+    pub gpu: GpuMode,
+    /// How often process resources and GPUs are read.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = crate::probe::parse_duration)]
+    pub resources_interval: Duration,
+}
+
+/// The sampling thread; it stops when this is dropped.
+pub struct Collectors {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Collectors {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Registers the collectors on `metrics` and starts reading them (the first read happens
+/// before this returns, so the first scrape already has values).
+pub fn start(
+    args: &ResourceArgs,
+    metrics: &Metrics,
+    watch: &[WatchedPort],
+) -> anyhow::Result<Collectors> {
+    anyhow::ensure!(
+        !args.resources_interval.is_zero(),
+        "--resources-interval must be more than 0"
+    );
+    let processes = TargetProcesses::new(metrics.prefix())?;
+    metrics.register(Box::new(processes.clone()))?;
+    let mut gpu = match args.gpu {
+        GpuMode::Off => None,
+        GpuMode::Auto => GpuMonitor::open(metrics.prefix())?,
+        GpuMode::On => Some(GpuMonitor::open(metrics.prefix())?.with_context(|| {
+            format!(
+                "--gpu on, but NVML cannot be used: {}",
+                crate::gpu::open().err().unwrap_or_default()
+            )
+        })?),
+    };
+    if let Some(gpu) = &gpu {
+        metrics.register(Box::new(gpu.collector()))?;
+    }
+    let watch = watch.to_vec();
+    let mut sample = move || {
+        processes.refresh(Path::new("/proc"), &watch);
+        if let Some(gpu) = gpu.as_mut() {
+            let targets: Targets = processes.targets();
+            gpu.refresh(&|pid| targets.role_of(pid));
+        }
+    };
+    sample();
+    let (stop, stopped) = mpsc::channel::<()>();
+    let interval = args.resources_interval;
+    let thread = std::thread::Builder::new()
+        .name("observer-resources".into())
+        .spawn(move || {
+            while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
+                sample();
+            }
+        })
+        .context("starting the resource collector thread")?;
+    Ok(Collectors {
+        stop: Some(stop),
+        thread: Some(thread),
+    })
+}

@@ -1,0 +1,504 @@
+//! The readiness probe against `observer sim` (in process, short intervals): each stage's
+//! failure, the thresholds, recovery, the metrics it writes, and the exec hook's cooldown.
+//!
+//! Verdicts are read from the probe's shared state at every poll: the invariant "not ready
+//! exactly when a stage has failed N times in a row" is checked at each look, not timed.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use observer::{
+    metrics::{ExpositionFormat, Metrics, MetricsConfig},
+    probe::{self, DaemonProbeArgs, Readiness, Stage, state::Verdict},
+};
+use support::sim_client::{fast_config, start};
+
+const MODEL: &str = "llama3.2:1b";
+
+#[derive(Parser)]
+struct Flags {
+    #[command(flatten)]
+    probe: DaemonProbeArgs,
+}
+
+fn flags(upstream: &str, extra: &[&str]) -> DaemonProbeArgs {
+    let defaults = [
+        ("--probe-tcp-interval", "100ms"),
+        ("--probe-api-interval", "100ms"),
+        ("--probe-generate-interval", "100ms"),
+        ("--probe-first-chunk-timeout", "300ms"),
+        ("--probe-generate-timeout", "2s"),
+    ];
+    let mut argv = vec!["probe", "--upstream", upstream];
+    argv.extend_from_slice(extra);
+    for (flag, value) in defaults {
+        if !extra.contains(&flag) {
+            argv.extend([flag, value]);
+        }
+    }
+    Flags::parse_from(argv).probe
+}
+
+fn metrics() -> Metrics {
+    Metrics::new(MetricsConfig::default()).unwrap()
+}
+
+fn scrape(metrics: &Metrics) -> String {
+    String::from_utf8(metrics.encode(ExpositionFormat::Text).1).unwrap()
+}
+
+/// The value of one series in a text scrape, by its exact line prefix.
+fn value(scrape: &str, series: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Polls the verdict of `model` until `want`, checking at every look that it agrees with the
+/// stages' streaks under the thresholds (`failures`, `successes`).
+fn wait_for(
+    readiness: &Readiness,
+    model: &str,
+    want: Verdict,
+    failures: u32,
+    within: Duration,
+) -> probe::ReadinessReport {
+    let deadline = Instant::now() + within;
+    loop {
+        let report = readiness.report("", Some(model)).expect("model is probed");
+        let health = &report.models[0];
+        let failing = health
+            .stages
+            .iter()
+            .filter(|s| s.failures_in_a_row >= failures)
+            .count();
+        if health.verdict == Verdict::NotReady {
+            // Only a stage that failed `failures` times in a row (now or earlier in its
+            // streak) can have made the model not ready.
+            assert!(
+                health.stages.iter().any(|s| s.verdict == Verdict::NotReady),
+                "{report:?}"
+            );
+        } else {
+            assert_eq!(failing, 0, "a stage failed {failures} times: {report:?}");
+        }
+        if health.verdict == want {
+            return report;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{model} not {want:?} within {within:?}: {report:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn stage(report: &probe::ReadinessReport, stage: Stage) -> &probe::state::StageHealth {
+    report.models[0]
+        .stages
+        .iter()
+        .find(|s| s.stage == stage)
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_sim_is_ready_and_the_metrics_say_so() {
+    let sim = start(fast_config()).await;
+    let metrics = metrics();
+    let prober = probe::spawn(
+        &flags(&sim.local_addr().to_string(), &["--model", MODEL]),
+        &metrics,
+        Default::default(),
+    )
+    .unwrap();
+    let report = tokio::task::block_in_place(|| {
+        wait_for(
+            &prober.readiness(),
+            MODEL,
+            Verdict::Ready,
+            3,
+            Duration::from_secs(10),
+        )
+    });
+    let generate = stage(&report, Stage::Generate).last.clone().unwrap();
+    assert!(generate.ok);
+    assert!(generate.first_chunk_s.unwrap() > 0.0);
+    assert!(generate.first_chunk_s.unwrap() <= generate.duration_s);
+
+    // Let the api stage read /api/ps after the generate stage loaded the model.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let text = scrape(&metrics);
+    let m = format!("model=\"{MODEL}\"");
+    assert_eq!(
+        value(&text, &format!("observer_model_ready{{{m}}}")),
+        Some(1.0)
+    );
+    for stage in ["tcp", "api", "generate"] {
+        assert_eq!(
+            value(
+                &text,
+                &format!("observer_probe_success{{{m},stage=\"{stage}\"}}")
+            ),
+            Some(1.0),
+            "{stage}: {text}"
+        );
+        assert!(
+            value(
+                &text,
+                &format!("observer_probe_duration_seconds{{{m},stage=\"{stage}\"}}")
+            )
+            .unwrap()
+                > 0.0
+        );
+    }
+    let first = value(
+        &text,
+        &format!("observer_probe_first_chunk_seconds{{{m},stage=\"generate\"}}"),
+    )
+    .unwrap();
+    assert!(first > 0.0 && first < 0.3, "{first}");
+    assert_eq!(
+        value(&text, &format!("observer_model_loaded{{{m}}}")),
+        Some(1.0)
+    );
+    assert!(value(&text, &format!("observer_model_vram_bytes{{{m}}}")).unwrap() > 0.0);
+    assert!(value(&text, &format!("observer_model_size_bytes{{{m}}}")).unwrap() > 0.0);
+    let version = observer::sim::DEFAULT_OLLAMA_VERSION;
+    assert_eq!(
+        value(
+            &text,
+            &format!("observer_upstream_info{{version=\"{version}\"}}")
+        ),
+        Some(1.0)
+    );
+    drop(prober);
+    sim.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_connections_make_the_model_not_ready_after_three_probes_and_it_recovers() {
+    // A port nothing listens on yet.
+    let port = support::capture::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let metrics = metrics();
+    let prober = probe::spawn(
+        &flags(&addr, &["--model", MODEL]),
+        &metrics,
+        Default::default(),
+    )
+    .unwrap();
+    let readiness = prober.readiness();
+    let report = tokio::task::block_in_place(|| {
+        wait_for(
+            &readiness,
+            MODEL,
+            Verdict::NotReady,
+            3,
+            Duration::from_secs(10),
+        )
+    });
+    let tcp = stage(&report, Stage::Tcp);
+    assert!(tcp.failures_in_a_row >= 3, "{report:?}");
+    assert!(
+        tcp.last
+            .as_ref()
+            .unwrap()
+            .error
+            .contains("Connection refused")
+    );
+    let text = scrape(&metrics);
+    let m = format!("model=\"{MODEL}\"");
+    assert_eq!(
+        value(&text, &format!("observer_model_ready{{{m}}}")),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(
+            &text,
+            &format!("observer_probe_success{{{m},stage=\"tcp\"}}")
+        ),
+        Some(0.0)
+    );
+
+    // The upstream comes up on that port: one success of each stage is enough.
+    let listener = tokio::net::TcpListener::bind(&addr).await.unwrap();
+    let sim = observer::sim::spawn(listener, fast_config()).unwrap();
+    let report = tokio::task::block_in_place(|| {
+        wait_for(
+            &readiness,
+            MODEL,
+            Verdict::Ready,
+            3,
+            Duration::from_secs(10),
+        )
+    });
+    for s in [Stage::Tcp, Stage::Api, Stage::Generate] {
+        assert!(stage(&report, s).passes_in_a_row >= 1);
+    }
+    drop(prober);
+    sim.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_missing_from_the_tags_fails_the_api_stage() {
+    let sim = start(fast_config()).await;
+    let metrics = metrics();
+    let prober = probe::spawn(
+        &flags(&sim.local_addr().to_string(), &["--model", "qwen3:0.6b"]),
+        &metrics,
+        Default::default(),
+    )
+    .unwrap();
+    let report = tokio::task::block_in_place(|| {
+        wait_for(
+            &prober.readiness(),
+            "qwen3:0.6b",
+            Verdict::NotReady,
+            3,
+            Duration::from_secs(10),
+        )
+    });
+    assert_eq!(stage(&report, Stage::Tcp).verdict, Verdict::Ready);
+    let api = stage(&report, Stage::Api).last.clone().unwrap();
+    assert_eq!(api.error, "/api/tags does not list \"qwen3:0.6b\"");
+    let generate = stage(&report, Stage::Generate).last.clone().unwrap();
+    assert_eq!(generate.error, "HTTP 404: model 'qwen3:0.6b' not found");
+    // Not loaded, so the configured model reads 0 and has no size series.
+    let text = scrape(&metrics);
+    assert_eq!(
+        value(&text, "observer_model_loaded{model=\"qwen3:0.6b\"}"),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(&text, "observer_model_vram_bytes{model=\"qwen3:0.6b\"}"),
+        None
+    );
+    drop(prober);
+    sim.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_first_token_fails_the_generate_stage_and_a_stall_is_caught() {
+    let mut config = fast_config();
+    config.timing.first_token = Duration::from_millis(400);
+    let sim = start(config).await;
+    let metrics = metrics();
+    let prober = probe::spawn(
+        &flags(&sim.local_addr().to_string(), &["--model", MODEL]),
+        &metrics,
+        Default::default(),
+    )
+    .unwrap();
+    let report = tokio::task::block_in_place(|| {
+        wait_for(
+            &prober.readiness(),
+            MODEL,
+            Verdict::NotReady,
+            3,
+            Duration::from_secs(10),
+        )
+    });
+    assert_eq!(stage(&report, Stage::Api).verdict, Verdict::Ready);
+    let generate = stage(&report, Stage::Generate);
+    assert_eq!(generate.verdict, Verdict::NotReady);
+    assert_eq!(
+        generate.last.as_ref().unwrap().error,
+        "no first chunk within 300ms"
+    );
+    let text = scrape(&metrics);
+    let m = format!("model=\"{MODEL}\"");
+    assert_eq!(
+        value(
+            &text,
+            &format!("observer_probe_success{{{m},stage=\"generate\"}}")
+        ),
+        Some(0.0)
+    );
+    // A failed generate leaves no first-chunk value behind.
+    assert_eq!(
+        value(
+            &text,
+            &format!("observer_probe_first_chunk_seconds{{{m},stage=\"generate\"}}")
+        ),
+        None
+    );
+    drop(prober);
+    sim.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thresholds_and_intervals_are_honoured() {
+    let sim = start(fast_config()).await;
+    let control = sim.control();
+    let metrics = metrics();
+    let prober = probe::spawn(
+        &flags(
+            &sim.local_addr().to_string(),
+            &[
+                "--model",
+                MODEL,
+                "--probe-failures",
+                "2",
+                "--probe-successes",
+                "3",
+                "--probe-tcp-interval",
+                "200ms",
+            ],
+        ),
+        &metrics,
+        Default::default(),
+    )
+    .unwrap();
+    let readiness = prober.readiness();
+    let report = tokio::task::block_in_place(|| {
+        wait_for(
+            &readiness,
+            MODEL,
+            Verdict::Ready,
+            2,
+            Duration::from_secs(10),
+        )
+    });
+    // Three successes in a row were needed for every stage.
+    for s in [Stage::Tcp, Stage::Api, Stage::Generate] {
+        assert!(stage(&report, s).passes_in_a_row >= 3, "{report:?}");
+    }
+
+    control.stall();
+    let report = tokio::task::block_in_place(|| {
+        wait_for(
+            &readiness,
+            MODEL,
+            Verdict::NotReady,
+            2,
+            Duration::from_secs(10),
+        )
+    });
+    assert_eq!(stage(&report, Stage::Generate).failures_in_a_row, 2);
+    control.resume();
+    let report = tokio::task::block_in_place(|| {
+        wait_for(
+            &readiness,
+            MODEL,
+            Verdict::Ready,
+            2,
+            Duration::from_secs(10),
+        )
+    });
+    assert!(stage(&report, Stage::Generate).passes_in_a_row >= 3);
+
+    // The tcp stage runs every 200 ms, the api stage every 100 ms: over 2 s, about 10 and 20.
+    let before = readiness.report("", None).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = readiness.report("", None).unwrap();
+    let checks = |r: &probe::ReadinessReport, s| stage(r, s).passes_in_a_row;
+    let tcp = checks(&after, Stage::Tcp) - checks(&before, Stage::Tcp);
+    let api = checks(&after, Stage::Api) - checks(&before, Stage::Api);
+    assert!((8..=11).contains(&tcp), "tcp checks in 2 s: {tcp}");
+    assert!((17..=21).contains(&api), "api checks in 2 s: {api}");
+    drop(prober);
+    sim.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_exec_hook_runs_once_per_cooldown_and_a_hanging_hook_does_not_stall_probing() {
+    let sim = start(fast_config()).await;
+    let control = sim.control();
+    let dir = std::env::temp_dir().join(format!("observer-probe-hook-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("hook.log");
+    let _ = std::fs::remove_file(&log);
+    // The hook records its run, then hangs far longer than the test.
+    let command = format!("echo \"$OBSERVER_MODEL\" >> {}; sleep 60", log.display());
+    let metrics = metrics();
+    let prober = probe::spawn(
+        &flags(
+            &sim.local_addr().to_string(),
+            &[
+                "--model",
+                MODEL,
+                "--on-unready-exec",
+                &command,
+                "--exec-cooldown",
+                "30s",
+            ],
+        ),
+        &metrics,
+        Default::default(),
+    )
+    .unwrap();
+    let readiness = prober.readiness();
+    let runs = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    // Two flaps within the cooldown: ready, not ready, ready, not ready.
+    for _ in 0..2 {
+        tokio::task::block_in_place(|| {
+            wait_for(
+                &readiness,
+                MODEL,
+                Verdict::Ready,
+                3,
+                Duration::from_secs(10),
+            )
+        });
+        control.stall();
+        tokio::task::block_in_place(|| {
+            wait_for(
+                &readiness,
+                MODEL,
+                Verdict::NotReady,
+                3,
+                Duration::from_secs(10),
+            )
+        });
+        control.resume();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while runs() == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The probe kept going while the hook hung: its stages still run.
+    let before = readiness.report("", None).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = readiness.report("", None).unwrap();
+    assert!(
+        stage(&after, Stage::Tcp).passes_in_a_row >= stage(&before, Stage::Tcp).passes_in_a_row + 3,
+        "probing stalled: {before:?} → {after:?}"
+    );
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), format!("{MODEL}\n"));
+    drop(prober);
+    sim.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn bad_probe_flags_are_clear_errors() {
+    let metrics = metrics();
+    let err = probe::spawn(
+        &flags("127.0.0.1:1", &["--probe-tcp-interval", "0s"]),
+        &metrics,
+        Default::default(),
+    )
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("--probe-tcp-interval"), "{err}");
+    let parsed = Flags::try_parse_from(["probe", "--probe-api-interval", "soon"]);
+    let err = parsed.err().unwrap().to_string();
+    assert!(err.contains("e.g. 5s"), "{err}");
+    let parsed = Flags::try_parse_from(["probe", "--upstream", "https://h:1"]);
+    assert!(
+        parsed
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("https is not supported")
+    );
+    let parsed = Flags::try_parse_from(["probe", "--probe-failures", "0"]);
+    assert!(parsed.is_err());
+}
