@@ -10,7 +10,15 @@ use std::{
 use observer::{
     capture::{Role, decode::Direction, decode::Side},
     engine::{ConnMeta, Exchange, LlmFields, Method, Outcome, Timestamps},
+    gpu::{GpuCollector, GpuProcess, GpuReading, GpuSnapshot},
     metrics::{ExpositionFormat, Metrics, MetricsConfig},
+    probe::{
+        Stage,
+        check::ListedModel,
+        metrics::ProbeMetrics,
+        state::{CheckResult, Verdict},
+    },
+    procfs::{ProcessReading, TargetProcesses},
 };
 
 const MS: u64 = 1_000_000;
@@ -98,7 +106,71 @@ fn observed_metrics() -> Metrics {
     m.add_ebpf_events("data", 120);
     m.add_ebpf_events("open", 6);
     m.add_ebpf_lost("data", 0);
+    observe_collectors(&m);
     m
+}
+
+/// The families the probe and the resource collectors add, with fixed readings.
+fn observe_collectors(m: &Metrics) {
+    let probe = ProbeMetrics::register(m, &["llama3.2:3b".to_string()]).unwrap();
+    for (stage, ok) in [
+        (Stage::Tcp, true),
+        (Stage::Api, true),
+        (Stage::Generate, false),
+    ] {
+        probe.record(
+            "llama3.2:3b",
+            stage,
+            &CheckResult {
+                ok,
+                duration_s: 0.25,
+                first_chunk_s: ok.then_some(0.2),
+                error: String::new(),
+            },
+        );
+    }
+    probe.set_verdict("llama3.2:3b", Verdict::NotReady);
+    probe.set_loaded(&[ListedModel {
+        name: "llama3.2:3b".into(),
+        model: "llama3.2:3b".into(),
+        size: 3_000_000_000,
+        size_vram: 2_900_000_000,
+    }]);
+    probe.set_version("0.32.15");
+
+    let processes = TargetProcesses::new(m.prefix()).unwrap();
+    m.register(Box::new(processes.clone())).unwrap();
+    processes.update(vec![ProcessReading {
+        pid: 4242,
+        comm: "ollama".into(),
+        role: Role::Upstream,
+        cpu_seconds: 12.5,
+        resident_bytes: 300_000_000,
+        open_fds: 40,
+        threads: 22,
+    }]);
+
+    let gpus = GpuCollector::new(m.prefix()).unwrap();
+    m.register(Box::new(gpus.clone())).unwrap();
+    let snapshot = GpuSnapshot {
+        driver_version: "550.54.15".into(),
+        gpus: vec![GpuReading {
+            index: 0,
+            uuid: "GPU-aaaa".into(),
+            name: "NVIDIA H100 80GB HBM3".into(),
+            memory_used_bytes: Some(40_000_000_000),
+            memory_total_bytes: Some(85_520_809_984),
+            utilization_ratio: Some(0.37),
+            memory_utilization_ratio: Some(0.12),
+            temperature_celsius: Some(54.0),
+            power_watts: Some(312.25),
+            processes: vec![GpuProcess {
+                pid: 4242,
+                memory_bytes: Some(38_000_000_000),
+            }],
+        }],
+    };
+    gpus.update(&snapshot, &|_| "ollama".into(), &|_| Some(Role::Upstream));
 }
 
 #[test]
@@ -113,6 +185,14 @@ fn text_exposition_passes_promtool_lint() {
         "observer_llm_output_tokens_per_second",
         "observer_gateway_overhead_seconds",
         "observer_build_info",
+        "observer_model_ready",
+        "observer_probe_first_chunk_seconds",
+        "observer_model_vram_bytes",
+        "observer_upstream_info",
+        "observer_target_process_cpu_seconds_total",
+        "observer_gpu_memory_used_bytes",
+        "observer_gpu_process_memory_bytes",
+        "observer_gpu_info",
         "process_cpu_seconds_total",
     ] {
         assert!(
