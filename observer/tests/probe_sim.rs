@@ -95,6 +95,30 @@ fn wait_for(
     }
 }
 
+/// A probe of `upstream` with the test flags and `extra`, writing into fresh metrics.
+fn probe_of(upstream: impl ToString, extra: &[&str]) -> (Metrics, probe::Prober) {
+    let metrics = metrics();
+    let prober = probe::spawn(
+        &flags(&upstream.to_string(), extra),
+        &metrics,
+        Default::default(),
+    )
+    .unwrap();
+    (metrics, prober)
+}
+
+/// [`wait_for`] from an async test, for up to 10 s.
+fn verdict(
+    readiness: &Readiness,
+    model: &str,
+    want: Verdict,
+    failures: u32,
+) -> probe::ReadinessReport {
+    tokio::task::block_in_place(|| {
+        wait_for(readiness, model, want, failures, Duration::from_secs(10))
+    })
+}
+
 fn stage(report: &probe::ReadinessReport, stage: Stage) -> &probe::state::StageHealth {
     report.models[0]
         .stages
@@ -106,22 +130,8 @@ fn stage(report: &probe::ReadinessReport, stage: Stage) -> &probe::state::StageH
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_healthy_sim_is_ready_and_the_metrics_say_so() {
     let sim = start(fast_config()).await;
-    let metrics = metrics();
-    let prober = probe::spawn(
-        &flags(&sim.local_addr().to_string(), &["--model", MODEL]),
-        &metrics,
-        Default::default(),
-    )
-    .unwrap();
-    let report = tokio::task::block_in_place(|| {
-        wait_for(
-            &prober.readiness(),
-            MODEL,
-            Verdict::Ready,
-            3,
-            Duration::from_secs(10),
-        )
-    });
+    let (metrics, prober) = probe_of(sim.local_addr(), &["--model", MODEL]);
+    let report = verdict(&prober.readiness(), MODEL, Verdict::Ready, 3);
     let generate = stage(&report, Stage::Generate).last.clone().unwrap();
     assert!(generate.ok);
     assert!(generate.first_chunk_s.unwrap() > 0.0);
@@ -182,23 +192,9 @@ async fn refused_connections_make_the_model_not_ready_after_three_probes_and_it_
     // A port nothing listens on yet.
     let port = support::capture::free_port();
     let addr = format!("127.0.0.1:{port}");
-    let metrics = metrics();
-    let prober = probe::spawn(
-        &flags(&addr, &["--model", MODEL]),
-        &metrics,
-        Default::default(),
-    )
-    .unwrap();
+    let (metrics, prober) = probe_of(&addr, &["--model", MODEL]);
     let readiness = prober.readiness();
-    let report = tokio::task::block_in_place(|| {
-        wait_for(
-            &readiness,
-            MODEL,
-            Verdict::NotReady,
-            3,
-            Duration::from_secs(10),
-        )
-    });
+    let report = verdict(&readiness, MODEL, Verdict::NotReady, 3);
     let tcp = stage(&report, Stage::Tcp);
     assert!(tcp.failures_in_a_row >= 3, "{report:?}");
     assert!(
@@ -225,15 +221,7 @@ async fn refused_connections_make_the_model_not_ready_after_three_probes_and_it_
     // The upstream comes up on that port: one success of each stage is enough.
     let listener = tokio::net::TcpListener::bind(&addr).await.unwrap();
     let sim = observer::sim::spawn(listener, fast_config()).unwrap();
-    let report = tokio::task::block_in_place(|| {
-        wait_for(
-            &readiness,
-            MODEL,
-            Verdict::Ready,
-            3,
-            Duration::from_secs(10),
-        )
-    });
+    let report = verdict(&readiness, MODEL, Verdict::Ready, 3);
     for s in [Stage::Tcp, Stage::Api, Stage::Generate] {
         assert!(stage(&report, s).passes_in_a_row >= 1);
     }
@@ -244,22 +232,8 @@ async fn refused_connections_make_the_model_not_ready_after_three_probes_and_it_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_missing_from_the_tags_fails_the_api_stage() {
     let sim = start(fast_config()).await;
-    let metrics = metrics();
-    let prober = probe::spawn(
-        &flags(&sim.local_addr().to_string(), &["--model", "qwen3:0.6b"]),
-        &metrics,
-        Default::default(),
-    )
-    .unwrap();
-    let report = tokio::task::block_in_place(|| {
-        wait_for(
-            &prober.readiness(),
-            "qwen3:0.6b",
-            Verdict::NotReady,
-            3,
-            Duration::from_secs(10),
-        )
-    });
+    let (metrics, prober) = probe_of(sim.local_addr(), &["--model", "qwen3:0.6b"]);
+    let report = verdict(&prober.readiness(), "qwen3:0.6b", Verdict::NotReady, 3);
     assert_eq!(stage(&report, Stage::Tcp).verdict, Verdict::Ready);
     let api = stage(&report, Stage::Api).last.clone().unwrap();
     assert_eq!(api.error, "/api/tags does not list \"qwen3:0.6b\"");
@@ -280,26 +254,12 @@ async fn a_model_missing_from_the_tags_fails_the_api_stage() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_late_first_token_fails_the_generate_stage_and_a_stall_is_caught() {
+async fn a_late_first_token_fails_the_generate_stage() {
     let mut config = fast_config();
     config.timing.first_token = Duration::from_millis(400);
     let sim = start(config).await;
-    let metrics = metrics();
-    let prober = probe::spawn(
-        &flags(&sim.local_addr().to_string(), &["--model", MODEL]),
-        &metrics,
-        Default::default(),
-    )
-    .unwrap();
-    let report = tokio::task::block_in_place(|| {
-        wait_for(
-            &prober.readiness(),
-            MODEL,
-            Verdict::NotReady,
-            3,
-            Duration::from_secs(10),
-        )
-    });
+    let (metrics, prober) = probe_of(sim.local_addr(), &["--model", MODEL]);
+    let report = verdict(&prober.readiness(), MODEL, Verdict::NotReady, 3);
     assert_eq!(stage(&report, Stage::Api).verdict, Verdict::Ready);
     let generate = stage(&report, Stage::Generate);
     assert_eq!(generate.verdict, Verdict::NotReady);
@@ -332,61 +292,31 @@ async fn a_late_first_token_fails_the_generate_stage_and_a_stall_is_caught() {
 async fn thresholds_and_intervals_are_honoured() {
     let sim = start(fast_config()).await;
     let control = sim.control();
-    let metrics = metrics();
-    let prober = probe::spawn(
-        &flags(
-            &sim.local_addr().to_string(),
-            &[
-                "--model",
-                MODEL,
-                "--probe-failures",
-                "2",
-                "--probe-successes",
-                "3",
-                "--probe-tcp-interval",
-                "200ms",
-            ],
-        ),
-        &metrics,
-        Default::default(),
-    )
-    .unwrap();
-    let readiness = prober.readiness();
-    let report = tokio::task::block_in_place(|| {
-        wait_for(
-            &readiness,
+    let (_metrics, prober) = probe_of(
+        sim.local_addr(),
+        &[
+            "--model",
             MODEL,
-            Verdict::Ready,
-            2,
-            Duration::from_secs(10),
-        )
-    });
+            "--probe-failures",
+            "2",
+            "--probe-successes",
+            "3",
+            "--probe-tcp-interval",
+            "200ms",
+        ],
+    );
+    let readiness = prober.readiness();
+    let report = verdict(&readiness, MODEL, Verdict::Ready, 2);
     // Three successes in a row were needed for every stage.
     for s in [Stage::Tcp, Stage::Api, Stage::Generate] {
         assert!(stage(&report, s).passes_in_a_row >= 3, "{report:?}");
     }
 
     control.stall();
-    let report = tokio::task::block_in_place(|| {
-        wait_for(
-            &readiness,
-            MODEL,
-            Verdict::NotReady,
-            2,
-            Duration::from_secs(10),
-        )
-    });
+    let report = verdict(&readiness, MODEL, Verdict::NotReady, 2);
     assert_eq!(stage(&report, Stage::Generate).failures_in_a_row, 2);
     control.resume();
-    let report = tokio::task::block_in_place(|| {
-        wait_for(
-            &readiness,
-            MODEL,
-            Verdict::Ready,
-            2,
-            Duration::from_secs(10),
-        )
-    });
+    let report = verdict(&readiness, MODEL, Verdict::Ready, 2);
     assert!(stage(&report, Stage::Generate).passes_in_a_row >= 3);
 
     // The tcp stage runs every 200 ms, the api stage every 100 ms: over 2 s, about 10 and 20.
@@ -412,23 +342,17 @@ async fn the_exec_hook_runs_once_per_cooldown_and_a_hanging_hook_does_not_stall_
     let _ = std::fs::remove_file(&log);
     // The hook records its run, then hangs far longer than the test.
     let command = format!("echo \"$OBSERVER_MODEL\" >> {}; sleep 60", log.display());
-    let metrics = metrics();
-    let prober = probe::spawn(
-        &flags(
-            &sim.local_addr().to_string(),
-            &[
-                "--model",
-                MODEL,
-                "--on-unready-exec",
-                &command,
-                "--exec-cooldown",
-                "30s",
-            ],
-        ),
-        &metrics,
-        Default::default(),
-    )
-    .unwrap();
+    let (_metrics, prober) = probe_of(
+        sim.local_addr(),
+        &[
+            "--model",
+            MODEL,
+            "--on-unready-exec",
+            &command,
+            "--exec-cooldown",
+            "30s",
+        ],
+    );
     let readiness = prober.readiness();
     let runs = || {
         std::fs::read_to_string(&log)
@@ -438,25 +362,9 @@ async fn the_exec_hook_runs_once_per_cooldown_and_a_hanging_hook_does_not_stall_
     };
     // Two flaps within the cooldown: ready, not ready, ready, not ready.
     for _ in 0..2 {
-        tokio::task::block_in_place(|| {
-            wait_for(
-                &readiness,
-                MODEL,
-                Verdict::Ready,
-                3,
-                Duration::from_secs(10),
-            )
-        });
+        verdict(&readiness, MODEL, Verdict::Ready, 3);
         control.stall();
-        tokio::task::block_in_place(|| {
-            wait_for(
-                &readiness,
-                MODEL,
-                Verdict::NotReady,
-                3,
-                Duration::from_secs(10),
-            )
-        });
+        verdict(&readiness, MODEL, Verdict::NotReady, 3);
         control.resume();
     }
     let deadline = Instant::now() + Duration::from_secs(5);
