@@ -156,3 +156,53 @@ fn help_and_version_succeed() {
     assert!(version.status.success());
     assert!(String::from_utf8_lossy(&version.stdout).starts_with("observer "));
 }
+
+/// Without the NVIDIA driver (this machine), `observer check` says NVML is unavailable and why,
+/// and that is not a problem for either mode.
+#[test]
+fn check_says_when_nvml_is_unavailable() {
+    if observer::gpu::open().is_ok() {
+        eprintln!("SKIPPED check_says_when_nvml_is_unavailable: an NVIDIA driver is installed");
+        return;
+    }
+    let output = observer(&["check", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["nvml"]["status"], "unavailable", "{report:#}");
+    let reason = report["nvml"]["reason"].as_str().unwrap();
+    assert!(reason.contains("libnvidia-ml.so.1"), "{reason}");
+    let problems = report["problems"].to_string();
+    assert!(!problems.contains("NVML"), "{problems}");
+    let human = observer(&["check"]);
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("NVML") && l.contains("not available: no usable NVIDIA driver")),
+        "{text}"
+    );
+}
+
+/// Bad probe and resource flags of `observer run` stop it before anything is loaded.
+#[test]
+fn bad_probe_and_resource_flags_of_run_are_one_line_errors() {
+    let run = |flags: &[&str]| {
+        let mut args = vec!["run", "--log", "error", "--metrics-addr", "127.0.0.1:0"];
+        args.extend_from_slice(flags);
+        observer(&args)
+    };
+    assert_one_line_error(
+        &run(&["--probe-api-interval", "0s"]),
+        "--probe-api-interval must be more than 0",
+    );
+    assert_one_line_error(
+        &run(&["--no-probe", "--resources-interval", "0s"]),
+        "--resources-interval must be more than 0",
+    );
+    assert_one_line_error(&run(&["--probe-tcp-timeout", "soon"]), "e.g. 5s");
+    assert_one_line_error(&run(&["--upstream", "https://h"]), "https is not supported");
+    if observer::gpu::open().is_err() {
+        assert_one_line_error(
+            &run(&["--no-probe", "--gpu", "on"]),
+            "--gpu on, but NVML cannot be used",
+        );
+    }
+}
