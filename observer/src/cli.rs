@@ -9,7 +9,7 @@ use std::{io::IsTerminal as _, process::ExitCode};
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
-use crate::{check, probe, run, sim, trace};
+use crate::{check, probe, proxy, run, sim, trace};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -36,6 +36,8 @@ pub enum Command {
     Sim(sim::SimArgs),
     /// Run the daemon: kernel capture → HTTP exchanges → Prometheus metrics on the admin server (root).
     Run(Box<run::RunArgs>),
+    /// Forward the gateway's traffic to Ollama and serve the same metrics without eBPF.
+    Proxy(Box<proxy::ProxyArgs>),
     /// Check once whether the upstream's models can answer (exit 0 ready, 1 not ready, 3 unreachable).
     Probe(probe::ProbeArgs),
     /// Print the kernel capture's events (or, with --exchanges, HTTP exchanges) as JSON lines until interrupted (root).
@@ -75,6 +77,7 @@ pub fn main() -> ExitCode {
             Command::Run(args) => run::run(*args).await,
             Command::Trace(args) => trace::run(args).await,
             Command::Probe(args) => probe::run(args).await,
+            Command::Proxy(args) => proxy::run(*args).await,
         }
     });
     match result {

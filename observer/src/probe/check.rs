@@ -51,6 +51,16 @@ impl fmt::Display for Upstream {
     }
 }
 
+impl Upstream {
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
 impl FromStr for Upstream {
     type Err = String;
 

@@ -186,6 +186,17 @@ impl Readiness {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The verdict on `model`; without `--model`, the verdict on the upstream. None when the
+    /// model is not probed.
+    pub fn verdict(&self, model: &str) -> Option<Verdict> {
+        let state = self.lock();
+        let models = state.models();
+        match models {
+            [only] if only.model.is_empty() => Some(only.verdict),
+            _ => models.iter().find(|m| m.model == model).map(|m| m.verdict),
+        }
+    }
+
     /// All models, or just `model` (None when it is not probed).
     pub fn report(&self, upstream: &str, model: Option<&str>) -> Option<ReadinessReport> {
         let state = self.lock();

@@ -1,0 +1,646 @@
+//! One client connection of the proxy: requests read one at a time, checked (size, readiness),
+//! forwarded with their bodies to the connection's own upstream connection, and the response
+//! relayed back as it arrives, every read written on at once. Pipelined requests wait in the
+//! buffer and are taken in order.
+//!
+//! Owns the per-connection timeouts and the proxy's own answers. Every byte read or written
+//! is handed to the [`Feed`] as it moves; nothing here counts or measures.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::{Bytes, BytesMut};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        TcpStream,
+        tcp::{ReadHalf, WriteHalf},
+    },
+    sync::watch,
+    time::Instant,
+};
+
+use super::{
+    feed::{Feed, Pair},
+    reply::Reply,
+    request::{self, Body, ChunkedBody, RequestHead},
+};
+use crate::{
+    capture::decode::Direction,
+    engine::{
+        ConnMeta,
+        http::{BodyRule, Head, Kind, MessageParser, Sink},
+    },
+    probe::{Readiness, check::Upstream, state::Verdict},
+};
+
+/// Body bytes the readiness gate reads before deciding (the model is near the start).
+const GATE_PEEK: usize = 64 * 1024;
+/// Read size from the upstream: a streamed chunk is far smaller and goes on at once.
+const RELAY_BUF: usize = 16 * 1024;
+
+/// What every connection shares.
+#[derive(Debug)]
+pub struct Settings {
+    pub upstream: Upstream,
+    pub head_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub exchange_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_body_bytes: u64,
+    pub forwarded_for: bool,
+    /// The probe's verdicts when the readiness gate is on, and the `Retry-After` it answers.
+    pub gate: Option<(Readiness, Duration)>,
+}
+
+/// How a connection ends.
+enum Next {
+    /// Take the next request.
+    Continue,
+    Close,
+}
+
+pub struct Connection {
+    settings: Arc<Settings>,
+    feed: Feed,
+    pair: Pair,
+    client: TcpStream,
+    peer: SocketAddr,
+    upstream: Option<TcpStream>,
+    /// Client bytes read and not yet forwarded (the start of the next request).
+    buf: BytesMut,
+    draining: watch::Receiver<bool>,
+}
+
+impl Connection {
+    pub fn new(
+        settings: Arc<Settings>,
+        feed: Feed,
+        pair: Pair,
+        client: TcpStream,
+        peer: SocketAddr,
+        draining: watch::Receiver<bool>,
+    ) -> Connection {
+        let _ = client.set_nodelay(true);
+        Connection {
+            settings,
+            feed,
+            pair,
+            client,
+            peer,
+            upstream: None,
+            buf: BytesMut::with_capacity(4096),
+            draining,
+        }
+    }
+
+    /// Serves the connection to its end; `reject` answers its first request with that reply
+    /// instead (over `--max-conns`).
+    pub async fn serve(mut self, reject: Option<Reply>) {
+        self.feed.open(self.pair.client).await;
+        let outcome = self.exchanges(reject).await;
+        if let Err(err) = outcome {
+            tracing::debug!(peer = %self.peer, "proxy connection ended: {err}");
+        }
+        if self.upstream.take().is_some() {
+            self.feed.close(self.pair.upstream).await;
+        }
+        self.feed.close(self.pair.client).await;
+    }
+
+    async fn exchanges(&mut self, mut reject: Option<Reply>) -> std::io::Result<()> {
+        loop {
+            let Some(head) = self.read_head().await? else {
+                return Ok(());
+            };
+            if let Some(reply) = reject.take() {
+                return self.answer(reply).await;
+            }
+            match self.exchange(head).await? {
+                Next::Continue if !*self.draining.borrow() => {}
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    /// Waits for a request head: at most the idle timeout for its first byte, then the head
+    /// timeout for the rest. None when the connection should close (EOF, idle, drain, or an
+    /// answered bad head).
+    async fn read_head(&mut self) -> std::io::Result<Option<RequestHead>> {
+        if self.buf.is_empty() {
+            let idle = self.settings.idle_timeout;
+            let mut draining = self.draining.clone();
+            tokio::select! {
+                read = tokio::time::timeout(idle, read_client(&mut self.client, &mut self.buf, &self.feed, self.pair.client)) => {
+                    match read {
+                        Ok(Ok(0)) | Err(_) => return Ok(None),
+                        Ok(Ok(_)) => {}
+                        Ok(Err(err)) => return Err(err),
+                    }
+                }
+                _ = draining.wait_for(|d| *d) => return Ok(None),
+            }
+        }
+        let deadline = Instant::now() + self.settings.head_timeout;
+        loop {
+            match request::parse(&self.buf) {
+                Ok(Some(head)) => return Ok(Some(head)),
+                Ok(None) => {}
+                Err(err) => {
+                    let status = err.status();
+                    self.answer(Reply::new(status, err.to_string())).await?;
+                    return Ok(None);
+                }
+            }
+            let read = tokio::time::timeout_at(
+                deadline,
+                read_client(
+                    &mut self.client,
+                    &mut self.buf,
+                    &self.feed,
+                    self.pair.client,
+                ),
+            )
+            .await;
+            match read {
+                Ok(Ok(0)) => return Ok(None),
+                Ok(Ok(_)) => {}
+                Ok(Err(err)) => return Err(err),
+                Err(_) => {
+                    let timeout = humantime::format_duration(self.settings.head_timeout);
+                    let reply =
+                        Reply::new(408, format!("request head not received within {timeout}"));
+                    self.answer(reply).await?;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    /// Writes one of the proxy's own responses and closes the connection.
+    async fn answer(&mut self, reply: Reply) -> std::io::Result<()> {
+        let bytes = Bytes::from(reply.to_bytes());
+        self.client.write_all(&bytes).await?;
+        self.feed
+            .data(self.pair.client, Direction::Egress, bytes)
+            .await;
+        let _ = self.client.shutdown().await;
+        Ok(())
+    }
+
+    /// One request and its response.
+    async fn exchange(&mut self, head: RequestHead) -> std::io::Result<Next> {
+        let started = Instant::now();
+        let deadline = started + self.settings.exchange_timeout;
+        if let Body::Length(n) = head.body
+            && n > self.settings.max_body_bytes
+        {
+            let reply = Reply::new(
+                413,
+                format!(
+                    "request body of {n} bytes is over the limit of {} (--max-body-bytes)",
+                    self.settings.max_body_bytes
+                ),
+            );
+            self.answer(reply).await?;
+            return Ok(Next::Close);
+        }
+        if let Some(reply) = self.gate(&head, deadline).await? {
+            self.answer(reply).await?;
+            return Ok(Next::Close);
+        }
+        if self.upstream.is_none() {
+            match self.connect().await {
+                Ok(stream) => {
+                    self.upstream = Some(stream);
+                    self.feed.open(self.pair.upstream).await;
+                }
+                Err(message) => {
+                    self.answer(Reply::new(502, message)).await?;
+                    return Ok(Next::Close);
+                }
+            }
+        }
+        let head_bytes = self.buf.split_to(head.len).freeze();
+        let head_bytes = if self.settings.forwarded_for {
+            with_forwarded_for(&head_bytes, self.peer)
+        } else {
+            head_bytes
+        };
+        let Some(upstream) = self.upstream.as_mut() else {
+            return Ok(Next::Close);
+        };
+        let (mut ur, mut uw) = upstream.split();
+        let (mut cr, mut cw) = self.client.split();
+        let feed = &self.feed;
+        let pair = self.pair;
+        let mut sent = 0u64;
+        let mut relay = Relay::new(head.method == "HEAD", head.method == "CONNECT");
+        let outcome = tokio::time::timeout_at(deadline, async {
+            write_upstream(&mut uw, feed, pair.upstream, head_bytes).await?;
+            let body = forward_body(
+                &mut cr,
+                &mut uw,
+                &mut self.buf,
+                head.body,
+                feed,
+                pair,
+                self.settings.max_body_bytes,
+            );
+            let response = relay.run(&mut ur, &mut cw, feed, pair, &mut sent);
+            let (body, response) = tokio::join!(body, response);
+            body?;
+            response
+        })
+        .await;
+        match outcome {
+            Ok(Ok(Relayed::Complete)) if head.keep_alive => Ok(Next::Continue),
+            Ok(Ok(Relayed::Complete)) | Ok(Ok(Relayed::EndedByClose)) => {
+                let _ = self.client.shutdown().await;
+                Ok(Next::Close)
+            }
+            Ok(Ok(Relayed::Upgraded)) => {
+                self.tunnel().await;
+                Ok(Next::Close)
+            }
+            Ok(Ok(Relayed::UpstreamClosed)) | Ok(Err(_)) => {
+                // The upstream went away mid-response (or reset): cut the client short too, so
+                // that it cannot take a partial response for a whole one.
+                if sent == 0 {
+                    let message = format!(
+                        "{} closed the connection before answering",
+                        self.settings.upstream
+                    );
+                    self.upstream = None;
+                    self.feed.close(pair.upstream).await;
+                    self.answer(Reply::new(502, message)).await?;
+                } else {
+                    reset(&self.client);
+                }
+                Ok(Next::Close)
+            }
+            Err(_) if sent == 0 => {
+                let timeout = humantime::format_duration(self.settings.exchange_timeout);
+                self.answer(Reply::new(
+                    504,
+                    format!("no response within {timeout} (--timeout)"),
+                ))
+                .await?;
+                Ok(Next::Close)
+            }
+            Err(_) => {
+                reset(&self.client);
+                Ok(Next::Close)
+            }
+        }
+    }
+
+    /// The readiness gate: a request naming a model the probe says is not ready is answered
+    /// 503 here, without touching the upstream.
+    async fn gate(
+        &mut self,
+        head: &RequestHead,
+        deadline: Instant,
+    ) -> std::io::Result<Option<Reply>> {
+        let Some((readiness, retry)) = &self.settings.gate else {
+            return Ok(None);
+        };
+        if !head.names_a_model() || head.expect_continue || head.body == Body::None {
+            return Ok(None);
+        }
+        let want = match head.body {
+            Body::Length(n) => head.len + (n as usize).min(GATE_PEEK),
+            _ => head.len + 1,
+        };
+        while self.buf.len() < want {
+            let read = tokio::time::timeout_at(
+                deadline,
+                read_client(
+                    &mut self.client,
+                    &mut self.buf,
+                    &self.feed,
+                    self.pair.client,
+                ),
+            )
+            .await;
+            match read {
+                Ok(Ok(0)) | Err(_) => break,
+                Ok(Ok(_)) => {}
+                Ok(Err(err)) => return Err(err),
+            }
+        }
+        let Some(model) = request::model_of(&self.buf[head.len..]) else {
+            return Ok(None);
+        };
+        if readiness.verdict(&model) != Some(Verdict::NotReady) {
+            return Ok(None);
+        }
+        Ok(Some(
+            Reply::new(
+                503,
+                format!(
+                    "model {model:?} is not ready (the readiness probe fails; see /ready/model)"
+                ),
+            )
+            .retry_after(*retry),
+        ))
+    }
+
+    async fn connect(&self) -> Result<TcpStream, String> {
+        let upstream = &self.settings.upstream;
+        let timeout = self.settings.connect_timeout;
+        let connect = TcpStream::connect((upstream.host(), upstream.port()));
+        match tokio::time::timeout(timeout, connect).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                Ok(stream)
+            }
+            Ok(Err(err)) => Err(format!("cannot connect to the upstream {upstream}: {err}")),
+            Err(_) => Err(format!(
+                "cannot connect to the upstream {upstream} within {}",
+                humantime::format_duration(timeout)
+            )),
+        }
+    }
+
+    /// After a protocol upgrade: bytes both ways until either side closes. The engine stops
+    /// reading an upgraded connection, so they are not fed.
+    async fn tunnel(&mut self) {
+        let Some(upstream) = self.upstream.as_mut() else {
+            return;
+        };
+        if !self.buf.is_empty() {
+            let early = self.buf.split().freeze();
+            if upstream.write_all(&early).await.is_err() {
+                return;
+            }
+        }
+        let _ = tokio::io::copy_bidirectional(&mut self.client, upstream).await;
+    }
+}
+
+/// Reads what the client sent next into `buf`, feeding it as the gateway's ingress.
+async fn read_client(
+    client: &mut (impl AsyncReadExt + Unpin),
+    buf: &mut BytesMut,
+    feed: &Feed,
+    meta: ConnMeta,
+) -> std::io::Result<usize> {
+    let before = buf.len();
+    if buf.capacity() - before < 1024 {
+        buf.reserve(8192);
+    }
+    let n = client.read_buf(buf).await?;
+    if n > 0 {
+        let read = Bytes::copy_from_slice(&buf[before..]);
+        feed.data(meta, Direction::Ingress, read).await;
+    }
+    Ok(n)
+}
+
+async fn write_upstream(
+    upstream: &mut WriteHalf<'_>,
+    feed: &Feed,
+    meta: ConnMeta,
+    bytes: Bytes,
+) -> std::io::Result<()> {
+    upstream.write_all(&bytes).await?;
+    feed.data(meta, Direction::Egress, bytes).await;
+    Ok(())
+}
+
+/// Moves the request body to the upstream: what is already buffered, then what the client
+/// still sends, up to the end its framing gives. Bytes after it stay in `buf`.
+async fn forward_body(
+    client: &mut ReadHalf<'_>,
+    upstream: &mut WriteHalf<'_>,
+    buf: &mut BytesMut,
+    body: Body,
+    feed: &Feed,
+    pair: Pair,
+    max_body_bytes: u64,
+) -> std::io::Result<()> {
+    let eof = || std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "client closed mid-body");
+    match body {
+        Body::None => Ok(()),
+        Body::Length(mut left) => loop {
+            let take = (buf.len() as u64).min(left) as usize;
+            if take > 0 {
+                write_upstream(upstream, feed, pair.upstream, buf.split_to(take).freeze()).await?;
+                left -= take as u64;
+            }
+            if left == 0 {
+                return Ok(());
+            }
+            if read_client(client, buf, feed, pair.client).await? == 0 {
+                return Err(eof());
+            }
+        },
+        Body::Chunked => {
+            let mut scanner = ChunkedBody::default();
+            let mut forwarded = 0u64;
+            loop {
+                if !buf.is_empty() {
+                    let found = scanner
+                        .feed(buf)
+                        .map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidData, err))?;
+                    let take = found.unwrap_or(buf.len());
+                    forwarded += take as u64;
+                    if forwarded > max_body_bytes {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            "chunked request body over --max-body-bytes",
+                        ));
+                    }
+                    write_upstream(upstream, feed, pair.upstream, buf.split_to(take).freeze())
+                        .await?;
+                    if found.is_some() {
+                        return Ok(());
+                    }
+                }
+                if read_client(client, buf, feed, pair.client).await? == 0 {
+                    return Err(eof());
+                }
+            }
+        }
+    }
+}
+
+/// How a response relay ended.
+enum Relayed {
+    Complete,
+    /// A close-delimited body, ended by the upstream's close.
+    EndedByClose,
+    /// The upstream closed before the response was whole.
+    UpstreamClosed,
+    /// 101 or a CONNECT tunnel: no more HTTP on this connection.
+    Upgraded,
+}
+
+/// Frames the response as it is relayed, to know where it ends.
+struct Relay {
+    parser: MessageParser,
+    end: ResponseEnd,
+}
+
+impl Relay {
+    fn new(head_request: bool, connect: bool) -> Relay {
+        Relay {
+            parser: MessageParser::new(Kind::Response),
+            end: ResponseEnd {
+                head_request,
+                connect,
+                final_status: None,
+                ended: false,
+                opaque: false,
+            },
+        }
+    }
+
+    async fn run(
+        &mut self,
+        upstream: &mut ReadHalf<'_>,
+        client: &mut WriteHalf<'_>,
+        feed: &Feed,
+        pair: Pair,
+        sent: &mut u64,
+    ) -> std::io::Result<Relayed> {
+        let mut buf = vec![0u8; RELAY_BUF];
+        loop {
+            let n = upstream.read(&mut buf).await?;
+            if n == 0 {
+                self.parser.close(&mut self.end);
+                return Ok(if self.end.ended {
+                    Relayed::EndedByClose
+                } else {
+                    Relayed::UpstreamClosed
+                });
+            }
+            let chunk = Bytes::copy_from_slice(&buf[..n]);
+            feed.data(pair.upstream, Direction::Ingress, chunk.clone())
+                .await;
+            self.parser.segment(0, n as u64, &chunk, &[], &mut self.end);
+            client.write_all(&chunk).await?;
+            *sent += n as u64;
+            feed.data(pair.client, Direction::Egress, chunk).await;
+            if self.end.opaque {
+                return Ok(Relayed::Upgraded);
+            }
+            if self.end.ended {
+                return Ok(Relayed::Complete);
+            }
+        }
+    }
+}
+
+/// The end of the final response (interim 1xx responses pass through).
+struct ResponseEnd {
+    head_request: bool,
+    connect: bool,
+    final_status: Option<u16>,
+    ended: bool,
+    opaque: bool,
+}
+
+impl Sink for ResponseEnd {
+    fn head(&mut self, head: &Head, _ts: u64) -> BodyRule {
+        let status = head.status;
+        if status == 101 || (self.connect && status / 100 == 2) {
+            self.opaque = true;
+            return BodyRule::Opaque;
+        }
+        if (100..200).contains(&status) {
+            return BodyRule::None;
+        }
+        self.final_status = Some(status);
+        if self.head_request || status == 204 || status == 304 {
+            BodyRule::None
+        } else {
+            BodyRule::Framed
+        }
+    }
+
+    fn body(&mut self, _bytes: &[u8], _ts: u64) {}
+
+    fn body_gap(&mut self, _n: u64) {}
+
+    fn end(&mut self, _ts: u64) {
+        if self.final_status.is_some() {
+            self.ended = true;
+        }
+    }
+
+    fn error(&mut self, _reason: crate::engine::ErrorReason) {}
+}
+
+/// The head with `X-Forwarded-For: <client address>` added before its blank line.
+fn with_forwarded_for(head: &[u8], peer: SocketAddr) -> Bytes {
+    let blank = if head.ends_with(b"\r\n\r\n") { 2 } else { 1 };
+    let (lines, end) = head.split_at(head.len() - blank);
+    let mut out = Vec::with_capacity(head.len() + 64);
+    out.extend_from_slice(lines);
+    out.extend_from_slice(format!("X-Forwarded-For: {}\r\n", peer.ip()).as_bytes());
+    out.extend_from_slice(end);
+    Bytes::from(out)
+}
+
+/// Closes with a reset (SO_LINGER 0), so that the client sees an abort, not an end.
+fn reset(client: &TcpStream) {
+    let _ = client.set_zero_linger();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_for_goes_before_the_blank_line() {
+        let peer: SocketAddr = "10.0.0.7:5555".parse().unwrap();
+        let head = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(
+            &with_forwarded_for(head, peer)[..],
+            b"GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.0.0.7\r\n\r\n"
+        );
+        let bare = b"GET / HTTP/1.1\nHost: x\n\n";
+        assert_eq!(
+            &with_forwarded_for(bare, peer)[..],
+            b"GET / HTTP/1.1\nHost: x\nX-Forwarded-For: 10.0.0.7\r\n\n"
+        );
+    }
+
+    fn relay_ends(head_request: bool, bytes: &[u8]) -> (bool, bool) {
+        let mut relay = Relay::new(head_request, false);
+        relay
+            .parser
+            .segment(0, bytes.len() as u64, bytes, &[], &mut relay.end);
+        (relay.end.ended, relay.end.opaque)
+    }
+
+    #[test]
+    fn the_response_end_is_found_after_interim_responses() {
+        let continue_then_ok =
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        assert_eq!(relay_ends(false, continue_then_ok), (true, false));
+        assert_eq!(
+            relay_ends(false, b"HTTP/1.1 100 Continue\r\n\r\n"),
+            (false, false)
+        );
+        assert_eq!(
+            relay_ends(true, b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n"),
+            (true, false)
+        );
+        assert_eq!(
+            relay_ends(
+                false,
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n"
+            ),
+            (false, false)
+        );
+        assert_eq!(
+            relay_ends(
+                false,
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n"
+            ),
+            (false, true)
+        );
+    }
+}
