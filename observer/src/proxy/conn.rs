@@ -36,7 +36,7 @@ use crate::{
 /// Body bytes the readiness gate reads before deciding (the model is near the start).
 const GATE_PEEK: usize = 64 * 1024;
 /// Read size from the upstream: a streamed chunk is far smaller and goes on at once.
-const RELAY_BUF: usize = 16 * 1024;
+const RELAY_BUF: usize = 8 * 1024;
 
 /// What every connection shares.
 #[derive(Debug)]
@@ -68,6 +68,8 @@ pub struct Connection {
     upstream: Option<TcpStream>,
     /// Client bytes read and not yet forwarded (the start of the next request).
     buf: BytesMut,
+    /// Where responses are read into, allocated once per connection.
+    relay_buf: Box<[u8]>,
     draining: watch::Receiver<bool>,
 }
 
@@ -89,6 +91,7 @@ impl Connection {
             peer,
             upstream: None,
             buf: BytesMut::with_capacity(4096),
+            relay_buf: vec![0u8; RELAY_BUF].into_boxed_slice(),
             draining,
         }
     }
@@ -246,7 +249,14 @@ impl Connection {
                 pair,
                 self.settings.max_body_bytes,
             );
-            let response = relay.run(&mut ur, &mut cw, feed, pair, &mut sent);
+            let response = relay.run(
+                &mut ur,
+                &mut cw,
+                &mut self.relay_buf,
+                feed,
+                pair,
+                &mut sent,
+            );
             let (body, response) = tokio::join!(body, response);
             body?;
             response
@@ -500,13 +510,13 @@ impl Relay {
         &mut self,
         upstream: &mut ReadHalf<'_>,
         client: &mut WriteHalf<'_>,
+        buf: &mut [u8],
         feed: &Feed,
         pair: Pair,
         sent: &mut u64,
     ) -> std::io::Result<Relayed> {
-        let mut buf = vec![0u8; RELAY_BUF];
         loop {
-            let n = upstream.read(&mut buf).await?;
+            let n = upstream.read(buf).await?;
             if n == 0 {
                 self.parser.close(&mut self.end);
                 return Ok(if self.end.ended {
