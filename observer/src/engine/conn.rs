@@ -124,8 +124,12 @@ impl Conn {
             sink.kind = Kind::Request;
             self.requests.segment(ts, len, head, tail, &mut sink);
         } else {
-            // A response begins: the request it answers has ended, framed or not.
+            // A response begins: the request it answers has ended, framed or not, even one
+            // whose head never finished.
             sink.kind = Kind::Request;
+            if sink.state.pending.is_empty() {
+                self.requests.end_partial_head(&mut sink);
+            }
             self.requests.end_unframed(&mut sink);
             sink.kind = Kind::Response;
             self.responses.segment(ts, len, head, tail, &mut sink);

@@ -191,6 +191,17 @@ impl MessageParser {
         }
     }
 
+    /// The other side answered while this head was still arriving: it will not be finished,
+    /// so what arrived of it is taken as a cut head (a 408 or 400 to a slow or broken request
+    /// still counts as an exchange). Returns whether there was such a head.
+    pub fn end_partial_head(&mut self, sink: &mut impl Sink) -> bool {
+        if self.state != State::Head {
+            return false;
+        }
+        self.cut_head(sink);
+        true
+    }
+
     /// Nothing after this can be parsed (the connection was upgraded).
     pub fn set_opaque(&mut self) {
         self.buf = Vec::new();

@@ -665,3 +665,47 @@ fn client_side_connections_read_egress_as_requests() {
     assert_eq!((ex.conn.side, ex.status), (Side::Client, Some(200)));
     assert_eq!(engine.in_flight(Role::Upstream, Side::Client), 0);
 }
+
+/// A server that answers while the request head is still arriving (a 408 to a slow client, a
+/// 400 to a broken one): the exchange counts, with what arrived of the head, marked inexact.
+#[test]
+fn an_answer_to_an_unfinished_head_is_an_exchange() {
+    let (out, errors) = run(&[
+        (IN, 1, b"GET /api/tags HTTP/1.1\r\nHo"),
+        (IN, 2, b"st: x\r\nX-Slow: "),
+        (
+            OUT,
+            10,
+            b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+        ),
+    ]);
+    assert_eq!(out.len(), 1, "{out:?}");
+    let ex = &out[0];
+    assert_eq!(
+        (ex.method, ex.path.as_str(), ex.status),
+        (Method::Get, "/api/tags", Some(408))
+    );
+    assert_eq!(ex.outcome, Outcome::Complete);
+    assert!(!ex.exact);
+    assert_eq!(ex.ts.request_first, 1);
+    assert_eq!(errors.get(Role::Upstream, ErrorReason::TruncatedHead), 1);
+    assert_eq!(
+        errors.get(Role::Upstream, ErrorReason::UnmatchedResponse),
+        0
+    );
+
+    // A first line that never finished gives nothing to count the answer against.
+    let (out, errors) = run(&[
+        (IN, 1, b"GET /api/ta"),
+        (
+            OUT,
+            10,
+            b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n",
+        ),
+    ]);
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(
+        errors.get(Role::Upstream, ErrorReason::UnmatchedResponse),
+        1
+    );
+}

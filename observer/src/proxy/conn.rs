@@ -25,7 +25,7 @@ use super::{
     request::{self, Body, ChunkedBody, RequestHead},
 };
 use crate::{
-    capture::decode::Direction,
+    capture::{decode::Direction, seed::monotonic_ns},
     engine::{
         ConnMeta,
         http::{BodyRule, Head, Kind, MessageParser, Sink},
@@ -35,6 +35,8 @@ use crate::{
 
 /// Body bytes the readiness gate reads before deciding (the model is near the start).
 const GATE_PEEK: usize = 64 * 1024;
+/// How long a connection over `--max-conns` may take to send its request before its 503.
+const REJECT_WAIT: Duration = Duration::from_secs(1);
 /// Read size from the upstream: a streamed chunk is far smaller and goes on at once.
 const RELAY_BUF: usize = 8 * 1024;
 
@@ -110,14 +112,14 @@ impl Connection {
         self.feed.close(self.pair.client).await;
     }
 
-    async fn exchanges(&mut self, mut reject: Option<Reply>) -> std::io::Result<()> {
+    async fn exchanges(&mut self, reject: Option<Reply>) -> std::io::Result<()> {
+        if let Some(reply) = reject {
+            return self.reject(reply).await;
+        }
         loop {
             let Some(head) = self.read_head().await? else {
                 return Ok(());
             };
-            if let Some(reply) = reject.take() {
-                return self.answer(reply).await;
-            }
             match self.exchange(head).await? {
                 Next::Continue if !*self.draining.borrow() => {}
                 _ => return Ok(()),
@@ -179,6 +181,43 @@ impl Connection {
         }
     }
 
+    /// A connection over the limit: its request, when one comes within [`REJECT_WAIT`], is
+    /// answered with `reply` (and counted); a silent one gets `reply` anyway, uncounted, since
+    /// there is no request to count it against.
+    async fn reject(&mut self, reply: Reply) -> std::io::Result<()> {
+        let waited = tokio::time::timeout(REJECT_WAIT, async {
+            loop {
+                match request::parse(&self.buf) {
+                    Ok(None) => {}
+                    Ok(Some(_)) | Err(_) => return Ok(true),
+                }
+                if read_client(
+                    &mut self.client,
+                    &mut self.buf,
+                    &self.feed,
+                    self.pair.client,
+                )
+                .await?
+                    == 0
+                {
+                    return Ok::<_, std::io::Error>(false);
+                }
+            }
+        })
+        .await;
+        match waited {
+            Ok(Ok(true)) => self.answer(reply).await,
+            Ok(Ok(false)) | Ok(Err(_)) => Ok(()),
+            Err(_) if self.buf.is_empty() => {
+                self.client.write_all(&reply.to_bytes()).await?;
+                let _ = self.client.shutdown().await;
+                Ok(())
+            }
+            // Half a head: answering it completes an exchange the engine can count.
+            Err(_) => self.answer(reply).await,
+        }
+    }
+
     /// Writes one of the proxy's own responses and closes the connection.
     async fn answer(&mut self, reply: Reply) -> std::io::Result<()> {
         let bytes = Bytes::from(reply.to_bytes());
@@ -229,6 +268,23 @@ impl Connection {
         } else {
             head_bytes
         };
+        // A body already here goes in the same write as the head (one segment, one syscall).
+        let (first_write, body) = match head.body {
+            Body::Length(n) if !self.buf.is_empty() => {
+                let take = (self.buf.len() as u64).min(n) as usize;
+                let mut joined = BytesMut::with_capacity(head_bytes.len() + take);
+                joined.extend_from_slice(&head_bytes);
+                joined.extend_from_slice(&self.buf.split_to(take));
+                let left = n - take as u64;
+                let body = if left == 0 {
+                    Body::None
+                } else {
+                    Body::Length(left)
+                };
+                (joined.freeze(), body)
+            }
+            body => (head_bytes, body),
+        };
         let Some(upstream) = self.upstream.as_mut() else {
             return Ok(Next::Close);
         };
@@ -239,24 +295,17 @@ impl Connection {
         let mut sent = 0u64;
         let mut relay = Relay::new(head.method == "HEAD", head.method == "CONNECT");
         let outcome = tokio::time::timeout_at(deadline, async {
-            write_upstream(&mut uw, feed, pair.upstream, head_bytes).await?;
+            write_upstream(&mut uw, feed, pair.upstream, first_write).await?;
             let body = forward_body(
                 &mut cr,
                 &mut uw,
                 &mut self.buf,
-                head.body,
+                body,
                 feed,
                 pair,
                 self.settings.max_body_bytes,
             );
-            let response = relay.run(
-                &mut ur,
-                &mut cw,
-                &mut self.relay_buf,
-                feed,
-                pair,
-                &mut sent,
-            );
+            let response = relay.run(&mut ur, &mut cw, &mut self.relay_buf, feed, pair, &mut sent);
             let (body, response) = tokio::join!(body, response);
             body?;
             response
@@ -525,13 +574,17 @@ impl Relay {
                     Relayed::UpstreamClosed
                 });
             }
+            // The client gets the bytes first; the bookkeeping follows.
+            let read_at = monotonic_ns();
             let chunk = Bytes::copy_from_slice(&buf[..n]);
-            feed.data(pair.upstream, Direction::Ingress, chunk.clone())
-                .await;
-            self.parser.segment(0, n as u64, &chunk, &[], &mut self.end);
             client.write_all(&chunk).await?;
             *sent += n as u64;
-            feed.data(pair.client, Direction::Egress, chunk).await;
+            let written_at = monotonic_ns();
+            self.parser.segment(0, n as u64, &chunk, &[], &mut self.end);
+            feed.data_at(pair.upstream, Direction::Ingress, read_at, chunk.clone())
+                .await;
+            feed.data_at(pair.client, Direction::Egress, written_at, chunk)
+                .await;
             if self.end.opaque {
                 return Ok(Relayed::Upgraded);
             }

@@ -77,9 +77,13 @@ impl Feed {
     }
 
     pub async fn data(&self, meta: ConnMeta, direction: Direction, bytes: Bytes) {
+        self.data_at(meta, direction, monotonic_ns(), bytes).await;
+    }
+
+    /// Bytes moved at `ts` (the capture clock, [`monotonic_ns`]), reported afterwards.
+    pub async fn data_at(&self, meta: ConnMeta, direction: Direction, ts: u64, bytes: Bytes) {
         if !bytes.is_empty() {
-            self.send(FeedEvent::Data(meta, direction, monotonic_ns(), bytes))
-                .await;
+            self.send(FeedEvent::Data(meta, direction, ts, bytes)).await;
         }
     }
 

@@ -18,6 +18,7 @@ pub fn require_root(test: &str) -> bool {
 pub mod capture;
 pub mod daemon;
 pub mod nginx;
+pub mod proxy;
 pub mod sim_client;
 pub mod socket_io;
 
