@@ -8,7 +8,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/env.sh
 
 BPF_LINKER_VERSION=0.13.0
-APT_PACKAGES=(llvm-22-dev bpftool nginx-light curl prometheus)
+APT_PACKAGES=(llvm-22-dev bpftool nginx-light curl prometheus wrk)
 
 say() { printf 'setup: %s\n' "$*"; }
 

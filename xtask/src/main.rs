@@ -5,9 +5,11 @@
 //! - `clippy-ebpf`: clippy on the kernel programs (they build for the BPF target only, so the
 //!   workspace's plain `cargo clippy` does not see them).
 //! - `bench [NAME] [-- ARGS]`: the benchmarks in [`BENCHES`], all of them or the one named;
-//!   `ARGS` go to the benchmark binary (criterion's options, e.g. `--save-baseline main`).
+//!   `ARGS` go to the benchmark binary (criterion's options, e.g. `--save-baseline main`), or
+//!   to `proxy` (`--rounds N`, `--no-doc`, ...: [`proxy_bench`]).
 
 mod ebpf_object;
+mod proxy_bench;
 
 use std::{
     path::{Path, PathBuf},
@@ -45,12 +47,13 @@ enum Task {
     },
 }
 
-/// A benchmark `cargo xtask bench` runs: a `[[bench]]` target of the `observer` package.
+/// A benchmark `cargo xtask bench` runs: a `[[bench]]` target of the `observer` package, or
+/// the proxy comparison this crate drives itself.
 struct Bench {
     /// The name on the command line.
     name: &'static str,
-    /// The `[[bench]]` target in `observer/Cargo.toml`.
-    target: &'static str,
+    /// The `[[bench]]` target in `observer/Cargo.toml`; `None` for [`proxy_bench`].
+    target: Option<&'static str>,
 }
 
 /// Every benchmark, in the order `cargo xtask bench` runs them.
@@ -58,12 +61,17 @@ const BENCHES: &[Bench] = &[
     // Capture events per second through one engine (criterion).
     Bench {
         name: "engine",
-        target: "engine",
+        target: Some("engine"),
     },
     // Resident memory of `observer run` with many open connections (needs root).
     Bench {
         name: "daemon-memory",
-        target: "daemon_memory",
+        target: Some("daemon_memory"),
+    },
+    // `observer proxy` against nginx under wrk, and memory with 1,000 connections.
+    Bench {
+        name: "proxy",
+        target: None,
     },
 ];
 
@@ -145,9 +153,13 @@ fn bench(name: Option<&str>, args: &[String]) -> anyhow::Result<()> {
         .iter()
         .filter(|b| name.is_none_or(|name| b.name == name))
     {
+        let Some(target) = bench.target else {
+            proxy_bench::run(&workspace_root(), args)?;
+            continue;
+        };
         let mut cmd = Command::new(&cargo);
         cmd.current_dir(workspace_root())
-            .args(["bench", "--package", "observer", "--bench", bench.target])
+            .args(["bench", "--package", "observer", "--bench", target])
             .arg("--")
             .args(args);
         let status = cmd
