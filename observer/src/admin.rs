@@ -196,6 +196,43 @@ struct AdminState {
     token: Option<Arc<str>>,
 }
 
+/// The admin server on its own task, as the daemons run it.
+pub struct AdminServer {
+    pub addr: std::net::SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl AdminServer {
+    /// Binds `addr` (a daemon fails here, before loading anything, when it cannot) and serves.
+    pub async fn start(
+        addr: std::net::SocketAddr,
+        metrics: Arc<Metrics>,
+        status: Arc<StatusBoard>,
+        config: AdminConfig,
+    ) -> anyhow::Result<AdminServer> {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the admin server to {addr}"))?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, metrics, status, config, async move {
+            let _ = stopped.await;
+        }));
+        Ok(AdminServer { addr, stop, task })
+    }
+
+    /// Stops accepting and waits (up to 5 s) for open requests.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        match tokio::time::timeout(std::time::Duration::from_secs(5), self.task).await {
+            Ok(Ok(Err(err))) => tracing::warn!("admin server: {err}"),
+            Ok(Err(err)) => tracing::warn!("admin server task: {err}"),
+            _ => {}
+        }
+    }
+}
+
 /// Serves the admin routes on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: tokio::net::TcpListener,

@@ -12,7 +12,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Du
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::admin::{self, AdminConfig, StatusBoard};
+use crate::admin::{self, AdminConfig, AdminServer, StatusBoard};
 use crate::capture::{
     Capture, Role,
     decode::Side,
@@ -80,6 +80,21 @@ impl MetricsArgs {
         };
         Ok(AdminConfig { token })
     }
+
+    /// Starts the admin server on `--metrics-addr`.
+    pub async fn start_admin(
+        &self,
+        metrics: &Arc<Metrics>,
+        status: &Arc<StatusBoard>,
+    ) -> anyhow::Result<AdminServer> {
+        AdminServer::start(
+            self.metrics_addr,
+            metrics.clone(),
+            status.clone(),
+            self.admin_config()?,
+        )
+        .await
+    }
 }
 
 /// Flags of `observer run`.
@@ -122,25 +137,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let metrics = Arc::new(Metrics::new(
         args.metrics.metrics_config("ebpf", &config.watch),
     )?);
-    let admin_config = args.metrics.admin_config()?;
-    let listener = tokio::net::TcpListener::bind(args.metrics.metrics_addr)
-        .await
-        .with_context(|| format!("binding the admin server to {}", args.metrics.metrics_addr))?;
-    let admin_addr = listener.local_addr()?;
     let status = Arc::new(StatusBoard::new(
         "ebpf",
         config.watch.iter().map(|w| (w.port, w.role)).collect(),
     ));
-    let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
-    let admin_task = tokio::spawn(admin::serve(
-        listener,
-        metrics.clone(),
-        status.clone(),
-        admin_config,
-        async move {
-            let _ = admin_stopped.await;
-        },
-    ));
+    let admin = args.metrics.start_admin(&metrics, &status).await?;
+    let admin_addr = admin.addr;
 
     let own_ports = OwnPorts::default();
     let _prober = start_probe(&args.probe, &metrics, &status, own_ports.clone())?;
@@ -229,12 +231,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     if let Some(task) = kernel_logs {
         task.abort();
     }
-    let _ = stop_admin.send(());
-    match tokio::time::timeout(Duration::from_secs(5), admin_task).await {
-        Ok(Ok(Err(err))) => tracing::warn!("admin server: {err}"),
-        Ok(Err(err)) => tracing::warn!("admin server task: {err}"),
-        _ => {}
-    }
+    admin.stop().await;
     result?;
     let totals = pipeline.totals();
     tracing::info!(

@@ -156,21 +156,10 @@ impl Connection {
                     return Ok(None);
                 }
             }
-            let read = tokio::time::timeout_at(
-                deadline,
-                read_client(
-                    &mut self.client,
-                    &mut self.buf,
-                    &self.feed,
-                    self.pair.client,
-                ),
-            )
-            .await;
-            match read {
-                Ok(Ok(0)) => return Ok(None),
-                Ok(Ok(_)) => {}
-                Ok(Err(err)) => return Err(err),
-                Err(_) => {
+            match self.read_more(deadline).await? {
+                Some(0) => return Ok(None),
+                Some(_) => {}
+                None => {
                     let timeout = humantime::format_duration(self.settings.head_timeout);
                     let reply =
                         Reply::new(408, format!("request head not received within {timeout}"));
@@ -215,6 +204,21 @@ impl Connection {
             }
             // Half a head: answering it completes an exchange the engine can count.
             Err(_) => self.answer(reply).await,
+        }
+    }
+
+    /// Reads more of the client's bytes into the buffer: how many (0 at EOF), or None when
+    /// `deadline` came first.
+    async fn read_more(&mut self, deadline: Instant) -> std::io::Result<Option<usize>> {
+        let read = read_client(
+            &mut self.client,
+            &mut self.buf,
+            &self.feed,
+            self.pair.client,
+        );
+        match tokio::time::timeout_at(deadline, read).await {
+            Ok(read) => read.map(Some),
+            Err(_) => Ok(None),
         }
     }
 
@@ -360,7 +364,8 @@ impl Connection {
         head: &RequestHead,
         deadline: Instant,
     ) -> std::io::Result<Option<Reply>> {
-        let Some((readiness, retry)) = &self.settings.gate else {
+        let settings = self.settings.clone();
+        let Some((readiness, retry)) = &settings.gate else {
             return Ok(None);
         };
         if !head.names_a_model() || head.expect_continue || head.body == Body::None {
@@ -371,20 +376,8 @@ impl Connection {
             _ => head.len + 1,
         };
         while self.buf.len() < want {
-            let read = tokio::time::timeout_at(
-                deadline,
-                read_client(
-                    &mut self.client,
-                    &mut self.buf,
-                    &self.feed,
-                    self.pair.client,
-                ),
-            )
-            .await;
-            match read {
-                Ok(Ok(0)) | Err(_) => break,
-                Ok(Ok(_)) => {}
-                Ok(Err(err)) => return Err(err),
+            if matches!(self.read_more(deadline).await?, None | Some(0)) {
+                break;
             }
         }
         let Some(model) = request::model_of(&self.buf[head.len..]) else {

@@ -29,7 +29,7 @@ use self::{
     reply::Reply,
 };
 use crate::{
-    admin::{self, StatusBoard},
+    admin::StatusBoard,
     capture::{Role, WatchedPort, own_ports::OwnPorts},
     collectors::{self, ResourceArgs},
     engine::EngineConfig,
@@ -119,25 +119,12 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
         },
     ];
     let metrics = Arc::new(Metrics::new(args.metrics.metrics_config("proxy", &watch))?);
-    let admin_config = args.metrics.admin_config()?;
-    let admin_listener = tokio::net::TcpListener::bind(args.metrics.metrics_addr)
-        .await
-        .with_context(|| format!("binding the admin server to {}", args.metrics.metrics_addr))?;
-    let admin_addr = admin_listener.local_addr()?;
     let status = Arc::new(StatusBoard::new(
         "proxy",
         watch.iter().map(|w| (w.port, w.role)).collect(),
     ));
-    let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
-    let admin_task = tokio::spawn(admin::serve(
-        admin_listener,
-        metrics.clone(),
-        status.clone(),
-        admin_config,
-        async move {
-            let _ = admin_stopped.await;
-        },
-    ));
+    let admin = args.metrics.start_admin(&metrics, &status).await?;
+    let admin_addr = admin.addr;
     let prober = start_probe(&args.probe, &metrics, &status, OwnPorts::default())?;
     let _collectors = collectors::start(&args.resources, &metrics, &watch)?;
 
@@ -246,11 +233,6 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
     drop(settings);
     let _ = pipeline_task.await;
     drop(prober);
-    let _ = stop_admin.send(());
-    match tokio::time::timeout(Duration::from_secs(5), admin_task).await {
-        Ok(Ok(Err(err))) => tracing::warn!("admin server: {err}"),
-        Ok(Err(err)) => tracing::warn!("admin server task: {err}"),
-        _ => {}
-    }
+    admin.stop().await;
     Ok(ExitCode::SUCCESS)
 }
