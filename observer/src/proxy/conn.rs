@@ -229,6 +229,7 @@ impl Connection {
         self.feed
             .data(self.pair.client, Direction::Egress, bytes)
             .await;
+        self.feed.flush().await;
         let _ = self.client.shutdown().await;
         Ok(())
     }
@@ -315,6 +316,7 @@ impl Connection {
             response
         })
         .await;
+        self.feed.flush().await;
         match outcome {
             Ok(Ok(Relayed::Complete)) if head.keep_alive => Ok(Next::Continue),
             Ok(Ok(Relayed::Complete)) | Ok(Ok(Relayed::EndedByClose)) => {

@@ -5,8 +5,10 @@
 //! Each client connection and its upstream connection form a pair: the client side is the
 //! `gateway` role's server end, the upstream side the `upstream` role's client end, and both
 //! carry the pair's number as their `tgid`, so correlation pairs exactly the exchanges of one
-//! client connection. The channel is bounded: a slow pipeline slows forwarding rather than
-//! losing events or growing memory.
+//! client connection. Each connection gathers its events and sends them as one message per
+//! exchange (or per [`BATCH`] events): one channel operation and at most one wake-up of the
+//! pipeline task per request, not four. The channel is bounded: a slow pipeline slows
+//! forwarding rather than losing events or growing memory.
 
 use std::sync::Arc;
 
@@ -24,10 +26,12 @@ use crate::{
     pipeline::Pipeline,
 };
 
-/// Events waiting for the pipeline task.
-const QUEUE: usize = 8192;
-/// Events handled between two flushes.
-const BATCH: usize = 1024;
+/// Batches waiting for the pipeline task.
+const QUEUE: usize = 2048;
+/// Events a connection gathers before it sends them on, even mid-exchange (long streams).
+pub const BATCH: usize = 64;
+/// Batches handled between two pipeline flushes.
+const BATCHES: usize = 64;
 /// How often the pipeline flushes without traffic (correlation waits, in-flight gauges).
 const IDLE_FLUSH: std::time::Duration = std::time::Duration::from_millis(250);
 
@@ -67,9 +71,21 @@ impl Pair {
     }
 }
 
-/// Where connections send what they see.
-#[derive(Debug, Clone)]
-pub struct Feed(mpsc::Sender<FeedEvent>);
+/// Where a connection sends what it sees; each clone gathers its own events.
+#[derive(Debug)]
+pub struct Feed {
+    sender: mpsc::Sender<Vec<FeedEvent>>,
+    pending: std::sync::Mutex<Vec<FeedEvent>>,
+}
+
+impl Clone for Feed {
+    fn clone(&self) -> Feed {
+        Feed {
+            sender: self.sender.clone(),
+            pending: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+}
 
 impl Feed {
     pub async fn open(&self, meta: ConnMeta) {
@@ -89,11 +105,34 @@ impl Feed {
 
     pub async fn close(&self, meta: ConnMeta) {
         self.send(FeedEvent::Close(meta.conn_id, meta.role)).await;
+        self.flush().await;
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Vec<FeedEvent>> {
+        // Only this connection's task uses it; a poisoned buffer still holds good events.
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     async fn send(&self, event: FeedEvent) {
-        // Fails only after the pipeline task ended (shutdown): nothing left to count.
-        let _ = self.0.send(event).await;
+        let full = {
+            let mut pending = self.pending();
+            pending.push(event);
+            pending.len() >= BATCH
+        };
+        if full {
+            self.flush().await;
+        }
+    }
+
+    /// Sends what this connection gathered (at the end of an exchange).
+    pub async fn flush(&self) {
+        let batch = std::mem::take(&mut *self.pending());
+        if !batch.is_empty() {
+            // Fails only after the pipeline task ended (shutdown): nothing left to count.
+            let _ = self.sender.send(batch).await;
+        }
     }
 }
 
@@ -104,15 +143,15 @@ pub fn spawn(
 ) -> (Feed, tokio::task::JoinHandle<()>) {
     let (sender, mut events) = mpsc::channel(QUEUE);
     let task = tokio::spawn(async move {
-        let mut batch = Vec::with_capacity(BATCH);
+        let mut batches = Vec::with_capacity(BATCHES);
         let mut reported = crate::pipeline::Totals::default();
         loop {
             let received =
-                tokio::time::timeout(IDLE_FLUSH, events.recv_many(&mut batch, BATCH)).await;
+                tokio::time::timeout(IDLE_FLUSH, events.recv_many(&mut batches, BATCHES)).await;
             if received == Ok(0) {
                 break;
             }
-            for event in batch.drain(..) {
+            for event in batches.drain(..).flatten() {
                 match event {
                     FeedEvent::Open(meta, ts) => pipeline.on_open(meta, ts, false),
                     FeedEvent::Data(meta, direction, ts, bytes) => {
@@ -128,5 +167,11 @@ pub fn spawn(
             reported = totals;
         }
     });
-    (Feed(sender), task)
+    (
+        Feed {
+            sender,
+            pending: std::sync::Mutex::new(Vec::new()),
+        },
+        task,
+    )
 }
