@@ -23,10 +23,7 @@ use prometheus::{
     proto::MetricFamily,
 };
 
-use crate::{
-    capture::{Role, WatchedPort, seed},
-    metrics::family_name,
-};
+use crate::capture::{Role, WatchedPort, seed};
 
 /// Most processes watched at once; past it, descendants with the highest pids are left out.
 pub const MAX_TARGETS: usize = 64;
@@ -238,7 +235,7 @@ impl TargetProcesses {
         let opts = |name: &str, what: &str| {
             let help =
                 format!("{what} of a process owning a watched listener, or descending from one.");
-            Opts::new(family_name(prefix, name), help)
+            Opts::new(name, help).namespace(prefix)
         };
         Ok(TargetProcesses {
             cpu_seconds: CounterVec::new(

@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use prometheus::{GaugeVec, Opts, core::Collector, core::Desc, proto::MetricFamily};
 
 use super::reading::GpuSnapshot;
-use crate::{capture::Role, metrics::family_name};
+use crate::capture::Role;
 
 /// The `role` of a GPU process that serves no watched listener.
 const NO_ROLE: &str = "other";
@@ -102,7 +102,7 @@ impl GpuCollector {
         let templates = FAMILIES
             .iter()
             .map(|&(name, help, labels)| {
-                let opts = Opts::new(family_name(prefix, name), help);
+                let opts = Opts::new(name, help).namespace(prefix);
                 let vec = GaugeVec::new(opts.clone(), labels)
                     .with_context(|| format!("defining the metric family {name}"))?;
                 Ok((opts, vec))

@@ -62,15 +62,6 @@ pub struct Metrics {
     llm_role: Role,
 }
 
-/// The full name of a family: `{prefix}_{name}`, or `name` alone for an empty prefix.
-pub fn family_name(prefix: &str, name: &str) -> String {
-    if prefix.is_empty() {
-        name.to_owned()
-    } else {
-        format!("{prefix}_{name}")
-    }
-}
-
 fn seconds(ns: u64) -> f64 {
     ns as f64 / 1e9
 }

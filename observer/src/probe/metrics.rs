@@ -13,7 +13,7 @@ use super::{
     check::ListedModel,
     state::{CheckResult, Verdict},
 };
-use crate::metrics::{Metrics, family_name};
+use crate::metrics::Metrics;
 
 /// Most models `/api/ps` may add as label values beyond the `--model` ones.
 pub const MAX_LISTED_MODELS: usize = 32;
@@ -35,7 +35,7 @@ pub struct ProbeMetrics {
 impl ProbeMetrics {
     pub fn register(metrics: &Metrics, configured: &[String]) -> anyhow::Result<ProbeMetrics> {
         let prefix = metrics.prefix();
-        let opts = |name: &str, help: &str| Opts::new(family_name(prefix, name), help);
+        let opts = |name: &str, help: &str| Opts::new(name, help).namespace(prefix);
         let probe = ProbeMetrics {
             model_ready: IntGaugeVec::new(
                 opts(
