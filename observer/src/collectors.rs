@@ -74,13 +74,16 @@ pub fn start(
     metrics.register(Box::new(processes.clone()))?;
     let mut gpu = match args.gpu {
         GpuMode::Off => None,
-        GpuMode::Auto => GpuMonitor::open(metrics.prefix())?,
-        GpuMode::On => Some(GpuMonitor::open(metrics.prefix())?.with_context(|| {
-            format!(
-                "--gpu on, but NVML cannot be used: {}",
-                crate::gpu::open().err().unwrap_or_default()
-            )
-        })?),
+        mode => match GpuMonitor::open(metrics.prefix())? {
+            Ok(gpu) => Some(gpu),
+            Err(reason) if mode == GpuMode::On => {
+                anyhow::bail!("--gpu on, but NVML cannot be used: {reason}")
+            }
+            Err(reason) => {
+                tracing::info!("GPU metrics are off: {reason}");
+                None
+            }
+        },
     };
     if let Some(gpu) = &gpu {
         metrics.register(Box::new(gpu.collector()))?;

@@ -1,7 +1,8 @@
 //! [`GpuMonitor`]: the GPU side of the daemon, a [`GpuSource`] paired with the
 //! [`GpuCollector`] it feeds.
 //!
-//! Owns start-up (NVML or, on a host without the driver, one info line and nothing else) and
+//! Owns start-up (NVML, or on a host without the driver the reason, which the caller reports
+//! as its `--gpu` mode asks) and
 //! the failure policy of the periodic read: a failed read clears every GPU sample, since no
 //! value is better than a stale one, and is reported once per run of failures. It does not
 //! schedule itself; the daemon calls [`GpuMonitor::refresh`] from a blocking thread.
@@ -24,17 +25,14 @@ pub struct GpuMonitor {
 }
 
 impl GpuMonitor {
-    /// NVML and a collector for the `gpu_*` families named with `prefix`. `Ok(None)` where NVML
-    /// cannot be loaded (no driver): that is logged once at info level, and nothing else about
-    /// GPUs is exported. An error is only an invalid `prefix`.
-    pub fn open(prefix: &str) -> anyhow::Result<Option<GpuMonitor>> {
+    /// NVML and a collector for the `gpu_*` families named with `prefix`; `Ok(Err(reason))`
+    /// where NVML cannot be loaded (no driver), for the caller to report as its `--gpu` mode
+    /// asks. The outer error is only an invalid `prefix`.
+    pub fn open(prefix: &str) -> anyhow::Result<Result<GpuMonitor, String>> {
         let collector = GpuCollector::new(prefix)?;
         let nvml = match open() {
             Ok(nvml) => nvml,
-            Err(reason) => {
-                tracing::info!("GPU metrics are off: {reason}");
-                return Ok(None);
-            }
+            Err(reason) => return Ok(Err(reason)),
         };
         let source = NvmlSource::new(nvml);
         match source.gpu_count() {
@@ -45,7 +43,7 @@ impl GpuMonitor {
             // Reported again, once, by the first refresh if it lasts.
             Err(reason) => tracing::info!("GPU metrics are on, but {reason}"),
         }
-        Ok(Some(GpuMonitor::new(Box::new(source), collector)))
+        Ok(Ok(GpuMonitor::new(Box::new(source), collector)))
     }
 
     /// A monitor over any source (a fake one in tests).
@@ -160,7 +158,8 @@ mod tests {
             eprintln!("skipped: an NVIDIA driver is installed on this host");
             return;
         }
-        assert!(GpuMonitor::open("observer").unwrap().is_none());
+        let reason = GpuMonitor::open("observer").unwrap().err().unwrap();
+        assert!(reason.contains("libnvidia-ml.so.1"), "{reason}");
     }
 
     #[test]
