@@ -27,7 +27,7 @@ use self::{
     check::{CheckError, Client, ModelList, Upstream, Version},
     hook::{Hook, Unready},
     metrics::ProbeMetrics,
-    state::{CheckResult, ModelHealth, ProbeState, Thresholds, Verdict},
+    state::{CheckResult, ModelHealth, ProbeState, Thresholds, Verdict, probed_names},
 };
 use crate::{capture::own_ports::OwnPorts, metrics::Metrics};
 
@@ -287,7 +287,7 @@ pub fn spawn(
         probe.thresholds(),
     ))));
     let probe_metrics = ProbeMetrics::register(metrics, &probe.models)?;
-    for model in names(&probe.models) {
+    for model in probed_names(&probe.models) {
         probe_metrics.set_verdict(&model, Verdict::Unknown);
     }
     let sink = Sink {
@@ -336,15 +336,6 @@ pub fn spawn(
     })
 }
 
-/// The probed names: the models, or one unnamed entry for the upstream itself.
-fn names(models: &[String]) -> Vec<String> {
-    if models.is_empty() {
-        vec![String::new()]
-    } else {
-        models.to_vec()
-    }
-}
-
 fn result_of<T>(started: tokio::time::Instant, outcome: &Result<T, CheckError>) -> CheckResult {
     CheckResult {
         ok: outcome.is_ok(),
@@ -371,7 +362,7 @@ async fn run_stage(
         Stage::Tcp => {
             let outcome = client.tcp(probe.probe_tcp_timeout).await;
             let result = result_of(started, &outcome);
-            names(&probe.models)
+            probed_names(&probe.models)
                 .into_iter()
                 .map(|m| (m, result.clone()))
                 .collect()
@@ -383,7 +374,7 @@ async fn run_stage(
             if let Some(metrics) = metrics {
                 poll_loaded(probe, client, metrics).await;
             }
-            names(&probe.models)
+            probed_names(&probe.models)
                 .into_iter()
                 .map(|model| {
                     let mut result = base.clone();

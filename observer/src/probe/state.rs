@@ -112,6 +112,16 @@ impl ModelHealth {
     }
 }
 
+/// The names results are recorded under: the models, or one unnamed entry for the upstream
+/// itself when no `--model` was given.
+pub fn probed_names(models: &[String]) -> Vec<String> {
+    if models.is_empty() {
+        vec![String::new()]
+    } else {
+        models.to_vec()
+    }
+}
+
 /// A model whose verdict changed, with the failing check that turned it when it turned not ready.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Transition {
@@ -132,14 +142,9 @@ pub struct ProbeState {
 impl ProbeState {
     /// State for `models` (one unnamed entry when empty), each with the `stages` enabled.
     pub fn new(models: &[String], stages: &[Stage], thresholds: Thresholds) -> ProbeState {
-        let names: Vec<String> = if models.is_empty() {
-            vec![String::new()]
-        } else {
-            models.to_vec()
-        };
         ProbeState {
             thresholds,
-            models: names
+            models: probed_names(models)
                 .into_iter()
                 .map(|model| ModelHealth {
                     model,
