@@ -19,6 +19,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use observer::capture::Role;
 use observer::capture::decode::{Direction, Side};
 use observer::engine::{ConnMeta, Engine, EngineConfig};
+use observer::sim::{LAST_CHUNK, encode_chunk as chunk};
 use observer_common::{HEAD_MAX, TAIL_MAX};
 
 const IN: Direction = Direction::Ingress;
@@ -247,14 +248,6 @@ fn post(path: &str, body: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-fn chunk(data: &[u8]) -> Vec<u8> {
-    let mut out = format!("{:x}\r\n", data.len()).into_bytes();
-    out.extend_from_slice(data);
-    out.extend_from_slice(b"\r\n");
-    out
-}
-
-const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 const MS: u64 = 1_000_000;
 const MODEL: &str = "llama3.2:3b";
 

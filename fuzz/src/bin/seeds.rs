@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use observer::capture::decode::Direction::{self, Egress as OUT, Ingress as IN};
 use observer::engine::{Engine, EngineConfig, Exchange};
+use observer::sim::{LAST_CHUNK, encode_chunk as chunk};
 use observer_fuzz::{Op, Script, replay};
 
 /// What the kernel captures of one syscall (observer-common `HEAD_MAX`, `TAIL_MAX`).
@@ -108,15 +109,6 @@ fn close(s: &mut Script, slot: u8) {
 fn drain(s: &mut Script) {
     s.push(1, &Op::Drain { close_all: false });
 }
-
-fn chunk(data: &[u8]) -> Vec<u8> {
-    let mut out = format!("{:x}\r\n", data.len()).into_bytes();
-    out.extend_from_slice(data);
-    out.extend_from_slice(b"\r\n");
-    out
-}
-
-const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 
 fn post(path: &str, body: &str) -> Vec<u8> {
     format!(

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::capture::decode::Side;
+use crate::sim::{LAST_CHUNK, encode_chunk};
 
 pub(crate) const SERVER: ConnMeta = ConnMeta {
     conn_id: 1,
@@ -65,16 +66,8 @@ fn partial(engine: &mut Engine, dir: Direction, ts: u64, bytes: &[u8], head: usi
 }
 
 fn chunked(parts: &[&[u8]]) -> Vec<Vec<u8>> {
-    let mut out: Vec<Vec<u8>> = parts
-        .iter()
-        .map(|p| {
-            let mut c = format!("{:x}\r\n", p.len()).into_bytes();
-            c.extend_from_slice(p);
-            c.extend_from_slice(b"\r\n");
-            c
-        })
-        .collect();
-    out.push(b"0\r\n\r\n".to_vec());
+    let mut out: Vec<Vec<u8>> = parts.iter().map(|p| encode_chunk(p)).collect();
+    out.push(LAST_CHUNK.to_vec());
     out
 }
 

@@ -68,6 +68,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
 
+pub use chunked::{LAST_CHUNK, encode_chunk};
 pub use config::{ConfigError, DEFAULT_MODELS, DEFAULT_OLLAMA_VERSION, SimConfig};
 pub use faults::{FAULT_HEADER, FaultRates};
 pub use generation::{Timing, prompt_tokens, reply_text};
