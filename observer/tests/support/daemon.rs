@@ -51,18 +51,13 @@ impl Daemon {
             metrics,
             stderr,
         };
-        let start = Instant::now();
-        while !daemon.get("/readyz").0.eq(&200) {
-            if let Some(status) = daemon.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("observer run exited ({status}): {}", daemon.log());
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "observer run not ready after 30 s: {}",
-                daemon.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let log = daemon.stderr.clone();
+        wait_ready(
+            daemon.child.as_mut().unwrap(),
+            metrics,
+            "observer run",
+            &log,
+        );
         daemon
     }
 
@@ -113,6 +108,24 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.terminate();
         let _ = std::fs::remove_file(&self.stderr);
+    }
+}
+
+/// Waits until the admin server at `admin` answers `/readyz` with 200, failing with the
+/// process's log (`log`, its stderr file) if it exits first or takes over 30 s.
+pub fn wait_ready(child: &mut Child, admin: SocketAddr, what: &str, log: &std::path::Path) {
+    let log = || std::fs::read_to_string(log).unwrap_or_default();
+    let start = Instant::now();
+    while http_get(admin, "/readyz").0 != 200 {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("{what} exited ({status}): {}", log());
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{what} not ready after 30 s: {}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -9,7 +9,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use super::daemon::{OBSERVER, Samples, http_get};
+use super::daemon::{OBSERVER, Samples, http_get, wait_ready};
 
 const READY_PREFIX: &str = "observer proxy listening on ";
 /// How long `stop` waits beyond the drain for the process to be gone.
@@ -97,18 +97,13 @@ impl Proxy {
             })
             .parse()
             .unwrap();
-        let start = Instant::now();
-        while proxy.get("/readyz").0 != 200 {
-            if let Some(status) = proxy.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("observer proxy exited ({status}): {}", proxy.log());
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "observer proxy /readyz not 200 after 30 s: {}",
-                proxy.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let log = proxy.stderr.clone();
+        wait_ready(
+            proxy.child.as_mut().unwrap(),
+            metrics,
+            "observer proxy",
+            &log,
+        );
         proxy
     }
 
