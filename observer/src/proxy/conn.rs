@@ -132,14 +132,13 @@ impl Connection {
     /// answered bad head).
     async fn read_head(&mut self) -> std::io::Result<Option<RequestHead>> {
         if self.buf.is_empty() {
-            let idle = self.settings.idle_timeout;
+            let idle_until = Instant::now() + self.settings.idle_timeout;
             let mut draining = self.draining.clone();
             tokio::select! {
-                read = tokio::time::timeout(idle, read_client(&mut self.client, &mut self.buf, &self.feed, self.pair.client)) => {
-                    match read {
-                        Ok(Ok(0)) | Err(_) => return Ok(None),
-                        Ok(Ok(_)) => {}
-                        Ok(Err(err)) => return Err(err),
+                read = self.read_more(idle_until) => {
+                    // EOF or idle for too long.
+                    if matches!(read?, None | Some(0)) {
+                        return Ok(None);
                     }
                 }
                 _ = draining.wait_for(|d| *d) => return Ok(None),
@@ -174,36 +173,22 @@ impl Connection {
     /// answered with `reply` (and counted); a silent one gets `reply` anyway, uncounted, since
     /// there is no request to count it against.
     async fn reject(&mut self, reply: Reply) -> std::io::Result<()> {
-        let waited = tokio::time::timeout(REJECT_WAIT, async {
-            loop {
-                match request::parse(&self.buf) {
-                    Ok(None) => {}
-                    Ok(Some(_)) | Err(_) => return Ok(true),
-                }
-                if read_client(
-                    &mut self.client,
-                    &mut self.buf,
-                    &self.feed,
-                    self.pair.client,
-                )
-                .await?
-                    == 0
-                {
-                    return Ok::<_, std::io::Error>(false);
-                }
+        let deadline = Instant::now() + REJECT_WAIT;
+        loop {
+            if !matches!(request::parse(&self.buf), Ok(None)) {
+                return self.answer(reply).await;
             }
-        })
-        .await;
-        match waited {
-            Ok(Ok(true)) => self.answer(reply).await,
-            Ok(Ok(false)) | Ok(Err(_)) => Ok(()),
-            Err(_) if self.buf.is_empty() => {
-                self.client.write_all(&reply.to_bytes()).await?;
-                let _ = self.client.shutdown().await;
-                Ok(())
+            match self.read_more(deadline).await? {
+                Some(0) => return Ok(()),
+                Some(_) => {}
+                None if self.buf.is_empty() => {
+                    self.client.write_all(&reply.to_bytes()).await?;
+                    let _ = self.client.shutdown().await;
+                    return Ok(());
+                }
+                // Half a head: answering it completes an exchange the engine can count.
+                None => return self.answer(reply).await,
             }
-            // Half a head: answering it completes an exchange the engine can count.
-            Err(_) => self.answer(reply).await,
         }
     }
 
