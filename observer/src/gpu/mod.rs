@@ -69,26 +69,13 @@ pub fn detect() -> GpuPresence {
         Ok(nvml) => nvml,
         Err(reason) => return GpuPresence::Unavailable { reason },
     };
-    let driver_version = nvml
-        .sys_driver_version()
-        .unwrap_or_else(|err| format!("unknown ({err})"));
-    let count = match nvml.device_count() {
-        Ok(count) => count,
-        Err(err) => {
-            return GpuPresence::Unavailable {
-                reason: format!("NVML loaded but cannot count GPUs: {err}"),
-            };
-        }
-    };
-    let gpus = (0..count)
-        .map(|i| match nvml.device_by_index(i).and_then(|d| d.name()) {
-            Ok(name) => name,
-            Err(err) => format!("GPU {i} (name unreadable: {err})"),
-        })
-        .collect();
-    GpuPresence::Available {
-        driver_version,
-        gpus,
+    let source = NvmlSource::new(nvml);
+    match source.gpu_names() {
+        Ok(gpus) => GpuPresence::Available {
+            driver_version: source.driver_version().to_owned(),
+            gpus,
+        },
+        Err(reason) => GpuPresence::Unavailable { reason },
     }
 }
 

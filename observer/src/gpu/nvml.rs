@@ -49,6 +49,18 @@ impl NvmlSource {
             .map_err(|err| format!("NVML cannot count GPUs: {err}"))
     }
 
+    /// Each GPU's name, or why it cannot be read, in index order.
+    pub fn gpu_names(&self) -> Result<Vec<String>, String> {
+        Ok((0..self.gpu_count()?)
+            .map(
+                |i| match self.nvml.device_by_index(i).and_then(|d| d.name()) {
+                    Ok(name) => name,
+                    Err(err) => format!("GPU {i} (name unreadable: {err})"),
+                },
+            )
+            .collect())
+    }
+
     fn read_gpu(&self, index: u32) -> Result<GpuReading, NvmlError> {
         let device = self.nvml.device_by_index(index)?;
         let uuid = device.uuid()?;
