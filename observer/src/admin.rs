@@ -128,6 +128,17 @@ impl StatusBoard {
         self.connections_open.store(n, Ordering::Relaxed);
     }
 
+    /// For the proxy, whose connections are counted by each pair as it opens and closes.
+    pub fn add_connections_open(&self, delta: i64) {
+        if delta >= 0 {
+            self.connections_open
+                .fetch_add(delta as u64, Ordering::Relaxed);
+        } else {
+            self.connections_open
+                .fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
+        }
+    }
+
     fn reason_slot(&self) -> std::sync::RwLockWriteGuard<'_, Option<String>> {
         self.not_ready_reason
             .write()

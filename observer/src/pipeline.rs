@@ -6,7 +6,7 @@
 //! on this host its server side is counted; the client side only where the server is remote.
 //! The client side still feeds correlation. It does no I/O.
 
-use std::collections::HashSet;
+use foldhash::{HashSet, HashSetExt as _};
 use std::sync::Arc;
 
 use crate::capture::{
@@ -14,8 +14,11 @@ use crate::capture::{
     decode::{ConnRecord, Direction, Event, Side},
     own_ports::OwnPorts,
 };
-use crate::engine::{ConnMeta, Engine, EngineConfig, ErrorCounts, Exchange, correlate::Correlator};
-use crate::metrics::Metrics;
+use crate::engine::{
+    ConnMeta, Engine, EngineConfig, ErrorCounts, Exchange,
+    correlate::{Correlator, Resolved},
+};
+use crate::metrics::{Metrics, handles::Handles};
 
 /// Totals of what went through, for `/status` and logs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -28,6 +31,8 @@ pub struct Totals {
 pub struct Pipeline {
     engine: Engine,
     correlator: Correlator,
+    /// Reused by every flush.
+    resolved: Resolved,
     metrics: Arc<Metrics>,
     /// Ports whose listener is on this host (their server side is counted).
     local_ports: HashSet<u16>,
@@ -39,7 +44,14 @@ pub struct Pipeline {
     ignored: HashSet<u64>,
     /// Counted connections open now, for `tcp_connections_active`.
     active: HashSet<u64>,
-    active_by_role: [i64; 2],
+    /// The metric series this pipeline touched, by label set, and what it observed since it
+    /// last published.
+    handles: Handles,
+    /// Flushes publish at most this often (the capture clock); 0: every flush.
+    publish_every_ns: u64,
+    last_publish_ns: u64,
+    /// In-flight requests by role as last added to the gauge (which other pipelines share).
+    reported_in_flight: [i64; 2],
     /// Engine errors already added to the metrics.
     reported_errors: ErrorCounts,
     reported_kernel: KernelCounters,
@@ -52,13 +64,17 @@ impl Pipeline {
         Pipeline {
             engine: Engine::new(config),
             correlator: Correlator::new(),
+            resolved: Resolved::default(),
             metrics,
             local_ports: HashSet::new(),
             local_roles: [false; 2],
             own_ports: None,
             ignored: HashSet::new(),
             active: HashSet::new(),
-            active_by_role: [0; 2],
+            handles: Handles::default(),
+            publish_every_ns: 0,
+            last_publish_ns: 0,
+            reported_in_flight: [0; 2],
             reported_errors: ErrorCounts::default(),
             reported_kernel: KernelCounters::default(),
             reported_undecodable: 0,
@@ -140,7 +156,8 @@ impl Pipeline {
             return;
         }
         if self.counts(&meta) {
-            self.metrics.add_bytes(meta.role, direction, len);
+            self.metrics
+                .record_bytes(meta.role, direction, len, &mut self.handles);
             self.activate(meta);
         }
         self.engine.data(meta, direction, ts, len, head, tail);
@@ -153,37 +170,36 @@ impl Pipeline {
         self.engine.close(conn_id);
         if self.active.remove(&conn_id) {
             self.metrics.connection_closed(role);
-            self.active_by_role[role.index()] -= 1;
-            self.metrics
-                .set_connections_active(role, self.active_by_role[role.index()]);
+            self.handles.add_connections_active(role, -1);
         }
     }
 
     fn activate(&mut self, meta: ConnMeta) {
         if self.active.insert(meta.conn_id) {
-            self.active_by_role[meta.role.index()] += 1;
-            self.metrics
-                .set_connections_active(meta.role, self.active_by_role[meta.role.index()]);
+            self.handles.add_connections_active(meta.role, 1);
         }
     }
 
     /// After a batch of events: finished exchanges into metrics (and to `each`), correlation
-    /// up to `now_ns` (the capture clock), engine errors and in-flight gauges.
+    /// up to `now_ns` (the capture clock) and engine errors; then published (with the
+    /// in-flight gauges) unless that was done less than [`Pipeline::publish_every`] ago.
     pub fn flush(&mut self, now_ns: u64, mut each: impl FnMut(&Exchange)) {
         for ex in self.engine.drain_finished() {
             self.totals.exchanges += 1;
-            self.correlator.add(&ex);
             if counted(&self.local_ports, &ex.conn) {
-                self.metrics.observe_exchange(&ex);
+                self.metrics.record_exchange(&ex, &mut self.handles);
             }
             each(&ex);
+            self.correlator.add(ex);
         }
-        let resolved = self.correlator.resolve(now_ns);
-        for o in &resolved.overheads {
-            self.metrics.observe_gateway_overhead(
+        let resolved = &mut self.resolved;
+        self.correlator.resolve_into(now_ns, resolved);
+        for o in resolved.overheads.drain(..) {
+            self.metrics.record_gateway_overhead(
                 &o.path,
                 o.overhead_s,
                 Some(o.first_byte_overhead_s),
+                &mut self.handles,
             );
         }
         if resolved.unmatched_gateway > 0 {
@@ -194,24 +210,50 @@ impl Pipeline {
             self.metrics
                 .count_unmatched(Role::Upstream, resolved.unmatched_upstream);
         }
-        let errors = self.engine.errors().clone();
-        for (role, reason, n) in errors.iter() {
-            let new = n - self.reported_errors.get(role, reason);
-            if new > 0 {
-                self.metrics.add_parse_errors(role, reason.as_str(), new);
+        if self.engine.errors() != &self.reported_errors {
+            let errors = self.engine.errors().clone();
+            for (role, reason, n) in errors.iter() {
+                let new = n - self.reported_errors.get(role, reason);
+                if new > 0 {
+                    self.metrics.add_parse_errors(role, reason.as_str(), new);
+                }
             }
+            self.reported_errors = errors;
         }
-        self.reported_errors = errors;
+        self.totals.connections = self.engine.connections();
+        if now_ns.saturating_sub(self.last_publish_ns) >= self.publish_every_ns {
+            self.publish();
+            self.last_publish_ns = now_ns;
+        }
+    }
+
+    /// Flushes publish their observations at most every `interval` instead of every time;
+    /// whoever sets it calls [`Pipeline::publish`] before scrapes (see
+    /// [`Metrics::before_gather`]).
+    pub fn publish_every(&mut self, interval: std::time::Duration) {
+        self.publish_every_ns = interval.as_nanos().min(u64::MAX as u128) as u64;
+    }
+
+    /// What this pipeline observed, and the requests in flight now, into the shared series.
+    pub fn publish(&mut self) {
         for role in [Role::Gateway, Role::Upstream] {
             let side = if self.local_roles[role.index()] {
                 Side::Server
             } else {
                 Side::Client
             };
-            self.metrics
-                .set_in_flight(role, self.engine.in_flight(role, side) as i64);
+            let now = self.engine.in_flight(role, side) as i64;
+            let before = std::mem::replace(&mut self.reported_in_flight[role.index()], now);
+            // Even a zero change: the series exists (at 0) from the first publish on.
+            self.handles.add_in_flight(role, now - before);
         }
-        self.totals.connections = self.engine.connections();
+        self.metrics.publish(&mut self.handles);
+    }
+
+    /// No more events will come (the proxy's connection pair closed): exchanges still waiting
+    /// for correlation are settled now instead of after their wait.
+    pub fn finish(&mut self) {
+        self.flush(u64::MAX, |_| {});
     }
 
     /// The kernel's loss counters (cumulative) into `ebpf_events_lost_total`, and decode

@@ -34,10 +34,10 @@ struct Span {
 }
 
 impl Span {
-    fn of(ex: &Exchange) -> Option<Span> {
+    fn of(ex: Exchange) -> Option<Span> {
         Some(Span {
             tgid: ex.conn.tgid,
-            path: ex.path.clone(),
+            path: ex.path,
             request_first: ex.ts.request_first,
             request_last: ex.ts.request_last,
             response_first: ex.ts.response_first?,
@@ -84,21 +84,22 @@ impl Correlator {
 
     /// Takes note of a finished exchange if it is one correlation uses: a gateway's server
     /// side, or an upstream client side. Exchanges without a response are not correlated.
-    pub fn add(&mut self, ex: &Exchange) {
+    pub fn add(&mut self, ex: Exchange) {
         let queue = match (ex.conn.role, ex.conn.side) {
             (Role::Gateway, Side::Server) => &mut self.gateway,
             (Role::Upstream, Side::Client) => &mut self.upstream,
             _ => return,
         };
+        let role = ex.conn.role;
         let Some(span) = Span::of(ex) else {
-            if ex.conn.role == Role::Gateway {
+            if role == Role::Gateway {
                 self.unmatched_gateway += 1;
             }
             return;
         };
         if queue.len() >= MAX_WAITING {
             queue.pop_front();
-            match ex.conn.role {
+            match role {
                 Role::Gateway => self.unmatched_gateway += 1,
                 Role::Upstream => self.unmatched_upstream += 1,
             }
@@ -108,18 +109,27 @@ impl Correlator {
 
     /// Pairs what can be paired; `now_ns` (the capture clock) expires what waited too long.
     pub fn resolve(&mut self, now_ns: u64) -> Resolved {
-        let mut overheads = Vec::new();
-        let mut waiting = VecDeque::with_capacity(self.gateway.len());
-        while let Some(gateway) = self.gateway.pop_front() {
+        let mut resolved = Resolved::default();
+        self.resolve_into(now_ns, &mut resolved);
+        resolved
+    }
+
+    /// [`Correlator::resolve`] into `out`, whose overheads must have been taken (its vector is
+    /// reused: no allocation per call).
+    pub fn resolve_into(&mut self, now_ns: u64, out: &mut Resolved) {
+        // Each waiting gateway exchange once; those still waiting go back in order.
+        for _ in 0..self.gateway.len() {
+            let Some(gateway) = self.gateway.pop_front() else {
+                break;
+            };
             match self.claim(&gateway) {
-                Some(upstream) => overheads.push(overhead(&gateway, &upstream)),
+                Some(upstream) => out.overheads.push(overhead(gateway, &upstream)),
                 None if now_ns.saturating_sub(gateway.response_last) > GATEWAY_WAIT_NS => {
                     self.unmatched_gateway += 1;
                 }
-                None => waiting.push_back(gateway),
+                None => self.gateway.push_back(gateway),
             }
         }
-        self.gateway = waiting;
         while let Some(front) = self.upstream.front() {
             if now_ns.saturating_sub(front.response_last) <= UPSTREAM_KEEP_NS {
                 break;
@@ -127,11 +137,8 @@ impl Correlator {
             self.upstream.pop_front();
             self.unmatched_upstream += 1;
         }
-        Resolved {
-            overheads,
-            unmatched_gateway: std::mem::take(&mut self.unmatched_gateway),
-            unmatched_upstream: std::mem::take(&mut self.unmatched_upstream),
-        }
+        out.unmatched_gateway = std::mem::take(&mut self.unmatched_gateway);
+        out.unmatched_upstream = std::mem::take(&mut self.unmatched_upstream);
     }
 
     /// The upstream exchange a gateway exchange relayed: of those it contains, the same path
@@ -153,14 +160,14 @@ impl Correlator {
     }
 }
 
-fn overhead(gateway: &Span, upstream: &Span) -> Overhead {
+fn overhead(gateway: Span, upstream: &Span) -> Overhead {
     let duration = |s: &Span| s.response_last.saturating_sub(s.request_first) as i128;
     let ttfb = |s: &Span| s.response_first.saturating_sub(s.request_last) as i128;
     let seconds = |ns: i128| ns.max(0) as f64 / 1e9;
     Overhead {
-        path: gateway.path.clone(),
-        overhead_s: seconds(duration(gateway) - duration(upstream)),
-        first_byte_overhead_s: seconds(ttfb(gateway) - ttfb(upstream)),
+        overhead_s: seconds(duration(&gateway) - duration(upstream)),
+        first_byte_overhead_s: seconds(ttfb(&gateway) - ttfb(upstream)),
+        path: gateway.path,
     }
 }
 
@@ -199,13 +206,13 @@ mod tests {
     #[test]
     fn pairs_a_gateway_exchange_with_the_upstream_exchange_inside_it() {
         let mut c = Correlator::new();
-        c.add(&exchange(
+        c.add(exchange(
             Role::Upstream,
             Side::Client,
             7,
             [110, 120, 300, 900],
         ));
-        c.add(&exchange(
+        c.add(exchange(
             Role::Gateway,
             Side::Server,
             7,
@@ -225,10 +232,10 @@ mod tests {
     fn concurrent_exchanges_of_one_worker_pair_by_containment() {
         let mut c = Correlator::new();
         // B [10,50] nested in A [0,100]; B finishes first.
-        c.add(&exchange(Role::Upstream, Side::Client, 7, [11, 12, 20, 49]));
-        c.add(&exchange(Role::Gateway, Side::Server, 7, [10, 11, 21, 50]));
-        c.add(&exchange(Role::Upstream, Side::Client, 7, [1, 2, 30, 99]));
-        c.add(&exchange(Role::Gateway, Side::Server, 7, [0, 1, 31, 100]));
+        c.add(exchange(Role::Upstream, Side::Client, 7, [11, 12, 20, 49]));
+        c.add(exchange(Role::Gateway, Side::Server, 7, [10, 11, 21, 50]));
+        c.add(exchange(Role::Upstream, Side::Client, 7, [1, 2, 30, 99]));
+        c.add(exchange(Role::Gateway, Side::Server, 7, [0, 1, 31, 100]));
         let r = c.resolve(100);
         let got: Vec<f64> = r.overheads.iter().map(|o| o.overhead_s * 1e9).collect();
         assert_eq!(got.len(), 2);
@@ -241,14 +248,14 @@ mod tests {
     #[test]
     fn other_processes_and_late_arrivals() {
         let mut c = Correlator::new();
-        c.add(&exchange(Role::Gateway, Side::Server, 7, [0, 1, 2, 100]));
+        c.add(exchange(Role::Gateway, Side::Server, 7, [0, 1, 2, 100]));
         // Another process's upstream exchange is not this gateway's.
-        c.add(&exchange(Role::Upstream, Side::Client, 8, [10, 11, 20, 90]));
+        c.add(exchange(Role::Upstream, Side::Client, 8, [10, 11, 20, 90]));
         let r = c.resolve(200);
         assert!(r.overheads.is_empty());
         assert_eq!(c.waiting(), (1, 1));
         // The right one arrives late but within the wait.
-        c.add(&exchange(Role::Upstream, Side::Client, 7, [10, 11, 20, 90]));
+        c.add(exchange(Role::Upstream, Side::Client, 7, [10, 11, 20, 90]));
         let r = c.resolve(300);
         assert_eq!(r.overheads.len(), 1);
         // The stranger expires unclaimed.
@@ -259,11 +266,11 @@ mod tests {
     #[test]
     fn a_gateway_exchange_with_no_upstream_is_unmatched_after_the_wait() {
         let mut c = Correlator::new();
-        c.add(&exchange(Role::Gateway, Side::Server, 7, [0, 1, 2, 100]));
+        c.add(exchange(Role::Gateway, Side::Server, 7, [0, 1, 2, 100]));
         assert_eq!(c.resolve(100 + GATEWAY_WAIT_NS).unmatched_gateway, 0);
         assert_eq!(c.resolve(101 + GATEWAY_WAIT_NS).unmatched_gateway, 1);
         // Server-side upstream exchanges (the model server's view) are not correlated.
-        c.add(&exchange(Role::Upstream, Side::Server, 7, [0, 1, 2, 100]));
+        c.add(exchange(Role::Upstream, Side::Server, 7, [0, 1, 2, 100]));
         assert_eq!(c.waiting(), (0, 0));
     }
 }

@@ -558,11 +558,12 @@ enum Parsed {
 }
 
 fn parse_head(kind: Kind, bytes: &[u8]) -> Parsed {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    // Left uninitialised: the parser writes the ones it fills (no 3 KiB of stores per head).
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
     let parsed = match kind {
         Kind::Request => {
-            let mut req = httparse::Request::new(&mut headers);
-            match req.parse(bytes) {
+            let mut req = httparse::Request::new(&mut []);
+            match req.parse_with_uninit_headers(bytes, &mut headers) {
                 Ok(httparse::Status::Complete(len)) => {
                     let method = Method::parse(req.method.unwrap_or(""));
                     let path = bounded_path(req.path.unwrap_or(""));
@@ -573,8 +574,12 @@ fn parse_head(kind: Kind, bytes: &[u8]) -> Parsed {
             }
         }
         Kind::Response => {
-            let mut resp = httparse::Response::new(&mut headers);
-            match resp.parse(bytes) {
+            let mut resp = httparse::Response::new(&mut []);
+            match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+                &mut resp,
+                bytes,
+                &mut headers,
+            ) {
                 Ok(httparse::Status::Complete(len)) => Ok((
                     Method::Other,
                     String::new(),
@@ -602,23 +607,24 @@ fn parse_head(kind: Kind, bytes: &[u8]) -> Parsed {
     }
 }
 
-/// Reads the framing headers the engine uses. Conflicting lengths are an invalid head (a
-/// request-smuggling shape no honest server sends).
+/// Reads the framing headers the engine uses; the values of others are not looked at (they
+/// may hold any bytes, `obs-text` included). Conflicting lengths, or a framing header that is
+/// not text, are an invalid head (a request-smuggling shape no honest server sends).
 fn apply_header(head: &mut Head, name: &str, value: &[u8]) -> Result<(), ()> {
-    let value = std::str::from_utf8(value).map_err(|_| ())?.trim();
+    let text = || std::str::from_utf8(value).map(str::trim).map_err(|_| ());
     if name.eq_ignore_ascii_case("content-length") {
-        let n: u64 = value.parse().map_err(|_| ())?;
+        let n: u64 = text()?.parse().map_err(|_| ())?;
         if head.content_length.is_some_and(|m| m != n) {
             return Err(());
         }
         head.content_length = Some(n);
     } else if name.eq_ignore_ascii_case("transfer-encoding") {
-        let last = value.rsplit(',').next().unwrap_or("").trim();
+        let last = text()?.rsplit(',').next().unwrap_or("").trim();
         head.chunked = last.eq_ignore_ascii_case("chunked");
     } else if name.eq_ignore_ascii_case("expect") {
-        head.expect_continue = value.eq_ignore_ascii_case("100-continue");
+        head.expect_continue = text()?.eq_ignore_ascii_case("100-continue");
     } else if name.eq_ignore_ascii_case("content-type") {
-        head.body_type = body_type(value);
+        head.body_type = body_type(text()?);
     }
     Ok(())
 }

@@ -17,7 +17,7 @@ mod exchange;
 pub mod http;
 mod llm;
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt as _};
 
 pub use conn::MAX_PIPELINE;
 pub use exchange::{ConnMeta, Exchange, LlmFields, MAX_PATH, Method, Outcome, Timestamps};

@@ -82,21 +82,50 @@ impl Routes {
                 "route {route:?} contains spaces or control characters"
             );
         }
+        ensure!(
+            extra.len() < usize::from(u16::MAX) - KNOWN_ROUTES.len(),
+            "too many --route additions ({})",
+            extra.len()
+        );
         Ok(Routes { extra })
     }
 
     /// The route label of `path`: an exact match on the path without its query string, or
     /// [`OTHER`]. Never returns `path` itself, so the label set stays the configured one.
     pub fn route(&self, path: &str) -> &str {
-        let path = path.split(['?', '#']).next().unwrap_or_default();
-        if let Some(known) = KNOWN_ROUTES.iter().find(|route| **route == path) {
-            return known;
-        }
-        self.extra
-            .iter()
-            .find(|route| *route == path)
-            .map_or(OTHER, String::as_str)
+        self.name(self.id(path))
     }
+
+    /// Which route `path` is, as a number (see [`Routes::route`]).
+    pub fn id(&self, path: &str) -> RouteId {
+        let path = path.split(['?', '#']).next().unwrap_or_default();
+        KNOWN_ROUTES
+            .iter()
+            .copied()
+            .chain(self.extra.iter().map(String::as_str))
+            .position(|route| route == path)
+            .map_or(RouteId::OTHER, |at| RouteId(at as u16))
+    }
+
+    /// The label of a route number from [`Routes::id`].
+    pub fn name(&self, id: RouteId) -> &str {
+        let at = id.0 as usize;
+        match KNOWN_ROUTES.get(at) {
+            Some(known) => known,
+            None => self
+                .extra
+                .get(at - KNOWN_ROUTES.len())
+                .map_or(OTHER, String::as_str),
+        }
+    }
+}
+
+/// A route as a number: cheap to hash and to keep (see [`Routes::id`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RouteId(u16);
+
+impl RouteId {
+    pub const OTHER: RouteId = RouteId(u16::MAX);
 }
 
 /// The models admitted as label values so far, at most [`MAX_MODELS`] of them.

@@ -7,6 +7,7 @@
 //! or decides what an exchange is; it must not log or label request paths, prompts or bodies.
 
 pub mod families;
+pub mod handles;
 pub mod labels;
 pub mod openmetrics;
 
@@ -19,6 +20,7 @@ use prometheus::{Encoder as _, Registry, TextEncoder, process_collector::Process
 pub use self::openmetrics::ExpositionFormat;
 use self::{
     families::Families,
+    handles::{Handles, HttpKey},
     labels::{ModelLabels, NONE, Routes},
 };
 use crate::{
@@ -60,6 +62,27 @@ pub struct Metrics {
     routes: Routes,
     models: ModelLabels,
     llm_role: Role,
+    /// Run before each scrape: they publish what pipelines gathered (see [`handles`]).
+    before_gather: GatherHooks,
+}
+
+type GatherHook = Box<dyn Fn() + Send + Sync>;
+
+#[derive(Default)]
+struct GatherHooks(std::sync::Mutex<Vec<GatherHook>>);
+
+impl std::fmt::Debug for GatherHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GatherHooks")
+    }
+}
+
+impl GatherHooks {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<GatherHook>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 fn seconds(ns: u64) -> f64 {
@@ -87,6 +110,7 @@ impl Metrics {
             routes,
             models: ModelLabels::default(),
             llm_role: config.llm_role,
+            before_gather: GatherHooks::default(),
         })
     }
 
@@ -114,39 +138,80 @@ impl Metrics {
     /// Records one finished exchange: the `http_*` families, and the `llm_*` families when the
     /// request named a model.
     pub fn observe_exchange(&self, ex: &Exchange) {
+        let mut handles = Handles::default();
+        self.record_exchange(ex, &mut handles);
+        self.publish(&mut handles);
+    }
+
+    /// [`Metrics::observe_exchange`] into a pipeline's `handles`, shown once they are published
+    /// ([`Metrics::publish`]).
+    pub fn record_exchange(&self, ex: &Exchange, handles: &mut Handles) {
         let f = &self.families;
         let role = ex.conn.role.as_str();
         let method = ex.method.as_str();
-        let route = self.routes.route(&ex.path);
-        let code = labels::status_code(ex.status);
-        let port = ex.conn.port.to_string();
-        let model = self.models.label_or_none(ex.llm.model.as_deref());
-
-        f.http_requests
-            .with_label_values(&[role, &port, method, route, &code])
+        let route_id = self.routes.id(&ex.path);
+        let route = self.routes.name(route_id);
+        let code = || labels::status_code(ex.status);
+        let http = handles.http(HttpKey {
+            role: ex.conn.role,
+            port: ex.conn.port,
+            method: ex.method,
+            route: route_id,
+            status: ex.status,
+        });
+        http.requests
+            .get_or_insert_with(|| {
+                let port = ex.conn.port.to_string();
+                f.http_requests
+                    .with_label_values(&[role, &port, method, route, &code()])
+                    .local()
+            })
             .inc();
         if let Some(ns) = ex.ts.duration_ns() {
-            f.http_duration
-                .with_label_values(&[role, method, route, &code])
+            http.duration
+                .get_or_insert_with(|| {
+                    f.http_duration
+                        .with_label_values(&[role, method, route, &code()])
+                        .local()
+                })
                 .observe(seconds(ns));
         }
         if let Some(ns) = ex.ts.time_to_first_byte_ns() {
-            f.http_first_byte
-                .with_label_values(&[role, route])
+            http.first_byte
+                .get_or_insert_with(|| f.http_first_byte.with_label_values(&[role, route]).local())
                 .observe(seconds(ns));
         }
-        if let Some(ns) = ex.ts.time_to_first_chunk_ns() {
-            f.http_first_chunk
-                .with_label_values(&[role, route, model])
-                .observe(seconds(ns));
-        }
-        f.http_request_size
-            .with_label_values(&[role, route])
+        http.request_size
+            .get_or_insert_with(|| {
+                f.http_request_size
+                    .with_label_values(&[role, route])
+                    .local()
+            })
             .observe(ex.request_body_bytes as f64);
-        f.http_response_size
-            .with_label_values(&[role, route])
+        http.response_size
+            .get_or_insert_with(|| {
+                f.http_response_size
+                    .with_label_values(&[role, route])
+                    .local()
+            })
             .observe(ex.response_body_bytes as f64);
 
+        let model = self.models.label_or_none(ex.llm.model.as_deref());
+        if let Some(ns) = ex.ts.time_to_first_chunk_ns() {
+            if model == NONE {
+                http.first_chunk
+                    .get_or_insert_with(|| {
+                        f.http_first_chunk
+                            .with_label_values(&[role, route, NONE])
+                            .local()
+                    })
+                    .observe(seconds(ns));
+            } else {
+                f.http_first_chunk
+                    .with_label_values(&[role, route, model])
+                    .observe(seconds(ns));
+            }
+        }
         if model != NONE {
             self.observe_llm(ex, model);
         }
@@ -197,15 +262,35 @@ impl Metrics {
         overhead_s: f64,
         first_byte_overhead_s: Option<f64>,
     ) {
-        let route = self.routes.route(route_path);
-        self.families
-            .gateway_overhead
-            .with_label_values(&[route])
+        let mut handles = Handles::default();
+        self.record_gateway_overhead(route_path, overhead_s, first_byte_overhead_s, &mut handles);
+        self.publish(&mut handles);
+    }
+
+    /// [`Metrics::observe_gateway_overhead`] into a pipeline's `handles`.
+    pub fn record_gateway_overhead(
+        &self,
+        route_path: &str,
+        overhead_s: f64,
+        first_byte_overhead_s: Option<f64>,
+        handles: &mut Handles,
+    ) {
+        let f = &self.families;
+        let route_id = self.routes.id(route_path);
+        let route = self.routes.name(route_id);
+        let series = handles.overhead(route_id);
+        series
+            .overhead
+            .get_or_insert_with(|| f.gateway_overhead.with_label_values(&[route]).local())
             .observe(overhead_s.max(0.0));
         if let Some(overhead) = first_byte_overhead_s {
-            self.families
-                .gateway_first_byte_overhead
-                .with_label_values(&[route])
+            series
+                .first_byte
+                .get_or_insert_with(|| {
+                    f.gateway_first_byte_overhead
+                        .with_label_values(&[route])
+                        .local()
+                })
                 .observe(overhead.max(0.0));
         }
     }
@@ -216,6 +301,19 @@ impl Metrics {
             .gateway_unmatched
             .with_label_values(&[role.as_str()])
             .inc_by(n);
+    }
+
+    /// Adds what `handles` gathered to the shared series (see [`handles`]).
+    pub fn publish(&self, handles: &mut Handles) {
+        let f = &self.families;
+        handles.publish(|in_flight, role| {
+            let family = if in_flight {
+                &f.http_in_flight
+            } else {
+                &f.tcp_active
+            };
+            family.with_label_values(&[role.as_str()])
+        });
     }
 
     pub fn set_in_flight(&self, role: Role, n: i64) {
@@ -250,13 +348,24 @@ impl Metrics {
     }
 
     pub fn add_bytes(&self, role: Role, direction: Direction, n: u64) {
-        let direction = match direction {
-            Direction::Ingress => "ingress",
-            Direction::Egress => "egress",
-        };
-        self.families
-            .tcp_bytes
-            .with_label_values(&[role.as_str(), direction])
+        let mut handles = Handles::default();
+        self.record_bytes(role, direction, n, &mut handles);
+        self.publish(&mut handles);
+    }
+
+    /// [`Metrics::add_bytes`] into a pipeline's `handles`.
+    pub fn record_bytes(&self, role: Role, direction: Direction, n: u64, handles: &mut Handles) {
+        handles
+            .bytes(role, direction, || {
+                let direction = match direction {
+                    Direction::Ingress => "ingress",
+                    Direction::Egress => "egress",
+                };
+                self.families
+                    .tcp_bytes
+                    .with_label_values(&[role.as_str(), direction])
+                    .local()
+            })
             .inc_by(n);
     }
 
@@ -278,8 +387,17 @@ impl Metrics {
         self.families.ebpf_lost.with_label_values(&[kind]).inc_by(n);
     }
 
+    /// Runs `hook` before every scrape: it publishes what pipelines that publish now and then
+    /// (the proxy's) have gathered, so that a scrape sees every exchange finished before it.
+    pub fn before_gather(&self, hook: GatherHook) {
+        self.before_gather.lock().push(hook);
+    }
+
     /// The exposition in `format`, with its content type.
     pub fn encode(&self, format: ExpositionFormat) -> (&'static str, Vec<u8>) {
+        for hook in self.before_gather.lock().iter() {
+            hook();
+        }
         let families = self.registry.gather();
         let body = match format {
             ExpositionFormat::OpenMetrics => openmetrics::encode(&families).into_bytes(),

@@ -5,7 +5,7 @@ use prometheus::proto::{Metric, MetricType};
 
 use super::*;
 use crate::{
-    capture::decode::Side,
+    capture::decode::{Direction, Side},
     engine::{ConnMeta, LlmFields, Method, Outcome, Timestamps},
 };
 
@@ -541,4 +541,93 @@ fn both_expositions() {
             "{line}"
         );
     }
+}
+
+#[test]
+fn a_pipelines_handles_show_nothing_until_published_then_everything_once() {
+    let m = metrics();
+    let mut handles = Handles::default();
+    for _ in 0..3 {
+        m.record_exchange(
+            &exchange(Role::Gateway, "/api/tags", Some(200)),
+            &mut handles,
+        );
+    }
+    m.record_bytes(Role::Gateway, Direction::Ingress, 100, &mut handles);
+    handles.add_in_flight(Role::Gateway, 2);
+    handles.add_connections_active(Role::Gateway, 1);
+    let requests = [
+        ("role", "gateway"),
+        ("port", "18789"),
+        ("method", "POST"),
+        ("route", "/api/tags"),
+        ("code", "200"),
+    ];
+    let duration = [
+        ("role", "gateway"),
+        ("method", "POST"),
+        ("route", "/api/tags"),
+        ("code", "200"),
+    ];
+    let role = [("role", "gateway")];
+    let bytes = [("role", "gateway"), ("direction", "ingress")];
+    // The series may exist (made with the handle), but nothing is counted in it yet.
+    assert_eq!(
+        value(&m, "observer_http_requests_total", &requests).unwrap_or(0.0),
+        0.0
+    );
+    assert_eq!(
+        value(&m, "observer_tcp_bytes_total", &bytes).unwrap_or(0.0),
+        0.0
+    );
+    assert_eq!(value(&m, "observer_http_requests_in_flight", &role), None);
+    for _ in 0..2 {
+        // A second publish adds nothing that was published already.
+        m.publish(&mut handles);
+        assert_eq!(
+            value(&m, "observer_http_requests_total", &requests),
+            Some(3.0)
+        );
+        let (count, sum) = hist(&m, "observer_http_request_duration_seconds", &duration).unwrap();
+        assert_eq!(count, 3);
+        assert!(close(sum, 3.0 * 2.01), "{sum}");
+        assert_eq!(value(&m, "observer_tcp_bytes_total", &bytes), Some(100.0));
+        assert_eq!(
+            value(&m, "observer_http_requests_in_flight", &role),
+            Some(2.0)
+        );
+        assert_eq!(
+            value(&m, "observer_tcp_connections_active", &role),
+            Some(1.0)
+        );
+    }
+    handles.add_in_flight(Role::Gateway, -2);
+    m.publish(&mut handles);
+    assert_eq!(
+        value(&m, "observer_http_requests_in_flight", &role),
+        Some(0.0)
+    );
+}
+
+#[test]
+fn a_full_handle_map_publishes_before_it_starts_over() {
+    let m = metrics();
+    let mut handles = Handles::default();
+    let total = |m: &Metrics| -> f64 {
+        m.registry()
+            .gather()
+            .iter()
+            .filter(|f| f.name() == "observer_http_requests_total")
+            .flat_map(|f| f.get_metric().iter().map(|s| s.get_counter().value()))
+            .sum()
+    };
+    // One label set more than the map holds: each its own status code.
+    let sets = handles::MAX_LABEL_SETS as u16 + 1;
+    for code in 0..sets {
+        let ex = exchange(Role::Upstream, "/api/tags", Some(100 + code));
+        m.record_exchange(&ex, &mut handles);
+    }
+    assert_eq!(total(&m), f64::from(sets - 1));
+    m.publish(&mut handles);
+    assert_eq!(total(&m), f64::from(sets));
 }

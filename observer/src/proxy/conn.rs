@@ -20,7 +20,7 @@ use tokio::{
 };
 
 use super::{
-    feed::{Feed, Pair},
+    feed::{Pair, Tap},
     reply::Reply,
     request::{self, Body, ChunkedBody, RequestHead},
 };
@@ -63,7 +63,7 @@ enum Next {
 
 pub struct Connection {
     settings: Arc<Settings>,
-    feed: Feed,
+    tap: Tap,
     pair: Pair,
     client: TcpStream,
     peer: SocketAddr,
@@ -72,13 +72,15 @@ pub struct Connection {
     buf: BytesMut,
     /// Where responses are read into, allocated once per connection.
     relay_buf: Box<[u8]>,
+    /// Every deadline of the connection's waits.
+    timer: Timer,
     draining: watch::Receiver<bool>,
 }
 
 impl Connection {
     pub fn new(
         settings: Arc<Settings>,
-        feed: Feed,
+        tap: Tap,
         pair: Pair,
         client: TcpStream,
         peer: SocketAddr,
@@ -87,13 +89,14 @@ impl Connection {
         let _ = client.set_nodelay(true);
         Connection {
             settings,
-            feed,
+            tap,
             pair,
             client,
             peer,
             upstream: None,
             buf: BytesMut::with_capacity(4096),
             relay_buf: vec![0u8; RELAY_BUF].into_boxed_slice(),
+            timer: Timer::new(),
             draining,
         }
     }
@@ -101,15 +104,16 @@ impl Connection {
     /// Serves the connection to its end; `reject` answers its first request with that reply
     /// instead (over `--max-conns`).
     pub async fn serve(mut self, reject: Option<Reply>) {
-        self.feed.open(self.pair.client).await;
+        self.tap.open(self.pair.client);
         let outcome = self.exchanges(reject).await;
         if let Err(err) = outcome {
             tracing::debug!(peer = %self.peer, "proxy connection ended: {err}");
         }
         if self.upstream.take().is_some() {
-            self.feed.close(self.pair.upstream).await;
+            self.tap.close(self.pair.upstream);
         }
-        self.feed.close(self.pair.client).await;
+        self.tap.close(self.pair.client);
+        self.tap.finish();
     }
 
     async fn exchanges(&mut self, reject: Option<Reply>) -> std::io::Result<()> {
@@ -144,7 +148,8 @@ impl Connection {
                 _ = draining.wait_for(|d| *d) => return Ok(None),
             }
         }
-        let deadline = Instant::now() + self.settings.head_timeout;
+        // The head's clock starts once a read left it incomplete (a whole head needs none).
+        let mut head_deadline = None;
         loop {
             match request::parse(&self.buf) {
                 Ok(Some(head)) => return Ok(Some(head)),
@@ -155,6 +160,8 @@ impl Connection {
                     return Ok(None);
                 }
             }
+            let deadline =
+                *head_deadline.get_or_insert_with(|| Instant::now() + self.settings.head_timeout);
             match self.read_more(deadline).await? {
                 Some(0) => return Ok(None),
                 Some(_) => {}
@@ -195,15 +202,10 @@ impl Connection {
     /// Reads more of the client's bytes into the buffer: how many (0 at EOF), or None when
     /// `deadline` came first.
     async fn read_more(&mut self, deadline: Instant) -> std::io::Result<Option<usize>> {
-        let read = read_client(
-            &mut self.client,
-            &mut self.buf,
-            &self.feed,
-            self.pair.client,
-        );
-        match tokio::time::timeout_at(deadline, read).await {
-            Ok(read) => read.map(Some),
-            Err(_) => Ok(None),
+        let read = read_client(&mut self.client, &mut self.buf, &self.tap, self.pair.client);
+        match self.timer.until(deadline, read).await {
+            Some(read) => read.map(Some),
+            None => Ok(None),
         }
     }
 
@@ -211,10 +213,8 @@ impl Connection {
     async fn answer(&mut self, reply: Reply) -> std::io::Result<()> {
         let bytes = Bytes::from(reply.to_bytes());
         self.client.write_all(&bytes).await?;
-        self.feed
-            .data(self.pair.client, Direction::Egress, bytes)
-            .await;
-        self.feed.flush().await;
+        self.tap.data(self.pair.client, Direction::Egress, &bytes);
+        self.tap.flush();
         let _ = self.client.shutdown().await;
         Ok(())
     }
@@ -244,7 +244,7 @@ impl Connection {
             match self.connect().await {
                 Ok(stream) => {
                     self.upstream = Some(stream);
-                    self.feed.open(self.pair.upstream).await;
+                    self.tap.open(self.pair.upstream);
                 }
                 Err(message) => {
                     self.answer(Reply::new(502, message)).await?;
@@ -280,28 +280,26 @@ impl Connection {
         };
         let (mut ur, mut uw) = upstream.split();
         let (mut cr, mut cw) = self.client.split();
-        let feed = &self.feed;
+        let tap = &self.tap;
         let pair = self.pair;
+        let buf = &mut self.buf;
+        let relay_buf = &mut self.relay_buf;
+        let max_body_bytes = self.settings.max_body_bytes;
         let mut sent = 0u64;
         let mut relay = Relay::new(head.method == "HEAD", head.method == "CONNECT");
-        let outcome = tokio::time::timeout_at(deadline, async {
-            write_upstream(&mut uw, feed, pair.upstream, first_write).await?;
-            let body = forward_body(
-                &mut cr,
-                &mut uw,
-                &mut self.buf,
-                body,
-                feed,
-                pair,
-                self.settings.max_body_bytes,
-            );
-            let response = relay.run(&mut ur, &mut cw, &mut self.relay_buf, feed, pair, &mut sent);
-            let (body, response) = tokio::join!(body, response);
-            body?;
-            response
-        })
-        .await;
-        self.feed.flush().await;
+        let outcome = self
+            .timer
+            .until(deadline, async {
+                write_upstream(&mut uw, tap, pair.upstream, &first_write).await?;
+                let body = forward_body(&mut cr, &mut uw, buf, body, tap, pair, max_body_bytes);
+                let response = relay.run(&mut ur, &mut cw, relay_buf, tap, pair, &mut sent);
+                let (body, response) = tokio::join!(body, response);
+                body?;
+                response
+            })
+            .await
+            .ok_or(Elapsed);
+        self.tap.flush();
         match outcome {
             Ok(Ok(Relayed::Complete)) if head.keep_alive => Ok(Next::Continue),
             Ok(Ok(Relayed::Complete)) | Ok(Ok(Relayed::EndedByClose)) => {
@@ -321,7 +319,7 @@ impl Connection {
                         self.settings.upstream
                     );
                     self.upstream = None;
-                    self.feed.close(pair.upstream).await;
+                    self.tap.close(pair.upstream);
                     self.answer(Reply::new(502, message)).await?;
                 } else {
                     reset(&self.client);
@@ -421,7 +419,7 @@ impl Connection {
 async fn read_client(
     client: &mut (impl AsyncReadExt + Unpin),
     buf: &mut BytesMut,
-    feed: &Feed,
+    tap: &Tap,
     meta: ConnMeta,
 ) -> std::io::Result<usize> {
     let before = buf.len();
@@ -429,21 +427,18 @@ async fn read_client(
         buf.reserve(8192);
     }
     let n = client.read_buf(buf).await?;
-    if n > 0 {
-        let read = Bytes::copy_from_slice(&buf[before..]);
-        feed.data(meta, Direction::Ingress, read).await;
-    }
+    tap.data(meta, Direction::Ingress, &buf[before..]);
     Ok(n)
 }
 
 async fn write_upstream(
     upstream: &mut WriteHalf<'_>,
-    feed: &Feed,
+    tap: &Tap,
     meta: ConnMeta,
-    bytes: Bytes,
+    bytes: &[u8],
 ) -> std::io::Result<()> {
-    upstream.write_all(&bytes).await?;
-    feed.data(meta, Direction::Egress, bytes).await;
+    upstream.write_all(bytes).await?;
+    tap.data(meta, Direction::Egress, bytes);
     Ok(())
 }
 
@@ -454,7 +449,7 @@ async fn forward_body(
     upstream: &mut WriteHalf<'_>,
     buf: &mut BytesMut,
     body: Body,
-    feed: &Feed,
+    tap: &Tap,
     pair: Pair,
     max_body_bytes: u64,
 ) -> std::io::Result<()> {
@@ -464,13 +459,13 @@ async fn forward_body(
         Body::Length(mut left) => loop {
             let take = (buf.len() as u64).min(left) as usize;
             if take > 0 {
-                write_upstream(upstream, feed, pair.upstream, buf.split_to(take).freeze()).await?;
+                write_upstream(upstream, tap, pair.upstream, &buf.split_to(take)).await?;
                 left -= take as u64;
             }
             if left == 0 {
                 return Ok(());
             }
-            if read_client(client, buf, feed, pair.client).await? == 0 {
+            if read_client(client, buf, tap, pair.client).await? == 0 {
                 return Err(eof());
             }
         },
@@ -490,14 +485,64 @@ async fn forward_body(
                             "chunked request body over --max-body-bytes",
                         ));
                     }
-                    write_upstream(upstream, feed, pair.upstream, buf.split_to(take).freeze())
-                        .await?;
+                    write_upstream(upstream, tap, pair.upstream, &buf.split_to(take)).await?;
                     if found.is_some() {
                         return Ok(());
                     }
                 }
-                if read_client(client, buf, feed, pair.client).await? == 0 {
+                if read_client(client, buf, tap, pair.client).await? == 0 {
                     return Err(eof());
+                }
+            }
+        }
+    }
+}
+
+/// The exchange's deadline passed.
+struct Elapsed;
+
+/// One timer for all of a connection's deadlines. Arming a timer costs an insertion into the
+/// runtime's timer wheel and its removal when the wait ends; a keep-alive connection waits
+/// twice a request (idle, exchange) and sometimes three times (the head). This one is moved
+/// only when a deadline comes before the armed one, or when it fires before the deadline of
+/// the wait in progress; otherwise it stays armed across waits.
+struct Timer {
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// When it fires, or None when it has fired (or never was armed).
+    armed: Option<Instant>,
+}
+
+impl Timer {
+    fn new() -> Timer {
+        Timer {
+            sleep: Box::pin(tokio::time::sleep_until(Instant::now())),
+            armed: None,
+        }
+    }
+
+    /// `future`'s output, or None when `deadline` came first.
+    async fn until<F: std::future::Future>(
+        &mut self,
+        deadline: Instant,
+        future: F,
+    ) -> Option<F::Output> {
+        if self.armed.is_none_or(|armed| armed > deadline) {
+            self.sleep.as_mut().reset(deadline);
+            self.armed = Some(deadline);
+        }
+        let mut future = std::pin::pin!(future);
+        loop {
+            tokio::select! {
+                biased;
+                output = &mut future => return Some(output),
+                () = self.sleep.as_mut() => {
+                    self.armed = None;
+                    if Instant::now() >= deadline {
+                        return None;
+                    }
+                    // It was armed for an earlier deadline than this wait's.
+                    self.sleep.as_mut().reset(deadline);
+                    self.armed = Some(deadline);
                 }
             }
         }
@@ -540,7 +585,7 @@ impl Relay {
         upstream: &mut ReadHalf<'_>,
         client: &mut WriteHalf<'_>,
         buf: &mut [u8],
-        feed: &Feed,
+        tap: &Tap,
         pair: Pair,
         sent: &mut u64,
     ) -> std::io::Result<Relayed> {
@@ -556,15 +601,13 @@ impl Relay {
             }
             // The client gets the bytes first; the bookkeeping follows.
             let read_at = monotonic_ns();
-            let chunk = Bytes::copy_from_slice(&buf[..n]);
-            client.write_all(&chunk).await?;
+            let chunk = &buf[..n];
+            client.write_all(chunk).await?;
             *sent += n as u64;
             let written_at = monotonic_ns();
-            self.parser.segment(0, n as u64, &chunk, &[], &mut self.end);
-            feed.data_at(pair.upstream, Direction::Ingress, read_at, chunk.clone())
-                .await;
-            feed.data_at(pair.client, Direction::Egress, written_at, chunk)
-                .await;
+            self.parser.segment(0, n as u64, chunk, &[], &mut self.end);
+            tap.data_at(pair.upstream, Direction::Ingress, read_at, chunk);
+            tap.data_at(pair.client, Direction::Egress, written_at, chunk);
             if self.end.opaque {
                 return Ok(Relayed::Upgraded);
             }
@@ -634,6 +677,41 @@ fn reset(client: &TcpStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_timer_keeps_each_waits_own_deadline() {
+        let ms = Duration::from_millis;
+        let mut timer = Timer::new();
+        let start = Instant::now();
+        assert_eq!(
+            timer.until(start + ms(30), std::future::ready(1)).await,
+            Some(1)
+        );
+        // Armed for 30 ms: a wait until 300 ms outlives that firing.
+        let slept = timer
+            .until(start + ms(300), tokio::time::sleep(ms(80)))
+            .await;
+        assert_eq!(slept, Some(()));
+        // A later deadline keeps the timer where it is; an earlier one moves it.
+        let now = Instant::now();
+        assert_eq!(
+            timer.until(now + ms(60_000), std::future::ready(2)).await,
+            Some(2)
+        );
+        let never = timer
+            .until(now + ms(40), std::future::pending::<()>())
+            .await;
+        assert_eq!(never, None);
+        let waited = now.elapsed();
+        assert!(waited >= ms(40) && waited < ms(5_000), "{waited:?}");
+        // After a deadline passed, the next wait gets its own.
+        let now = Instant::now();
+        let never = timer
+            .until(now + ms(20), std::future::pending::<()>())
+            .await;
+        assert_eq!(never, None);
+        assert!(now.elapsed() >= ms(20));
+    }
 
     #[test]
     fn forwarded_for_goes_before_the_blank_line() {

@@ -14,10 +14,19 @@ pub mod feed;
 pub mod reply;
 pub mod request;
 
-use std::{net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    process::ExitCode,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use tokio::{
+    net::TcpSocket,
     signal::unix::{SignalKind, signal},
     sync::{Semaphore, watch},
     task::JoinSet,
@@ -25,16 +34,14 @@ use tokio::{
 
 use self::{
     conn::{Connection, Settings},
-    feed::Pair,
+    feed::{Pair, Shared, Tap},
     reply::Reply,
 };
 use crate::{
     admin::StatusBoard,
     capture::{Role, WatchedPort, own_ports::OwnPorts},
     collectors::{self, ResourceArgs},
-    engine::EngineConfig,
     metrics::Metrics,
-    pipeline::Pipeline,
     probe::{DaemonProbeArgs, parse_duration},
     run::{MetricsArgs, start_probe},
 };
@@ -128,13 +135,10 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
     let prober = start_probe(&args.probe, &metrics, &status, OwnPorts::default())?;
     let _collectors = collectors::start(&args.resources, &metrics, &watch)?;
 
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let local = listener.local_addr()?;
-    let mut pipeline = Pipeline::new(metrics.clone(), EngineConfig::default());
-    pipeline.mark_local(local.port(), Role::Gateway);
-    let (feed, pipeline_task) = feed::spawn(pipeline, status.clone());
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let listeners =
+        bind(args.listen, workers).with_context(|| format!("cannot listen on {}", args.listen))?;
+    let local = listeners[0].local_addr()?;
     let gate = match (&prober, args.no_readiness_gate) {
         (Some(prober), false) => Some((prober.readiness(), args.probe.probe.probe_api_interval)),
         _ => None,
@@ -149,8 +153,38 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
         forwarded_for: args.forwarded_for,
         gate,
     });
+    let (drain, draining) = watch::channel(false);
+    let context = Arc::new(Workers {
+        settings,
+        shared: Shared::new(metrics.clone(), status.clone()),
+        slots: Arc::new(Semaphore::new(args.max_conns as usize)),
+        rejecting: Arc::new(Semaphore::new(MAX_REJECTING)),
+        max_conns: args.max_conns,
+        listen_port: local.port(),
+        upstream_port: upstream.port(),
+        next_pair: AtomicU64::new(1),
+        draining,
+        drain_timeout: args.drain_timeout,
+    });
+    let (ended, mut ended_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut threads = Vec::with_capacity(workers);
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let context = context.clone();
+        let ended = ended.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("proxy-{i}"))
+            .spawn(move || {
+                let result = worker(listener, context);
+                let _ = ended.send(result);
+            })
+            .context("starting a proxy worker thread")?;
+        threads.push(thread);
+    }
+    drop(ended);
     status.set_ready(true);
-    tracing::info!("observer proxy: {local} → {upstream}; metrics on http://{admin_addr}/metrics");
+    tracing::info!(
+        "observer proxy: {local} → {upstream} ({workers} workers); metrics on http://{admin_addr}/metrics"
+    );
     {
         use std::io::Write as _;
         let mut stdout = std::io::stdout().lock();
@@ -158,81 +192,156 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
         stdout.flush().context("writing to stdout")?;
     }
 
-    let slots = Arc::new(Semaphore::new(args.max_conns as usize));
-    let rejecting = Arc::new(Semaphore::new(MAX_REJECTING));
-    let (drain, draining) = watch::channel(false);
-    let mut connections = JoinSet::new();
-    let mut next_pair = 1u64;
-    loop {
-        tokio::select! {
-            _ = interrupt.recv() => break,
-            _ = terminate.recv() => break,
-            accepted = listener.accept() => {
-                let (client, peer) = match accepted {
-                    Ok(accepted) => accepted,
-                    Err(err) => {
-                        // Out of descriptors and the like: back off instead of spinning.
-                        tracing::warn!("accept failed: {err}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let pair = Pair::new(next_pair, local.port(), upstream.port());
-                next_pair += 1;
-                let connection = Connection::new(
-                    settings.clone(), feed.clone(), pair, client, peer, draining.clone(),
-                );
-                match slots.clone().try_acquire_owned() {
-                    Ok(slot) => {
-                        connections.spawn(async move {
-                            connection.serve(None).await;
-                            drop(slot);
-                        });
-                    }
-                    Err(_) => {
-                        let Ok(rejecting) = rejecting.clone().try_acquire_owned() else {
-                            continue;
-                        };
-                        let reply = Reply::new(
-                            503,
-                            format!("too many connections (--max-conns {})", args.max_conns),
-                        )
-                        .retry_after(Duration::from_secs(1));
-                        connections.spawn(async move {
-                            connection.serve(Some(reply)).await;
-                            drop(rejecting);
-                        });
-                    }
-                }
-            }
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-        }
-    }
-
+    let failed = tokio::select! {
+        _ = interrupt.recv() => None,
+        _ = terminate.recv() => None,
+        result = ended_rx.recv() => Some(result),
+    };
     // Drain: no new connections, idle ones close, open exchanges may finish.
-    drop(listener);
     status.set_not_ready("draining after SIGTERM");
     let _ = drain.send(true);
-    let open = connections.len();
+    let open = args.max_conns as usize - context.slots.available_permits();
     tracing::info!(
         "observer proxy: stopping; {open} connections may finish within {}",
         humantime::format_duration(args.drain_timeout)
     );
-    let drained = tokio::time::timeout(args.drain_timeout, async {
-        while connections.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!(
-            "observer proxy: {} connections still open after the drain timeout; closing them",
-            connections.len()
-        );
-        connections.shutdown().await;
+    let stopped_early = failed.is_some();
+    let mut errors = Vec::new();
+    if let Some(Some(Err(err))) = failed {
+        errors.push(err);
     }
-    drop(feed);
-    drop(settings);
-    let _ = pipeline_task.await;
+    while let Some(result) = ended_rx.recv().await {
+        if let Err(err) = result {
+            errors.push(err);
+        }
+    }
+    for thread in threads {
+        let _ = thread.join();
+    }
     drop(prober);
     admin.stop().await;
+    if let Some(err) = errors.into_iter().next() {
+        return Err(err.context("a proxy worker failed"));
+    }
+    if stopped_early {
+        anyhow::bail!("a proxy worker stopped on its own");
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What every worker thread shares.
+struct Workers {
+    settings: Arc<Settings>,
+    shared: Shared,
+    slots: Arc<Semaphore>,
+    rejecting: Arc<Semaphore>,
+    max_conns: u32,
+    listen_port: u16,
+    upstream_port: u16,
+    next_pair: AtomicU64,
+    draining: watch::Receiver<bool>,
+    drain_timeout: Duration,
+}
+
+/// `n` listeners on `addr`, sharing its port (`SO_REUSEPORT`): the kernel spreads new
+/// connections over them, one per worker. Port 0 picks one port for all.
+fn bind(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut addr = addr;
+    let mut listeners = Vec::with_capacity(n);
+    for _ in 0..n {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        socket.bind(addr)?;
+        let listener = socket.listen(1024)?;
+        addr = listener.local_addr()?;
+        listeners.push(listener.into_std()?);
+    }
+    Ok(listeners)
+}
+
+/// One worker: a single-threaded runtime accepting on its own listener and serving what it
+/// accepted, every connection's pipeline inline. Nothing moves between workers: no wake-ups
+/// across threads, as in nginx's worker processes. Returns after the drain.
+fn worker(listener: std::net::TcpListener, context: Arc<Workers>) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a proxy worker's runtime")?;
+    runtime.block_on(async move {
+        let listener =
+            tokio::net::TcpListener::from_std(listener).context("registering a listener")?;
+        let mut draining = context.draining.clone();
+        // The worker's connections wait on a signal of its own: waiting on the process-wide one
+        // would touch memory every worker shares on each request.
+        let (drain, worker_draining) = watch::channel(false);
+        let mut connections = JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = draining.wait_for(|d| *d) => break,
+                accepted = listener.accept() => {
+                    let (client, peer) = match accepted {
+                        Ok(accepted) => accepted,
+                        Err(err) => {
+                            // Out of descriptors and the like: back off instead of spinning.
+                            tracing::warn!("accept failed: {err}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let n = context.next_pair.fetch_add(1, Ordering::Relaxed);
+                    let pair = Pair::new(n, context.listen_port, context.upstream_port);
+                    let connection = Connection::new(
+                        context.settings.clone(),
+                        Tap::new(&context.shared, n),
+                        pair,
+                        client,
+                        peer,
+                        worker_draining.clone(),
+                    );
+                    match context.slots.clone().try_acquire_owned() {
+                        Ok(slot) => {
+                            connections.spawn(async move {
+                                connection.serve(None).await;
+                                drop(slot);
+                            });
+                        }
+                        Err(_) => {
+                            let Ok(rejecting) = context.rejecting.clone().try_acquire_owned() else {
+                                continue;
+                            };
+                            let reply = Reply::new(
+                                503,
+                                format!("too many connections (--max-conns {})", context.max_conns),
+                            )
+                            .retry_after(Duration::from_secs(1));
+                            connections.spawn(async move {
+                                connection.serve(Some(reply)).await;
+                                drop(rejecting);
+                            });
+                        }
+                    }
+                }
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
+        }
+        drop(listener);
+        let _ = drain.send(true);
+        let drained = tokio::time::timeout(context.drain_timeout, async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                "observer proxy: {} connections still open after the drain timeout; closing them",
+                connections.len()
+            );
+            connections.shutdown().await;
+        }
+        Ok(())
+    })
 }

@@ -58,6 +58,23 @@ fn bare_line_feeds_are_tolerated_in_chunk_framing() {
 }
 
 #[test]
+fn only_framing_headers_must_be_text() {
+    // obs-text in a header the engine does not read is legal HTTP and costs nothing.
+    let r = feed(
+        Kind::Response,
+        &[b"HTTP/1.1 200 OK\r\nServer: caf\xe9\r\nContent-Length: 2\r\n\r\nok"],
+    );
+    assert_eq!((r.body.as_slice(), r.ends.len()), (&b"ok"[..], 1));
+    assert!(r.errors.is_empty());
+    // A length that is not text is no length at all.
+    let r = feed(
+        Kind::Request,
+        &[b"POST / HTTP/1.1\r\nContent-Length: 3\xe9\r\n\r\nabc"],
+    );
+    assert_eq!(r.errors, [ErrorReason::BadHead]);
+}
+
+#[test]
 fn conflicting_lengths_and_bad_chunks_are_errors() {
     let r = feed(
         Kind::Request,
