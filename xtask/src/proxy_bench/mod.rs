@@ -43,8 +43,9 @@ const RETRIES: usize = 3;
 #[derive(Parser)]
 #[command(name = "bench proxy")]
 struct Options {
-    /// Measured rounds per contender (they alternate: nginx, observer, nginx, ...).
-    #[arg(long, default_value_t = 3)]
+    /// Measured rounds per contender (they alternate: nginx, observer, nginx, ...). Five: on
+    /// this shared 2-core machine one round in five can run 10-20 % slow for either side.
+    #[arg(long, default_value_t = 5)]
     rounds: usize,
     /// Seconds per measured round.
     #[arg(long, default_value_t = 10)]
