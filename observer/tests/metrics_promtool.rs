@@ -11,7 +11,7 @@ use observer::{
     capture::{Role, decode::Direction, decode::Side},
     engine::{ConnMeta, Exchange, LlmFields, Method, Outcome, Timestamps},
     gpu::{GpuCollector, GpuProcess, GpuReading, GpuSnapshot},
-    metrics::{ExpositionFormat, Metrics, MetricsConfig},
+    metrics::{ExpositionFormat, Metrics, MetricsConfig, handles::Handles},
     probe::{
         Stage,
         check::ListedModel,
@@ -89,10 +89,12 @@ fn observed_metrics() -> Metrics {
         m.observe_exchange(&exchange(role, Method::Post, "/api/embed", Some(500)));
         m.observe_exchange(&exchange(role, Method::Other, "/wp-login.php", Some(404)));
         m.observe_exchange(&exchange(role, Method::Post, "/api/generate", None));
-        m.set_in_flight(role, 2);
+        let mut handles = Handles::default();
+        handles.add_in_flight(role, 2);
         m.connection_opened(role);
         m.connection_closed(role);
-        m.set_connections_active(role, 4);
+        handles.add_connections_active(role, 4);
+        m.publish(&mut handles);
         m.add_bytes(role, Direction::Ingress, 1_000);
         m.add_bytes(role, Direction::Egress, 20_000);
         m.add_parse_errors(role, "bad_request_line", 1);

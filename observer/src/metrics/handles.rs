@@ -83,7 +83,12 @@ pub(super) struct Http {
     pub first_chunk: Option<LocalHistogram>,
 }
 
-impl Http {
+/// Series handles that gather observations until published.
+trait Publish {
+    fn publish(&self);
+}
+
+impl Publish for Http {
     fn publish(&self) {
         if let Some(c) = &self.requests {
             c.flush();
@@ -109,7 +114,7 @@ pub(super) struct Overhead {
     pub first_byte: Option<LocalHistogram>,
 }
 
-impl Overhead {
+impl Publish for Overhead {
     fn publish(&self) {
         for h in [&self.overhead, &self.first_byte].into_iter().flatten() {
             h.flush();
@@ -118,22 +123,14 @@ impl Overhead {
 }
 
 impl Handles {
-    /// The `http_*` handles for `key`, made by `make` the first time.
     /// The `http_*` handles for `key`.
     pub(super) fn http(&mut self, key: HttpKey) -> &mut Http {
-        if self.http.len() >= MAX_LABEL_SETS && !self.http.contains_key(&key) {
-            self.http.values().for_each(Http::publish);
-            self.http.clear();
-        }
-        self.http.entry(key).or_default()
+        bounded_entry(&mut self.http, key)
     }
 
+    /// The `gateway_*overhead*` handles for `route`.
     pub(super) fn overhead(&mut self, route: RouteId) -> &mut Overhead {
-        if self.overhead.len() >= MAX_LABEL_SETS && !self.overhead.contains_key(&route) {
-            self.overhead.values().for_each(Overhead::publish);
-            self.overhead.clear();
-        }
-        self.overhead.entry(route).or_default()
+        bounded_entry(&mut self.overhead, route)
     }
 
     pub(super) fn bytes(
@@ -162,8 +159,8 @@ impl Handles {
     /// Adds what was observed since the last call to the shared series; `gauge` makes the
     /// in-flight (`true`) or active-connections gauge of a role.
     pub(super) fn publish(&mut self, gauge: impl Fn(bool, Role) -> IntGauge) {
-        self.http.values().for_each(Http::publish);
-        self.overhead.values().for_each(Overhead::publish);
+        self.http.values().for_each(Publish::publish);
+        self.overhead.values().for_each(Publish::publish);
         self.bytes
             .iter()
             .flatten()
@@ -174,4 +171,17 @@ impl Handles {
             self.active[role.index()].publish(|| gauge(false, role));
         }
     }
+}
+
+/// The entry for `key`, made empty the first time; a map holding [`MAX_LABEL_SETS`] publishes
+/// what it holds and starts over first.
+fn bounded_entry<K: std::hash::Hash + Eq, V: Publish + Default>(
+    map: &mut HashMap<K, V>,
+    key: K,
+) -> &mut V {
+    if map.len() >= MAX_LABEL_SETS && !map.contains_key(&key) {
+        map.values().for_each(Publish::publish);
+        map.clear();
+    }
+    map.entry(key).or_default()
 }

@@ -316,15 +316,8 @@ impl Metrics {
         });
     }
 
-    pub fn set_in_flight(&self, role: Role, n: i64) {
-        self.families
-            .http_in_flight
-            .with_label_values(&[role.as_str()])
-            .set(n);
-    }
-
-    /// Counts an opened connection; `tcp_connections_active` is set separately from the
-    /// connection table ([`Metrics::set_connections_active`]), so it cannot drift.
+    /// Counts an opened connection; `tcp_connections_active` moves with a pipeline's connection
+    /// table instead ([`Handles::add_connections_active`]), so it cannot drift.
     pub fn connection_opened(&self, role: Role) {
         self.families
             .tcp_opened
@@ -338,13 +331,6 @@ impl Metrics {
             .tcp_closed
             .with_label_values(&[role.as_str()])
             .inc();
-    }
-
-    pub fn set_connections_active(&self, role: Role, n: i64) {
-        self.families
-            .tcp_active
-            .with_label_values(&[role.as_str()])
-            .set(n);
     }
 
     pub fn add_bytes(&self, role: Role, direction: Direction, n: u64) {

@@ -405,11 +405,13 @@ fn gateway_overhead_clamps_negative_values() {
 fn counters_and_gauges() {
     let m = metrics();
     m.count_unmatched(Role::Gateway, 2);
-    m.set_in_flight(Role::Upstream, 3);
+    let mut handles = Handles::default();
+    handles.add_in_flight(Role::Upstream, 3);
     m.connection_opened(Role::Gateway);
     m.connection_opened(Role::Gateway);
     m.connection_closed(Role::Gateway);
-    m.set_connections_active(Role::Gateway, 1);
+    handles.add_connections_active(Role::Gateway, 1);
+    m.publish(&mut handles);
     m.add_bytes(Role::Upstream, Direction::Ingress, 100);
     m.add_bytes(Role::Upstream, Direction::Egress, 7);
     m.add_bytes(Role::Upstream, Direction::Egress, 8);
