@@ -9,7 +9,7 @@ use std::{io::IsTerminal as _, process::ExitCode};
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
-use crate::{check, probe, proxy, run, sim, trace};
+use crate::{check, probe, proxy, reference, run, sim, trace};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -42,6 +42,8 @@ pub enum Command {
     Probe(probe::ProbeArgs),
     /// Print the kernel capture's events (or, with --exchanges, HTTP exchanges) as JSON lines until interrupted (root).
     Trace(trace::TraceArgs),
+    /// Print every metric family the daemon can export (name, type, labels, help).
+    MetricsReference(reference::ReferenceArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -78,6 +80,7 @@ pub fn main() -> ExitCode {
             Command::Trace(args) => trace::run(args).await,
             Command::Probe(args) => probe::run(args).await,
             Command::Proxy(args) => proxy::run(*args).await,
+            Command::MetricsReference(args) => reference::main(&args),
         }
     });
     match result {

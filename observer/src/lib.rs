@@ -18,6 +18,7 @@
 //! - [`probe`]: the model readiness probe (tcp, api, generate stages), `observer probe`.
 //! - [`procfs`]: CPU, memory, fds and threads of the processes that own the watched listeners.
 //! - [`proxy`]: `observer proxy`, the forwarder that feeds the same pipeline where eBPF is missing.
+//! - [`reference`]: `observer metrics-reference`, every exported family as read from the code.
 //! - [`run`]: `observer run`, the daemon: capture, pipeline and admin server wired together.
 //! - [`sim`]: `observer sim`, a simulated Ollama upstream speaking Ollama's real wire format.
 //! - [`trace`]: `observer trace`, the capture's events as JSON lines, for debugging the kernel side.
@@ -36,6 +37,7 @@ pub mod pipeline;
 pub mod probe;
 pub mod procfs;
 pub mod proxy;
+pub mod reference;
 pub mod run;
 pub mod sim;
 pub mod trace;

@@ -4,9 +4,13 @@
 //! Owns the schema only. What is observed into which family, and with which label values, is
 //! decided in `mod.rs`; this file must not grow logic beyond declaring families.
 
+use std::cell::RefCell;
+
 use prometheus::{
     HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, core::Collector,
 };
+
+use super::schema::{FamilySchema, describe};
 
 /// Whole exchanges, streams included: up to 5 minutes.
 pub const DURATION_BUCKETS: &[f64] = &[
@@ -80,11 +84,13 @@ pub struct Families {
 struct Builder<'a> {
     registry: &'a Registry,
     prefix: &'a str,
+    schema: RefCell<Vec<FamilySchema>>,
 }
 
 impl Builder<'_> {
     fn register<C: Collector + Clone + 'static>(&self, collector: C) -> prometheus::Result<C> {
         self.registry.register(Box::new(collector.clone()))?;
+        self.schema.borrow_mut().extend(describe(&collector));
         Ok(collector)
     }
 
@@ -119,10 +125,17 @@ impl Builder<'_> {
 
 impl Families {
     /// Registers every family on `registry`, named `{prefix}_{family}` (just `{family}` for an
-    /// empty prefix).
-    pub fn register(registry: &Registry, prefix: &str) -> prometheus::Result<Families> {
-        let b = Builder { registry, prefix };
-        Ok(Families {
+    /// empty prefix), and describes what it registered.
+    pub fn register(
+        registry: &Registry,
+        prefix: &str,
+    ) -> prometheus::Result<(Families, Vec<FamilySchema>)> {
+        let b = Builder {
+            registry,
+            prefix,
+            schema: RefCell::default(),
+        };
+        let families = Families {
             http_requests: b.counter(
                 "http_requests_total",
                 "HTTP requests seen on watched ports, by the status of their response.",
@@ -248,6 +261,7 @@ impl Families {
                 "Always 1: the observer's version and capture mode.",
                 &["version", "mode"],
             )?,
-        })
+        };
+        Ok((families, b.schema.into_inner()))
     }
 }

@@ -10,6 +10,7 @@ pub mod families;
 pub mod handles;
 pub mod labels;
 pub mod openmetrics;
+pub mod schema;
 
 #[cfg(test)]
 mod tests;
@@ -22,6 +23,7 @@ use self::{
     families::Families,
     handles::{Handles, HttpKey},
     labels::{ModelLabels, NONE, Routes},
+    schema::{FamilySchema, describe},
 };
 use crate::{
     capture::{Role, decode::Direction},
@@ -64,6 +66,8 @@ pub struct Metrics {
     llm_role: Role,
     /// Run before each scrape: they publish what pipelines gathered (see [`handles`]).
     before_gather: GatherHooks,
+    /// What is registered, for `observer metrics-reference`.
+    schema: std::sync::Mutex<Vec<FamilySchema>>,
 }
 
 type GatherHook = Box<dyn Fn() + Send + Sync>;
@@ -94,10 +98,12 @@ impl Metrics {
         labels::validate_prefix(&config.prefix)?;
         let routes = Routes::new(config.extra_routes).context("invalid --route")?;
         let registry = Registry::new();
-        let families = Families::register(&registry, &config.prefix)
+        let (families, mut schema) = Families::register(&registry, &config.prefix)
             .context("registering the metric families")?;
+        let process = ProcessCollector::for_self();
+        schema.extend(describe(&process));
         registry
-            .register(Box::new(ProcessCollector::for_self()))
+            .register(Box::new(process))
             .context("registering the process collector")?;
         families
             .build_info
@@ -111,6 +117,7 @@ impl Metrics {
             models: ModelLabels::default(),
             llm_role: config.llm_role,
             before_gather: GatherHooks::default(),
+            schema: std::sync::Mutex::new(schema),
         })
     }
 
@@ -125,9 +132,26 @@ impl Metrics {
 
     /// Registers a collector that renders its own families at scrape time (GPU, processes).
     pub fn register(&self, collector: Box<dyn prometheus::core::Collector>) -> anyhow::Result<()> {
+        let described = describe(collector.as_ref());
         self.registry
             .register(collector)
-            .context("registering a metrics collector")
+            .context("registering a metrics collector")?;
+        self.schema
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .extend(described);
+        Ok(())
+    }
+
+    /// Every family registered so far, by name.
+    pub fn schema(&self) -> Vec<FamilySchema> {
+        let mut schema = self
+            .schema
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        schema.sort_by(|a, b| a.name.cmp(&b.name));
+        schema
     }
 
     /// The `route` label of a request path: a known route, an extra route, or `other`.

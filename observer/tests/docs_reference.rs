@@ -1,0 +1,141 @@
+//! The metrics reference in docs/METRICS.md is generated from the code: its table must equal
+//! what `observer metrics-reference` prints, every family must be explained below it, and every
+//! `observer_*` name any document mentions must be one the daemon exports.
+//!
+//! `UPDATE_DOCS=1 cargo test --test docs_reference` rewrites the generated table.
+
+use std::{collections::BTreeSet, path::Path, process::Command};
+
+use observer::{metrics::schema::sample_names, reference};
+
+const BEGIN: &str = "<!-- BEGIN GENERATED: observer metrics-reference -->\n";
+const END: &str = "<!-- END GENERATED -->";
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
+}
+
+fn metrics_doc() -> String {
+    std::fs::read_to_string(repo().join("docs/METRICS.md")).expect("read docs/METRICS.md")
+}
+
+#[test]
+fn generated_table_matches_the_code() {
+    let output = Command::new(env!("CARGO_BIN_EXE_observer"))
+        .arg("metrics-reference")
+        .output()
+        .expect("run observer metrics-reference");
+    assert!(output.status.success(), "{output:?}");
+    let table = String::from_utf8(output.stdout).unwrap();
+    let doc = metrics_doc();
+    let start = doc
+        .find(BEGIN)
+        .expect("docs/METRICS.md lost its BEGIN marker")
+        + BEGIN.len();
+    let end = doc[start..]
+        .find(END)
+        .expect("docs/METRICS.md lost its END marker")
+        + start;
+    if doc[start..end] == table {
+        return;
+    }
+    if std::env::var_os("UPDATE_DOCS").is_some() {
+        let updated = format!("{}{table}{}", &doc[..start], &doc[end..]);
+        std::fs::write(repo().join("docs/METRICS.md"), updated).unwrap();
+        return;
+    }
+    panic!(
+        "docs/METRICS.md's generated table differs from `observer metrics-reference`;\n\
+         rewrite it with: UPDATE_DOCS=1 cargo test --test docs_reference\n\
+         --- in the doc ---\n{}\n--- from the code ---\n{table}",
+        &doc[start..end]
+    );
+}
+
+#[test]
+fn every_family_is_explained_below_the_table() {
+    let doc = metrics_doc();
+    let notes = &doc[doc
+        .find("## What each family counts")
+        .expect("docs/METRICS.md lost its 'What each family counts' section")..];
+    let notes = &notes[..notes[3..].find("\n## ").map_or(notes.len(), |at| at + 3)];
+    let explained: BTreeSet<&str> = notes
+        .lines()
+        .filter_map(|line| line.strip_prefix("- "))
+        .flat_map(|line| line.split(':').next().unwrap_or("").split(", "))
+        .map(|name| name.trim_matches('`'))
+        .collect();
+    for family in reference::families().unwrap() {
+        let short = family
+            .name
+            .strip_prefix("observer_")
+            .unwrap_or(&family.name);
+        let covered = explained.contains(short)
+            || (short.starts_with("process_") && explained.contains("process_*"));
+        assert!(
+            covered,
+            "{} is not explained under 'What each family counts'",
+            family.name
+        );
+    }
+    for name in &explained {
+        let known = reference::families()
+            .unwrap()
+            .iter()
+            .any(|family| family.name == format!("observer_{name}") || *name == "process_*");
+        assert!(
+            known,
+            "'What each family counts' explains {name}, which is not exported"
+        );
+    }
+}
+
+/// Every `observer_…` token in the docs and the deploy kit (PromQL, prose) names a family or a
+/// sample the daemon exports. Tokens inside recording-rule names (`instance:observer_…:rate5m`) are not
+/// metric names and are skipped.
+#[test]
+fn documents_name_only_exported_metrics() {
+    let families = reference::families().unwrap();
+    let exported: BTreeSet<String> = families
+        .iter()
+        .flat_map(|family| [vec![family.name.clone()], sample_names(family)].concat())
+        .collect();
+    let mut files = vec![repo().join("README.md")];
+    for dir in ["docs", "deploy"] {
+        collect_files(&repo().join(dir), &mut files);
+    }
+    let mut unknown = Vec::new();
+    for file in files {
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            continue;
+        };
+        for token in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':')) {
+            let name = token.trim_end_matches('_');
+            if name.starts_with("observer_") && !name.contains(':') && !exported.contains(name) {
+                unknown.push(format!("{}: {name}", file.display()));
+            }
+        }
+    }
+    assert!(
+        unknown.is_empty(),
+        "names the observer does not export:\n{}",
+        unknown.join("\n")
+    );
+}
+
+fn collect_files(dir: &Path, files: &mut Vec<std::path::PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            collect_files(&path, files);
+        } else if matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("md" | "yml" | "yaml" | "json")
+        ) {
+            files.push(path);
+        }
+    }
+}
