@@ -34,6 +34,19 @@ pub fn stamp_path(workspace: &Path, profile: &str) -> PathBuf {
     ebpf_dir(workspace).join(format!("observer-{profile}.bpf.o.inputs"))
 }
 
+/// The release object as committed to the repository, so that a fresh clone builds `observer`
+/// without the kernel toolchain (nightly, bpf-linker, LLVM), as bpf2go users such as Beyla
+/// commit theirs. `cargo xtask build-ebpf --release` rewrites it; a test fails when its stamp
+/// no longer matches the sources.
+pub fn committed_object(workspace: &Path) -> PathBuf {
+    workspace.join("observer/bpf/observer.bpf.o")
+}
+
+/// The committed object's stamp.
+pub fn committed_stamp(workspace: &Path) -> PathBuf {
+    workspace.join("observer/bpf/observer.bpf.o.inputs")
+}
+
 /// Paths whose change makes the object stale (directories are walked).
 pub fn input_roots(workspace: &Path) -> Vec<PathBuf> {
     [
@@ -138,6 +151,20 @@ impl Fnv {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fresh clone builds with the committed object: it must be the one the kernel sources
+    /// on disk make.
+    #[test]
+    fn committed_object_matches_the_kernel_sources() {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let stamp = fs::read_to_string(committed_stamp(workspace)).unwrap_or_default();
+        assert!(
+            committed_object(workspace).is_file()
+                && stamp.trim() == fingerprint(workspace).unwrap(),
+            "observer/bpf/observer.bpf.o is missing or stale: run `cargo xtask build-ebpf \
+             --release` and commit observer/bpf/"
+        );
+    }
 
     fn workspace(files: &[(&str, &str)]) -> PathBuf {
         let dir = std::env::temp_dir().join(format!(

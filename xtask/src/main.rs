@@ -212,6 +212,18 @@ fn build_ebpf(release: bool) -> anyhow::Result<()> {
         .with_context(|| format!("copying {} to {}", built.display(), object.display()))?;
     std::fs::write(ebpf_object::stamp_path(&workspace, profile), &fingerprint)
         .context("writing the object's stamp")?;
+    if release {
+        let committed = ebpf_object::committed_object(&workspace);
+        std::fs::create_dir_all(committed.parent().expect("a file path has a parent"))?;
+        std::fs::copy(&built, &committed)
+            .with_context(|| format!("copying {} to {}", built.display(), committed.display()))?;
+        std::fs::write(ebpf_object::committed_stamp(&workspace), &fingerprint)
+            .context("writing the committed object's stamp")?;
+        println!(
+            "committed copy: {} (commit it with the kernel sources)",
+            committed.display()
+        );
+    }
     println!("kernel object: {} (inputs {fingerprint})", object.display());
     Ok(())
 }
