@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
-# Sets up (idempotently), builds the release binary, reports what this host supports
-# (`observer check`), then runs the simulated Ollama upstream in the foreground until Ctrl-C.
-# (`observer demo`, with gateway, observer and traffic, replaces the last step when it lands.)
+# Sets up (idempotently), builds, and runs `observer demo`: a simulated Ollama, a gateway (nginx),
+# the observer (eBPF mode when `observer check` passes, else proxy mode) and simulated chat users,
+# with a live summary in the terminal and Prometheus metrics on http://127.0.0.1:9464/metrics
+# until Ctrl-C. Arguments go to `observer demo` (e.g. `--duration 60s`, `--mode proxy`).
+#
+# Fast on a fresh machine: the kernel object is committed (observer/bpf/), so only nginx is
+# installed and only the debug build runs (a release build takes twice as long). When the kernel
+# sources have changed since the object was committed, it sets up the kernel toolchain and
+# builds the object first.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --demo
 source scripts/env.sh
-cargo xtask build-ebpf --release
-cargo build --release --locked
-./target/release/observer check || echo "(eBPF mode is not available here; see above)"
-listen=127.0.0.1:11434
-if ss -ltnH "sport = :11434" 2>/dev/null | grep -q .; then
-    listen=127.0.0.1:0
-    echo "port 11434 is taken: the simulator picks a free port"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+if ! cargo build --locked --bin observer 2>&1 | tee "$log"; then
+    grep -q "kernel object" "$log" || exit 1
+    echo "demo: the committed kernel object does not match the kernel sources; building it"
+    bash scripts/setup.sh
+    cargo xtask build-ebpf
+    cargo build --locked --bin observer
 fi
-echo
-echo "The simulator prints its address below; then try: curl -N http://ADDRESS/api/chat -d '{\"model\":\"llama3.2:1b\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'"
-exec ./target/release/observer sim --listen "$listen"
+rm -f "$log"
+trap - EXIT
+exec ./target/debug/observer demo "$@"

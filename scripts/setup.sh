@@ -3,14 +3,20 @@
 # `rust` kind: Debian's LLVM 22, bpftool and prometheus (for promtool), rust-src for nightly,
 # bpf-linker 0.13 built against LLVM 22, nginx (a real gateway for the capture tests), and a Python virtualenv with the real Ollama and OpenAI clients used by the tests.
 # A second run with everything present finishes in seconds. Needs root (apt-get).
+# `setup.sh --demo` installs only what `observer demo` needs beside the committed kernel object
+# (nginx as the gateway): no kernel toolchain, no test tools.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/env.sh
 
 BPF_LINKER_VERSION=0.13.0
-APT_PACKAGES=(llvm-22-dev bpftool nginx-light curl prometheus wrk)
+APT_PACKAGES=(llvm-22-dev bpftool nginx-light curl prometheus wrk systemd)
 
 say() { printf 'setup: %s\n' "$*"; }
+
+demo_only=false
+[[ "${1:-}" == "--demo" ]] && demo_only=true
+$demo_only && APT_PACKAGES=(nginx-light curl)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -21,6 +27,10 @@ if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+if $demo_only; then
+    say "ready for the demo"
+    exit 0
 fi
 
 if ! rustup toolchain list | grep -q '^nightly'; then

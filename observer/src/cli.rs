@@ -9,7 +9,7 @@ use std::{io::IsTerminal as _, process::ExitCode};
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
-use crate::{check, probe, proxy, reference, run, sim, trace};
+use crate::{check, demo, probe, proxy, reference, run, sim, trace};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -32,6 +32,8 @@ pub struct Cli {
 pub enum Command {
     /// Report what this host supports and which mode will work (exit 0 when eBPF mode can run).
     Check(check::CheckArgs),
+    /// Run the whole product on this machine: simulated Ollama, a gateway, the observer and chat users, with a live summary.
+    Demo(demo::DemoArgs),
     /// Run a simulated Ollama upstream (real wire format, configurable timing and faults).
     Sim(sim::SimArgs),
     /// Run the daemon: kernel capture → HTTP exchanges → Prometheus metrics on the admin server (root).
@@ -75,6 +77,7 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Check(args) => check::run(args).await,
+            Command::Demo(args) => demo::run(args).await,
             Command::Sim(args) => sim::run(args).await.map(|()| ExitCode::SUCCESS),
             Command::Run(args) => run::run(*args).await,
             Command::Trace(args) => trace::run(args).await,

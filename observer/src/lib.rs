@@ -11,6 +11,7 @@
 //! - [`capture`]: load and attach the embedded kernel programs, read and decode the ring buffer.
 //! - [`check`]: `observer check`, what this host supports and which mode will work.
 //! - [`collectors`]: process resources and GPUs, read on one thread beside the pipeline.
+//! - [`demo`]: `observer demo`, simulator, gateway, observer and chat users with a live summary.
 //! - [`engine`]: the HTTP exchange engine: per-connection bytes in, exchanges with LLM fields out.
 //! - [`gpu`]: NVIDIA GPUs through NVML, loaded at run time; absent drivers are normal.
 //! - [`metrics`]: one `Metrics` owning the Prometheus registry; exchanges in, exposition out.
@@ -30,6 +31,7 @@ pub mod capture;
 pub mod check;
 pub mod cli;
 pub mod collectors;
+pub mod demo;
 pub mod engine;
 pub mod gpu;
 pub mod metrics;

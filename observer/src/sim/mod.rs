@@ -70,7 +70,7 @@ use tracing::info;
 
 pub use chunked::{LAST_CHUNK, encode_chunk};
 pub use config::{ConfigError, DEFAULT_MODELS, DEFAULT_OLLAMA_VERSION, SimConfig};
-pub use faults::{FAULT_HEADER, FaultRates};
+pub use faults::{Dice, FAULT_HEADER, FaultRates};
 pub use generation::{Timing, prompt_tokens, reply_text};
 pub use request::Limits;
 pub use server::{SimControl, SimServer, serve, serve_controlled, serve_with_shutdown, spawn};
