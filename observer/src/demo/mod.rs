@@ -215,18 +215,7 @@ impl Demo {
         let gateway_name;
         if mode == "proxy" {
             // In proxy mode the observer is the gateway.
-            let mut proxy = observer(
-                &exe,
-                [
-                    "proxy",
-                    "--listen",
-                    &gateway.to_string(),
-                    "--upstream",
-                    &upstream.to_string(),
-                    "--metrics-addr",
-                    &metrics.to_string(),
-                ],
-            );
+            let mut proxy = proxy_command(&exe, gateway, upstream, &metrics.to_string());
             proxy.args(models);
             self.spawn("observer proxy", proxy, Stdout::Logged)?;
             gateway_name = "observer proxy: the gateway and the observer in one".to_owned();
@@ -237,19 +226,8 @@ impl Demo {
                 gateway_name = "nginx".to_owned();
             } else {
                 // A plain forwarder to observe: its own metrics go to a port nobody reads.
-                let proxy = observer(
-                    &exe,
-                    [
-                        "proxy",
-                        "--listen",
-                        &gateway.to_string(),
-                        "--upstream",
-                        &upstream.to_string(),
-                        "--no-probe",
-                        "--metrics-addr",
-                        "127.0.0.1:0",
-                    ],
-                );
+                let mut proxy = proxy_command(&exe, gateway, upstream, "127.0.0.1:0");
+                proxy.arg("--no-probe");
                 self.spawn("observer proxy (gateway)", proxy, Stdout::Logged)?;
                 gateway_name = "observer proxy as the gateway: nginx is not installed".to_owned();
             }
@@ -397,6 +375,22 @@ fn observer<'a>(exe: &Path, args: impl IntoIterator<Item = &'a str>) -> Command 
     let mut command = Command::new(exe);
     command.args(args);
     command
+}
+
+/// `observer proxy` from `gateway` to `upstream`, its admin server on `metrics`.
+fn proxy_command(exe: &Path, gateway: SocketAddr, upstream: SocketAddr, metrics: &str) -> Command {
+    observer(
+        exe,
+        [
+            "proxy",
+            "--listen",
+            &gateway.to_string(),
+            "--upstream",
+            &upstream.to_string(),
+            "--metrics-addr",
+            metrics,
+        ],
+    )
 }
 
 /// `wanted`, or a free port on the same address when `wanted`'s port is taken (said once).
