@@ -257,7 +257,8 @@ impl Pipeline {
     }
 
     /// The kernel's loss counters (cumulative) into `ebpf_events_lost_total`, and decode
-    /// errors of the ring buffer reader (cumulative).
+    /// errors of the ring buffer reader (cumulative). Every kind gets its series at the first
+    /// call, at 0 when nothing was lost, so that `increase()` sees the first loss too.
     pub fn kernel_counters(&mut self, counters: &KernelCounters, undecodable: u64) {
         let before = self.reported_kernel;
         let pairs = [
@@ -277,9 +278,7 @@ impl Pipeline {
             ("undecodable", undecodable, self.reported_undecodable),
         ];
         for (kind, now, then) in pairs {
-            if now > then {
-                self.metrics.add_ebpf_lost(kind, now - then);
-            }
+            self.metrics.add_ebpf_lost(kind, now.saturating_sub(then));
         }
         self.reported_kernel = *counters;
         self.reported_undecodable = undecodable;
@@ -368,5 +367,40 @@ mod tests {
             text.contains("observer_tcp_connections_active{role=\"upstream\"} 0"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn every_loss_kind_is_exported_from_the_first_counters_on() {
+        let metrics = Arc::new(Metrics::new(MetricsConfig::default()).unwrap());
+        let mut p = Pipeline::new(metrics.clone(), EngineConfig::default());
+        let lost = |kind: &str| {
+            let (_, text) = metrics.encode(ExpositionFormat::Text);
+            let prefix = format!("observer_ebpf_events_lost_total{{kind=\"{kind}\"}} ");
+            String::from_utf8(text)
+                .unwrap()
+                .lines()
+                .find_map(|l| l.strip_prefix(&prefix).map(|v| v.parse::<u64>().unwrap()))
+        };
+        assert_eq!(lost("data"), None, "no series before the first counters");
+        p.kernel_counters(&KernelCounters::default(), 0);
+        for kind in [
+            "data",
+            "conn",
+            "conn_table_full",
+            "listener_table_full",
+            "read_failed",
+            "undecodable",
+        ] {
+            assert_eq!(lost(kind), Some(0), "{kind}");
+        }
+        let counters = KernelCounters {
+            lost_data: 5,
+            ..KernelCounters::default()
+        };
+        p.kernel_counters(&counters, 2);
+        p.kernel_counters(&counters, 2);
+        assert_eq!(lost("data"), Some(5));
+        assert_eq!(lost("undecodable"), Some(2));
+        assert_eq!(lost("conn"), Some(0));
     }
 }
