@@ -23,12 +23,22 @@ impl Scrape {
     /// Parses text format 0.0.4. Comment lines and lines that do not parse are skipped: the
     /// page comes from our own daemon, and a summary must not die on one odd line.
     pub fn parse(text: &str) -> Scrape {
-        let samples = text
-            .lines()
-            .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
-            .filter_map(parse_line)
-            .collect();
+        let samples = sample_lines(text).filter_map(parse_line).collect();
         Scrape { samples }
+    }
+
+    /// As [`Scrape::parse`], but a line that does not parse is an error naming it: for tests,
+    /// where an odd line is a finding.
+    pub fn parse_strict(text: &str) -> Result<Scrape, String> {
+        let samples = sample_lines(text)
+            .map(|line| parse_line(line).ok_or_else(|| format!("not a sample line: {line:?}")))
+            .collect::<Result<_, _>>()?;
+        Ok(Scrape { samples })
+    }
+
+    /// Whether any series of `name` is present.
+    pub fn has(&self, name: &str) -> bool {
+        self.samples.iter().any(|s| s.name == name)
     }
 
     fn matching<'a>(
@@ -126,6 +136,11 @@ pub fn quantile(q: f64, buckets: &[(f64, f64)]) -> Option<f64> {
         lower = (le, count);
     }
     Some(lower.0)
+}
+
+fn sample_lines(text: &str) -> impl Iterator<Item = &str> {
+    text.lines()
+        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
 }
 
 fn parse_line(line: &str) -> Option<Sample> {
@@ -233,6 +248,15 @@ h_bucket{role="upstream",le="+Inf"} 2
             page.by_label("observer_model_ready", "model"),
             [("a \"quoted\" name".to_owned(), 1.0)]
         );
+    }
+
+    #[test]
+    fn strict_parsing_names_the_odd_line() {
+        assert!(Scrape::parse_strict(PAGE).unwrap().has("h_bucket"));
+        let odd = format!("{PAGE}observer_x{{role=\"gateway\" 1\n");
+        let err = Scrape::parse_strict(&odd).unwrap_err();
+        assert!(err.contains("observer_x"), "{err}");
+        assert!(!Scrape::parse(&odd).has("observer_x"));
     }
 
     #[test]

@@ -1,13 +1,14 @@
 //! The real daemon and simulator as child processes, for end-to-end tests: `observer run`
 //! (waited for until `/readyz` says 200, stopped with SIGTERM and required to exit 0), `observer
-//! sim` on a free port, a parser of the text exposition for exact comparisons, and real-time
+//! sim` on a free port, scrapes read strictly for exact comparisons, and real-time
 //! priority for the processes whose timing a test compares.
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use observer::demo::scrape::Scrape;
 
 pub const OBSERVER: &str = env!("CARGO_BIN_EXE_observer");
 
@@ -197,51 +198,23 @@ impl Drop for Sim {
     }
 }
 
-/// A scrape in the text format: every sample by name and labels.
+/// A scrape in the text format: every sample by name and labels, read by the library's
+/// parser; a line it cannot read fails the test.
 #[derive(Debug, Clone, Default)]
-pub struct Samples(Vec<(String, BTreeMap<String, String>, f64)>);
+pub struct Samples(Scrape);
 
 impl Samples {
     pub fn parse(text: &str) -> Samples {
-        let mut out = Vec::new();
-        for line in text
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.is_empty())
-        {
-            let (series, value) = line.rsplit_once(' ').unwrap();
-            let (name, labels) = match series.split_once('{') {
-                Some((name, rest)) => (name, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            let labels = labels
-                .split("\",")
-                .filter(|p| !p.is_empty())
-                .map(|p| {
-                    let (k, v) = p.split_once("=\"").unwrap();
-                    (k.to_string(), v.trim_end_matches('"').to_string())
-                })
-                .collect();
-            out.push((name.to_string(), labels, value.parse().unwrap()));
-        }
-        Samples(out)
+        Samples(Scrape::parse_strict(text).unwrap_or_else(|err| panic!("{err}\n{text}")))
     }
 
     /// The sum of every sample of `name` whose labels include `labels`.
     pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.0
-            .iter()
-            .filter(|(n, l, _)| {
-                n == name
-                    && labels
-                        .iter()
-                        .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
-            })
-            .map(|(_, _, v)| v)
-            .sum()
+        self.0.sum(name, labels)
     }
 
     pub fn has(&self, name: &str) -> bool {
-        self.0.iter().any(|(n, _, _)| n == name)
+        self.0.has(name)
     }
 }
 
