@@ -18,6 +18,7 @@ use std::{
     net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::{Command, ExitCode},
+    sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
@@ -154,8 +155,8 @@ impl Demo {
         let stats = traffic.stats.clone();
         traffic.stop(Duration::from_secs(10)).await;
         let mut history = history?;
-        let client_sent = stats.sent.load(std::sync::atomic::Ordering::Relaxed);
-        let client_succeeded = stats.succeeded.load(std::sync::atomic::Ordering::Relaxed);
+        let client_sent = stats.sent.load(Ordering::Relaxed);
+        let client_succeeded = stats.succeeded.load(Ordering::Relaxed);
         // The observer reports what it has seen once its pipeline has caught up: wait for the
         // last exchanges to reach /metrics, briefly.
         let started = Instant::now();
@@ -210,7 +211,7 @@ impl Demo {
         let mut sim = observer(&exe, ["sim", "--listen", &upstream.to_string()]);
         sim.args(models.clone());
         let sim = self.spawn("observer sim", sim, Stdout::Piped)?;
-        tokio::task::block_in_place(|| sim.ready_line("observer sim listening on ", SECONDS_10))?;
+        tokio::task::block_in_place(|| sim.ready_line("observer sim listening on ", SIM_START))?;
 
         let gateway_name;
         if mode == "proxy" {
@@ -277,7 +278,7 @@ impl Demo {
         gateway: SocketAddr,
         metrics: SocketAddr,
     ) -> anyhow::Result<()> {
-        let deadline = Instant::now() + SECONDS_10 * 3;
+        let deadline = Instant::now() + READY_WITHIN;
         loop {
             self.ensure_running()?;
             let gateway_up = TcpStream::connect(gateway).await.is_ok();
@@ -287,7 +288,8 @@ impl Demo {
             }
             anyhow::ensure!(
                 Instant::now() < deadline,
-                "not ready after 30s: gateway {}, observer {}",
+                "not ready after {}s: gateway {}, observer {}",
+                READY_WITHIN.as_secs(),
                 if gateway_up { "up" } else { "not accepting" },
                 if observer_ready {
                     "ready"
@@ -335,10 +337,7 @@ impl Demo {
             self.ensure_running()?;
             history.push(self.elapsed(), fetch_metrics(metrics).await?);
             let Some(view) = history.live() else { continue };
-            let sent = traffic
-                .stats
-                .sent
-                .load(std::sync::atomic::Ordering::Relaxed);
+            let sent = traffic.stats.sent.load(Ordering::Relaxed);
             let lines = summary::render_live(&view, self.elapsed(), sent);
             ticks += 1;
             let mut out = std::io::stdout().lock();
@@ -369,7 +368,10 @@ impl Demo {
     }
 }
 
-const SECONDS_10: Duration = Duration::from_secs(10);
+/// How long the simulator may take to print its address.
+const SIM_START: Duration = Duration::from_secs(10);
+/// How long the gateway and the observer may take to serve.
+const READY_WITHIN: Duration = Duration::from_secs(30);
 
 fn observer<'a>(exe: &Path, args: impl IntoIterator<Item = &'a str>) -> Command {
     let mut command = Command::new(exe);

@@ -70,40 +70,36 @@ impl History {
     /// The live view: rates over the last few seconds, ratios and quantiles over the last 30.
     pub fn live(&self) -> Option<View> {
         let (now_at, now) = self.recent.back()?;
-        let (rate_at, rate_base) = self
+        let rate = self
             .recent
             .iter()
             .find(|(t, _)| now_at.saturating_sub(*t) <= RATE_WINDOW)?;
-        let (window_at, window_base) = self.recent.front()?;
-        let mut view = view(now, window_base, now_at.saturating_sub(*window_at));
-        let rate_seconds = now_at.saturating_sub(*rate_at).as_secs_f64();
-        if rate_seconds > 0.0 {
-            view.requests_per_second = (now.sum(REQUESTS, &[GATEWAY])
-                - rate_base.sum(REQUESTS, &[GATEWAY]))
-                / rate_seconds;
-            view.completion_tokens_per_second =
-                (completion_tokens(now) - completion_tokens(rate_base)) / rate_seconds;
-        } else {
-            view.requests_per_second = 0.0;
-            view.completion_tokens_per_second = 0.0;
-        }
-        Some(view)
+        let window = self.recent.front()?;
+        Some(view(now, since(*now_at, window), since(*now_at, rate)))
     }
 
     /// The whole run: from the first scrape to the last.
     pub fn total(&self) -> Option<View> {
         let (first_at, first) = self.first.as_ref()?;
         let (now_at, now) = self.recent.back()?;
-        Some(view(now, first, now_at.saturating_sub(*first_at)))
+        let whole = (first, now_at.saturating_sub(*first_at));
+        Some(view(now, whole, whole))
     }
+}
+
+/// A scrape of the history, with how long before `now_at` it was taken.
+fn since(now_at: Duration, (at, scrape): &(Duration, Scrape)) -> (&Scrape, Duration) {
+    (scrape, now_at.saturating_sub(*at))
 }
 
 fn completion_tokens(scrape: &Scrape) -> f64 {
     scrape.sum(TOKENS, &[GATEWAY, ("type", "completion")])
 }
 
-/// Everything between `base` and `now`, `span` apart.
-fn view(now: &Scrape, base: &Scrape, span: Duration) -> View {
+/// `now` against two earlier scrapes, each with how long before `now` it was taken: counts,
+/// ratios and quantiles over `window`, rates over `rate`.
+fn view(now: &Scrape, window: (&Scrape, Duration), rate: (&Scrape, Duration)) -> View {
+    let (base, span) = window;
     let seconds = span.as_secs_f64();
     let requests = now.sum(REQUESTS, &[GATEWAY]) - base.sum(REQUESTS, &[GATEWAY]);
     let succeeded = now.sum_where(REQUESTS, &[GATEWAY], "code", |c| c.starts_with('2'))
@@ -116,17 +112,29 @@ fn view(now: &Scrape, base: &Scrape, span: Duration) -> View {
         &now.buckets(FIRST_CHUNK, &[GATEWAY]),
         &base.buckets(FIRST_CHUNK, &[GATEWAY]),
     );
-    let per_second = |n: f64| if seconds > 0.0 { n / seconds } else { 0.0 };
+    let (rate_base, rate_span) = rate;
+    let rate_seconds = rate_span.as_secs_f64();
+    let per_second = |n: f64| {
+        if rate_seconds > 0.0 {
+            n / rate_seconds
+        } else {
+            0.0
+        }
+    };
     View {
         seconds,
         requests: requests.max(0.0) as u64,
-        requests_per_second: per_second(requests),
+        requests_per_second: per_second(
+            now.sum(REQUESTS, &[GATEWAY]) - rate_base.sum(REQUESTS, &[GATEWAY]),
+        ),
         success_ratio: (requests > 0.0).then(|| succeeded / requests),
         latency_p50_seconds: quantile(0.5, &latency),
         latency_p95_seconds: quantile(0.95, &latency),
         first_chunk_p50_seconds: quantile(0.5, &first_chunk),
         first_chunk_p95_seconds: quantile(0.95, &first_chunk),
-        completion_tokens_per_second: per_second(completion_tokens(now) - completion_tokens(base)),
+        completion_tokens_per_second: per_second(
+            completion_tokens(now) - completion_tokens(rate_base),
+        ),
         in_flight: now.sum(IN_FLIGHT, &[GATEWAY]).max(0.0) as u64,
         models_ready: now
             .by_label(READY, "model")
