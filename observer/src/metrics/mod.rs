@@ -66,6 +66,10 @@ pub struct Metrics {
     llm_role: Role,
     /// Run before each scrape: they publish what pipelines gathered (see [`handles`]).
     before_gather: GatherHooks,
+    /// Held shared by each publish and exclusively by each gather, so that a scrape sees a
+    /// publish whole or not at all: never `http_requests_total` counted while the same
+    /// exchange's `http_request_duration_seconds` is not yet.
+    publishing: std::sync::RwLock<()>,
     /// What is registered, for `observer metrics-reference`.
     schema: std::sync::Mutex<Vec<FamilySchema>>,
 }
@@ -117,6 +121,7 @@ impl Metrics {
             models: ModelLabels::default(),
             llm_role: config.llm_role,
             before_gather: GatherHooks::default(),
+            publishing: std::sync::RwLock::new(()),
             schema: std::sync::Mutex::new(schema),
         })
     }
@@ -329,6 +334,11 @@ impl Metrics {
 
     /// Adds what `handles` gathered to the shared series (see [`handles`]).
     pub fn publish(&self, handles: &mut Handles) {
+        // Publishes exclude only gathers, not each other.
+        let _publishing = self
+            .publishing
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let f = &self.families;
         handles.publish(|in_flight, role| {
             let family = if in_flight {
@@ -405,10 +415,17 @@ impl Metrics {
 
     /// The exposition in `format`, with its content type.
     pub fn encode(&self, format: ExpositionFormat) -> (&'static str, Vec<u8>) {
+        // The hooks publish, so they run before the gather takes its exclusive hold.
         for hook in self.before_gather.lock().iter() {
             hook();
         }
-        let families = self.registry.gather();
+        let families = {
+            let _gathering = self
+                .publishing
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.registry.gather()
+        };
         let body = match format {
             ExpositionFormat::OpenMetrics => openmetrics::encode(&families).into_bytes(),
             ExpositionFormat::Text => {

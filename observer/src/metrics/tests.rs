@@ -633,3 +633,49 @@ fn a_full_handle_map_publishes_before_it_starts_over() {
     m.publish(&mut handles);
     assert_eq!(total(&m), f64::from(sets));
 }
+
+/// A scrape sees each publish whole: however it interleaves with a pipeline publishing, every
+/// counted exchange is also timed.
+#[test]
+fn a_scrape_never_sees_half_a_publish() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+
+    use crate::demo::scrape::Scrape;
+
+    let m = Arc::new(metrics());
+    let done = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let (m, done) = (m.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut handles = Handles::default();
+            let exchanges = [
+                exchange(Role::Gateway, "/api/tags", Some(200)),
+                exchange(Role::Gateway, "/api/chat", Some(500)),
+                exchange(Role::Upstream, "/api/tags", Some(404)),
+                exchange(Role::Upstream, "/v1/models", Some(200)),
+            ];
+            while !done.load(Ordering::Relaxed) {
+                for ex in &exchanges {
+                    m.record_exchange(ex, &mut handles);
+                }
+                m.publish(&mut handles);
+            }
+        })
+    };
+    let mut last = 0.0;
+    for _ in 0..300 {
+        let (_, text) = m.encode(ExpositionFormat::Text);
+        let page = Scrape::parse_strict(&String::from_utf8(text).unwrap()).unwrap();
+        let counted = page.sum("observer_http_requests_total", &[]);
+        let timed = page.sum("observer_http_request_duration_seconds_count", &[]);
+        assert_eq!(counted, timed, "a scrape in the middle of a publish");
+        assert_eq!(counted % 4.0, 0.0, "a scrape in the middle of a publish");
+        last = counted;
+    }
+    done.store(true, Ordering::Relaxed);
+    publisher.join().unwrap();
+    assert!(last > 0.0, "the publisher never published");
+}
