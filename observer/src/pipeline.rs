@@ -6,7 +6,7 @@
 //! on this host its server side is counted; the client side only where the server is remote.
 //! The client side still feeds correlation. It does no I/O.
 
-use foldhash::{HashSet, HashSetExt as _};
+use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
 use std::sync::Arc;
 
 use crate::capture::{
@@ -42,8 +42,11 @@ pub struct Pipeline {
     own_ports: Option<OwnPorts>,
     /// Server ends of the daemon's own connections, skipped until they close.
     ignored: HashSet<u64>,
-    /// Counted connections open now, for `tcp_connections_active`.
-    active: HashSet<u64>,
+    /// Counted connections open now, with their roles, for `tcp_connections_active`.
+    active: HashMap<u64, Role>,
+    /// Connections missing from the kernel's table at the last [`Pipeline::reconcile`]: closed
+    /// there, their close event not seen yet.
+    suspects: HashSet<u64>,
     /// The metric series this pipeline touched, by label set, and what it observed since it
     /// last published.
     handles: Handles,
@@ -70,7 +73,8 @@ impl Pipeline {
             local_roles: [false; 2],
             own_ports: None,
             ignored: HashSet::new(),
-            active: HashSet::new(),
+            active: HashMap::new(),
+            suspects: HashSet::new(),
             handles: Handles::default(),
             publish_every_ns: 0,
             last_publish_ns: 0,
@@ -168,16 +172,57 @@ impl Pipeline {
             return;
         }
         self.engine.close(conn_id);
-        if self.active.remove(&conn_id) {
+        if self.active.remove(&conn_id).is_some() {
             self.metrics.connection_closed(role);
             self.handles.add_connections_active(role, -1);
         }
     }
 
     fn activate(&mut self, meta: ConnMeta) {
-        if self.active.insert(meta.conn_id) {
+        if self.active.insert(meta.conn_id, meta.role).is_none() {
             self.handles.add_connections_active(meta.role, 1);
         }
+    }
+
+    /// Closes the connections whose close event was lost. `live` holds the ids the kernel's
+    /// connection table has now ([`crate::capture::Sweep::live`]): a connection kept here but
+    /// missing there was closed, and its close event is either still in the ring buffer or
+    /// was lost when the ring was full. One missing at two calls in a row (a chore interval
+    /// apart, the ring read in between) is taken as closed: its open exchanges end as aborted
+    /// and the connection and in-flight gauges drop it. Returns how many were closed so.
+    pub fn reconcile(&mut self, live: &HashSet<u64>) -> usize {
+        let mut missing: HashMap<u64, Role> = HashMap::new();
+        missing.extend(
+            self.engine
+                .conn_roles()
+                .filter(|(id, _)| !live.contains(id)),
+        );
+        // Counted connections the engine evicted (its connection limit) are still active.
+        missing.extend(
+            self.active
+                .iter()
+                .filter(|(id, _)| !live.contains(id))
+                .map(|(&id, &role)| (id, role)),
+        );
+        // The server ends of the daemon's own connections (the role is not used for them).
+        missing.extend(
+            self.ignored
+                .iter()
+                .filter(|id| !live.contains(id))
+                .map(|&id| (id, Role::Gateway)),
+        );
+        let mut closed = 0;
+        let mut suspects = HashSet::with_capacity(missing.len());
+        for (id, role) in missing {
+            if self.suspects.contains(&id) {
+                self.on_close(id, role);
+                closed += 1;
+            } else {
+                suspects.insert(id);
+            }
+        }
+        self.suspects = suspects;
+        closed
     }
 
     /// After a batch of events: finished exchanges into metrics (and to `each`), correlation
@@ -402,5 +447,69 @@ mod tests {
         assert_eq!(lost("data"), Some(5));
         assert_eq!(lost("undecodable"), Some(2));
         assert_eq!(lost("conn"), Some(0));
+    }
+
+    fn sample(metrics: &Metrics, series: &str) -> i64 {
+        let (_, text) = metrics.encode(ExpositionFormat::Text);
+        let prefix = format!("{series} ");
+        String::from_utf8(text)
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix).map(|v| v.parse().unwrap()))
+            .unwrap_or_else(|| panic!("no {series}"))
+    }
+
+    #[test]
+    fn connections_whose_close_event_was_lost_are_closed_at_the_second_sweep_without_them() {
+        let metrics = Arc::new(Metrics::new(MetricsConfig::default()).unwrap());
+        let mut p = Pipeline::new(metrics.clone(), EngineConfig::default());
+        let active = "observer_tcp_connections_active{role=\"gateway\"}";
+        let in_flight = "observer_http_requests_in_flight{role=\"gateway\"}";
+        let conns: Vec<ConnMeta> = (1..=3)
+            .map(|id| meta(id, Role::Gateway, Side::Server, 18789))
+            .collect();
+        for &conn in &conns {
+            p.on_open(conn, 1, false);
+        }
+        // A request without its response on connection 2: in flight.
+        let request = b"POST /api/chat HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}";
+        p.on_data(conns[1], Direction::Ingress, 5, request.len() as u64, request, &[]);
+        exchange(&mut p, conns[2], 6);
+        p.flush(10, |_| {});
+        assert_eq!(sample(&metrics, active), 3);
+        assert_eq!(sample(&metrics, in_flight), 1);
+
+        // The kernel closed 2 and 3; only 3's close event arrives.
+        let live: HashSet<u64> = [1].into_iter().collect();
+        assert_eq!(p.reconcile(&live), 0, "a first miss may be a close still in the ring");
+        p.on_close(3, Role::Gateway);
+        p.flush(20, |_| {});
+        assert_eq!(sample(&metrics, active), 2);
+        assert_eq!(p.reconcile(&live), 1, "connection 2 missed twice");
+        p.flush(30, |_| {});
+        assert_eq!(sample(&metrics, active), 1);
+        assert_eq!(sample(&metrics, in_flight), 0);
+        // Its request ended without a response; the exchange on 3 counted once.
+        assert_eq!(requests(&metrics, "gateway"), 2);
+        let closed = "observer_tcp_connections_closed_total{role=\"gateway\"}";
+        assert_eq!(sample(&metrics, closed), 2);
+        // The late close event of 2 changes nothing; 1 is still open.
+        p.on_close(2, Role::Gateway);
+        p.flush(40, |_| {});
+        assert_eq!(sample(&metrics, closed), 2);
+        assert_eq!(p.reconcile(&live), 0);
+        assert_eq!(p.reconcile(&live), 0);
+        assert_eq!(sample(&metrics, active), 1);
+    }
+
+    #[test]
+    fn a_connection_back_in_the_kernel_table_is_no_longer_suspected() {
+        let metrics = Arc::new(Metrics::new(MetricsConfig::default()).unwrap());
+        let mut p = Pipeline::new(metrics.clone(), EngineConfig::default());
+        p.on_open(meta(1, Role::Upstream, Side::Server, 11434), 1, false);
+        assert_eq!(p.reconcile(&HashSet::new()), 0);
+        assert_eq!(p.reconcile(&[1].into_iter().collect()), 0);
+        assert_eq!(p.reconcile(&HashSet::new()), 0, "missed once since it came back");
+        assert_eq!(p.reconcile(&HashSet::new()), 1);
     }
 }

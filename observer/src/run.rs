@@ -202,8 +202,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 }
             }
             _ = chores.tick() => {
-                match capture.sweep_exited() {
-                    Ok(closed) => batch.extend(closed.into_iter().map(crate::capture::decode::Event::Close)),
+                match capture.sweep() {
+                    Ok(sweep) => {
+                        let settled = pipeline.reconcile(&sweep.live);
+                        if settled > 0 {
+                            tracing::debug!("{settled} connections closed whose close event was lost");
+                        }
+                        batch.extend(sweep.closed.into_iter().map(crate::capture::decode::Event::Close));
+                    }
                     Err(err) => tracing::warn!("sweeping connections of exited processes: {err:#}"),
                 }
                 match capture.counters() {

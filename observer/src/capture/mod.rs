@@ -244,6 +244,12 @@ impl Capture {
     /// without `close(2)`, so the kernel side never saw it. Returns a close record for each
     /// connection forgotten. Run it every few seconds; the cost is one walk of the tables.
     pub fn sweep_exited(&mut self) -> anyhow::Result<Vec<ConnRecord>> {
+        Ok(self.sweep()?.closed)
+    }
+
+    /// [`Capture::sweep_exited`], and the ids of the connections the kernel still tracks,
+    /// gathered in the same walk of its table (see [`Sweep::live`]).
+    pub fn sweep(&mut self) -> anyhow::Result<Sweep> {
         // One look at /proc per process, however many sockets it held.
         let mut known: std::collections::HashMap<u32, bool> = std::collections::HashMap::new();
         let mut alive = |tgid: u32| {
@@ -251,22 +257,25 @@ impl Capture {
                 .entry(tgid)
                 .or_insert_with(|| Path::new("/proc").join(tgid.to_string()).exists())
         };
-        let mut closed = Vec::new();
+        let mut sweep = Sweep::default();
         let mut conns: HashMap<_, SockKey, ConnInfo> = HashMap::try_from(
             self.ebpf
                 .map_mut(names::CONNS)
                 .context("CONNS map missing")?,
         )?;
-        let gone: Vec<(SockKey, ConnInfo)> = conns
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(key, _)| !alive(key.tgid))
-            .collect();
+        let mut gone: Vec<(SockKey, ConnInfo)> = Vec::new();
+        for (key, conn) in conns.iter().filter_map(Result::ok) {
+            if alive(key.tgid) {
+                sweep.live.insert(conn.conn_id);
+            } else {
+                gone.push((key, conn));
+            }
+        }
         let now = seed::monotonic_ns();
         for (key, conn) in gone {
             // Already removed (closed for real) since the walk: nothing to report.
             if conns.remove(&key).is_ok() {
-                closed.push(decode::conn_record(now, key, &conn)?);
+                sweep.closed.push(decode::conn_record(now, key, &conn)?);
             }
         }
         let mut listeners: HashMap<_, SockKey, ListenInfo> = HashMap::try_from(
@@ -282,7 +291,7 @@ impl Capture {
         for key in gone {
             let _ = listeners.remove(&key);
         }
-        Ok(closed)
+        Ok(sweep)
     }
 
     /// Takes the ring buffer of events (once).
@@ -331,6 +340,17 @@ impl Capture {
         }
         Ok(())
     }
+}
+
+/// What one walk of the kernel's connection table found.
+#[derive(Debug, Default)]
+pub struct Sweep {
+    /// Connections of exited processes, forgotten now: a close record for each.
+    pub closed: Vec<ConnRecord>,
+    /// Ids of the connections the kernel tracks now. A connection the daemon still holds that
+    /// is missing here was closed, and its close event is on its way or was lost (the ring
+    /// buffer was full): [`crate::pipeline::Pipeline::reconcile`] settles the lost ones.
+    pub live: foldhash::HashSet<u64>,
 }
 
 /// Conditions the kernel programs counted instead of reporting one by one.

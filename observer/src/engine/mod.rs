@@ -245,6 +245,11 @@ impl Engine {
         }]
     }
 
+    /// The connections kept: id and role of each.
+    pub fn conn_roles(&self) -> impl Iterator<Item = (u64, Role)> + '_ {
+        self.conns.values().map(|conn| (conn.meta.conn_id, conn.meta.role))
+    }
+
     /// Connections kept.
     pub fn connections(&self) -> usize {
         self.conns.len()
