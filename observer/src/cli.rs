@@ -2,13 +2,16 @@
 //! into a one-line message and an exit code.
 //!
 //! Every subcommand's flags live beside the code that uses them (`check::CheckArgs`,
-//! `sim::SimArgs`, ...); this module only assembles them.
+//! `sim::SimArgs`, ...); this module only assembles them. Settings come from flags, then
+//! `OBSERVER_*` variables, then the `--config` file ([`config_file`]), then the defaults; a
+//! mistake in any of them is exit code 2 before anything starts.
 
-use std::{io::IsTerminal as _, process::ExitCode};
+use std::{ffi::OsString, io::IsTerminal as _, path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
+use crate::config_file::{self, ConfigError, ConfigFile, ParseError};
 use crate::{check, demo, probe, proxy, reference, run, sim, trace};
 
 #[derive(Debug, Parser)]
@@ -26,6 +29,74 @@ pub struct Cli {
     /// Log filter: a level (`info`, `debug`) or a tracing directive (`observer=debug`).
     #[arg(long, global = true, default_value = "info", env = "OBSERVER_LOG")]
     pub log: String,
+    /// A TOML file of settings: keys are long flag names (`metrics-addr = "127.0.0.1:9464"`),
+    /// top level or in a `[run]`, `[proxy]`, ... table; flags and OBSERVER_* variables win.
+    #[arg(long, global = true, value_name = "FILE", env = "OBSERVER_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// Why the process stops before starting anything: exit code 2 (0 for `--help`, `--version`).
+#[derive(Debug)]
+pub enum UsageError {
+    /// A bad flag, environment variable, `--help` or `--version`, as clap tells it.
+    Clap(clap::Error),
+    /// The config file cannot be read, parsed or used.
+    Config(ConfigError),
+    /// Settings that parsed but do not fit together.
+    Settings(anyhow::Error),
+}
+
+impl From<ParseError> for UsageError {
+    fn from(err: ParseError) -> Self {
+        match err {
+            ParseError::Clap(err) => UsageError::Clap(err),
+            ParseError::Config(err) => UsageError::Config(err),
+        }
+    }
+}
+
+impl Cli {
+    /// Parses `argv` (program name first), completed by the `--config` file, and checks the
+    /// settings that can be checked before anything starts.
+    pub fn parse_args(argv: Vec<OsString>) -> Result<Cli, UsageError> {
+        let matches = config_file::get_matches(Cli::command(), argv, ConfigFile::read)?;
+        let cli = Cli::from_arg_matches(&matches).map_err(UsageError::Clap)?;
+        cli.validate().map_err(UsageError::Settings)?;
+        Ok(cli)
+    }
+
+    /// Settings whose every value parsed but which do not fit together (a port watched twice,
+    /// a ring buffer that is no power of two).
+    fn validate(&self) -> anyhow::Result<()> {
+        match &self.command {
+            Command::Check(args) => crate::capture::CaptureConfig {
+                watch: args.watch.clone(),
+                ..Default::default()
+            }
+            .validate(),
+            Command::Run(args) => {
+                args.capture.to_config().validate()?;
+                validate_probe(&args.probe)?;
+                args.resources.validate()
+            }
+            Command::Proxy(args) => {
+                args.validate()?;
+                validate_probe(&args.probe)?;
+                args.resources.validate()
+            }
+            Command::Probe(args) => args.validate(),
+            Command::Trace(args) => args.capture.to_config().validate(),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A daemon's probe settings, unless the probe is off.
+fn validate_probe(args: &probe::DaemonProbeArgs) -> anyhow::Result<()> {
+    if args.no_probe {
+        return Ok(());
+    }
+    args.probe.validate()
 }
 
 #[derive(Debug, Subcommand)]
@@ -56,9 +127,17 @@ pub enum LogFormat {
 
 /// Parses the command line and runs the subcommand. Errors come out as one line on stderr.
 pub fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::parse_args(std::env::args_os().collect()) {
         Ok(cli) => cli,
-        Err(err) => return usage_error(err),
+        Err(UsageError::Clap(err)) => return usage_error(err),
+        Err(UsageError::Config(err)) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(2);
+        }
+        Err(UsageError::Settings(err)) => {
+            eprintln!("error: {err:#}");
+            return ExitCode::from(2);
+        }
     };
     if let Err(err) = init_logging(cli.log_format, &cli.log) {
         eprintln!("error: {err:#}");

@@ -44,6 +44,16 @@ pub struct ResourceArgs {
     pub resources_interval: Duration,
 }
 
+impl ResourceArgs {
+    pub(crate) fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.resources_interval.is_zero(),
+            "--resources-interval must be more than 0"
+        );
+        Ok(())
+    }
+}
+
 /// The sampling thread; it stops when this is dropped.
 pub struct Collectors {
     stop: Option<mpsc::Sender<()>>,
@@ -66,10 +76,7 @@ pub fn start(
     metrics: &Metrics,
     watch: &[WatchedPort],
 ) -> anyhow::Result<Collectors> {
-    anyhow::ensure!(
-        !args.resources_interval.is_zero(),
-        "--resources-interval must be more than 0"
-    );
+    args.validate()?;
     let processes = TargetProcesses::new(metrics.prefix())?;
     metrics.register(Box::new(processes.clone()))?;
     let mut gpu = match args.gpu {

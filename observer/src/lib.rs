@@ -10,6 +10,7 @@
 //! - [`cli`]: command line, logging set-up, dispatch to the subcommands.
 //! - [`capture`]: load and attach the embedded kernel programs, read and decode the ring buffer.
 //! - [`check`]: `observer check`, what this host supports and which mode will work.
+//! - [`config_file`]: `--config FILE`, TOML settings under the flags and `OBSERVER_*` variables.
 //! - [`collectors`]: process resources and GPUs, read on one thread beside the pipeline.
 //! - [`demo`]: `observer demo`, simulator, gateway, observer and chat users with a live summary.
 //! - [`engine`]: the HTTP exchange engine: per-connection bytes in, exchanges with LLM fields out.
@@ -31,6 +32,7 @@ pub mod capture;
 pub mod check;
 pub mod cli;
 pub mod collectors;
+pub mod config_file;
 pub mod demo;
 pub mod engine;
 pub mod gpu;

@@ -154,7 +154,7 @@ impl ProbeArgs {
         }
     }
 
-    fn validate(&self) -> anyhow::Result<()> {
+    pub(crate) fn validate(&self) -> anyhow::Result<()> {
         for stage in [Stage::Tcp, Stage::Api] {
             anyhow::ensure!(
                 !self.interval(stage).is_zero(),

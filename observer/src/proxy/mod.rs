@@ -97,7 +97,7 @@ pub struct ProxyArgs {
 }
 
 impl ProxyArgs {
-    fn validate(&self) -> anyhow::Result<()> {
+    pub(crate) fn validate(&self) -> anyhow::Result<()> {
         for (flag, value) in [
             ("--head-timeout", self.head_timeout),
             ("--idle-timeout", self.idle_timeout),
