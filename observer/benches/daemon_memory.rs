@@ -6,7 +6,8 @@
 //! reads the daemon's VmRSS and VmHWM from /proc.
 //!
 //! `cargo xtask bench daemon-memory` (or `cargo bench -p observer --bench daemon_memory`);
-//! `OBSERVER_BENCH_CONNS` changes N (default 10000).
+//! `OBSERVER_BENCH_CONNS` changes N (default 10000); with `OBSERVER_BENCH_RESULTS=PATH` the
+//! figures are also written there (JSON), for the xtask to put into docs/BENCHMARKS.md.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -95,6 +96,18 @@ fn main() {
         mib(rss),
         mib(hwm)
     );
+    if let Ok(path) = std::env::var("OBSERVER_BENCH_RESULTS") {
+        let results = serde_json::json!({
+            "connections": conns,
+            "ends": 2 * conns,
+            "opened_seconds": opened.as_secs_f64(),
+            "idle_rss_kib": idle,
+            "rss_kib": rss,
+            "hwm_kib": hwm,
+            "target_mib": TARGET_MIB,
+        });
+        std::fs::write(&path, results.to_string()).expect("writing OBSERVER_BENCH_RESULTS");
+    }
     drop(clients);
     // Closing its stdin ends the server process.
     drop(server.stdin.take());

@@ -11,7 +11,8 @@
 //! events, as the daemon does per batch.
 //!
 //! `cargo xtask bench engine` (or `cargo bench -p observer --bench engine`). Target: at least
-//! 1,000,000 events per second.
+//! 1,000,000 events per second. With `OBSERVER_BENCH_RESULTS=PATH` it also writes the traffic's
+//! size there (JSON); criterion's own results are in `target/criterion/engine/`.
 
 use std::hint::black_box;
 
@@ -73,6 +74,16 @@ fn main_bench(c: &mut Criterion) {
         bytes as f64 / 1e6,
         traffic.exchanges
     );
+    // For `cargo xtask bench engine`, which writes the figures into docs/BENCHMARKS.md.
+    if let Ok(path) = std::env::var("OBSERVER_BENCH_RESULTS") {
+        let results = serde_json::json!({
+            "events": traffic.events.len(),
+            "data_events": data,
+            "bytes": bytes,
+            "exchanges": traffic.exchanges,
+        });
+        std::fs::write(&path, results.to_string()).expect("writing OBSERVER_BENCH_RESULTS");
+    }
     let mut group = c.benchmark_group("engine");
     group.throughput(Throughput::Elements(traffic.events.len() as u64));
     group.sample_size(20);

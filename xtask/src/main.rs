@@ -4,20 +4,38 @@
 //!   `bpf-linker`, and leave the object where `observer/build.rs` embeds it.
 //! - `clippy-ebpf`: clippy on the kernel programs (they build for the BPF target only, so the
 //!   workspace's plain `cargo clippy` does not see them).
-//! - `bench [NAME] [-- ARGS]`: the benchmarks in [`BENCHES`], all of them or the one named;
-//!   `ARGS` go to the benchmark binary (criterion's options, e.g. `--save-baseline main`), or
-//!   to `proxy` (`--rounds N`, `--no-doc`, ...: [`proxy_bench`]).
+//! - `bench [NAME] [--no-doc | --doc PATH] [-- ARGS]`: the benchmarks in [`BENCHES`], all of
+//!   them in order or the one named; each rewrites its own section of `docs/BENCHMARKS.md`
+//!   (or of `--doc PATH`; `--no-doc`: none). `ARGS` (with a name only) go to that benchmark:
+//!   criterion's options for `engine`, `--rounds N`, `--seconds S`, ... for the others.
+//! - `soak [--duration 10m] [-- ARGS]`: a steady chat workload with a fault every minute
+//!   ([`soak`]).
+//!
+//! The benchmarks' shared parts are in [`common`]; [`observer_run`] runs the daemon under
+//! measurement, [`rate`] is the fixed-rate load generator.
 
+mod accuracy_bench;
+mod chat;
+mod common;
+mod criterion_bench;
 mod ebpf_object;
+mod loss_bench;
+mod observer_run;
+mod overhead_bench;
 mod proxy_bench;
+mod rate;
+mod soak;
 
 use std::{
     path::{Path, PathBuf},
     process::Command,
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
+
+use common::report::DocArgs;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "observer developer tasks")]
@@ -36,42 +54,86 @@ enum Task {
     },
     /// Run clippy (warnings denied) on the kernel programs.
     ClippyEbpf,
-    /// Run the benchmarks (release build): all of them, or the one named.
+    /// Run the benchmarks (release build) and write their sections of docs/BENCHMARKS.md: all
+    /// of them in order, or the one named.
     Bench {
         /// Which benchmark (default: every one, in order).
         #[arg(value_parser = clap::builder::PossibleValuesParser::new(BENCHES.iter().map(|b| b.name)))]
         name: Option<String>,
-        /// Passed to the benchmark binary (after `--`).
+        #[command(flatten)]
+        doc: DocArgs,
+        /// Passed to the named benchmark (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// A steady chat workload through nginx with `observer run` attached and a fault every
+    /// minute: memory over time and exact counts.
+    Soak {
+        /// How long: `10m`, `90s`, `1h`.
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        duration: Duration,
+        /// Passed to the soak (after `--`).
         #[arg(last = true)]
         args: Vec<String>,
     },
 }
 
-/// A benchmark `cargo xtask bench` runs: a `[[bench]]` target of the `observer` package, or
-/// the proxy comparison this crate drives itself.
+/// A benchmark `cargo xtask bench` runs.
 struct Bench {
     /// The name on the command line.
     name: &'static str,
-    /// The `[[bench]]` target in `observer/Cargo.toml`; `None` for [`proxy_bench`].
-    target: Option<&'static str>,
+    runner: Runner,
 }
 
-/// Every benchmark, in the order `cargo xtask bench` runs them.
+enum Runner {
+    /// A `[[bench]]` target of the `observer` package (`cargo bench`), whose results this crate
+    /// then reads and writes into its section: `section(workspace, results, doc)`.
+    Cargo {
+        target: &'static str,
+        section: fn(&Path, &Path, &DocArgs) -> anyhow::Result<()>,
+    },
+    /// A benchmark this crate drives itself: `run(workspace, args)`, the doc flags in `args`.
+    Xtask(fn(&Path, &[String]) -> anyhow::Result<()>),
+}
+
+/// Every benchmark, in the order `cargo xtask bench` runs them: the quick in-memory one first,
+/// then those that start servers, the longest (loss) near the end.
 const BENCHES: &[Bench] = &[
     // Capture events per second through one engine (criterion).
     Bench {
         name: "engine",
-        target: Some("engine"),
+        runner: Runner::Cargo {
+            target: "engine",
+            section: criterion_bench::engine_section,
+        },
     },
-    // Resident memory of `observer run` with many open connections (needs root).
+    // Resident memory of `observer run` with 10,000 open connections (needs root).
     Bench {
         name: "daemon-memory",
-        target: Some("daemon_memory"),
+        runner: Runner::Cargo {
+            target: "daemon_memory",
+            section: criterion_bench::daemon_memory_section,
+        },
     },
     // `observer proxy` against nginx under wrk, and memory with 1,000 connections.
     Bench {
         name: "proxy",
-        target: None,
+        runner: Runner::Xtask(proxy_bench::run),
+    },
+    // nginx with and without `observer run` attached: wrk, then a fixed rate.
+    Bench {
+        name: "overhead",
+        runner: Runner::Xtask(overhead_bench::run),
+    },
+    // 10,000 requests/s for 60 s: no event lost, exact counts.
+    Bench {
+        name: "loss",
+        runner: Runner::Xtask(loss_bench::run),
+    },
+    // The observer's per-request timings against the client's own.
+    Bench {
+        name: "accuracy",
+        runner: Runner::Xtask(accuracy_bench::run),
     },
 ];
 
@@ -79,8 +141,38 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::BuildEbpf { release } => build_ebpf(release),
         Task::ClippyEbpf => clippy_ebpf(),
-        Task::Bench { name, args } => bench(name.as_deref(), &args),
+        Task::Bench { name, doc, args } => bench(name.as_deref(), &doc, &args),
+        Task::Soak { duration, args } => soak::run(&workspace_root(), duration, &args),
     }
+}
+
+/// `10m`, `90s`, `1h`, `1h30m`, or plain seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let bad = || format!("not a duration: {text:?} (e.g. 10m, 90s, 1h)");
+    if let Ok(seconds) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(seconds));
+    }
+    let mut total = 0u64;
+    let mut number = String::new();
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let scale = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            _ => return Err(bad()),
+        };
+        let n: u64 = number.parse().map_err(|_| bad())?;
+        total += n * scale;
+        number.clear();
+    }
+    if !number.is_empty() || total == 0 {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs(total))
 }
 
 fn workspace_root() -> PathBuf {
@@ -144,30 +236,70 @@ fn run(mut cmd: Command, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `cargo bench -p observer --bench <target> -- <args>` for the named benchmark, or for each.
-fn bench(name: Option<&str>, args: &[String]) -> anyhow::Result<()> {
+/// The named benchmark, or every one in order. Each writes its section as it ends; one that
+/// fails does not stop the others, and the command then fails naming it.
+fn bench(name: Option<&str>, doc: &DocArgs, args: &[String]) -> anyhow::Result<()> {
+    if name.is_none() && !args.is_empty() {
+        bail!("arguments after `--` go to one benchmark: name it (cargo xtask bench NAME -- ...)");
+    }
+    let workspace = workspace_root();
     // Benchmarks build with the release profile, which embeds the release kernel object.
     build_ebpf(true)?;
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut failed = Vec::new();
     for bench in BENCHES
         .iter()
         .filter(|b| name.is_none_or(|name| b.name == name))
     {
-        let Some(target) = bench.target else {
-            proxy_bench::run(&workspace_root(), args)?;
-            continue;
+        println!("\n=== benchmark {} ===", bench.name);
+        let result = match bench.runner {
+            Runner::Xtask(run) => run(&workspace, &[args, &doc.to_args()].concat()),
+            Runner::Cargo { target, section } => {
+                cargo_bench(&workspace, target, args, section, doc)
+            }
         };
-        let mut cmd = Command::new(&cargo);
-        cmd.current_dir(workspace_root())
-            .args(["bench", "--package", "observer", "--bench", target])
-            .arg("--")
-            .args(args);
-        let status = cmd
-            .status()
-            .with_context(|| format!("benchmark {}: cannot run cargo", bench.name))?;
-        if !status.success() {
-            bail!("benchmark {} failed ({status})", bench.name);
+        if let Err(err) = result {
+            eprintln!("benchmark {} failed: {err:#}", bench.name);
+            failed.push(bench.name);
         }
+    }
+    if !failed.is_empty() {
+        bail!("benchmarks that failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// `cargo bench -p observer --bench <target> -- <args>`, then its section from the results it
+/// left, written even when the benchmark exits with a failure (`daemon_memory` does over its
+/// target) as long as it left them.
+fn cargo_bench(
+    workspace: &Path,
+    target: &str,
+    args: &[String],
+    section: fn(&Path, &Path, &DocArgs) -> anyhow::Result<()>,
+    doc: &DocArgs,
+) -> anyhow::Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let results = criterion_bench::results_path(workspace, target);
+    let status = Command::new(cargo)
+        .current_dir(workspace)
+        .args([
+            "bench",
+            "--locked",
+            "--package",
+            "observer",
+            "--bench",
+            target,
+        ])
+        .env(criterion_bench::RESULTS_ENV, &results)
+        .arg("--")
+        .args(args)
+        .status()
+        .context("cannot run cargo")?;
+    if results.exists() {
+        section(workspace, &results, doc)?;
+    }
+    if !status.success() {
+        bail!("cargo bench --bench {target} exited with {status}");
     }
     Ok(())
 }
@@ -226,4 +358,30 @@ fn build_ebpf(release: bool) -> anyhow::Result<()> {
     }
     println!("kernel object: {} (inputs {fingerprint})", object.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_durations() {
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
+        for bad in ["", "m", "10x", "10m5", "0s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn every_benchmark_has_a_distinct_name_and_the_cli_is_consistent() {
+        use clap::CommandFactory as _;
+        Cli::command().debug_assert();
+        let mut names: Vec<&str> = BENCHES.iter().map(|b| b.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), BENCHES.len());
+    }
 }

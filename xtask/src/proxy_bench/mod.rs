@@ -5,60 +5,47 @@
 //! count against wrk's. Prints markdown and rewrites the "Proxy against nginx" section of
 //! `docs/BENCHMARKS.md`. It asserts nothing about speed; the figures are for a person to read.
 //!
-//! - `servers`: the upstream, nginx and `observer proxy`; each is stopped when its guard drops,
-//!   on error too.
-//! - `load`: `wrk` runs, and the idle keep-alive clients of the memory figure.
-//! - `machine`: `/proc` readings (memory, sockets, CPU time) and the open-files limit.
-//! - `report`: the markdown, and its section of `docs/BENCHMARKS.md`.
+//! - `servers`: `observer proxy`, stopped when its guard drops, on error too (nginx, `wrk` and
+//!   the `/proc` readings are in [`crate::common`]).
+//! - `memory`: the idle keep-alive clients of the memory figure.
+//! - `report`: the markdown of its section of `docs/BENCHMARKS.md`.
 
-mod load;
-mod machine;
+mod memory;
 mod report;
 mod servers;
 
-use std::{
-    fmt,
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    process::Command,
+use std::{fmt, net::SocketAddr, path::Path};
+
+use anyhow::Context as _;
+
+use crate::{
+    common::{
+        machine,
+        nginx::{self, Nginx},
+        parse_options,
+        report::DocArgs,
+        rounds,
+        wrk::{self, WrkResult},
+    },
+    observer_run::release_binary,
 };
-
-use anyhow::{Context as _, bail};
-use clap::Parser;
-
-use load::{Memory, WrkResult};
-use servers::{Nginx, ObserverProxy};
-
-/// The request every client sends: what an Ollama client asks most, with a small answer.
-const PATH: &str = "/api/tags";
+use memory::Memory;
+use servers::ObserverProxy;
 /// Seconds of `wrk` before each measured round, not measured.
 const WARM_UP: u64 = 2;
 const CONTENDERS: [&str; 2] = ["nginx", "observer"];
-/// A round during which other processes used more than this many cores is run again, up to
-/// [`RETRIES`] times: builds and tests of others on a shared machine.
-const DISTURBED_CORES: f64 = 0.15;
-const RETRIES: usize = 3;
 
 /// Options after `cargo xtask bench proxy --`.
-#[derive(Parser)]
+#[derive(clap::Parser)]
 #[command(name = "bench proxy")]
 struct Options {
-    /// Measured rounds per contender (they alternate: nginx, observer, nginx, ...). Five: on
-    /// this shared 2-core machine one round in five can run 10-20 % slow for either side.
-    #[arg(long, default_value_t = 5)]
-    rounds: usize,
-    /// Seconds per measured round.
-    #[arg(long, default_value_t = 10)]
-    seconds: u64,
-    /// wrk's connections.
-    #[arg(long, default_value_t = 64)]
-    connections: usize,
+    #[command(flatten)]
+    wrk: rounds::RoundArgs,
     /// Idle keep-alive connections held open for the memory figure.
     #[arg(long, default_value_t = 1000)]
     idle: usize,
-    /// Print the figures without rewriting docs/BENCHMARKS.md.
-    #[arg(long)]
-    no_doc: bool,
+    #[command(flatten)]
+    doc: DocArgs,
 }
 
 /// One measured `wrk` run against one contender.
@@ -76,15 +63,13 @@ struct Round {
 }
 
 pub fn run(workspace: &Path, args: &[String]) -> anyhow::Result<()> {
-    let opts = Options::try_parse_from(
-        std::iter::once("bench proxy").chain(args.iter().map(String::as_str)),
-    )?;
+    let opts: Options = parse_options("bench proxy", args)?;
     machine::raise_fd_limit()?;
-    let observer = build_observer(workspace)?;
+    let observer = release_binary(workspace)?;
 
-    let upstream = Nginx::start("upstream", servers::upstream_conf)?;
+    let upstream = Nginx::start("upstream", nginx::upstream_conf)?;
     let upstream_addr = upstream.addr;
-    let nginx = Nginx::start("proxy", |port| servers::proxy_conf(port, upstream_addr))?;
+    let nginx = Nginx::start("proxy", |port| nginx::gateway_conf(port, upstream_addr))?;
     let proxy = ObserverProxy::start(&observer, upstream_addr)?;
     println!(
         "upstream {upstream_addr}, nginx {}, observer proxy {}",
@@ -92,24 +77,17 @@ pub fn run(workspace: &Path, args: &[String]) -> anyhow::Result<()> {
     );
     let contenders = [(nginx.addr, nginx.pids()), (proxy.addr, vec![proxy.pid()])];
 
-    let mut rounds = Vec::new();
-    let mut disturbed = 0;
-    for round in 1..=opts.rounds {
-        for (contender, (addr, pids)) in contenders.iter().enumerate() {
-            let upstream = upstream.pids();
+    let upstream_pids = upstream.pids();
+    let (rounds, disturbed) = rounds::alternate(
+        opts.wrk.rounds,
+        CONTENDERS.len(),
+        opts.wrk.retries,
+        |contender| {
+            let (addr, pids) = &contenders[contender];
             let counter = (contender == 1).then_some(&proxy);
-            for attempt in 0..=RETRIES {
-                let measured = measure(&opts, contender, *addr, pids, &upstream, counter)?;
-                println!("round {round} {measured}");
-                if measured.others_cores <= DISTURBED_CORES || attempt == RETRIES {
-                    rounds.push(measured);
-                    break;
-                }
-                println!("  other processes used the machine meanwhile; again");
-                disturbed += 1;
-            }
-        }
-    }
+            measure(&opts, contender, *addr, pids, &upstream_pids, counter)
+        },
+    )?;
 
     let memory = [
         Memory::measure(nginx.addr, &nginx.pids(), opts.idle)?,
@@ -117,17 +95,7 @@ pub fn run(workspace: &Path, args: &[String]) -> anyhow::Result<()> {
     ];
 
     let text = report::markdown(&opts, &rounds, disturbed, &memory)?;
-    println!("\n{text}");
-    if !opts.no_doc {
-        let doc = workspace.join("docs/BENCHMARKS.md");
-        report::replace_section(&doc, &text)?;
-        println!(
-            "wrote the section \"{}\" of {}",
-            report::SECTION,
-            doc.display()
-        );
-    }
-    Ok(())
+    opts.doc.publish(workspace, &text)
 }
 
 /// One measured round after a warm-up, once the machine is quiet; `counter` is the observer
@@ -141,7 +109,7 @@ fn measure(
     counter: Option<&ObserverProxy>,
 ) -> anyhow::Result<Round> {
     machine::wait_for_quiet();
-    load::wrk(addr, opts.connections, WARM_UP).context("warm-up")?;
+    wrk::run(addr, opts.wrk.connections, WARM_UP).context("warm-up")?;
     // Settled, so that requests cut at the end of the warm-up are not counted in the round.
     let before = counter
         .map(ObserverProxy::settled_gateway_requests)
@@ -149,7 +117,7 @@ fn measure(
     let busy = || pids.iter().map(|&p| machine::process_busy(p)).sum::<f64>();
     let clock = machine::CpuClock::start(&[pids, upstream].concat());
     let started = busy();
-    let wrk = load::wrk(addr, opts.connections, opts.seconds)?;
+    let wrk = wrk::run(addr, opts.wrk.connections, opts.wrk.seconds)?;
     let cpu_us_per_request = (busy() - started) * 1e6 / wrk.requests.max(1) as f64;
     let others_cores = clock.others_cores();
     let counted = match (counter, before) {
@@ -163,6 +131,12 @@ fn measure(
         cpu_us_per_request,
         counted,
     })
+}
+
+impl rounds::Disturbed for Round {
+    fn others_cores(&self) -> f64 {
+        self.others_cores
+    }
 }
 
 impl fmt::Display for Round {
@@ -186,17 +160,4 @@ impl fmt::Display for Round {
             wrk.errors, self.cpu_us_per_request, self.others_cores
         )
     }
-}
-
-fn build_observer(workspace: &Path) -> anyhow::Result<PathBuf> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(workspace)
-        .args(["build", "--release", "--package", "observer"])
-        .status()
-        .context("cannot run cargo")?;
-    if !status.success() {
-        bail!("building observer (release) failed ({status})");
-    }
-    Ok(workspace.join("target/release/observer"))
 }

@@ -1,106 +1,18 @@
-//! The figures as markdown: the section "Proxy against nginx" of `docs/BENCHMARKS.md`,
-//! which it replaces in place (or appends) without touching the rest of the file.
+//! The figures as markdown: the section "Proxy against nginx" of `docs/BENCHMARKS.md`.
 
-use std::{fmt::Write as _, fs, path::Path, process::Command};
+use std::fmt::Write as _;
 
 use anyhow::Context as _;
 
-use super::{CONTENDERS, DISTURBED_CORES, Memory, Options, PATH, Round, WARM_UP, servers::NGINX};
+use super::{CONTENDERS, Memory, Options, Round, WARM_UP};
+use crate::common::{
+    PATH,
+    report::{finish, grouped, machine, mib, paragraph},
+    rounds::DISTURBED_CORES,
+    stats::Spread,
+};
 
 pub const SECTION: &str = "## Proxy against nginx";
-/// Prose lines are wrapped like the rest of the file.
-const WIDTH: usize = 96;
-
-/// Median, min and max.
-fn spread(values: impl Iterator<Item = f64>) -> (f64, f64, f64) {
-    let mut v: Vec<f64> = values.collect();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    let median = if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    };
-    (median, v[0], v[n - 1])
-}
-
-fn mib(kib: u64) -> String {
-    format!("{:.1} MiB", kib as f64 / 1024.0)
-}
-
-/// Thousands separated by commas.
-fn grouped(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
-/// A paragraph broken into lines of at most [`WIDTH`] characters, ending with a blank line.
-fn paragraph(text: &str) -> String {
-    let mut out = String::new();
-    let mut line = String::new();
-    for word in text.split_whitespace() {
-        if !line.is_empty() && line.chars().count() + 1 + word.chars().count() > WIDTH {
-            out += &line;
-            out.push('\n');
-            line.clear();
-        }
-        if !line.is_empty() {
-            line.push(' ');
-        }
-        line += word;
-    }
-    out + &line + "\n\n"
-}
-
-/// What a program prints (stdout and stderr), trimmed; empty if it cannot run.
-fn output_of(program: &str, args: &[&str]) -> String {
-    Command::new(program)
-        .args(args)
-        .output()
-        .map(|o| {
-            let text = [o.stdout, o.stderr].concat();
-            String::from_utf8_lossy(&text).trim().to_owned()
-        })
-        .unwrap_or_default()
-}
-
-/// The machine and tools, in one sentence.
-fn machine() -> String {
-    let cpu = fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            Some(
-                l.strip_prefix("model name")?
-                    .split_once(':')?
-                    .1
-                    .trim()
-                    .to_owned(),
-            )
-        })
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let wrk = output_of("wrk", &["-v"]);
-    let wrk = wrk.lines().next().unwrap_or_default();
-    let wrk = wrk.split(" [").next().unwrap_or_default();
-    let rustc = output_of("rustc", &["--version"]);
-    let rustc = rustc.split(" (").next().unwrap_or_default();
-    let date = output_of("date", &["-u", "+%F"]);
-    format!(
-        "Machine: `nproc` {cores}, {cpu}, kernel {}; {wrk}, {}, {rustc}. Date: {date}.",
-        kernel.trim(),
-        output_of(NGINX, &["-v"]).trim_start_matches("nginx version: "),
-    )
-}
-
 /// The section for docs/BENCHMARKS.md, heading included.
 pub fn markdown(
     opts: &Options,
@@ -109,16 +21,17 @@ pub fn markdown(
     memory: &[Memory; 2],
 ) -> anyhow::Result<String> {
     let of = |c: usize| rounds.iter().filter(move |r| r.contender == c);
-    let stats = |c: usize| {
-        (
-            spread(of(c).map(|r| r.wrk.per_second)),
-            spread(of(c).map(|r| r.wrk.p50_us / 1e3)),
-            spread(of(c).map(|r| r.wrk.p99_us / 1e3)),
-            spread(of(c).map(|r| r.cpu_us_per_request)),
+    let spread = |values: Vec<f64>| Spread::of(values).context("no rounds");
+    let stats = |c: usize| -> anyhow::Result<_> {
+        Ok((
+            spread(of(c).map(|r| r.wrk.per_second).collect())?,
+            spread(of(c).map(|r| r.wrk.p50_us / 1e3).collect())?,
+            spread(of(c).map(|r| r.wrk.p99_us / 1e3).collect())?,
+            spread(of(c).map(|r| r.cpu_us_per_request).collect())?,
             of(c).map(|r| r.wrk.errors).sum::<u64>(),
-        )
+        ))
     };
-    let stats = [stats(0), stats(1)];
+    let stats = [stats(0)?, stats(1)?];
     let names = ["nginx, 2 workers, upstream keep-alive", "`observer proxy`"];
     let idle = grouped(memory[0].count as u64);
 
@@ -135,7 +48,7 @@ pub fn markdown(
          observer, nginx, ...), each after a {WARM_UP} s warm-up and once the machine is quiet; \
          wrk, the upstream and the contender share the 2 cores. Median (min–max) over the \
          rounds.",
-        opts.connections, opts.seconds, opts.rounds
+        opts.wrk.connections, opts.wrk.seconds, opts.wrk.rounds
     ));
     s += "```sh\ncargo xtask bench proxy   # -- --rounds N --seconds S --connections C --idle N --no-doc\n```\n\n";
     s += &paragraph(&machine());
@@ -144,29 +57,21 @@ pub fn markdown(
     for (name, (rps, p50, p99, cpu, errors)) in names.iter().zip(&stats) {
         writeln!(
             s,
-            "| {name} | {} ({}–{}) | {:.2} ms ({:.2}–{:.2}) | {:.2} ms ({:.2}–{:.2}) | {:.1} µs ({:.1}–{:.1}) | {errors} |",
-            grouped(rps.0 as u64),
-            grouped(rps.1 as u64),
-            grouped(rps.2 as u64),
-            p50.0,
-            p50.1,
-            p50.2,
-            p99.0,
-            p99.1,
-            p99.2,
-            cpu.0,
-            cpu.1,
-            cpu.2
+            "| {name} | {} | {} ms | {} ms | {} µs | {errors} |",
+            rps.show_grouped(),
+            p50.show(2, 1.0),
+            p99.show(2, 1.0),
+            cpu.show(1, 1.0),
         )?;
     }
     let [a, b] = &stats;
     writeln!(
         s,
         "| **observer / nginx** (medians) | **{:.2}** (target ≥ 1) | {:.2} | **{:.2}** (target ≤ 1) | {:.2} | |\n",
-        b.0.0 / a.0.0,
-        b.1.0 / a.1.0,
-        b.2.0 / a.2.0,
-        b.3.0 / a.3.0
+        b.0.median / a.0.median,
+        b.1.median / a.1.median,
+        b.2.median / a.2.median,
+        b.3.median / a.3.median
     )?;
     s += &paragraph(
         "CPU per request: user and system time of the contender's processes over a round (their \
@@ -247,56 +152,7 @@ pub fn markdown(
         grouped(counted),
         counted as i64 - completed as i64,
         per_round.join(", "),
-        opts.connections
+        opts.wrk.connections
     ));
-    s.truncate(s.trim_end().len());
-    s.push('\n');
-    Ok(s)
-}
-
-/// Replaces the section from its heading to the next `## ` heading, or appends it at the end.
-pub fn replace_section(doc: &Path, section: &str) -> anyhow::Result<()> {
-    let text = fs::read_to_string(doc).with_context(|| format!("reading {}", doc.display()))?;
-    let heading = format!("\n{SECTION}\n");
-    let updated = match text.find(&heading) {
-        Some(start) => {
-            let body = start + heading.len();
-            let end = text[body..]
-                .find("\n## ")
-                .map_or(text.len(), |e| body + e + 1);
-            let rest = &text[end..];
-            format!(
-                "{}\n{section}{}{rest}",
-                &text[..start],
-                if rest.is_empty() { "" } else { "\n" }
-            )
-        }
-        None => format!("{}\n\n{section}", text.trim_end()),
-    };
-    fs::write(doc, updated).with_context(|| format!("writing {}", doc.display()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn replaces_only_its_own_section() {
-        let dir = std::env::temp_dir().join(format!("proxy-bench-doc-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        let doc = dir.join("B.md");
-        fs::write(&doc, "# T\n\n## A\n\na\n").unwrap();
-        replace_section(&doc, &format!("{SECTION}\n\none\n")).unwrap();
-        assert_eq!(
-            fs::read_to_string(&doc).unwrap(),
-            format!("# T\n\n## A\n\na\n\n{SECTION}\n\none\n")
-        );
-        fs::write(&doc, format!("# T\n\n{SECTION}\n\nold\n\n## Z\n\nz\n")).unwrap();
-        replace_section(&doc, &format!("{SECTION}\n\nnew\n")).unwrap();
-        assert_eq!(
-            fs::read_to_string(&doc).unwrap(),
-            format!("# T\n\n{SECTION}\n\nnew\n\n## Z\n\nz\n")
-        );
-        fs::remove_dir_all(&dir).unwrap();
-    }
+    Ok(finish(s))
 }

@@ -1,15 +1,14 @@
-//! The load: `wrk` runs (and reading their `--latency` report), and the idle keep-alive
-//! clients behind the memory figure.
+//! `wrk` runs (closed loop: each connection sends its next request when the last is answered)
+//! and reading their `--latency` report.
 
 use std::{
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     process::{Command, Stdio},
-    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
 
-use super::{PATH, machine, servers};
+use super::PATH;
 
 /// What one `wrk --latency` run reported.
 pub struct WrkResult {
@@ -22,7 +21,8 @@ pub struct WrkResult {
     pub errors: u64,
 }
 
-pub fn wrk(addr: SocketAddr, connections: usize, seconds: u64) -> anyhow::Result<WrkResult> {
+/// `wrk -t2 -cN -dSs --latency http://ADDR/api/tags`.
+pub fn run(addr: SocketAddr, connections: usize, seconds: u64) -> anyhow::Result<WrkResult> {
     let output = Command::new("wrk")
         .args([
             "-t2",
@@ -98,50 +98,6 @@ fn duration_us(text: &str) -> Option<f64> {
         _ => return None,
     };
     Some(value.parse::<f64>().ok()? * scale)
-}
-
-/// A contender's memory before and with `count` idle keep-alive connections.
-pub struct Memory {
-    pub count: usize,
-    /// Before the connections.
-    pub idle_rss_kib: u64,
-    pub rss_kib: u64,
-    pub pss_kib: u64,
-    /// The high-water mark of RSS over the whole run, load rounds included.
-    pub peak_kib: u64,
-    pub sockets: usize,
-}
-
-impl Memory {
-    /// Opens `count` connections to `addr`, each after one full request and response (so the
-    /// upstream connection behind it exists), then reads the memory of `pids`, summed.
-    pub fn measure(addr: SocketAddr, pids: &[u32], count: usize) -> anyhow::Result<Memory> {
-        let sum = |file: &str, key: &str| -> anyhow::Result<u64> {
-            pids.iter()
-                .map(|pid| machine::proc_kib(*pid, file, key))
-                .sum()
-        };
-        let idle_rss_kib = sum("status", "VmRSS:")?;
-        let mut streams = Vec::with_capacity(count);
-        for i in 0..count {
-            let mut stream =
-                TcpStream::connect(addr).with_context(|| format!("connection {i} to {addr}"))?;
-            servers::keep_alive_request(&mut stream)
-                .with_context(|| format!("request on connection {i} to {addr}"))?;
-            streams.push(stream);
-        }
-        std::thread::sleep(Duration::from_secs(1));
-        let memory = Memory {
-            count,
-            idle_rss_kib,
-            rss_kib: sum("status", "VmRSS:")?,
-            pss_kib: sum("smaps_rollup", "Pss:")?,
-            peak_kib: sum("status", "VmHWM:")?,
-            sockets: pids.iter().map(|pid| machine::sockets(*pid)).sum(),
-        };
-        drop(streams);
-        Ok(memory)
-    }
 }
 
 #[cfg(test)]
