@@ -15,7 +15,7 @@ use crate::capture::{
     own_ports::OwnPorts,
 };
 use crate::engine::{
-    ConnMeta, Engine, EngineConfig, ErrorCounts, Exchange,
+    ConnMeta, Engine, EngineConfig, ErrorCounts, ErrorReason, Exchange,
     correlate::{Correlator, Resolved},
 };
 use crate::metrics::{Metrics, handles::Handles};
@@ -178,6 +178,16 @@ impl Pipeline {
         }
     }
 
+    /// The side whose in-flight requests and errors count for `role`: the server's where its
+    /// listener is on this host.
+    fn counted_side(&self, role: Role) -> Side {
+        if self.local_roles[role.index()] {
+            Side::Server
+        } else {
+            Side::Client
+        }
+    }
+
     fn activate(&mut self, meta: ConnMeta) {
         if self.active.insert(meta.conn_id, meta.role).is_none() {
             self.handles.add_connections_active(meta.role, 1);
@@ -257,10 +267,16 @@ impl Pipeline {
         }
         if self.engine.errors() != &self.reported_errors {
             let errors = self.engine.errors().clone();
-            for (role, reason, n) in errors.iter() {
-                let new = n - self.reported_errors.get(role, reason);
-                if new > 0 {
-                    self.metrics.add_parse_errors(role, reason.as_str(), new);
+            // Like exchanges, each error once: on the side counted for its role.
+            for role in [Role::Gateway, Role::Upstream] {
+                let side = self.counted_side(role);
+                for reason in ErrorReason::ALL {
+                    let new = errors
+                        .on_side(role, side, reason)
+                        .saturating_sub(self.reported_errors.on_side(role, side, reason));
+                    if new > 0 {
+                        self.metrics.add_parse_errors(role, reason.as_str(), new);
+                    }
                 }
             }
             self.reported_errors = errors;
@@ -282,11 +298,7 @@ impl Pipeline {
     /// What this pipeline observed, and the requests in flight now, into the shared series.
     pub fn publish(&mut self) {
         for role in [Role::Gateway, Role::Upstream] {
-            let side = if self.local_roles[role.index()] {
-                Side::Server
-            } else {
-                Side::Client
-            };
+            let side = self.counted_side(role);
             let now = self.engine.in_flight(role, side) as i64;
             let before = std::mem::replace(&mut self.reported_in_flight[role.index()], now);
             // Even a zero change: the series exists (at 0) from the first publish on.
@@ -473,7 +485,14 @@ mod tests {
         }
         // A request without its response on connection 2: in flight.
         let request = b"POST /api/chat HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}";
-        p.on_data(conns[1], Direction::Ingress, 5, request.len() as u64, request, &[]);
+        p.on_data(
+            conns[1],
+            Direction::Ingress,
+            5,
+            request.len() as u64,
+            request,
+            &[],
+        );
         exchange(&mut p, conns[2], 6);
         p.flush(10, |_| {});
         assert_eq!(sample(&metrics, active), 3);
@@ -481,7 +500,11 @@ mod tests {
 
         // The kernel closed 2 and 3; only 3's close event arrives.
         let live: HashSet<u64> = [1].into_iter().collect();
-        assert_eq!(p.reconcile(&live), 0, "a first miss may be a close still in the ring");
+        assert_eq!(
+            p.reconcile(&live),
+            0,
+            "a first miss may be a close still in the ring"
+        );
         p.on_close(3, Role::Gateway);
         p.flush(20, |_| {});
         assert_eq!(sample(&metrics, active), 2);
@@ -509,7 +532,45 @@ mod tests {
         p.on_open(meta(1, Role::Upstream, Side::Server, 11434), 1, false);
         assert_eq!(p.reconcile(&HashSet::new()), 0);
         assert_eq!(p.reconcile(&[1].into_iter().collect()), 0);
-        assert_eq!(p.reconcile(&HashSet::new()), 0, "missed once since it came back");
+        assert_eq!(
+            p.reconcile(&HashSet::new()),
+            0,
+            "missed once since it came back"
+        );
         assert_eq!(p.reconcile(&HashSet::new()), 1);
+    }
+
+    #[test]
+    fn an_error_seen_from_both_ends_of_a_local_connection_is_counted_once() {
+        let metrics = Arc::new(Metrics::new(MetricsConfig::default()).unwrap());
+        let mut p = Pipeline::new(metrics.clone(), EngineConfig::default());
+        let server = meta(1, Role::Upstream, Side::Server, 11434);
+        let client = meta(2, Role::Upstream, Side::Client, 11434);
+        p.on_open(server, 1, false);
+        p.on_open(client, 1, false);
+        let garbage = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 not http at all\r\n\r\n";
+        p.on_data(
+            server,
+            Direction::Ingress,
+            5,
+            garbage.len() as u64,
+            garbage,
+            &[],
+        );
+        p.on_data(
+            client,
+            Direction::Egress,
+            5,
+            garbage.len() as u64,
+            garbage,
+            &[],
+        );
+        p.flush(10, |_| {});
+        assert_eq!(
+            p.engine.errors().get(Role::Upstream, ErrorReason::BadHead),
+            2
+        );
+        let bad_head = "observer_http_parse_errors_total{reason=\"bad_head\",role=\"upstream\"}";
+        assert_eq!(sample(&metrics, bad_head), 1);
     }
 }

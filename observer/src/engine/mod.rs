@@ -86,15 +86,34 @@ impl ErrorReason {
     }
 }
 
-/// Errors so far, by role and reason.
+/// Errors so far, by role, side and reason.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ErrorCounts {
-    counts: [[u64; ErrorReason::COUNT]; 2],
+    counts: [[[u64; ErrorReason::COUNT]; 2]; 2],
 }
 
 impl ErrorCounts {
+    /// On both sides.
     pub fn get(&self, role: Role, reason: ErrorReason) -> u64 {
-        self.counts[role.index()][reason as usize]
+        self.counts[role.index()]
+            .iter()
+            .map(|side| side[reason as usize])
+            .sum()
+    }
+
+    /// On connections of one side: a loopback connection's error is seen from both ends, and
+    /// the pipeline counts one of them (the side whose exchanges it counts).
+    pub fn on_side(
+        &self,
+        role: Role,
+        side: crate::capture::decode::Side,
+        reason: ErrorReason,
+    ) -> u64 {
+        self.counts[role.index()][side_index_of(side)][reason as usize]
+    }
+
+    fn slot(&mut self, meta: ConnMeta) -> &mut [u64; ErrorReason::COUNT] {
+        &mut self.counts[meta.role.index()][side_index(meta)]
     }
 
     /// Every non-zero count.
@@ -110,7 +129,7 @@ impl ErrorCounts {
     }
 
     pub fn total(&self) -> u64 {
-        self.counts.iter().flatten().sum()
+        self.counts.iter().flatten().flatten().sum()
     }
 }
 
@@ -174,7 +193,7 @@ impl Engine {
             return;
         };
         let before = conn.in_flight();
-        let errors = &mut self.errors.counts[conn.meta.role.index()];
+        let errors = self.errors.slot(conn.meta);
         conn.segment(
             direction,
             ts,
@@ -202,7 +221,7 @@ impl Engine {
         };
         let slot = &mut self.in_flight[conn.meta.role.index()][side_index(conn.meta)];
         *slot = slot.saturating_sub(conn.in_flight());
-        let errors = &mut self.errors.counts[conn.meta.role.index()];
+        let errors = self.errors.slot(conn.meta);
         conn.close(
             outcome,
             Output {
@@ -218,9 +237,10 @@ impl Engine {
                 .conns
                 .values()
                 .min_by_key(|conn| conn.last_ts)
-                .map(|conn| (conn.meta.conn_id, conn.meta.role));
-            if let Some((id, role)) = oldest {
-                self.errors.counts[role.index()][ErrorReason::ConnLimit as usize] += 1;
+                .map(|conn| conn.meta);
+            if let Some(meta) = oldest {
+                let id = meta.conn_id;
+                self.errors.slot(meta)[ErrorReason::ConnLimit as usize] += 1;
                 self.remove(id, Outcome::Evicted);
             }
         }
@@ -239,15 +259,14 @@ impl Engine {
 
     /// Requests seen whose responses have not finished, on connections of this role and side.
     pub fn in_flight(&self, role: Role, side: crate::capture::decode::Side) -> usize {
-        self.in_flight[role.index()][match side {
-            crate::capture::decode::Side::Server => 0,
-            crate::capture::decode::Side::Client => 1,
-        }]
+        self.in_flight[role.index()][side_index_of(side)]
     }
 
     /// The connections kept: id and role of each.
     pub fn conn_roles(&self) -> impl Iterator<Item = (u64, Role)> + '_ {
-        self.conns.values().map(|conn| (conn.meta.conn_id, conn.meta.role))
+        self.conns
+            .values()
+            .map(|conn| (conn.meta.conn_id, conn.meta.role))
     }
 
     /// Connections kept.
@@ -265,7 +284,11 @@ impl Engine {
 }
 
 fn side_index(meta: ConnMeta) -> usize {
-    match meta.side {
+    side_index_of(meta.side)
+}
+
+fn side_index_of(side: crate::capture::decode::Side) -> usize {
+    match side {
         crate::capture::decode::Side::Server => 0,
         crate::capture::decode::Side::Client => 1,
     }

@@ -66,6 +66,11 @@ impl Daemon {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
+    /// The daemon's process id (0 once it was stopped).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     /// `(status, body)` of a GET on the admin server; status 0 when it does not answer.
     pub fn get(&self, path: &str) -> (u16, String) {
         http_get(self.metrics, path)
@@ -162,8 +167,14 @@ pub struct Sim {
 
 impl Sim {
     pub fn start(flags: &[&str]) -> Sim {
+        Sim::start_on("127.0.0.1:0", flags)
+    }
+
+    /// `observer sim --listen LISTEN`: a given address, e.g. the port of a simulator that was
+    /// killed, to restart it where its clients expect it.
+    pub fn start_on(listen: &str, flags: &[&str]) -> Sim {
         let mut child = Command::new(OBSERVER)
-            .args(["sim", "--listen", "127.0.0.1:0"])
+            .args(["sim", "--listen", listen])
             .args(flags)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -188,6 +199,16 @@ impl Sim {
     pub fn signal(&self, signal: i32) {
         // SAFETY: kill with our own child's pid.
         assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, and waits until the process is gone (its sockets closed by the kernel).
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
     }
 }
 

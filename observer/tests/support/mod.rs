@@ -17,6 +17,7 @@ pub fn require_root(test: &str) -> bool {
 
 pub mod capture;
 pub mod daemon;
+pub mod faults;
 pub mod nginx;
 pub mod proxy;
 pub mod sim_client;

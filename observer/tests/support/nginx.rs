@@ -2,7 +2,8 @@
 //! proxy on a free loopback port to one upstream, with upstream keep-alive, unbuffered
 //! responses and two worker processes. Everything it writes (config, pid, logs, temp files)
 //! lives in its own temporary directory, so it runs as root without touching `/etc/nginx`.
-//! Dropping it stops nginx (SIGTERM, then SIGKILL) and removes the directory.
+//! Dropping it stops nginx (SIGTERM, then SIGKILL) and removes the directory. The fault tests
+//! reload it (`nginx -s reload`: new workers) and restart it on the same port.
 
 use std::{
     fs,
@@ -23,10 +24,31 @@ pub struct Nginx {
     pub port: u16,
 }
 
+/// What a test may change in the gateway's configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct NginxOptions {
+    /// `worker_connections` of each worker (client and upstream connections together); the
+    /// workers' fd limit is raised to match.
+    pub worker_connections: u32,
+}
+
+impl Default for NginxOptions {
+    fn default() -> Self {
+        NginxOptions {
+            worker_connections: 64,
+        }
+    }
+}
+
 impl Nginx {
     /// Starts nginx proxying `127.0.0.1:<free port>` to `upstream`, and waits until its
     /// workers are running.
     pub fn start(upstream: SocketAddr) -> Nginx {
+        Nginx::start_with(upstream, NginxOptions::default())
+    }
+
+    /// [`Nginx::start`] with `options`.
+    pub fn start_with(upstream: SocketAddr, options: NginxOptions) -> Nginx {
         assert!(
             std::path::Path::new(NGINX).exists(),
             "{NGINX} is missing: run scripts/setup.sh"
@@ -41,14 +63,20 @@ impl Nginx {
         fs::create_dir_all(&dir).unwrap();
         let port = super::capture::free_port();
         let d = dir.display();
+        let NginxOptions { worker_connections } = options;
+        // Each connection is an fd; beyond the usual limit the workers raise theirs (as root).
+        let nofile = match worker_connections > 512 {
+            true => format!("worker_rlimit_nofile {};\n", worker_connections * 2 + 64),
+            false => String::new(),
+        };
         let conf = format!(
             r#"worker_processes {WORKERS};
-daemon off;
+{nofile}daemon off;
 master_process on;
 user root;
 pid {d}/nginx.pid;
 error_log {d}/error.log info;
-events {{ worker_connections 64; }}
+events {{ worker_connections {worker_connections}; }}
 http {{
     access_log {d}/access.log;
     client_body_temp_path {d}/client_body;
@@ -73,21 +101,44 @@ http {{
 "#
         );
         fs::write(dir.join("nginx.conf"), conf).unwrap();
-        let child = Command::new(NGINX)
-            .arg("-p")
-            .arg(&dir)
-            .arg("-c")
-            .arg(dir.join("nginx.conf"))
-            .arg("-e")
-            .arg(dir.join("error.log"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nginx");
+        let child = spawn(&dir, &[]);
         let mut nginx = Nginx { child, dir, port };
         nginx.wait_for_workers();
         nginx
+    }
+
+    /// `nginx -s reload`: the master re-reads its configuration and starts new workers; the old
+    /// ones stop accepting and exit once their requests are done. Returns once the master
+    /// has signalled (the new workers may not be running yet).
+    pub fn reload(&self) {
+        let status = spawn(&self.dir, &["-s", "reload"]).wait().unwrap();
+        assert!(status.success(), "nginx -s reload: {}", self.error_log());
+    }
+
+    /// Stops nginx (SIGTERM: fast shutdown, open connections are cut) and starts it again on
+    /// the same port with the same configuration; returns once the new workers run.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.child = spawn(&self.dir, &[]);
+        self.wait_for_workers();
+    }
+
+    /// SIGTERM to the master, then SIGKILL after 5 s; waits until it has exited.
+    fn stop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        // SAFETY: kill has no memory preconditions; the pid is our own child, not yet reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.child.try_wait().ok().flatten().is_none() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     fn wait_for_workers(&mut self) {
@@ -141,19 +192,26 @@ pub fn comm(pid: u32) -> String {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        // SAFETY: kill has no memory preconditions; the pid is our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.child.try_wait().ok().flatten().is_none() {
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.stop();
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// `nginx` with the configuration in `dir` (and `args`, e.g. `-s reload`).
+fn spawn(dir: &std::path::Path, args: &[&str]) -> Child {
+    Command::new(NGINX)
+        .arg("-p")
+        .arg(dir)
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .arg("-e")
+        .arg(dir.join("error.log"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start nginx")
 }
 
 /// A fast in-process `observer sim` with nginx in front of it (needs a multi-thread runtime:

@@ -1,0 +1,199 @@
+//! Faults of the gateway, as root on the real kernel: nginx in front of `observer sim`,
+//! `observer run` watching both ports (started after nginx, so nginx's listener and workers
+//! come from `/proc`).
+//!
+//! - `nginx -s reload`: the master forks new workers and the old ones finish their requests
+//!   and exit. The stream running across the reload completes on its old worker; the
+//!   exchanges after it are served by the new workers, which the daemon only sees if it
+//!   follows the fork and their accepts on the inherited listener.
+//! - nginx stopped (fast shutdown, a stream cut) and started again on the same port: a new
+//!   master binds the port, and its workers are new processes again.
+//!
+//! Both check the daemon's counts against the client's records, its gauges against the
+//! kernel's connection table, and its memory against its idle size.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::sync::mpsc;
+
+use support::daemon::Sim;
+use support::faults::*;
+use support::nginx::{Nginx, WORKERS, comm};
+
+/// A stream through nginx on its own connection: returns once its head came; the task then
+/// reads the rest and yields its record.
+fn stream_started(
+    rt: &tokio::runtime::Runtime,
+    gateway: std::net::SocketAddr,
+    fault: &'static str,
+) -> tokio::task::JoinHandle<Record> {
+    let (head_tx, head_rx) = mpsc::channel();
+    let task = rt.spawn(async move {
+        let mut conn = HttpConn::connect(gateway).await;
+        conn.send(&chat(fault)).await.unwrap();
+        let (status, body) = conn.head().await.expect("a response head");
+        head_tx.send(()).unwrap();
+        let complete = conn.body(body).await;
+        Record {
+            status: Some(status),
+            complete,
+        }
+    });
+    head_rx.recv_timeout(READ_WAIT).expect("the stream's head");
+    task
+}
+
+/// Chats on `conns` new connections, `each` per connection; every one must succeed.
+fn chats(
+    rt: &tokio::runtime::Runtime,
+    gateway: std::net::SocketAddr,
+    conns: usize,
+    each: usize,
+    want: &mut Expected,
+) {
+    rt.block_on(async {
+        for _ in 0..conns {
+            let mut conn = HttpConn::connect(gateway).await;
+            for _ in 0..each {
+                let record = conn.exchange(&chat("")).await;
+                assert!(record.is_ok(), "{record:?}");
+                want.both(&record);
+            }
+        }
+    });
+}
+
+fn workers(nginx: &Nginx) -> BTreeSet<u32> {
+    nginx
+        .worker_pids()
+        .into_iter()
+        .filter(|&pid| comm(pid) == "nginx")
+        .collect()
+}
+
+#[test]
+fn nginx_reload_new_workers_are_followed() {
+    if !support::require_root("nginx_reload_new_workers_are_followed") {
+        return;
+    }
+    let rt = runtime();
+    let sim = Sim::start(FAST_SIM);
+    let nginx = Nginx::start(sim.addr);
+    let gateway = nginx.addr();
+    let ports = Ports {
+        gateway: nginx.port,
+        upstream: sim.addr.port(),
+    };
+    let daemon = start_daemon(ports, &[]);
+    let idle = Memory::of(&daemon);
+    let mut want = Expected::default();
+
+    chats(&rt, gateway, 2, 2, &mut want);
+    let old = workers(&nginx);
+    assert_eq!(old.len(), WORKERS);
+    // A stream of 1.2 s, running when the reload comes: its old worker finishes it.
+    let stream = stream_started(&rt, gateway, "token-ms=30, tokens=40");
+    nginx.reload();
+    let new = wait_for("new nginx workers", SETTLE, || {
+        let now = workers(&nginx);
+        let new: BTreeSet<u32> = now.difference(&old).copied().collect();
+        match new.len() == WORKERS {
+            true => Ok(new),
+            false => Err(format!("old {old:?}, now {now:?}")),
+        }
+    });
+    let record = rt.block_on(stream).unwrap();
+    assert!(
+        record.is_ok(),
+        "the stream across the reload: {record:?}\n{}",
+        nginx.error_log()
+    );
+    want.both(&record);
+    wait_for("the old workers to exit", SETTLE, || {
+        let now = workers(&nginx);
+        match now == new {
+            true => Ok(()),
+            false => Err(format!("workers {now:?}, new ones {new:?}")),
+        }
+    });
+
+    // Only the new workers accept now: every exchange counted is theirs.
+    chats(&rt, gateway, 6, 2, &mut want);
+    await_requests(&daemon, &want);
+    await_gauges_settled(&daemon, ports);
+    let s = daemon.scrape();
+    for role in ["gateway", "upstream"] {
+        assert!(parse_errors(&s, role).is_empty(), "{role}: {s:?}");
+    }
+    assert_eq!(events_lost(&s), 0.0);
+    assert_fine(&daemon, idle, 32, 16);
+    daemon.stop();
+}
+
+#[test]
+fn nginx_restarted_on_the_same_port() {
+    if !support::require_root("nginx_restarted_on_the_same_port") {
+        return;
+    }
+    let rt = runtime();
+    let sim = Sim::start(FAST_SIM);
+    let mut nginx = Nginx::start(sim.addr);
+    let gateway = nginx.addr();
+    let ports = Ports {
+        gateway: nginx.port,
+        upstream: sim.addr.port(),
+    };
+    let daemon = start_daemon(ports, &[]);
+    let idle = Memory::of(&daemon);
+    let mut want = Expected::default();
+
+    // Keep-alive clients that nginx's stop will close, and a stream it will cut.
+    let mut idle_clients = rt.block_on(async {
+        let mut conns = Vec::new();
+        for _ in 0..2 {
+            let mut conn = HttpConn::connect(gateway).await;
+            let record = conn.exchange(&chat("")).await;
+            assert!(record.is_ok(), "{record:?}");
+            want.both(&record);
+            conns.push(conn);
+        }
+        conns
+    });
+    let stream = stream_started(&rt, gateway, LONG_STREAM);
+    let old_master = nginx.master_pid();
+    nginx.restart();
+    assert_ne!(nginx.master_pid(), old_master);
+
+    // The stream was cut after its head: the client has a 200 without its end, and so do
+    // both sides' counts (the worker's exit closes its upstream connection; the simulator's
+    // next write fails and it closes its side).
+    let record = rt.block_on(stream).unwrap();
+    assert_eq!(
+        record,
+        Record {
+            status: Some(200),
+            complete: false
+        }
+    );
+    want.both(&record);
+    // The idle keep-alive connections were closed by the stop, without a response.
+    rt.block_on(async {
+        for conn in idle_clients.iter_mut() {
+            let rest = conn.read_until_closed(READ_WAIT).await;
+            assert!(conn.ended && rest.is_empty(), "{rest:?}");
+        }
+    });
+    drop(idle_clients);
+
+    chats(&rt, gateway, 4, 2, &mut want);
+    await_requests(&daemon, &want);
+    await_gauges_settled(&daemon, ports);
+    let s = daemon.scrape();
+    for role in ["gateway", "upstream"] {
+        assert!(parse_errors(&s, role).is_empty(), "{role}: {s:?}");
+    }
+    assert_eq!(events_lost(&s), 0.0);
+    assert_fine(&daemon, idle, 32, 16);
+    daemon.stop();
+}

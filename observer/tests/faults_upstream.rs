@@ -1,0 +1,134 @@
+//! Fault: the upstream (Ollama; here `observer sim`) dies mid-stream and comes back. As root on
+//! the real kernel: nginx in front of the simulator, `observer run` watching both ports. The
+//! simulator is killed with SIGKILL while streams run through nginx (no `close(2)`: the kernel
+//! closes its sockets, and the daemon learns of it by sweeping exited processes), a request
+//! meets the dead upstream, then the simulator starts again on the same port and traffic
+//! resumes on the clients' old keep-alive connections and on new ones. The daemon must count
+//! every exchange once per role with the code the client saw, settle its gauges to what is
+//! really open, and keep running within its memory.
+
+mod support;
+
+use std::sync::mpsc;
+
+use support::daemon::Sim;
+use support::faults::*;
+use support::nginx::Nginx;
+
+/// Streams running when the upstream is killed.
+const STREAMS: usize = 4;
+
+#[test]
+fn upstream_killed_mid_stream_then_restarted_on_its_port() {
+    if !support::require_root("upstream_killed_mid_stream_then_restarted_on_its_port") {
+        return;
+    }
+    let rt = runtime();
+    let sim = Sim::start(FAST_SIM);
+    let upstream = sim.addr;
+    let nginx = Nginx::start(upstream);
+    let gateway = nginx.addr();
+    let ports = Ports {
+        gateway: nginx.port,
+        upstream: upstream.port(),
+    };
+    let daemon = start_daemon(ports, &[]);
+    let idle = Memory::of(&daemon);
+    let mut want = Expected::default();
+
+    // Before: two keep-alive clients, two chats each.
+    let mut clients = rt.block_on(async {
+        let mut clients = Vec::new();
+        for _ in 0..2 {
+            let mut conn = HttpConn::connect(gateway).await;
+            for _ in 0..2 {
+                let record = conn.exchange(&chat("")).await;
+                assert!(record.is_ok(), "{record:?}");
+                want.both(&record);
+            }
+            clients.push(conn);
+        }
+        clients
+    });
+
+    // Streams in progress: each client has the response head (so both the simulator and
+    // nginx have sent it) when the simulator is killed.
+    let (heads_tx, heads_rx) = mpsc::channel();
+    let streams: Vec<_> = (0..STREAMS)
+        .map(|_| {
+            let heads = heads_tx.clone();
+            rt.spawn(async move {
+                let mut conn = HttpConn::connect(gateway).await;
+                conn.send(&chat(LONG_STREAM)).await.unwrap();
+                let (status, body) = conn.head().await.expect("a response head");
+                heads.send(()).unwrap();
+                let complete = conn.body(body).await;
+                Record {
+                    status: Some(status),
+                    complete,
+                }
+            })
+        })
+        .collect();
+    for _ in 0..STREAMS {
+        heads_rx
+            .recv_timeout(READ_WAIT)
+            .expect("every stream's head");
+    }
+    sim.kill();
+    for stream in streams {
+        let record = rt.block_on(stream).unwrap();
+        // nginx cuts the client's response where the upstream's ended: the status came, the
+        // body did not. Both sides count the exchange under its status, 200, cut short.
+        assert_eq!(
+            record,
+            Record {
+                status: Some(200),
+                complete: false
+            },
+            "{}",
+            nginx.error_log()
+        );
+        want.both(&record);
+    }
+
+    // With the upstream down, nginx answers 502 itself: a gateway exchange with no upstream one
+    // (nothing accepts the connection nginx tries).
+    let record = rt.block_on(clients[0].exchange(&chat("")));
+    assert_eq!(record.status, Some(502), "{record:?}");
+    want.gateway.record(&record);
+
+    // The upstream again, on its port: old keep-alive clients and new ones are served, and
+    // counted on both sides.
+    let _sim = Sim::start_on(&upstream.to_string(), FAST_SIM);
+    rt.block_on(async {
+        for conn in clients.iter_mut() {
+            for _ in 0..2 {
+                let record = conn.exchange(&chat("")).await;
+                assert!(record.is_ok(), "{record:?}");
+                want.both(&record);
+            }
+        }
+        for _ in 0..2 {
+            let record = HttpConn::connect(gateway).await.exchange(&chat("")).await;
+            assert!(record.is_ok(), "{record:?}");
+            want.both(&record);
+        }
+    });
+
+    await_requests(&daemon, &want);
+    await_gauges_settled(&daemon, ports);
+    let s = daemon.scrape();
+    for role in ["gateway", "upstream"] {
+        assert!(
+            parse_errors(&s, role).is_empty(),
+            "{role}: {:?}",
+            parse_errors(&s, role)
+        );
+    }
+    assert_eq!(events_lost(&s), 0.0);
+    drop(clients);
+    await_gauges_settled(&daemon, ports);
+    assert_fine(&daemon, idle, 32, 16);
+    daemon.stop();
+}

@@ -1,0 +1,652 @@
+//! Common ground of the fault suite (`tests/faults_*.rs`): nginx in front of `observer sim` with
+//! `observer run` watching both ports; a client that records how each of its exchanges ended
+//! (status, and whether the whole response came) and tolerates every way a connection can end;
+//! the counts the daemon must show for those records, polled from `/metrics` until they match
+//! or a deadline passes; the gauges compared with the kernel's own connection table; the
+//! daemon's memory against its idle size.
+//!
+//! Every wait polls a condition under a deadline; nothing sleeps for a fixed time to let the
+//! daemon catch up.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use observer::engine::ErrorReason;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::daemon::{Daemon, Samples};
+
+/// `observer sim` replying in milliseconds: tiny delays, four tokens, seeded ids.
+pub const FAST_SIM: &[&str] = &[
+    "--load-ms",
+    "5",
+    "--first-token-ms",
+    "5",
+    "--token-ms",
+    "1",
+    "--tokens",
+    "4",
+    "--seed",
+    "7",
+];
+/// No readiness probe (its connections would be the daemon's own, and it would look for an
+/// Ollama on the default port) and no NVML.
+pub const DAEMON_FLAGS: &[&str] = &["--no-probe", "--gpu", "off"];
+/// A fault that keeps a stream going for 12 s (120 tokens, 100 ms apart): long enough to act
+/// on it while it runs, never long enough to end on its own during a test.
+pub const LONG_STREAM: &str = "token-ms=100, tokens=120";
+pub const REQUESTS: &str = "observer_http_requests_total";
+/// How long counts and gauges may take to show what happened: events arrive within
+/// milliseconds, a process's exit is swept within a second, a loaded 2-core machine running
+/// the other tests is slower.
+pub const SETTLE: Duration = Duration::from_secs(15);
+/// The longest a client waits for one read; a test stuck longer than this is a failure.
+pub const READ_WAIT: Duration = Duration::from_secs(20);
+
+/// The two watched ports.
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    pub gateway: u16,
+    pub upstream: u16,
+}
+
+/// `observer run --watch GATEWAY=gateway --watch UPSTREAM=upstream` with [`DAEMON_FLAGS`] and
+/// `flags`, ready.
+pub fn start_daemon(ports: Ports, flags: &[&str]) -> Daemon {
+    let flags: Vec<&str> = DAEMON_FLAGS.iter().chain(flags).copied().collect();
+    Daemon::start_with(
+        &[(ports.gateway, "gateway"), (ports.upstream, "upstream")],
+        &flags,
+    )
+}
+
+/// A runtime for the clients, its workers beside the test's thread, which scrapes and waits.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// How one exchange ended for the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Record {
+    /// The status of the response head, `None` when none came.
+    pub status: Option<u16>,
+    /// The whole response came (its framing said where it ended).
+    pub complete: bool,
+}
+
+impl Record {
+    /// The `code` label the daemon gives this exchange: the status of the response head the
+    /// client saw, whether or not the body came whole (an exchange cut after its head keeps
+    /// its status), `none` when no head came.
+    pub fn code(&self) -> String {
+        self.status.map_or("none".to_owned(), |s| s.to_string())
+    }
+
+    /// A 200 with every byte of its body.
+    pub fn is_ok(&self) -> bool {
+        *self == Record::OK
+    }
+
+    pub const OK: Record = Record {
+        status: Some(200),
+        complete: true,
+    };
+}
+
+/// Exchanges by `code` label, as the daemon must count them for one role.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ledger(BTreeMap<String, u64>);
+
+impl Ledger {
+    pub fn add(&mut self, code: &str, n: u64) {
+        *self.0.entry(code.to_owned()).or_default() += n;
+    }
+
+    pub fn record(&mut self, record: &Record) {
+        self.add(&record.code(), 1);
+    }
+
+    pub fn total(&self) -> u64 {
+        self.0.values().sum()
+    }
+
+    pub fn codes(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.0.iter().map(|(c, n)| (c.as_str(), *n))
+    }
+}
+
+/// What the daemon must have counted, per role.
+#[derive(Debug, Clone, Default)]
+pub struct Expected {
+    pub gateway: Ledger,
+    pub upstream: Ledger,
+}
+
+impl Expected {
+    /// One exchange through nginx: the gateway's and the upstream's, with the same code.
+    pub fn both(&mut self, record: &Record) {
+        self.gateway.record(record);
+        self.upstream.record(record);
+    }
+}
+
+/// The response framing a head announced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Body {
+    Length(usize),
+    Chunked,
+    UntilClose,
+}
+
+/// One client connection. Every read is bounded by [`READ_WAIT`]; an end of stream or a reset
+/// is an outcome, not a failure.
+pub struct HttpConn {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+    /// The server ended the connection (EOF or reset).
+    pub ended: bool,
+}
+
+impl HttpConn {
+    pub async fn connect(addr: SocketAddr) -> HttpConn {
+        let stream = tokio::time::timeout(READ_WAIT, TcpStream::connect(addr))
+            .await
+            .unwrap_or_else(|_| panic!("connecting to {addr} took over {READ_WAIT:?}"))
+            .unwrap_or_else(|err| panic!("connecting to {addr}: {err}"));
+        HttpConn {
+            stream,
+            buf: Vec::new(),
+            ended: false,
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes).await
+    }
+
+    /// Sends `request` and reads its response.
+    pub async fn exchange(&mut self, request: &[u8]) -> Record {
+        if self.send(request).await.is_err() {
+            return Record {
+                status: None,
+                complete: false,
+            };
+        }
+        self.response().await
+    }
+
+    /// Reads one response: its head, then its body.
+    pub async fn response(&mut self) -> Record {
+        let Some((status, body)) = self.head().await else {
+            return Record {
+                status: None,
+                complete: false,
+            };
+        };
+        let complete = self.body(body).await;
+        Record {
+            status: Some(status),
+            complete,
+        }
+    }
+
+    /// Reads a response head: its status and framing; `None` when the connection ends first.
+    pub async fn head(&mut self) -> Option<(u16, Body)> {
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut response = httparse::Response::new(&mut headers);
+            if let httparse::Status::Complete(len) = response
+                .parse(&self.buf)
+                .unwrap_or_else(|err| panic!("not a response head ({err}): {:?}", self.text()))
+            {
+                let status = response.code.unwrap();
+                let header = |name: &str| {
+                    response
+                        .headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case(name))
+                        .map(|h| String::from_utf8_lossy(h.value).into_owned())
+                };
+                let body = if (100..200).contains(&status) || status == 204 || status == 304 {
+                    Body::Length(0)
+                } else if let Some(length) = header("Content-Length") {
+                    Body::Length(length.trim().parse().unwrap())
+                } else if header("Transfer-Encoding").is_some_and(|v| v.contains("chunked")) {
+                    Body::Chunked
+                } else {
+                    Body::UntilClose
+                };
+                self.buf.drain(..len);
+                return Some((status, body));
+            }
+            if !self.fill().await {
+                return None;
+            }
+        }
+    }
+
+    /// Reads a body to its end; whether all of it came before the connection ended.
+    pub async fn body(&mut self, body: Body) -> bool {
+        match body {
+            Body::Length(len) => {
+                while self.buf.len() < len {
+                    if !self.fill().await {
+                        return false;
+                    }
+                }
+                self.buf.drain(..len);
+                true
+            }
+            Body::UntilClose => {
+                while self.fill().await {}
+                self.buf.clear();
+                true
+            }
+            Body::Chunked => loop {
+                let (line, size) = loop {
+                    match httparse::parse_chunk_size(&self.buf) {
+                        Ok(httparse::Status::Complete(parsed)) => break parsed,
+                        Ok(httparse::Status::Partial) => {
+                            if !self.fill().await {
+                                return false;
+                            }
+                        }
+                        Err(_) => panic!("bad chunk size: {:?}", self.text()),
+                    }
+                };
+                let end = line + size as usize + 2;
+                while self.buf.len() < end {
+                    if !self.fill().await {
+                        return false;
+                    }
+                }
+                self.buf.drain(..end);
+                if size == 0 {
+                    return true;
+                }
+            },
+        }
+    }
+
+    /// Reads whatever the server sends until it ends the connection or `within` passes;
+    /// every byte read.
+    pub async fn read_until_closed(&mut self, within: Duration) -> Vec<u8> {
+        let deadline = tokio::time::Instant::now() + within;
+        while !self.ended && tokio::time::Instant::now() < deadline {
+            let mut chunk = [0u8; 8192];
+            match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
+                Ok(Ok(0) | Err(_)) => self.ended = true,
+                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(_) => break,
+            }
+        }
+        std::mem::take(&mut self.buf)
+    }
+
+    /// Ends the connection with a reset instead of a FIN (`SO_LINGER` 0, then close): the
+    /// client vanishes as a crashed host's would.
+    pub fn reset(self) {
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt reads `linger`, which outlives the call, on our own socket.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+        drop(self);
+    }
+
+    /// Reads more bytes; false once the connection has ended (EOF or reset).
+    async fn fill(&mut self) -> bool {
+        if self.ended {
+            return false;
+        }
+        let mut chunk = [0u8; 16384];
+        match tokio::time::timeout(READ_WAIT, self.stream.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                self.ended = true;
+                false
+            }
+            Ok(Ok(n)) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                true
+            }
+            Err(_) => panic!(
+                "no byte from the server for {READ_WAIT:?}; buffered: {:?}",
+                self.text()
+            ),
+        }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.buf[..self.buf.len().min(300)]).into_owned()
+    }
+}
+
+/// A streamed `/api/chat` (Ollama's default) with `X-Sim-Fault: FAULT` unless `fault` is empty.
+pub fn chat(fault: &str) -> Vec<u8> {
+    let body = super::sim_client::CHAT;
+    let fault = match fault {
+        "" => String::new(),
+        fault => format!("X-Sim-Fault: {fault}\r\n"),
+    };
+    format!(
+        "POST /api/chat HTTP/1.1\r\nHost: sim\r\nContent-Type: application/json\r\n{fault}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// `GET /api/version`: the smallest exchange the simulator serves.
+pub fn version() -> Vec<u8> {
+    b"GET /api/version HTTP/1.1\r\nHost: sim\r\n\r\n".to_vec()
+}
+
+/// Polls until `check` returns `Ok`, every 50 ms; panics with its last complaint after `within`.
+pub fn wait_for<T>(
+    what: &str,
+    within: Duration,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> T {
+    let start = Instant::now();
+    loop {
+        match check() {
+            Ok(value) => return value,
+            Err(complaint) if start.elapsed() > within => {
+                panic!("{what}: not so after {within:?}: {complaint}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// `http_requests_total` of one role: by code (the codes expected), and over all codes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RoleCounts {
+    role: &'static str,
+    by_code: Vec<(String, u64)>,
+    total: u64,
+}
+
+impl RoleCounts {
+    fn expected(role: &'static str, want: &Ledger) -> RoleCounts {
+        RoleCounts {
+            role,
+            by_code: want.codes().map(|(c, n)| (c.to_owned(), n)).collect(),
+            total: want.total(),
+        }
+    }
+
+    /// The series of `role` that have `labels`, for the codes `want` has.
+    fn read(s: &Samples, role: &'static str, labels: &[(&str, &str)], want: &Ledger) -> RoleCounts {
+        let mut all = vec![("role", role)];
+        all.extend_from_slice(labels);
+        let by_code = want
+            .codes()
+            .map(|(code, _)| {
+                let mut with_code = all.clone();
+                with_code.push(("code", code));
+                (code.to_owned(), s.value(REQUESTS, &with_code) as u64)
+            })
+            .collect();
+        RoleCounts {
+            role,
+            by_code,
+            total: s.value(REQUESTS, &all) as u64,
+        }
+    }
+}
+
+/// Waits until the daemon's `http_requests_total` of each role equals `want`: every code's
+/// count, and the sum over all codes (so nothing is counted under a code not expected), and
+/// still does a moment later (a late extra exchange fails too). More than expected fails at
+/// once: counters only grow.
+pub fn await_requests(daemon: &Daemon, want: &Expected) {
+    await_requests_with(daemon, &[], want);
+}
+
+/// [`await_requests`] for the series that also have `labels` (e.g. one route).
+pub fn await_requests_with(daemon: &Daemon, labels: &[(&str, &str)], want: &Expected) {
+    let roles = [("gateway", &want.gateway), ("upstream", &want.upstream)];
+    let expected: Vec<RoleCounts> = roles
+        .iter()
+        .map(|(role, ledger)| RoleCounts::expected(role, ledger))
+        .collect();
+    let read = |s: &Samples| -> Vec<RoleCounts> {
+        roles
+            .iter()
+            .map(|(role, ledger)| RoleCounts::read(s, role, labels, ledger))
+            .collect()
+    };
+    let describe = |got: &[RoleCounts]| {
+        let lines: Vec<String> = daemon
+            .get("/metrics")
+            .1
+            .lines()
+            .filter(|l| l.starts_with(REQUESTS))
+            .map(str::to_owned)
+            .collect();
+        format!(
+            "got {got:?}\nwant {expected:?} (labels {labels:?})\n{}\n{}",
+            lines.join("\n"),
+            tail(&daemon.log())
+        )
+    };
+    let start = Instant::now();
+    let mut matched_at: Option<Instant> = None;
+    loop {
+        let got = read(&daemon.scrape());
+        let over = got.iter().zip(&expected).any(|(g, w)| g.total > w.total);
+        assert!(
+            !over,
+            "more exchanges counted than happened: {}",
+            describe(&got)
+        );
+        if got == expected {
+            // Still equal 300 ms later: nothing was about to be counted twice.
+            match matched_at {
+                Some(at) if at.elapsed() >= Duration::from_millis(300) => return,
+                Some(_) => {}
+                None => matched_at = Some(Instant::now()),
+            }
+        } else {
+            matched_at = None;
+        }
+        assert!(
+            start.elapsed() < SETTLE,
+            "http_requests_total after {SETTLE:?}: {}",
+            describe(&got)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Connections open on `port` on this host's side of it (the local port is `port`): a process
+/// holds them (established, or closed by the peer and not yet by the process). Read from
+/// `/proc/net/tcp{,6}`, the kernel's own table.
+pub fn open_conns(port: u16) -> u64 {
+    let mut n = 0;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state)) = (fields.get(1), fields.get(3)) else {
+                continue;
+            };
+            let local_port = local
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            // 01 ESTABLISHED, 08 CLOSE_WAIT.
+            if local_port == Some(port) && matches!(*state, "01" | "08") {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+/// The gauges the daemon keeps, and what the kernel says they should be.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gauges {
+    /// `http_requests_in_flight` of gateway and upstream.
+    pub in_flight: [f64; 2],
+    /// `tcp_connections_active` of gateway and upstream.
+    pub active: [f64; 2],
+    /// Open connections on the gateway's and the upstream's port, from `/proc/net/tcp`.
+    pub open: [u64; 2],
+}
+
+pub fn gauges(daemon: &Daemon, ports: Ports) -> Gauges {
+    let open = [open_conns(ports.gateway), open_conns(ports.upstream)];
+    let s = daemon.scrape();
+    let g = |name: &str, role: &str| s.value(name, &[("role", role)]) + 0.0;
+    Gauges {
+        in_flight: [
+            g("observer_http_requests_in_flight", "gateway"),
+            g("observer_http_requests_in_flight", "upstream"),
+        ],
+        active: [
+            g("observer_tcp_connections_active", "gateway"),
+            g("observer_tcp_connections_active", "upstream"),
+        ],
+        open,
+    }
+}
+
+/// Waits until no request is in flight and `tcp_connections_active` of each role equals the
+/// connections really open on its port, in two readings 200 ms apart (a connection the
+/// kernel has queued but the server not yet accepted reads as open for a moment).
+pub fn await_gauges_settled(daemon: &Daemon, ports: Ports) -> Gauges {
+    let start = Instant::now();
+    let mut previous: Option<Gauges> = None;
+    loop {
+        let now = gauges(daemon, ports);
+        let right = now.in_flight == [0.0, 0.0]
+            && now.active[0] == now.open[0] as f64
+            && now.active[1] == now.open[1] as f64;
+        if right && previous.as_ref() == Some(&now) {
+            return now;
+        }
+        if start.elapsed() > SETTLE {
+            let (_, text) = daemon.get("/metrics");
+            let context: Vec<&str> = text
+                .lines()
+                .filter(|l| {
+                    l.starts_with("observer_tcp_connections")
+                        || l.starts_with("observer_ebpf_events")
+                        || l.starts_with("observer_http_parse_errors_total")
+                })
+                .collect();
+            panic!(
+                "gauges not settled after {SETTLE:?} (in flight and active by role \
+                 [gateway, upstream], open: connections on each port in /proc/net/tcp): \
+                 {now:?}\n{}\n{}",
+                context.join("\n"),
+                tail(&daemon.log())
+            );
+        }
+        previous = right.then_some(now);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `http_parse_errors_total` by role and reason, the reasons that are not zero.
+pub fn parse_errors(s: &Samples, role: &str) -> BTreeMap<&'static str, u64> {
+    ErrorReason::ALL
+        .into_iter()
+        .map(|reason| {
+            let n = s.value(
+                "observer_http_parse_errors_total",
+                &[("role", role), ("reason", reason.as_str())],
+            );
+            (reason.as_str(), n as u64)
+        })
+        .filter(|&(_, n)| n > 0)
+        .collect()
+}
+
+/// `ebpf_events_lost_total` over every kind.
+pub fn events_lost(s: &Samples) -> f64 {
+    s.value("observer_ebpf_events_lost_total", &[]) + 0.0
+}
+
+/// The daemon's resident memory: all of it, and its anonymous part (heap and stacks: what
+/// the daemon allocates; the rest is mapped files, the binary's pages among them).
+#[derive(Debug, Clone, Copy)]
+pub struct Memory {
+    pub rss: u64,
+    pub anon: u64,
+}
+
+impl Memory {
+    pub fn of(daemon: &Daemon) -> Memory {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid()))
+            .expect("the daemon's /proc status");
+        let kib = |key: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {key} in {status}"))
+        };
+        Memory {
+            rss: kib("VmRSS:") * 1024,
+            anon: kib("RssAnon:") * 1024,
+        }
+    }
+}
+
+const MIB: u64 = 1 << 20;
+
+/// The daemon answers `/readyz` and its memory is back within bounds once the fault is over:
+/// `process_resident_memory_bytes` (its own figure) at most `idle.rss + rss_slack_mib`, and
+/// its anonymous memory at most `idle.anon + anon_slack_mib`. Prints the figures.
+pub fn assert_fine(daemon: &Daemon, idle: Memory, rss_slack_mib: u64, anon_slack_mib: u64) {
+    let (status, body) = daemon.get("/readyz");
+    assert_eq!(status, 200, "/readyz: {body}\n{}", tail(&daemon.log()));
+    let now = Memory::of(daemon);
+    let reported = daemon.scrape().value("process_resident_memory_bytes", &[]) as u64;
+    eprintln!(
+        "daemon memory: idle RSS {:.1} MiB (anonymous {:.1} MiB); now {:.1} MiB reported, \
+         {:.1} MiB in /proc (anonymous {:.1} MiB)",
+        idle.rss as f64 / MIB as f64,
+        idle.anon as f64 / MIB as f64,
+        reported as f64 / MIB as f64,
+        now.rss as f64 / MIB as f64,
+        now.anon as f64 / MIB as f64,
+    );
+    assert!(
+        reported <= idle.rss + rss_slack_mib * MIB,
+        "process_resident_memory_bytes {reported} over idle {} + {rss_slack_mib} MiB",
+        idle.rss
+    );
+    assert!(
+        now.anon <= idle.anon + anon_slack_mib * MIB,
+        "anonymous memory {} over idle {} + {anon_slack_mib} MiB",
+        now.anon,
+        idle.anon
+    );
+}
+
+/// The last lines of a log, for failure messages.
+pub fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
