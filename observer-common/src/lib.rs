@@ -121,7 +121,10 @@ pub struct ConnInfo {
     pub side: u32,
     /// The watched port (host byte order).
     pub port: u32,
-    pub _pad: u32,
+    /// Non-zero once an event of this connection could not be delivered (the ring buffer was
+    /// full): its exchanges are no longer framed right. Userspace reads it in its sweep, puts
+    /// the connection back in step, and clears it.
+    pub lost: u32,
     /// What is known of the two ends: the listener's address and the peer for the server
     /// side, the connect() target for the client side.
     pub local: Endpoint,

@@ -245,6 +245,14 @@ fn exit_io(ctx: &TracePointContext) -> Option<()> {
     }
     let Some(mut entry) = EVENTS.reserve::<DataEvent>(0) else {
         count(counter::LOST_DATA);
+        // The connection's exchanges lost bytes: userspace puts it back in step.
+        let key = SockKey {
+            tgid,
+            fd: pending.fd,
+        };
+        if let Some(conn) = CONNS.get_ptr_mut(key) {
+            unsafe { (*conn).lost = 1 };
+        }
         return None;
     };
     let event = entry.as_mut_ptr();

@@ -140,7 +140,7 @@ fn try_sys_exit_connect(ctx: &TracePointContext) -> Option<()> {
         role: pending.role,
         side: side::CLIENT,
         port: pending.endpoint.port,
-        _pad: 0,
+        lost: 0,
         local: Endpoint::default(),
         remote: pending.endpoint,
     };
@@ -276,7 +276,7 @@ fn try_exit_accept(ctx: &TracePointContext) -> Option<()> {
         role: pending.listener.role,
         side: side::SERVER,
         port: pending.listener.port,
-        _pad: 0,
+        lost: 0,
         local: pending.listener.local,
         remote: read_endpoint(pending.peer).unwrap_or_default(),
     };

@@ -95,12 +95,13 @@ fn comm() -> [u8; COMM_LEN] {
     bpf_get_current_comm().unwrap_or([0; COMM_LEN])
 }
 
-/// The open timestamp with the CPU number in the low byte: unique for the host's uptime.
+/// The open timestamp with the CPU number in the low byte: unique for the host's uptime. The
+/// low byte is never 0xff (userspace's seeded ids).
 #[inline(always)]
 fn new_conn_id() -> u64 {
     let ts = unsafe { bpf_ktime_get_ns() };
     let cpu = unsafe { bpf_get_smp_processor_id() } as u64;
-    (ts << 8) | (cpu & 0xfe)
+    (ts << 8) | (cpu % 0xff)
 }
 
 #[inline(always)]

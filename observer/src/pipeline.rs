@@ -10,7 +10,7 @@ use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
 use std::sync::Arc;
 
 use crate::capture::{
-    KernelCounters, Role,
+    KernelCounters, Role, Sweep,
     decode::{ConnRecord, Direction, Event, Side},
     own_ports::OwnPorts,
 };
@@ -19,6 +19,21 @@ use crate::engine::{
     correlate::{Correlator, Resolved},
 };
 use crate::metrics::{Metrics, handles::Handles};
+
+/// What one [`Pipeline::reconcile`] changed: connections closed whose close event was lost,
+/// connections taken as open whose every event was lost, connections put back in step.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    pub closed: usize,
+    pub opened: usize,
+    pub resynced: usize,
+}
+
+impl Reconciled {
+    pub fn any(&self) -> bool {
+        *self != Reconciled::default()
+    }
+}
 
 /// Totals of what went through, for `/status` and logs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -47,6 +62,8 @@ pub struct Pipeline {
     /// Connections missing from the kernel's table at the last [`Pipeline::reconcile`]: closed
     /// there, their close event not seen yet.
     suspects: HashSet<u64>,
+    /// Connections in the kernel's table but not here at the last [`Pipeline::reconcile`].
+    unknown: HashSet<u64>,
     /// The metric series this pipeline touched, by label set, and what it observed since it
     /// last published.
     handles: Handles,
@@ -75,6 +92,7 @@ impl Pipeline {
             ignored: HashSet::new(),
             active: HashMap::new(),
             suspects: HashSet::new(),
+            unknown: HashSet::new(),
             handles: Handles::default(),
             publish_every_ns: 0,
             last_publish_ns: 0,
@@ -194,45 +212,71 @@ impl Pipeline {
         }
     }
 
-    /// Closes the connections whose close event was lost. `live` holds the ids the kernel's
-    /// connection table has now ([`crate::capture::Sweep::live`]): a connection kept here but
-    /// missing there was closed, and its close event is either still in the ring buffer or
-    /// was lost when the ring was full. One missing at two calls in a row (a chore interval
-    /// apart, the ring read in between) is taken as closed: its open exchanges end as aborted
-    /// and the connection and in-flight gauges drop it. Returns how many were closed so.
-    pub fn reconcile(&mut self, live: &HashSet<u64>) -> usize {
+    /// Brings the connections in step with the kernel's connection table after events were
+    /// lost (the ring buffer was full), from one [`Sweep`]:
+    /// - a connection kept here but missing from the table was closed, and its close event is
+    ///   either still in the ring buffer or lost: one missing at two sweeps in a row (a chore
+    ///   interval apart, the ring read in between) is closed; its open exchanges end as
+    ///   aborted and the connection and in-flight gauges drop it;
+    /// - a connection the kernel marked as having lost an event is put back in step
+    ///   ([`Engine::resync`]): requests whose responses were lost no longer stay in flight nor
+    ///   take the next responses;
+    /// - a connection in the table unknown here (its open and every later event lost) at two
+    ///   sweeps in a row is taken as open, mid-stream.
+    pub fn reconcile(&mut self, sweep: &Sweep) -> Reconciled {
+        let live = &sweep.live;
+        let mut done = Reconciled::default();
         let mut missing: HashMap<u64, Role> = HashMap::new();
         missing.extend(
             self.engine
                 .conn_roles()
-                .filter(|(id, _)| !live.contains(id)),
+                .filter(|(id, _)| !live.contains_key(id)),
         );
         // Counted connections the engine evicted (its connection limit) are still active.
         missing.extend(
             self.active
                 .iter()
-                .filter(|(id, _)| !live.contains(id))
+                .filter(|(id, _)| !live.contains_key(id))
                 .map(|(&id, &role)| (id, role)),
         );
         // The server ends of the daemon's own connections (the role is not used for them).
         missing.extend(
             self.ignored
                 .iter()
-                .filter(|id| !live.contains(id))
+                .filter(|id| !live.contains_key(id))
                 .map(|&id| (id, Role::Gateway)),
         );
-        let mut closed = 0;
         let mut suspects = HashSet::with_capacity(missing.len());
         for (id, role) in missing {
             if self.suspects.contains(&id) {
                 self.on_close(id, role);
-                closed += 1;
+                done.closed += 1;
             } else {
                 suspects.insert(id);
             }
         }
         self.suspects = suspects;
-        closed
+
+        for &id in &sweep.lost {
+            if self.engine.resync(id) {
+                done.resynced += 1;
+            }
+        }
+
+        let mut unknown = HashSet::new();
+        for (&id, record) in live {
+            if self.engine.holds(id) || self.ignored.contains(&id) {
+                continue;
+            }
+            if self.unknown.contains(&id) && !self.engine.is_full() {
+                self.on_conn_open(record);
+                done.opened += 1;
+            } else {
+                unknown.insert(id);
+            }
+        }
+        self.unknown = unknown;
+        done
     }
 
     /// After a batch of events: finished exchanges into metrics (and to `each`), correlation
@@ -471,6 +515,35 @@ mod tests {
             .unwrap_or_else(|| panic!("no {series}"))
     }
 
+    /// A sweep that found these connections in the kernel's table, `lost` of them marked.
+    fn sweep(conns: &[ConnMeta], lost: &[u64]) -> Sweep {
+        let live = conns
+            .iter()
+            .map(|m| {
+                let record = ConnRecord {
+                    ts_ns: 1,
+                    conn_id: m.conn_id,
+                    tgid: m.tgid,
+                    pid: m.tgid,
+                    comm: String::new(),
+                    role: m.role,
+                    side: m.side,
+                    fd: 3,
+                    port: m.port,
+                    local: None,
+                    remote: None,
+                    seeded: true,
+                };
+                (m.conn_id, record)
+            })
+            .collect();
+        Sweep {
+            closed: Vec::new(),
+            live,
+            lost: lost.to_vec(),
+        }
+    }
+
     #[test]
     fn connections_whose_close_event_was_lost_are_closed_at_the_second_sweep_without_them() {
         let metrics = Arc::new(Metrics::new(MetricsConfig::default()).unwrap());
@@ -499,16 +572,16 @@ mod tests {
         assert_eq!(sample(&metrics, in_flight), 1);
 
         // The kernel closed 2 and 3; only 3's close event arrives.
-        let live: HashSet<u64> = [1].into_iter().collect();
+        let live = sweep(&conns[..1], &[]);
         assert_eq!(
-            p.reconcile(&live),
+            p.reconcile(&live).closed,
             0,
             "a first miss may be a close still in the ring"
         );
         p.on_close(3, Role::Gateway);
         p.flush(20, |_| {});
         assert_eq!(sample(&metrics, active), 2);
-        assert_eq!(p.reconcile(&live), 1, "connection 2 missed twice");
+        assert_eq!(p.reconcile(&live).closed, 1, "connection 2 missed twice");
         p.flush(30, |_| {});
         assert_eq!(sample(&metrics, active), 1);
         assert_eq!(sample(&metrics, in_flight), 0);
@@ -520,8 +593,8 @@ mod tests {
         p.on_close(2, Role::Gateway);
         p.flush(40, |_| {});
         assert_eq!(sample(&metrics, closed), 2);
-        assert_eq!(p.reconcile(&live), 0);
-        assert_eq!(p.reconcile(&live), 0);
+        assert!(!p.reconcile(&live).any());
+        assert!(!p.reconcile(&live).any());
         assert_eq!(sample(&metrics, active), 1);
     }
 
@@ -529,15 +602,17 @@ mod tests {
     fn a_connection_back_in_the_kernel_table_is_no_longer_suspected() {
         let metrics = Arc::new(Metrics::new(MetricsConfig::default()).unwrap());
         let mut p = Pipeline::new(metrics.clone(), EngineConfig::default());
-        p.on_open(meta(1, Role::Upstream, Side::Server, 11434), 1, false);
-        assert_eq!(p.reconcile(&HashSet::new()), 0);
-        assert_eq!(p.reconcile(&[1].into_iter().collect()), 0);
+        let conn = meta(1, Role::Upstream, Side::Server, 11434);
+        p.on_open(conn, 1, false);
+        let none = sweep(&[], &[]);
+        assert_eq!(p.reconcile(&none).closed, 0);
+        assert_eq!(p.reconcile(&sweep(&[conn], &[])).closed, 0);
         assert_eq!(
-            p.reconcile(&HashSet::new()),
+            p.reconcile(&none).closed,
             0,
             "missed once since it came back"
         );
-        assert_eq!(p.reconcile(&HashSet::new()), 1);
+        assert_eq!(p.reconcile(&none).closed, 1);
     }
 
     #[test]
@@ -572,5 +647,50 @@ mod tests {
         );
         let bad_head = "observer_http_parse_errors_total{reason=\"bad_head\",role=\"upstream\"}";
         assert_eq!(sample(&metrics, bad_head), 1);
+    }
+
+    #[test]
+    fn a_connection_that_lost_a_response_is_put_back_in_step() {
+        let metrics = Arc::new(Metrics::new(MetricsConfig::default()).unwrap());
+        let mut p = Pipeline::new(metrics.clone(), EngineConfig::default());
+        let conn = meta(1, Role::Upstream, Side::Server, 11434);
+        p.on_open(conn, 1, false);
+        // The response to this request was lost in the kernel.
+        let lost = b"GET /api/version HTTP/1.1\r\n\r\n";
+        p.on_data(conn, Direction::Ingress, 5, lost.len() as u64, lost, &[]);
+        p.flush(6, |_| {});
+        let in_flight = "observer_http_requests_in_flight{role=\"upstream\"}";
+        assert_eq!(sample(&metrics, in_flight), 1);
+        let done = p.reconcile(&sweep(&[conn], &[1]));
+        assert_eq!(done.resynced, 1);
+        p.flush(7, |_| {});
+        assert_eq!(sample(&metrics, in_flight), 0);
+        // The next exchange is its own, not answered by the response of the next one.
+        let mut routes = Vec::new();
+        exchange(&mut p, conn, 10);
+        p.flush(20, |ex| routes.push((ex.path.clone(), ex.status)));
+        assert_eq!(routes, [("/api/tags".to_owned(), Some(200))]);
+        assert_eq!(sample(&metrics, in_flight), 0);
+    }
+
+    #[test]
+    fn a_connection_whose_every_event_was_lost_is_taken_as_open_at_the_second_sweep() {
+        let metrics = Arc::new(Metrics::new(MetricsConfig::default()).unwrap());
+        let mut p = Pipeline::new(metrics.clone(), EngineConfig::default());
+        let conn = meta(9, Role::Gateway, Side::Server, 18789);
+        let live = sweep(&[conn], &[]);
+        assert_eq!(
+            p.reconcile(&live).opened,
+            0,
+            "its open event may still be in the ring"
+        );
+        assert_eq!(p.reconcile(&live).opened, 1);
+        assert!(!p.reconcile(&live).any());
+        p.flush(10, |_| {});
+        let active = "observer_tcp_connections_active{role=\"gateway\"}";
+        assert_eq!(sample(&metrics, active), 1);
+        exchange(&mut p, conn, 20);
+        p.flush(30, |_| {});
+        assert_eq!(requests(&metrics, "gateway"), 1);
     }
 }

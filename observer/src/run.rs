@@ -204,9 +204,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             _ = chores.tick() => {
                 match capture.sweep() {
                     Ok(sweep) => {
-                        let settled = pipeline.reconcile(&sweep.live);
-                        if settled > 0 {
-                            tracing::debug!("{settled} connections closed whose close event was lost");
+                        let settled = pipeline.reconcile(&sweep);
+                        if settled.any() {
+                            tracing::debug!(?settled, "connections put in step with the kernel's table after lost events");
                         }
                         batch.extend(sweep.closed.into_iter().map(crate::capture::decode::Event::Close));
                     }

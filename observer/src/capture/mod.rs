@@ -263,15 +263,29 @@ impl Capture {
                 .map_mut(names::CONNS)
                 .context("CONNS map missing")?,
         )?;
+        let now = seed::monotonic_ns();
         let mut gone: Vec<(SockKey, ConnInfo)> = Vec::new();
+        let mut lost: Vec<(SockKey, ConnInfo)> = Vec::new();
         for (key, conn) in conns.iter().filter_map(Result::ok) {
-            if alive(key.tgid) {
-                sweep.live.insert(conn.conn_id);
-            } else {
+            if !alive(key.tgid) {
                 gone.push((key, conn));
+                continue;
+            }
+            if conn.lost != 0 {
+                lost.push((key, conn));
+            }
+            if let Ok(mut record) = decode::conn_record(now, key, &conn) {
+                record.seeded = true;
+                sweep.live.insert(conn.conn_id, record);
             }
         }
-        let now = seed::monotonic_ns();
+        for (key, conn) in lost {
+            // Cleared only where the entry still exists (a close may have removed it since).
+            let cleared = ConnInfo { lost: 0, ..conn };
+            if conns.insert(key, cleared, BPF_EXIST).is_ok() {
+                sweep.lost.push(conn.conn_id);
+            }
+        }
         for (key, conn) in gone {
             // Already removed (closed for real) since the walk: nothing to report.
             if conns.remove(&key).is_ok() {
@@ -347,10 +361,14 @@ impl Capture {
 pub struct Sweep {
     /// Connections of exited processes, forgotten now: a close record for each.
     pub closed: Vec<ConnRecord>,
-    /// Ids of the connections the kernel tracks now. A connection the daemon still holds that
+    /// The connections the kernel tracks now, by id. A connection the daemon still holds that
     /// is missing here was closed, and its close event is on its way or was lost (the ring
-    /// buffer was full): [`crate::pipeline::Pipeline::reconcile`] settles the lost ones.
-    pub live: foldhash::HashSet<u64>,
+    /// buffer was full); one here that the daemon does not hold had its open and every later
+    /// event lost. [`crate::pipeline::Pipeline::reconcile`] settles both.
+    pub live: foldhash::HashMap<u64, ConnRecord>,
+    /// Connections with an event lost since the last sweep (their mark is cleared now): their
+    /// open exchanges can no longer be framed.
+    pub lost: Vec<u64>,
 }
 
 /// Conditions the kernel programs counted instead of reporting one by one.
@@ -367,6 +385,9 @@ pub struct KernelCounters {
     /// Payload or sockaddr reads from user memory that failed.
     pub read_user_failed: u64,
 }
+
+/// `bpf_map_update_elem` flag: update an existing entry only.
+const BPF_EXIST: u64 = 2;
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones ignore it.
 fn raise_memlock_limit() {

@@ -343,7 +343,7 @@ pub fn scan(
                     side::CLIENT
                 },
                 port: u32::from(port),
-                _pad: 0,
+                lost: 0,
                 local: encode_endpoint(socket.local),
                 remote: encode_endpoint(socket.remote),
             };

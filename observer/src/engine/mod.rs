@@ -215,6 +215,29 @@ impl Engine {
         self.remove(conn_id, Outcome::Aborted);
     }
 
+    /// Some of the connection's bytes were lost (the capture could not deliver them): its open
+    /// exchanges end as aborted and it starts over as one picked up mid-stream, at the next
+    /// request line. False when the connection is not kept.
+    pub fn resync(&mut self, conn_id: u64) -> bool {
+        let Some(conn) = self.conns.get(&conn_id) else {
+            return false;
+        };
+        let (meta, ts) = (conn.meta, conn.last_ts);
+        self.remove(conn_id, Outcome::Aborted);
+        self.insert(meta, ts, true);
+        true
+    }
+
+    /// Whether the connection is kept.
+    pub fn holds(&self, conn_id: u64) -> bool {
+        self.conns.contains_key(&conn_id)
+    }
+
+    /// Whether a new connection would evict the least recently active one.
+    pub fn is_full(&self) -> bool {
+        self.conns.len() >= self.config.max_conns
+    }
+
     fn remove(&mut self, conn_id: u64, outcome: Outcome) {
         let Some(conn) = self.conns.remove(&conn_id) else {
             return;
