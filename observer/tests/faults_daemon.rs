@@ -10,9 +10,7 @@ mod support;
 
 use std::sync::mpsc;
 
-use support::daemon::Sim;
 use support::faults::*;
-use support::nginx::Nginx;
 
 /// Keep-alive clients idle across the restart.
 const IDLE: usize = 4;
@@ -25,13 +23,12 @@ fn observer_restarted_while_keepalive_connections_are_open() {
         return;
     }
     let rt = runtime();
-    let sim = Sim::start(FAST_SIM);
-    let nginx = Nginx::start(sim.addr);
-    let gateway = nginx.addr();
-    let ports = Ports {
-        gateway: nginx.port,
-        upstream: sim.addr.port(),
-    };
+    let Stack {
+        sim: _sim,
+        nginx: _nginx,
+        gateway,
+        ports,
+    } = Stack::start();
     let first = start_daemon(ports, &[]);
     let mut before = Expected::default();
     let mut idle_clients = rt.block_on(async {

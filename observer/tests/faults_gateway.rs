@@ -17,7 +17,6 @@ mod support;
 use std::collections::BTreeSet;
 use std::sync::mpsc;
 
-use support::daemon::Sim;
 use support::faults::*;
 use support::nginx::{Nginx, WORKERS, comm};
 
@@ -78,13 +77,12 @@ fn nginx_reload_new_workers_are_followed() {
         return;
     }
     let rt = runtime();
-    let sim = Sim::start(FAST_SIM);
-    let nginx = Nginx::start(sim.addr);
-    let gateway = nginx.addr();
-    let ports = Ports {
-        gateway: nginx.port,
-        upstream: sim.addr.port(),
-    };
+    let Stack {
+        sim: _sim,
+        nginx,
+        gateway,
+        ports,
+    } = Stack::start();
     let daemon = start_daemon(ports, &[]);
     let idle = Memory::of(&daemon);
     let mut want = Expected::default();
@@ -137,13 +135,12 @@ fn nginx_restarted_on_the_same_port() {
         return;
     }
     let rt = runtime();
-    let sim = Sim::start(FAST_SIM);
-    let mut nginx = Nginx::start(sim.addr);
-    let gateway = nginx.addr();
-    let ports = Ports {
-        gateway: nginx.port,
-        upstream: sim.addr.port(),
-    };
+    let Stack {
+        sim: _sim,
+        mut nginx,
+        gateway,
+        ports,
+    } = Stack::start();
     let daemon = start_daemon(ports, &[]);
     let idle = Memory::of(&daemon);
     let mut want = Expected::default();

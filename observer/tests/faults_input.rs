@@ -14,9 +14,7 @@ mod support;
 
 use tokio::io::AsyncWriteExt;
 
-use support::daemon::Sim;
 use support::faults::*;
-use support::nginx::Nginx;
 
 /// Valid chats, per client, that run beside the bad ones.
 const CHATS: usize = 5;
@@ -94,12 +92,12 @@ fn garbage_and_other_protocols_on_watched_ports() {
         return;
     }
     let rt = runtime();
-    let sim = Sim::start(FAST_SIM);
-    let nginx = Nginx::start(sim.addr);
-    let ports = Ports {
-        gateway: nginx.port,
-        upstream: sim.addr.port(),
-    };
+    let Stack {
+        sim,
+        nginx,
+        gateway: _,
+        ports,
+    } = Stack::start();
     let daemon = start_daemon(ports, &[]);
     let idle = Memory::of(&daemon);
     let mut want = Expected::default();
@@ -155,13 +153,12 @@ fn half_open_and_vanishing_clients() {
         return;
     }
     let rt = runtime();
-    let sim = Sim::start(FAST_SIM);
-    let nginx = Nginx::start(sim.addr);
-    let gateway = nginx.addr();
-    let ports = Ports {
-        gateway: nginx.port,
-        upstream: sim.addr.port(),
-    };
+    let Stack {
+        sim,
+        nginx: _nginx,
+        gateway,
+        ports,
+    } = Stack::start();
     let daemon = start_daemon(ports, &[]);
     let idle = Memory::of(&daemon);
     let mut want = Expected::default();

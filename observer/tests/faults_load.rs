@@ -9,9 +9,8 @@ mod support;
 
 use std::time::Instant;
 
-use support::daemon::Sim;
 use support::faults::*;
-use support::nginx::{Nginx, NginxOptions};
+use support::nginx::NginxOptions;
 
 /// Client connections held open at once.
 const CONNECTIONS: usize = 5000;
@@ -53,19 +52,15 @@ fn five_thousand_concurrent_connections() {
         "RLIMIT_NOFILE {nofile} is too low for {CONNECTIONS} connections"
     );
     let rt = runtime();
-    let sim = Sim::start(FAST_SIM);
     // One worker may take every client connection and an upstream one for each.
-    let nginx = Nginx::start_with(
-        sim.addr,
-        NginxOptions {
-            worker_connections: 2 * CONNECTIONS as u32 + 1000,
-        },
-    );
-    let gateway = nginx.addr();
-    let ports = Ports {
-        gateway: nginx.port,
-        upstream: sim.addr.port(),
-    };
+    let Stack {
+        sim: _sim,
+        nginx: _nginx,
+        gateway,
+        ports,
+    } = Stack::start_with(NginxOptions {
+        worker_connections: 2 * CONNECTIONS as u32 + 1000,
+    });
     let daemon = start_daemon(ports, &[]);
     let idle = Memory::of(&daemon);
 

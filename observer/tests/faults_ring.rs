@@ -8,9 +8,8 @@
 
 mod support;
 
-use support::daemon::Sim;
 use support::faults::*;
-use support::nginx::{Nginx, NginxOptions};
+use support::nginx::NginxOptions;
 
 /// The ring buffer of the flood test: 64 KiB, about 45 data events (each holds up to 1,280
 /// payload bytes, ~1.4 KiB in all). The smallest ring accepted (4 KiB) holds two, fewer than
@@ -30,18 +29,14 @@ fn ring_buffer_overrun_is_counted_and_the_daemon_recovers() {
         return;
     }
     let rt = runtime();
-    let sim = Sim::start(FAST_SIM);
-    let nginx = Nginx::start_with(
-        sim.addr,
-        NginxOptions {
-            worker_connections: 1024,
-        },
-    );
-    let gateway = nginx.addr();
-    let ports = Ports {
-        gateway: nginx.port,
-        upstream: sim.addr.port(),
-    };
+    let Stack {
+        sim: _sim,
+        nginx: _nginx,
+        gateway,
+        ports,
+    } = Stack::start_with(NginxOptions {
+        worker_connections: 1024,
+    });
     let daemon = start_daemon(ports, &["--ring-bytes", SMALL_RING]);
     let idle = Memory::of(&daemon);
 

@@ -13,7 +13,6 @@ use std::sync::mpsc;
 
 use support::daemon::Sim;
 use support::faults::*;
-use support::nginx::Nginx;
 
 /// Streams running when the upstream is killed.
 const STREAMS: usize = 4;
@@ -24,14 +23,13 @@ fn upstream_killed_mid_stream_then_restarted_on_its_port() {
         return;
     }
     let rt = runtime();
-    let sim = Sim::start(FAST_SIM);
+    let Stack {
+        sim,
+        nginx,
+        gateway,
+        ports,
+    } = Stack::start();
     let upstream = sim.addr;
-    let nginx = Nginx::start(upstream);
-    let gateway = nginx.addr();
-    let ports = Ports {
-        gateway: nginx.port,
-        upstream: upstream.port(),
-    };
     let daemon = start_daemon(ports, &[]);
     let idle = Memory::of(&daemon);
     let mut want = Expected::default();

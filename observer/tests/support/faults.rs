@@ -17,7 +17,8 @@ use observer::engine::ErrorReason;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::daemon::{Daemon, Samples};
+use super::daemon::{Daemon, Samples, Sim};
+use super::nginx::{Nginx, NginxOptions};
 
 /// `observer sim` replying in milliseconds: tiny delays, four tokens, seeded ids.
 pub const FAST_SIM: &[&str] = &[
@@ -51,6 +52,36 @@ pub const READ_WAIT: Duration = Duration::from_secs(20);
 pub struct Ports {
     pub gateway: u16,
     pub upstream: u16,
+}
+
+/// What every fault test observes: `observer sim` ([`FAST_SIM`]) with nginx in front of it.
+pub struct Stack {
+    pub sim: Sim,
+    pub nginx: Nginx,
+    /// nginx's address, where clients go.
+    pub gateway: SocketAddr,
+    pub ports: Ports,
+}
+
+impl Stack {
+    pub fn start() -> Stack {
+        Stack::start_with(NginxOptions::default())
+    }
+
+    pub fn start_with(options: NginxOptions) -> Stack {
+        let sim = Sim::start(FAST_SIM);
+        let nginx = Nginx::start_with(sim.addr, options);
+        let ports = Ports {
+            gateway: nginx.port,
+            upstream: sim.addr.port(),
+        };
+        Stack {
+            gateway: nginx.addr(),
+            sim,
+            nginx,
+            ports,
+        }
+    }
 }
 
 /// `observer run --watch GATEWAY=gateway --watch UPSTREAM=upstream` with [`DAEMON_FLAGS`] and
