@@ -118,14 +118,7 @@ fn nginx_reload_new_workers_are_followed() {
 
     // Only the new workers accept now: every exchange counted is theirs.
     chats(&rt, gateway, 6, 2, &mut want);
-    await_requests(&daemon, &want);
-    await_gauges_settled(&daemon, ports);
-    let s = daemon.scrape();
-    for role in ["gateway", "upstream"] {
-        assert!(parse_errors(&s, role).is_empty(), "{role}: {s:?}");
-    }
-    assert_eq!(events_lost(&s), 0.0);
-    assert_fine(&daemon, idle, 32, 16);
+    assert_recovered(&daemon, ports, &want, idle);
     daemon.stop();
 }
 
@@ -184,13 +177,6 @@ fn nginx_restarted_on_the_same_port() {
     drop(idle_clients);
 
     chats(&rt, gateway, 4, 2, &mut want);
-    await_requests(&daemon, &want);
-    await_gauges_settled(&daemon, ports);
-    let s = daemon.scrape();
-    for role in ["gateway", "upstream"] {
-        assert!(parse_errors(&s, role).is_empty(), "{role}: {s:?}");
-    }
-    assert_eq!(events_lost(&s), 0.0);
-    assert_fine(&daemon, idle, 32, 16);
+    assert_recovered(&daemon, ports, &want, idle);
     daemon.stop();
 }

@@ -221,17 +221,6 @@ fn half_open_and_vanishing_clients() {
     });
     want.gateway.add("none", 2);
     want.upstream.add("none", 1);
-    await_requests(&daemon, &want);
-    await_gauges_settled(&daemon, ports);
-    let s = daemon.scrape();
-    for role in ["gateway", "upstream"] {
-        assert!(
-            parse_errors(&s, role).is_empty(),
-            "{role}: {:?}",
-            parse_errors(&s, role)
-        );
-    }
-    assert_eq!(events_lost(&s), 0.0);
-    assert_fine(&daemon, idle, 32, 16);
+    assert_recovered(&daemon, ports, &want, idle);
     daemon.stop();
 }

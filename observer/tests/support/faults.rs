@@ -646,6 +646,21 @@ impl Memory {
 
 const MIB: u64 = 1 << 20;
 
+/// The end of a fault that leaves no trace but its exchanges: the counts are the clients'
+/// records, the gauges the truth, no parse error, nothing lost, the daemon ready and its memory
+/// back near idle.
+pub fn assert_recovered(daemon: &Daemon, ports: Ports, want: &Expected, idle: Memory) {
+    await_requests(daemon, want);
+    await_gauges_settled(daemon, ports);
+    let s = daemon.scrape();
+    for role in ["gateway", "upstream"] {
+        let errors = parse_errors(&s, role);
+        assert!(errors.is_empty(), "{role}: parse errors {errors:?}");
+    }
+    assert_eq!(events_lost(&s), 0.0);
+    assert_fine(daemon, idle, 32, 16);
+}
+
 /// The daemon answers `/readyz` and its memory is back within bounds once the fault is over:
 /// `process_resident_memory_bytes` (its own figure) at most `idle.rss + rss_slack_mib`, and
 /// its anonymous memory at most `idle.anon + anon_slack_mib`. Prints the figures.
