@@ -280,14 +280,16 @@ fn bad_flags_are_one_line_errors() {
         ),
         (&["trace", "--ring-bytes", "lots"][..], 2, "--ring-bytes"),
         (&["trace", "--preview"][..], 2, "--preview"),
+        // Values that parse but cannot work are usage errors too (exit 2), found before the
+        // capture loads (docs/OPERATIONS.md).
         (
             &["trace", "--ring-bytes", "5000"][..],
-            1,
+            2,
             "ring buffer size 5000 is not a power of two",
         ),
         (
             &["trace", "--head-bytes", "2000"][..],
-            1,
+            2,
             "head capture of 2000 bytes exceeds the maximum of 1024",
         ),
     ] {
