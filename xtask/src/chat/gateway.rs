@@ -8,13 +8,13 @@ use std::{
     fs,
     net::{SocketAddr, TcpStream},
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 
-use crate::common::{http::stop_child, nginx::NGINX};
+use crate::common::{http::stop_child, nginx};
 
 pub const WORKERS: usize = 2;
 /// How long nginx may take to listen with all its workers.
@@ -29,11 +29,7 @@ pub struct Gateway {
 impl Gateway {
     /// nginx on `127.0.0.1:port` proxying to `upstream`.
     pub fn start(name: &str, port: u16, upstream: SocketAddr) -> anyhow::Result<Gateway> {
-        let dir =
-            std::env::temp_dir().join(format!("observer-{name}-nginx-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        fs::write(dir.join("nginx.conf"), conf(&dir, port, upstream))?;
+        let dir = nginx::prepare(name, &conf(port, upstream))?;
         let mut gateway = Gateway {
             dir,
             child: None,
@@ -101,17 +97,7 @@ impl Gateway {
     }
 
     fn nginx(&self) -> Command {
-        let mut cmd = Command::new(NGINX);
-        cmd.arg("-p")
-            .arg(&self.dir)
-            .arg("-c")
-            .arg(self.dir.join("nginx.conf"))
-            .arg("-e")
-            .arg(self.dir.join("error.log"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        cmd
+        nginx::command(&self.dir)
     }
 
     /// Starts the master and waits until its workers run and the port accepts.
@@ -138,7 +124,7 @@ impl Gateway {
     }
 
     fn error_log(&self) -> String {
-        fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
+        nginx::error_log(&self.dir)
     }
 }
 
@@ -151,23 +137,12 @@ impl Drop for Gateway {
 
 /// The gateway's configuration: nginx's defaults where an Ollama host would keep them
 /// (keep-alive timeouts and request limits), streaming unbuffered, as Ollama's docs advise.
-fn conf(dir: &std::path::Path, port: u16, upstream: SocketAddr) -> String {
-    let d = dir.display();
+fn conf(port: u16, upstream: SocketAddr) -> String {
     format!(
         r#"worker_processes {WORKERS};
-daemon off;
-master_process on;
-user root;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
     access_log off;
-    client_body_temp_path {d}/client_body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
     upstream ollama {{
         server {upstream};
         keepalive 16;

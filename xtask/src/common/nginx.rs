@@ -74,38 +74,9 @@ pub struct Nginx {
 
 impl Nginx {
     pub fn start(name: &str, http: impl FnOnce(u16) -> String) -> anyhow::Result<Nginx> {
-        if !Path::new(NGINX).exists() {
-            bail!("{NGINX} is missing: run scripts/setup.sh");
-        }
-        let dir =
-            std::env::temp_dir().join(format!("observer-bench-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir)?;
         let port = free_port()?;
-        let d = dir.display();
-        let conf = format!(
-            "daemon off;\nmaster_process on;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n{}",
-            http(port).replace(
-                "http {\n",
-                &format!(
-                    "http {{\n    client_body_temp_path {d}/client_body;\n    proxy_temp_path {d}/proxy;\n    \
-                     fastcgi_temp_path {d}/fastcgi;\n    uwsgi_temp_path {d}/uwsgi;\n    scgi_temp_path {d}/scgi;\n"
-                )
-            )
-        );
-        fs::write(dir.join("nginx.conf"), conf)?;
-        let child = Command::new(NGINX)
-            .arg("-p")
-            .arg(&dir)
-            .arg("-c")
-            .arg(dir.join("nginx.conf"))
-            .arg("-e")
-            .arg(dir.join("error.log"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting nginx")?;
+        let dir = prepare(name, &http(port))?;
+        let child = command(&dir).spawn().context("starting nginx")?;
         let mut nginx = Nginx {
             child,
             dir,
@@ -139,8 +110,53 @@ impl Nginx {
     }
 
     fn error_log(&self) -> String {
-        fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
+        error_log(&self.dir)
     }
+}
+
+/// A fresh temporary directory for one nginx, holding `nginx.conf`: `conf` (a configuration
+/// with an `http {` block) completed with what keeps nginx in the foreground and inside the
+/// directory (pid, error log, temp paths).
+pub fn prepare(name: &str, conf: &str) -> anyhow::Result<PathBuf> {
+    if !Path::new(NGINX).exists() {
+        bail!("{NGINX} is missing: run scripts/setup.sh");
+    }
+    let dir = std::env::temp_dir().join(format!("observer-bench-{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let d = dir.display();
+    let conf = format!(
+        "daemon off;\nmaster_process on;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n{}",
+        conf.replace(
+            "http {\n",
+            &format!(
+                "http {{\n    client_body_temp_path {d}/client_body;\n    proxy_temp_path {d}/proxy;\n    \
+                 fastcgi_temp_path {d}/fastcgi;\n    uwsgi_temp_path {d}/uwsgi;\n    scgi_temp_path {d}/scgi;\n"
+            )
+        )
+    );
+    fs::write(dir.join("nginx.conf"), conf)?;
+    Ok(dir)
+}
+
+/// nginx with its prefix, configuration and error log in `dir` (see [`prepare`]), quiet.
+pub fn command(dir: &Path) -> Command {
+    let mut cmd = Command::new(NGINX);
+    cmd.arg("-p")
+        .arg(dir)
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .arg("-e")
+        .arg(dir.join("error.log"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
+}
+
+/// What the nginx of `dir` logged.
+pub fn error_log(dir: &Path) -> String {
+    fs::read_to_string(dir.join("error.log")).unwrap_or_default()
 }
 
 impl Drop for Nginx {
