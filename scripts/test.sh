@@ -8,6 +8,11 @@ source scripts/env.sh
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# A CI run builds everything once: incremental caches would only take disk (about 2 GiB).
+[[ -n "${CI:-}" ]] && export CARGO_INCREMENTAL=0
+step "disk"
+df -h . /tmp
+
 step "format"
 cargo fmt --all --check
 step "kernel object"
@@ -22,3 +27,5 @@ step "Rust tests"
 cargo test --locked
 step "Python client tests"
 OBSERVER_BIN="$PWD/target/debug/observer" .venv/bin/python -m pytest -q tests/python
+step "disk used"
+du -sh target
