@@ -18,7 +18,7 @@ use crate::engine::{
     ConnMeta, Engine, EngineConfig, ErrorCounts, ErrorReason, Exchange,
     correlate::{Correlator, Resolved},
 };
-use crate::metrics::{Metrics, handles::Handles};
+use crate::metrics::{EbpfEventKind, Metrics, handles::Handles};
 
 /// What one [`Pipeline::reconcile`] changed: connections closed whose close event was lost,
 /// connections taken as open whose every event was lost, connections put back in step.
@@ -124,15 +124,18 @@ impl Pipeline {
         self.totals.events += 1;
         match event {
             Event::Data(d) => {
-                self.metrics.add_ebpf_events("data", 1);
+                self.metrics
+                    .record_ebpf_event(EbpfEventKind::Data, &mut self.handles);
                 self.on_data(d.into(), d.direction, d.ts_ns, d.len, &d.head, &d.tail);
             }
             Event::Open(c) => {
-                self.metrics.add_ebpf_events("open", 1);
+                self.metrics
+                    .record_ebpf_event(EbpfEventKind::Open, &mut self.handles);
                 self.on_conn_open(c);
             }
             Event::Close(c) => {
-                self.metrics.add_ebpf_events("close", 1);
+                self.metrics
+                    .record_ebpf_event(EbpfEventKind::Close, &mut self.handles);
                 self.on_close(c.conn_id, c.role);
             }
         }

@@ -15,7 +15,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::admin::{self, AdminConfig, AdminServer, StatusBoard};
 use crate::capture::{
     Capture, Role,
-    decode::Side,
+    decode::{Event, Side},
     own_ports::OwnPorts,
     reader::{self, EventReader},
     seed,
@@ -188,7 +188,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         capture.seeded().len()
     );
 
-    let mut batch = Vec::new();
     let mut reported = crate::pipeline::Totals::default();
     let mut chores = tokio::time::interval(CHORE_INTERVAL);
     chores.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -196,8 +195,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         tokio::select! {
             _ = interrupt.recv() => break Ok(()),
             _ = terminate.recv() => break Ok(()),
-            read = events.read_batch(&mut batch) => {
-                if let Err(err) = read {
+            ready = events.ready() => {
+                if let Err(err) = ready {
                     break Err(err).context("reading the ring buffer");
                 }
             }
@@ -208,7 +207,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                         if settled.any() {
                             tracing::debug!(?settled, "connections put in step with the kernel's table after lost events");
                         }
-                        batch.extend(sweep.closed.into_iter().map(crate::capture::decode::Event::Close));
+                        for conn in sweep.closed {
+                            pipeline.on_event(&Event::Close(conn));
+                        }
                     }
                     Err(err) => tracing::warn!("sweeping connections of exited processes: {err:#}"),
                 }
@@ -221,9 +222,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        for event in batch.drain(..) {
-            pipeline.on_event(&event);
-        }
+        // Each event borrowed from the ring buffer, its bytes never copied.
+        events.drain(|event| pipeline.on_event(&event));
         pipeline.flush(seed::monotonic_ns(), |_| {});
         let totals = pipeline.totals();
         status.add_events(totals.events - reported.events);

@@ -503,8 +503,8 @@ mod tests {
             fd: 5,
             port: 18789,
             len: 3000,
-            head: b"POST /api/chat HTTP/1.1\r\nHost: x\r\n\r\n{\"model\":\"m\"}".to_vec(),
-            tail: b"end\x00".to_vec(),
+            head: b"POST /api/chat HTTP/1.1\r\nHost: x\r\n\r\n{\"model\":\"m\"}".into(),
+            tail: b"end\x00".into(),
         };
         let event = Event::Data(data);
         assert_eq!(
@@ -521,15 +521,15 @@ mod tests {
             conn_id: 1,
             tgid: 1,
             pid: 1,
-            comm: String::new(),
+            comm: "".into(),
             role: Role::Upstream,
             side: Side::Client,
             direction: Direction::Egress,
             fd: 3,
             port: 11434,
             len: 2,
-            head: b"\r\n".to_vec(),
-            tail: Vec::new(),
+            head: b"\r\n".into(),
+            tail: b"".into(),
         };
         let line = value(&event_line(&Event::Data(short), &clock(), 64));
         assert_eq!(line["preview"], "\\r\\n");

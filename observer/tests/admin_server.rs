@@ -79,7 +79,7 @@ async fn start(token: Option<&str>) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let metrics = Arc::new(Metrics::new(MetricsConfig::default()).unwrap());
-    metrics.add_ebpf_events("data", 3);
+    metrics.add_ebpf_events(observer::metrics::EbpfEventKind::Data, 3);
     let status = Arc::new(StatusBoard::new(
         "ebpf",
         vec![(18789, Role::Gateway), (11434, Role::Upstream)],

@@ -172,7 +172,7 @@ async fn requests_through_nginx_show_on_gateway_and_upstream() {
     }
     let (to_sim, at_sim) = upstream_totals(&events, me);
     assert_eq!(to_sim, at_sim, "upstream bytes, worker vs simulator");
-    let forwarded: Vec<&DataRecord> = data_of(&events, Role::Upstream, Side::Client)
+    let forwarded: Vec<&DataRecord<'static>> = data_of(&events, Role::Upstream, Side::Client)
         .filter(|d| d.direction == Direction::Egress)
         .collect();
     let first = forwarded.first().expect("a request forwarded upstream");
@@ -210,14 +210,18 @@ async fn requests_through_nginx_show_on_gateway_and_upstream() {
     sim.shutdown().await.unwrap();
 }
 
-fn opens(events: &[Event]) -> impl Iterator<Item = &ConnRecord> {
+fn opens<'a>(events: &'a [Event<'static>]) -> impl Iterator<Item = &'a ConnRecord> {
     events.iter().filter_map(|e| match e {
         Event::Open(o) => Some(o),
         _ => None,
     })
 }
 
-fn data_of(events: &[Event], role: Role, side: Side) -> impl Iterator<Item = &DataRecord> {
+fn data_of<'a>(
+    events: &'a [Event<'static>],
+    role: Role,
+    side: Side,
+) -> impl Iterator<Item = &'a DataRecord<'static>> {
     events.iter().filter_map(move |e| match e {
         Event::Data(d) if d.role == role && d.side == side => Some(d),
         _ => None,
@@ -225,7 +229,7 @@ fn data_of(events: &[Event], role: Role, side: Side) -> impl Iterator<Item = &Da
 }
 
 /// The gateway's server-side connections, with their events.
-fn gateway_server_conns(events: &[Event]) -> Vec<(ConnRecord, ConnView)> {
+fn gateway_server_conns(events: &[Event<'static>]) -> Vec<(ConnRecord, ConnView)> {
     let conns = cap::by_conn(events);
     opens(events)
         .filter(|o| o.role == Role::Gateway && o.side == Side::Server)
@@ -234,7 +238,7 @@ fn gateway_server_conns(events: &[Event]) -> Vec<(ConnRecord, ConnView)> {
 }
 
 /// Upstream bytes ((sent, received) by the workers, (received, sent) by the simulator).
-fn upstream_totals(events: &[Event], me: u32) -> ((u64, u64), (u64, u64)) {
+fn upstream_totals(events: &[Event<'static>], me: u32) -> ((u64, u64), (u64, u64)) {
     let sum = |side: Side, direction: Direction| -> u64 {
         data_of(events, Role::Upstream, side)
             .filter(|d| d.direction == direction && (side == Side::Client) != (d.tgid == me))
@@ -253,7 +257,7 @@ fn upstream_totals(events: &[Event], me: u32) -> ((u64, u64), (u64, u64)) {
     )
 }
 
-fn who(event: &Event) -> (u32, &str) {
+fn who<'a>(event: &'a Event<'_>) -> (u32, &'a str) {
     match event {
         Event::Data(d) => (d.tgid, &d.comm),
         Event::Open(c) | Event::Close(c) => (c.tgid, &c.comm),

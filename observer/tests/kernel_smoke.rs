@@ -79,8 +79,8 @@ async fn loopback_write_on_watched_port_reaches_the_ring_buffer() {
     assert_eq!(close.conn_id, open.conn_id);
     assert_eq!(data.direction, Direction::Egress);
     assert_eq!(data.len, PAYLOAD_LEN as u64, "length the syscall returned");
-    assert_eq!(data.head, payload[..1024], "head bytes");
-    assert_eq!(data.tail, payload[PAYLOAD_LEN - 256..], "tail bytes");
+    assert_eq!(*data.head, payload[..1024], "head bytes");
+    assert_eq!(*data.tail, payload[PAYLOAD_LEN - 256..], "tail bytes");
     assert!(
         before <= open.ts_ns
             && open.ts_ns <= data.ts_ns
@@ -103,8 +103,12 @@ async fn loopback_write_on_watched_port_reaches_the_ring_buffer() {
         (read.direction, read.len),
         (Direction::Ingress, PAYLOAD_LEN as u64)
     );
-    assert_eq!(read.head, payload[..1024], "server head bytes");
-    assert_eq!(read.tail, payload[PAYLOAD_LEN - 256..], "server tail bytes");
+    assert_eq!(*read.head, payload[..1024], "server head bytes");
+    assert_eq!(
+        *read.tail,
+        payload[PAYLOAD_LEN - 256..],
+        "server tail bytes"
+    );
     assert_eq!(
         capture.counters().unwrap(),
         Default::default(),
@@ -131,7 +135,7 @@ fn side_of(event: &Event) -> Side {
     }
 }
 
-async fn collect(reader: &mut EventReader, want: usize) -> Vec<Event> {
+async fn collect(reader: &mut EventReader, want: usize) -> Vec<Event<'static>> {
     let mut events = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while events.len() < want {

@@ -11,7 +11,7 @@ use observer::{
     capture::{Role, decode::Direction, decode::Side},
     engine::{ConnMeta, Exchange, LlmFields, Method, Outcome, Timestamps},
     gpu::{GpuCollector, GpuProcess, GpuReading, GpuSnapshot},
-    metrics::{ExpositionFormat, Metrics, MetricsConfig, handles::Handles},
+    metrics::{EbpfEventKind, ExpositionFormat, Metrics, MetricsConfig, handles::Handles},
     probe::{
         Stage,
         check::ListedModel,
@@ -105,8 +105,8 @@ fn observed_metrics() -> Metrics {
     m.observe_gateway_overhead("/api/chat", 0.0031, Some(0.0007));
     m.observe_gateway_overhead("/api/chat", -0.0001, None);
     m.count_unmatched(Role::Gateway, 1);
-    m.add_ebpf_events("data", 120);
-    m.add_ebpf_events("open", 6);
+    m.add_ebpf_events(EbpfEventKind::Data, 120);
+    m.add_ebpf_events(EbpfEventKind::Open, 6);
     m.add_ebpf_lost("data", 0);
     observe_collectors(&m);
     m

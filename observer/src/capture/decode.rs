@@ -31,15 +31,17 @@ pub enum Direction {
     Egress,
 }
 
-/// One send or receive on a watched connection.
+/// One send or receive on a watched connection. Its bytes borrow from the ring buffer record
+/// it was decoded from (no allocation per event on the daemon's hot path);
+/// [`DataRecord::into_owned`] keeps one beyond the record.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DataRecord {
+pub struct DataRecord<'a> {
     pub ts_ns: u64,
     pub conn_id: u64,
     pub tgid: u32,
     pub pid: u32,
     /// Process name at the syscall.
-    pub comm: String,
+    pub comm: Cow<'a, str>,
     pub role: Role,
     pub side: Side,
     pub direction: Direction,
@@ -47,8 +49,19 @@ pub struct DataRecord {
     pub port: u16,
     /// Bytes the syscall moved; `head.len() + tail.len()` may be less (partial capture).
     pub len: u64,
-    pub head: Vec<u8>,
-    pub tail: Vec<u8>,
+    pub head: Cow<'a, [u8]>,
+    pub tail: Cow<'a, [u8]>,
+}
+
+impl DataRecord<'_> {
+    pub fn into_owned(self) -> DataRecord<'static> {
+        DataRecord {
+            comm: Cow::Owned(self.comm.into_owned()),
+            head: Cow::Owned(self.head.into_owned()),
+            tail: Cow::Owned(self.tail.into_owned()),
+            ..self
+        }
+    }
 }
 
 /// A watched connection opened or closed (or found open in `/proc` at start: `seeded`).
@@ -73,10 +86,21 @@ pub struct ConnRecord {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
-    Data(DataRecord),
+pub enum Event<'a> {
+    Data(DataRecord<'a>),
     Open(ConnRecord),
     Close(ConnRecord),
+}
+
+impl Event<'_> {
+    /// The event with its bytes copied out of the record it borrows from.
+    pub fn into_owned(self) -> Event<'static> {
+        match self {
+            Event::Data(data) => Event::Data(data.into_owned()),
+            Event::Open(conn) => Event::Open(conn),
+            Event::Close(conn) => Event::Close(conn),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -104,7 +128,7 @@ impl DecodeError {
     }
 }
 
-pub fn decode(record: &[u8]) -> Result<Event, DecodeError> {
+pub fn decode(record: &[u8]) -> Result<Event<'_>, DecodeError> {
     let kind = read::<u32>(record, "record kind")?;
     match kind {
         kind::DATA => decode_data(record).map(Event::Data),
@@ -114,9 +138,10 @@ pub fn decode(record: &[u8]) -> Result<Event, DecodeError> {
     }
 }
 
-fn decode_data(record: &[u8]) -> Result<DataRecord, DecodeError> {
+fn decode_data(record: &[u8]) -> Result<DataRecord<'_>, DecodeError> {
     // Borrowed, not copied: a data record is 1,368 bytes of which most events fill a few
-    // hundred, and the copy was the daemon's largest single cost under load.
+    // hundred, and the copy was the daemon's largest single cost under load. The byte arrays
+    // are sliced from the record itself, aligned or not, so the event borrows them too.
     let raw = view::<DataEvent>(record, "data event")?;
     let head_len = raw.head_len as usize;
     let tail_len = raw.tail_len as usize;
@@ -151,11 +176,28 @@ fn decode_data(record: &[u8]) -> Result<DataRecord, DecodeError> {
         },
         fd: raw.fd,
         port: decode_port(raw.port)?,
-        comm: decode_comm(&raw.comm),
+        comm: comm_str(bytes_at(
+            record,
+            std::mem::offset_of!(DataEvent, comm),
+            COMM_LEN,
+        )),
         len: raw.len,
-        head: raw.head[..head_len].to_vec(),
-        tail: raw.tail[..tail_len].to_vec(),
+        head: Cow::Borrowed(bytes_at(
+            record,
+            std::mem::offset_of!(DataEvent, head),
+            head_len,
+        )),
+        tail: Cow::Borrowed(bytes_at(
+            record,
+            std::mem::offset_of!(DataEvent, tail),
+            tail_len,
+        )),
     })
+}
+
+/// `len` bytes of `record` from `offset`, within the `DataEvent` that `view` checked it holds.
+fn bytes_at(record: &[u8], offset: usize, len: usize) -> &[u8] {
+    &record[offset..offset + len]
 }
 
 fn decode_conn(record: &[u8]) -> Result<ConnRecord, DecodeError> {
@@ -169,7 +211,7 @@ fn decode_conn(record: &[u8]) -> Result<ConnRecord, DecodeError> {
         side: decode_side(raw.side)?,
         fd: raw.fd,
         port: decode_port(raw.port)?,
-        comm: decode_comm(&raw.comm),
+        comm: comm_str(&raw.comm).into_owned(),
         local: decode_endpoint(&raw.local)?,
         remote: decode_endpoint(&raw.remote)?,
         seeded: raw.seeded != 0,
@@ -198,10 +240,10 @@ pub fn conn_record(
     })
 }
 
-/// A NUL-padded process name.
-pub fn decode_comm(raw: &[u8; COMM_LEN]) -> String {
-    let end = raw.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
-    String::from_utf8_lossy(&raw[..end]).into_owned()
+/// A NUL-padded process name, borrowed unless it is not UTF-8.
+fn comm_str(raw: &[u8]) -> Cow<'_, str> {
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..end])
 }
 
 /// An endpoint the kernel side filled in, or `None` when it did not know it.
@@ -320,6 +362,11 @@ mod tests {
         .to_vec()
     }
 
+    fn as_bytes_mut(words: &mut [u64]) -> &mut [u8] {
+        // SAFETY: a u64 slice is viewed as its own bytes.
+        unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 8) }
+    }
+
     fn data_event(head: &[u8], len: u64) -> DataEvent {
         let mut event = DataEvent {
             kind: kind::DATA,
@@ -345,11 +392,12 @@ mod tests {
 
     #[test]
     fn decodes_a_data_event() {
-        let event = decode(&as_bytes(&data_event(b"GET / HTTP/1.1\r\n", 16))).unwrap();
+        let bytes = as_bytes(&data_event(b"GET / HTTP/1.1\r\n", 16));
+        let event = decode(&bytes).unwrap();
         let Event::Data(data) = event else {
             panic!("expected data, got {event:?}")
         };
-        assert_eq!(data.head, b"GET / HTTP/1.1\r\n");
+        assert_eq!(data.head, b"GET / HTTP/1.1\r\n".as_slice());
         assert_eq!(
             (data.len, data.port, data.role, data.side),
             (16, 11434, Role::Upstream, Side::Client)
@@ -362,18 +410,31 @@ mod tests {
     #[test]
     fn a_record_decodes_the_same_borrowed_or_copied() {
         let bytes = as_bytes(&data_event(b"GET / HTTP/1.1\r\n", 16));
-        // A buffer of u64s is 8-byte aligned: the record at offset 0 is borrowed, at 1 copied.
-        let mut words = vec![0u64; bytes.len() / 8 + 2];
-        // SAFETY: the u64 buffer is viewed as its own bytes.
-        let buffer = unsafe {
-            std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 8)
-        };
-        buffer[..bytes.len()].copy_from_slice(&bytes);
-        let aligned = decode(&buffer[..bytes.len()]).unwrap();
-        buffer[1..=bytes.len()].copy_from_slice(&bytes);
-        let unaligned = decode(&buffer[1..=bytes.len()]).unwrap();
+        // Buffers of u64s are 8-byte aligned: the record at offset 0 is borrowed, at 1 copied.
+        let mut aligned_words = vec![0u64; bytes.len() / 8 + 2];
+        let mut unaligned_words = aligned_words.clone();
+        let aligned_buffer = as_bytes_mut(&mut aligned_words);
+        aligned_buffer[..bytes.len()].copy_from_slice(&bytes);
+        let aligned = decode(&aligned_buffer[..bytes.len()]).unwrap();
+        let unaligned_buffer = as_bytes_mut(&mut unaligned_words);
+        unaligned_buffer[1..=bytes.len()].copy_from_slice(&bytes);
+        let unaligned = decode(&unaligned_buffer[1..=bytes.len()]).unwrap();
         assert_eq!(aligned, unaligned);
-        assert!(matches!(&aligned, Event::Data(d) if d.head == b"GET / HTTP/1.1\r\n"));
+        assert!(matches!(&aligned, Event::Data(d) if d.head == b"GET / HTTP/1.1\r\n".as_slice()));
+        // Either way the bytes are the record's own: nothing allocated per event.
+        for event in [&aligned, &unaligned] {
+            let Event::Data(d) = event else {
+                panic!("not a data event: {event:?}")
+            };
+            assert!(matches!(d.head, Cow::Borrowed(_)), "head copied");
+            assert!(matches!(d.tail, Cow::Borrowed(_)), "tail copied");
+            assert!(
+                matches!(d.comm, Cow::Borrowed("nginx")),
+                "comm {:?}",
+                d.comm
+            );
+        }
+        assert_eq!(aligned.clone().into_owned(), aligned);
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub struct EventReader {
     ring: AsyncFd<RingBuf<MapData>>,
     decode_errors: BTreeMap<&'static str, u64>,
     records: u64,
+    /// The last drain stopped at [`MAX_BATCH`] with records left.
+    backlog: bool,
 }
 
 impl EventReader {
@@ -33,26 +35,40 @@ impl EventReader {
             ring,
             decode_errors: BTreeMap::new(),
             records: 0,
+            backlog: false,
         })
     }
 
     /// Waits until at least one record is available, then appends the available events (at
-    /// most [`MAX_BATCH`]) to `out`. Returns the number of records consumed (decoded or not).
-    pub async fn read_batch(&mut self, out: &mut Vec<Event>) -> std::io::Result<usize> {
+    /// most [`MAX_BATCH`]) to `out`, copied out of the ring. Returns the number of records
+    /// consumed (decoded or not). For tools and tests; the daemon uses [`Self::drain`].
+    pub async fn read_batch(&mut self, out: &mut Vec<Event<'static>>) -> std::io::Result<usize> {
         loop {
-            let consumed = self.drain(out);
+            let consumed = self.drain(|event| out.push(event.into_owned()));
             if consumed > 0 {
                 return Ok(consumed);
             }
-            tokio::select! {
-                ready = self.ring.readable_mut() => ready?.clear_ready(),
-                () = tokio::time::sleep(POLL_INTERVAL) => {}
-            }
+            self.ready().await?;
         }
     }
 
-    /// Decodes every record available now.
-    fn drain(&mut self, out: &mut Vec<Event>) -> usize {
+    /// Returns once records may be waiting: at once when the last drain stopped at
+    /// [`MAX_BATCH`], else when the ring's fd is readable or after [`POLL_INTERVAL`].
+    pub async fn ready(&mut self) -> std::io::Result<()> {
+        if self.backlog {
+            return Ok(());
+        }
+        tokio::select! {
+            ready = self.ring.readable_mut() => ready?.clear_ready(),
+            () = tokio::time::sleep(POLL_INTERVAL) => {}
+        }
+        Ok(())
+    }
+
+    /// Decodes the records available now (at most [`MAX_BATCH`]) and hands each event to
+    /// `each`, borrowed from the ring buffer: its bytes are not copied. Returns the number of
+    /// records consumed (decoded or not).
+    pub fn drain(&mut self, mut each: impl FnMut(Event<'_>)) -> usize {
         let ring = self.ring.get_mut();
         let mut consumed = 0;
         while consumed < MAX_BATCH
@@ -60,7 +76,7 @@ impl EventReader {
         {
             consumed += 1;
             match decode(&record) {
-                Ok(event) => out.push(event),
+                Ok(event) => each(event),
                 Err(err) => {
                     tracing::debug!("undecodable ring buffer record: {err}");
                     *self.decode_errors.entry(err.reason()).or_default() += 1;
@@ -68,6 +84,7 @@ impl EventReader {
             }
         }
         self.records += consumed as u64;
+        self.backlog = consumed == MAX_BATCH;
         consumed
     }
 

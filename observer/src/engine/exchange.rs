@@ -18,8 +18,8 @@ pub struct ConnMeta {
     pub tgid: u32,
 }
 
-impl From<&DataRecord> for ConnMeta {
-    fn from(d: &DataRecord) -> ConnMeta {
+impl From<&DataRecord<'_>> for ConnMeta {
+    fn from(d: &DataRecord<'_>) -> ConnMeta {
         ConnMeta {
             conn_id: d.conn_id,
             role: d.role,

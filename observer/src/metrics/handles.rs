@@ -18,7 +18,7 @@ use prometheus::{
     local::{LocalHistogram, LocalIntCounter},
 };
 
-use super::labels::RouteId;
+use super::{EbpfEventKind, labels::RouteId};
 use crate::{
     capture::{Role, decode::Direction},
     engine::Method,
@@ -33,6 +33,7 @@ pub struct Handles {
     pub(super) http: HashMap<HttpKey, Http>,
     pub(super) overhead: HashMap<RouteId, Overhead>,
     pub(super) bytes: [[Option<LocalIntCounter>; 2]; 2],
+    pub(super) ebpf_events: [Option<LocalIntCounter>; 3],
     pub(super) in_flight: [Gauge; 2],
     pub(super) active: [Gauge; 2],
 }
@@ -146,6 +147,14 @@ impl Handles {
         self.bytes[role.index()][direction].get_or_insert_with(make)
     }
 
+    pub(super) fn ebpf_events(
+        &mut self,
+        kind: EbpfEventKind,
+        make: impl FnOnce() -> LocalIntCounter,
+    ) -> &LocalIntCounter {
+        self.ebpf_events[kind as usize].get_or_insert_with(make)
+    }
+
     /// Adds to the in-flight gauge (several pipelines, the proxy's pairs, share it).
     pub fn add_in_flight(&mut self, role: Role, delta: i64) {
         self.in_flight[role.index()].add(delta);
@@ -164,6 +173,7 @@ impl Handles {
         self.bytes
             .iter()
             .flatten()
+            .chain(&self.ebpf_events)
             .flatten()
             .for_each(LocalIntCounter::flush);
         for role in [Role::Gateway, Role::Upstream] {

@@ -56,6 +56,24 @@ impl Default for MetricsConfig {
 }
 
 /// Every metric the daemon exports, and the registry they are exported from.
+/// The kinds of ring buffer event, as `observer_ebpf_events_total` labels them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EbpfEventKind {
+    Data = 0,
+    Open = 1,
+    Close = 2,
+}
+
+impl EbpfEventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EbpfEventKind::Data => "data",
+            EbpfEventKind::Open => "open",
+            EbpfEventKind::Close => "close",
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -396,11 +414,23 @@ impl Metrics {
             .inc_by(n);
     }
 
-    pub fn add_ebpf_events(&self, kind: &'static str, n: u64) {
+    pub fn add_ebpf_events(&self, kind: EbpfEventKind, n: u64) {
         self.families
             .ebpf_events
-            .with_label_values(&[kind])
+            .with_label_values(&[kind.as_str()])
             .inc_by(n);
+    }
+
+    /// One ring buffer event, counted in a pipeline's `handles` (no label lookup per event).
+    pub fn record_ebpf_event(&self, kind: EbpfEventKind, handles: &mut Handles) {
+        handles
+            .ebpf_events(kind, || {
+                self.families
+                    .ebpf_events
+                    .with_label_values(&[kind.as_str()])
+                    .local()
+            })
+            .inc();
     }
 
     pub fn add_ebpf_lost(&self, kind: &'static str, n: u64) {

@@ -416,7 +416,7 @@ fn counters_and_gauges() {
     m.add_bytes(Role::Upstream, Direction::Egress, 7);
     m.add_bytes(Role::Upstream, Direction::Egress, 8);
     m.add_parse_errors(Role::Gateway, "bad_request_line", 4);
-    m.add_ebpf_events("data", 10);
+    m.add_ebpf_events(EbpfEventKind::Data, 10);
     m.add_ebpf_lost("data", 1);
 
     let gw = [("role", "gateway")];

@@ -49,8 +49,8 @@ pub fn start(config: &CaptureConfig) -> (Capture, EventReader) {
 /// complaint of `check` and a summary of what came.
 pub async fn collect_until(
     reader: &mut EventReader,
-    events: &mut Vec<Event>,
-    mut check: impl FnMut(&[Event]) -> Result<(), String>,
+    events: &mut Vec<Event<'static>>,
+    mut check: impl FnMut(&[Event<'static>]) -> Result<(), String>,
 ) {
     let deadline = tokio::time::Instant::now() + EVENT_WAIT;
     loop {
@@ -73,7 +73,11 @@ pub async fn collect_until(
 }
 
 /// Reads into `events` until nothing arrives for `quiet`.
-pub async fn collect_quiet(reader: &mut EventReader, events: &mut Vec<Event>, quiet: Duration) {
+pub async fn collect_quiet(
+    reader: &mut EventReader,
+    events: &mut Vec<Event<'static>>,
+    quiet: Duration,
+) {
     while let Ok(read) = tokio::time::timeout(quiet, reader.read_batch(events)).await {
         read.unwrap();
     }
@@ -107,7 +111,7 @@ pub fn assert_no_decode_errors(reader: &EventReader) {
 #[derive(Debug, Default, Clone)]
 pub struct ConnView {
     pub open: Option<ConnRecord>,
-    pub data: Vec<DataRecord>,
+    pub data: Vec<DataRecord<'static>>,
     pub close: Option<ConnRecord>,
 }
 
@@ -147,13 +151,13 @@ impl ConnView {
 }
 
 /// `head ++ tail` when together they are every byte the syscall moved.
-pub fn complete_bytes(data: &DataRecord) -> Option<Vec<u8>> {
+pub fn complete_bytes(data: &DataRecord<'_>) -> Option<Vec<u8>> {
     ((data.head.len() + data.tail.len()) as u64 == data.len)
-        .then(|| [data.head.as_slice(), data.tail.as_slice()].concat())
+        .then(|| [&data.head[..], &data.tail[..]].concat())
 }
 
 /// Events grouped by connection id.
-pub fn by_conn(events: &[Event]) -> BTreeMap<u64, ConnView> {
+pub fn by_conn(events: &[Event<'static>]) -> BTreeMap<u64, ConnView> {
     let mut conns: BTreeMap<u64, ConnView> = BTreeMap::new();
     for event in events {
         match event {
@@ -172,7 +176,12 @@ pub fn by_conn(events: &[Event]) -> BTreeMap<u64, ConnView> {
 }
 
 /// The open event of the connection `tgid` holds as `fd` on `side`.
-pub fn find_open(events: &[Event], tgid: u32, side: Side, fd: u32) -> Option<&ConnRecord> {
+pub fn find_open<'a>(
+    events: &'a [Event<'static>],
+    tgid: u32,
+    side: Side,
+    fd: u32,
+) -> Option<&'a ConnRecord> {
     events.iter().find_map(|e| match e {
         Event::Open(o) if o.tgid == tgid && o.side == side && o.fd == fd => Some(o),
         _ => None,
@@ -180,7 +189,10 @@ pub fn find_open(events: &[Event], tgid: u32, side: Side, fd: u32) -> Option<&Co
 }
 
 /// The open event of the server side whose peer is `remote`.
-pub fn find_server_open(events: &[Event], remote: SocketAddr) -> Option<&ConnRecord> {
+pub fn find_server_open<'a>(
+    events: &'a [Event<'static>],
+    remote: SocketAddr,
+) -> Option<&'a ConnRecord> {
     events.iter().find_map(|e| match e {
         Event::Open(o) if o.side == Side::Server && o.remote == Some(remote) => Some(o),
         _ => None,
@@ -188,7 +200,7 @@ pub fn find_server_open(events: &[Event], remote: SocketAddr) -> Option<&ConnRec
 }
 
 /// One short line per event, payloads cut to 48 escaped bytes: for failure messages.
-pub fn summary(events: &[Event]) -> String {
+pub fn summary(events: &[Event<'static>]) -> String {
     let mut out = String::new();
     for event in events {
         let _ = match event {
@@ -281,7 +293,7 @@ pub fn assert_payload(
             "{direction:?} event {i} (len {len}, offset {offset}): head length"
         );
         assert!(
-            data.head == moved[..head_len],
+            *data.head == moved[..head_len],
             "{direction:?} event {i} (len {len}, offset {offset}): head bytes differ"
         );
         let tail_max = tail_bytes.min(len - head_len);
@@ -299,7 +311,7 @@ pub fn assert_payload(
             );
         }
         assert!(
-            data.tail == moved[len - data.tail.len()..],
+            *data.tail == moved[len - data.tail.len()..],
             "{direction:?} event {i} (len {len}, offset {offset}): tail bytes differ"
         );
         offset += len;
