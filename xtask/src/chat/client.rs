@@ -277,11 +277,11 @@ mod tests {
     use super::*;
 
     /// A one-connection server answering each request with the next of `responses`, split
-    /// in two writes, then closing.
-    fn serve(responses: Vec<Vec<u8>>) -> SocketAddr {
+    /// in two writes, then closing; joining its thread waits until its listener is closed too.
+    fn serve(responses: Vec<Vec<u8>>) -> (SocketAddr, thread::JoinHandle<()>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        thread::spawn(move || {
+        let server = thread::spawn(move || {
             let (mut conn, _) = listener.accept().unwrap();
             let mut buf = [0; 4096];
             for response in responses {
@@ -296,7 +296,7 @@ mod tests {
                 conn.write_all(&response[half..]).unwrap();
             }
         });
-        addr
+        (addr, server)
     }
 
     #[test]
@@ -306,7 +306,7 @@ mod tests {
                    11\r\n{\"response\":\"a\"}\n\r\n0\r\n\r\n"
             .to_vec();
         let cut = ok[..ok.len() - 5].to_vec();
-        let addr = serve(vec![ok, cut]);
+        let (addr, server) = serve(vec![ok, cut]);
         let mut client = ChatClient::new(addr, Duration::from_secs(5));
         let request = ChatRequest::new(Api::Generate, true);
         let first = client.send(&request);
@@ -330,7 +330,8 @@ mod tests {
             (Outcome::Cut, Some(200), true)
         );
         assert!(client.stream.is_none());
-        // The server is gone: a new connection is refused.
+        // Once the server is gone (its listener closed), a new connection is refused.
+        server.join().unwrap();
         let third = client.send(&request);
         assert_eq!(third.outcome, Outcome::Refused);
     }
@@ -338,7 +339,7 @@ mod tests {
     #[test]
     fn an_idle_connection_the_server_closed_is_not_reused() {
         let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}".to_vec();
-        let addr = serve(vec![ok]);
+        let (addr, server) = serve(vec![ok]);
         let mut client = ChatClient::new(addr, Duration::from_secs(5));
         let request = ChatRequest::new(Api::Chat, false);
         assert_eq!(client.send(&request).outcome, Outcome::Complete);
@@ -349,14 +350,16 @@ mod tests {
             assert!(Instant::now() < deadline, "the server never closed");
             thread::sleep(Duration::from_millis(5));
         }
-        // Not written into the closed connection: a new one is tried (and refused).
+        // Not written into the closed connection: a new one is tried (and refused, once the
+        // listener is closed too).
+        server.join().unwrap();
         let second = client.send(&request);
         assert_eq!((second.outcome, second.reused), (Outcome::Refused, false));
     }
 
     #[test]
     fn a_close_before_any_byte_is_no_response() {
-        let addr = serve(vec![]);
+        let (addr, _server) = serve(vec![]);
         let mut client = ChatClient::new(addr, Duration::from_secs(5));
         let e = client.send(&ChatRequest::new(Api::Chat, false));
         assert!(
