@@ -328,21 +328,14 @@ fn read<T: aya::Pod>(record: &[u8], what: &'static str) -> Result<T, DecodeError
     Ok(unsafe { std::ptr::read_unaligned(record.as_ptr().cast::<T>()) })
 }
 
-/// A plain-data `T` at the front of `record`: borrowed where the record is aligned for it (ring
-/// buffer records are 8-byte aligned), copied where it is not.
+/// A plain-data `T` at the front of `record`: borrowed where the record is aligned for it and
+/// long enough (ring buffer records are 8-byte aligned), else [`read`] (copied, or the error).
 fn view<'a, T: aya::Pod>(record: &'a [u8], what: &'static str) -> Result<Cow<'a, T>, DecodeError> {
-    let need = std::mem::size_of::<T>();
-    if record.len() < need {
-        return Err(DecodeError::TooShort {
-            what,
-            len: record.len(),
-            need,
-        });
-    }
     let ptr = record.as_ptr();
-    if ptr.align_offset(std::mem::align_of::<T>()) == 0 {
-        // SAFETY: `T: Pod` is valid for any bytes, `record` holds at least `need` of them, the
-        // pointer is aligned for `T`, and the borrow lives as long as `record`.
+    if record.len() >= std::mem::size_of::<T>() && ptr.align_offset(std::mem::align_of::<T>()) == 0
+    {
+        // SAFETY: `T: Pod` is valid for any bytes, `record` holds at least `size_of::<T>()` of
+        // them, the pointer is aligned for `T`, and the borrow lives as long as `record`.
         Ok(Cow::Borrowed(unsafe { &*ptr.cast::<T>() }))
     } else {
         read(record, what).map(Cow::Owned)
