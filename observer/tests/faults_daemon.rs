@@ -8,8 +8,6 @@
 
 mod support;
 
-use std::sync::mpsc;
-
 use support::faults::*;
 
 /// Keep-alive clients idle across the restart.
@@ -31,46 +29,12 @@ fn observer_restarted_while_keepalive_connections_are_open() {
     } = Stack::start();
     let first = start_daemon(ports, &[]);
     let mut before = Expected::default();
-    let mut idle_clients = rt.block_on(async {
-        let mut conns = Vec::new();
-        for _ in 0..IDLE {
-            let mut conn = HttpConn::connect(gateway).await;
-            let record = conn.exchange(&chat("")).await;
-            assert!(record.is_ok(), "{record:?}");
-            before.both(&record);
-            conns.push(conn);
-        }
-        conns
-    });
+    let mut idle_clients = rt.block_on(chatted(gateway, IDLE, 1, &mut before));
     await_requests(&first, &before);
 
     // Streams of 8 s, their heads in before the restart; each then reads to its end and
     // hands its connection back for one more exchange.
-    let (heads_tx, heads_rx) = mpsc::channel();
-    let streams: Vec<_> = (0..STREAMING)
-        .map(|_| {
-            let heads = heads_tx.clone();
-            rt.spawn(async move {
-                let mut conn = HttpConn::connect(gateway).await;
-                conn.send(&chat("token-ms=50, tokens=160")).await.unwrap();
-                let (status, body) = conn.head().await.expect("a response head");
-                heads.send(()).unwrap();
-                let complete = conn.body(body).await;
-                (
-                    Record {
-                        status: Some(status),
-                        complete,
-                    },
-                    conn,
-                )
-            })
-        })
-        .collect();
-    for _ in 0..STREAMING {
-        heads_rx
-            .recv_timeout(READ_WAIT)
-            .expect("every stream's head");
-    }
+    let streams = streams_started(&rt, gateway, STREAMING, &chat("token-ms=50, tokens=160"));
 
     let restart = std::time::Instant::now();
     first.stop();
@@ -88,13 +52,7 @@ fn observer_restarted_while_keepalive_connections_are_open() {
 
     // The next exchange on every idle connection, counted by the new daemon.
     let mut after = Expected::default();
-    rt.block_on(async {
-        for conn in idle_clients.iter_mut() {
-            let record = conn.exchange(&chat("")).await;
-            assert!(record.is_ok(), "{record:?}");
-            after.both(&record);
-        }
-    });
+    rt.block_on(chat_on(&mut idle_clients, &mut after));
     await_requests(&second, &after);
 
     // The streams end whole for their clients, uncounted by the new daemon; the exchange after
@@ -105,13 +63,7 @@ fn observer_restarted_while_keepalive_connections_are_open() {
         assert!(record.is_ok(), "{record:?}");
         streamed.push(conn);
     }
-    rt.block_on(async {
-        for conn in streamed.iter_mut() {
-            let record = conn.exchange(&chat("")).await;
-            assert!(record.is_ok(), "{record:?}");
-            after.both(&record);
-        }
-    });
+    rt.block_on(chat_on(&mut streamed, &mut after));
     await_requests(&second, &after);
     await_gauges_settled(&second, ports);
 

@@ -15,53 +15,9 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::sync::mpsc;
 
 use support::faults::*;
 use support::nginx::{Nginx, WORKERS, comm};
-
-/// A stream through nginx on its own connection: returns once its head came; the task then
-/// reads the rest and yields its record.
-fn stream_started(
-    rt: &tokio::runtime::Runtime,
-    gateway: std::net::SocketAddr,
-    fault: &'static str,
-) -> tokio::task::JoinHandle<Record> {
-    let (head_tx, head_rx) = mpsc::channel();
-    let task = rt.spawn(async move {
-        let mut conn = HttpConn::connect(gateway).await;
-        conn.send(&chat(fault)).await.unwrap();
-        let (status, body) = conn.head().await.expect("a response head");
-        head_tx.send(()).unwrap();
-        let complete = conn.body(body).await;
-        Record {
-            status: Some(status),
-            complete,
-        }
-    });
-    head_rx.recv_timeout(READ_WAIT).expect("the stream's head");
-    task
-}
-
-/// Chats on `conns` new connections, `each` per connection; every one must succeed.
-fn chats(
-    rt: &tokio::runtime::Runtime,
-    gateway: std::net::SocketAddr,
-    conns: usize,
-    each: usize,
-    want: &mut Expected,
-) {
-    rt.block_on(async {
-        for _ in 0..conns {
-            let mut conn = HttpConn::connect(gateway).await;
-            for _ in 0..each {
-                let record = conn.exchange(&chat("")).await;
-                assert!(record.is_ok(), "{record:?}");
-                want.both(&record);
-            }
-        }
-    });
-}
 
 fn workers(nginx: &Nginx) -> BTreeSet<u32> {
     nginx
@@ -87,11 +43,11 @@ fn nginx_reload_new_workers_are_followed() {
     let idle = Memory::of(&daemon);
     let mut want = Expected::default();
 
-    chats(&rt, gateway, 2, 2, &mut want);
+    rt.block_on(chatted(gateway, 2, 2, &mut want));
     let old = workers(&nginx);
     assert_eq!(old.len(), WORKERS);
     // A stream of 1.2 s, running when the reload comes: its old worker finishes it.
-    let stream = stream_started(&rt, gateway, "token-ms=30, tokens=40");
+    let stream = streams_started(&rt, gateway, 1, &chat("token-ms=30, tokens=40")).remove(0);
     nginx.reload();
     let new = wait_for("new nginx workers", SETTLE, || {
         let now = workers(&nginx);
@@ -101,7 +57,7 @@ fn nginx_reload_new_workers_are_followed() {
             false => Err(format!("old {old:?}, now {now:?}")),
         }
     });
-    let record = rt.block_on(stream).unwrap();
+    let (record, _) = rt.block_on(stream).unwrap();
     assert!(
         record.is_ok(),
         "the stream across the reload: {record:?}\n{}",
@@ -117,7 +73,7 @@ fn nginx_reload_new_workers_are_followed() {
     });
 
     // Only the new workers accept now: every exchange counted is theirs.
-    chats(&rt, gateway, 6, 2, &mut want);
+    rt.block_on(chatted(gateway, 6, 2, &mut want));
     assert_recovered(&daemon, ports, &want, idle);
     daemon.stop();
 }
@@ -139,18 +95,8 @@ fn nginx_restarted_on_the_same_port() {
     let mut want = Expected::default();
 
     // Keep-alive clients that nginx's stop will close, and a stream it will cut.
-    let mut idle_clients = rt.block_on(async {
-        let mut conns = Vec::new();
-        for _ in 0..2 {
-            let mut conn = HttpConn::connect(gateway).await;
-            let record = conn.exchange(&chat("")).await;
-            assert!(record.is_ok(), "{record:?}");
-            want.both(&record);
-            conns.push(conn);
-        }
-        conns
-    });
-    let stream = stream_started(&rt, gateway, LONG_STREAM);
+    let mut idle_clients = rt.block_on(chatted(gateway, 2, 1, &mut want));
+    let stream = streams_started(&rt, gateway, 1, &chat(LONG_STREAM)).remove(0);
     let old_master = nginx.master_pid();
     nginx.restart();
     assert_ne!(nginx.master_pid(), old_master);
@@ -158,7 +104,7 @@ fn nginx_restarted_on_the_same_port() {
     // The stream was cut after its head: the client has a 200 without its end, and so do
     // both sides' counts (the worker's exit closes its upstream connection; the simulator's
     // next write fails and it closes its side).
-    let record = rt.block_on(stream).unwrap();
+    let (record, _) = rt.block_on(stream).unwrap();
     assert_eq!(
         record,
         Record {
@@ -176,7 +122,7 @@ fn nginx_restarted_on_the_same_port() {
     });
     drop(idle_clients);
 
-    chats(&rt, gateway, 4, 2, &mut want);
+    rt.block_on(chatted(gateway, 4, 2, &mut want));
     assert_recovered(&daemon, ports, &want, idle);
     daemon.stop();
 }

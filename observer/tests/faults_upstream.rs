@@ -9,8 +9,6 @@
 
 mod support;
 
-use std::sync::mpsc;
-
 use support::daemon::Sim;
 use support::faults::*;
 
@@ -35,47 +33,14 @@ fn upstream_killed_mid_stream_then_restarted_on_its_port() {
     let mut want = Expected::default();
 
     // Before: two keep-alive clients, two chats each.
-    let mut clients = rt.block_on(async {
-        let mut clients = Vec::new();
-        for _ in 0..2 {
-            let mut conn = HttpConn::connect(gateway).await;
-            for _ in 0..2 {
-                let record = conn.exchange(&chat("")).await;
-                assert!(record.is_ok(), "{record:?}");
-                want.both(&record);
-            }
-            clients.push(conn);
-        }
-        clients
-    });
+    let mut clients = rt.block_on(chatted(gateway, 2, 2, &mut want));
 
     // Streams in progress: each client has the response head (so both the simulator and
     // nginx have sent it) when the simulator is killed.
-    let (heads_tx, heads_rx) = mpsc::channel();
-    let streams: Vec<_> = (0..STREAMS)
-        .map(|_| {
-            let heads = heads_tx.clone();
-            rt.spawn(async move {
-                let mut conn = HttpConn::connect(gateway).await;
-                conn.send(&chat(LONG_STREAM)).await.unwrap();
-                let (status, body) = conn.head().await.expect("a response head");
-                heads.send(()).unwrap();
-                let complete = conn.body(body).await;
-                Record {
-                    status: Some(status),
-                    complete,
-                }
-            })
-        })
-        .collect();
-    for _ in 0..STREAMS {
-        heads_rx
-            .recv_timeout(READ_WAIT)
-            .expect("every stream's head");
-    }
+    let streams = streams_started(&rt, gateway, STREAMS, &chat(LONG_STREAM));
     sim.kill();
     for stream in streams {
-        let record = rt.block_on(stream).unwrap();
+        let (record, _) = rt.block_on(stream).unwrap();
         // nginx cuts the client's response where the upstream's ended: the status came, the
         // body did not. Both sides count the exchange under its status, 200, cut short.
         assert_eq!(
@@ -100,18 +65,10 @@ fn upstream_killed_mid_stream_then_restarted_on_its_port() {
     // counted on both sides.
     let _sim = Sim::start_on(&upstream.to_string(), FAST_SIM);
     rt.block_on(async {
-        for conn in clients.iter_mut() {
-            for _ in 0..2 {
-                let record = conn.exchange(&chat("")).await;
-                assert!(record.is_ok(), "{record:?}");
-                want.both(&record);
-            }
-        }
         for _ in 0..2 {
-            let record = HttpConn::connect(gateway).await.exchange(&chat("")).await;
-            assert!(record.is_ok(), "{record:?}");
-            want.both(&record);
+            chat_on(&mut clients, &mut want).await;
         }
+        chatted(gateway, 2, 1, &mut want).await;
     });
 
     assert_recovered(&daemon, ports, &want, idle);

@@ -388,6 +388,70 @@ pub fn version() -> Vec<u8> {
     b"GET /api/version HTTP/1.1\r\nHost: sim\r\n\r\n".to_vec()
 }
 
+/// One chat on each of `conns`; every one must succeed, and each is recorded in `want`.
+pub async fn chat_on(conns: &mut [HttpConn], want: &mut Expected) {
+    for conn in conns {
+        let record = conn.exchange(&chat("")).await;
+        assert!(record.is_ok(), "{record:?}");
+        want.both(&record);
+    }
+}
+
+/// `conns` new keep-alive connections through `gateway`, each opened and then used for `each`
+/// chats (see [`chat_on`]) before the next; they are kept open.
+pub async fn chatted(
+    gateway: SocketAddr,
+    conns: usize,
+    each: usize,
+    want: &mut Expected,
+) -> Vec<HttpConn> {
+    let mut out = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        let mut conn = HttpConn::connect(gateway).await;
+        for _ in 0..each {
+            chat_on(std::slice::from_mut(&mut conn), want).await;
+        }
+        out.push(conn);
+    }
+    out
+}
+
+/// `n` streams of `request` through `gateway`, each on a connection of its own, spawned on
+/// `rt`: returns once every one has its response head. Each task then reads the rest and
+/// yields its record and its connection.
+pub fn streams_started(
+    rt: &tokio::runtime::Runtime,
+    gateway: SocketAddr,
+    n: usize,
+    request: &[u8],
+) -> Vec<tokio::task::JoinHandle<(Record, HttpConn)>> {
+    let (heads_tx, heads_rx) = std::sync::mpsc::channel();
+    let streams = (0..n)
+        .map(|_| {
+            let heads = heads_tx.clone();
+            let request = request.to_vec();
+            rt.spawn(async move {
+                let mut conn = HttpConn::connect(gateway).await;
+                conn.send(&request).await.unwrap();
+                let (status, body) = conn.head().await.expect("a response head");
+                heads.send(()).unwrap();
+                let complete = conn.body(body).await;
+                let record = Record {
+                    status: Some(status),
+                    complete,
+                };
+                (record, conn)
+            })
+        })
+        .collect();
+    for _ in 0..n {
+        heads_rx
+            .recv_timeout(READ_WAIT)
+            .expect("every stream's head");
+    }
+    streams
+}
+
 /// Polls until `check` returns `Ok`, every 50 ms; panics with its last complaint after `within`.
 pub fn wait_for<T>(
     what: &str,
