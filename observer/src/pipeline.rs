@@ -404,6 +404,15 @@ mod tests {
     use super::*;
     use crate::metrics::{ExpositionFormat, MetricsConfig};
 
+    /// A pipeline with default settings, and its metrics.
+    fn pipeline() -> (Arc<Metrics>, Pipeline) {
+        let metrics = Arc::new(Metrics::new(MetricsConfig::default()).unwrap());
+        (
+            metrics.clone(),
+            Pipeline::new(metrics, EngineConfig::default()),
+        )
+    }
+
     fn meta(conn_id: u64, role: Role, side: Side, port: u16) -> ConnMeta {
         ConnMeta {
             conn_id,
@@ -441,8 +450,7 @@ mod tests {
 
     #[test]
     fn each_exchange_is_counted_once_and_the_client_side_only_for_remote_servers() {
-        let metrics = Arc::new(Metrics::new(MetricsConfig::default()).unwrap());
-        let mut p = Pipeline::new(metrics.clone(), EngineConfig::default());
+        let (metrics, mut p) = pipeline();
         // Both ends of a loopback connection to a local upstream: the server side counts.
         let server = meta(1, Role::Upstream, Side::Server, 11434);
         let client = meta(2, Role::Upstream, Side::Client, 11434);
@@ -475,8 +483,7 @@ mod tests {
 
     #[test]
     fn every_loss_kind_is_exported_from_the_first_counters_on() {
-        let metrics = Arc::new(Metrics::new(MetricsConfig::default()).unwrap());
-        let mut p = Pipeline::new(metrics.clone(), EngineConfig::default());
+        let (metrics, mut p) = pipeline();
         let lost = |kind: &str| {
             let (_, text) = metrics.encode(ExpositionFormat::Text);
             let prefix = format!("observer_ebpf_events_lost_total{{kind=\"{kind}\"}} ");
@@ -549,8 +556,7 @@ mod tests {
 
     #[test]
     fn connections_whose_close_event_was_lost_are_closed_at_the_second_sweep_without_them() {
-        let metrics = Arc::new(Metrics::new(MetricsConfig::default()).unwrap());
-        let mut p = Pipeline::new(metrics.clone(), EngineConfig::default());
+        let (metrics, mut p) = pipeline();
         let active = "observer_tcp_connections_active{role=\"gateway\"}";
         let in_flight = "observer_http_requests_in_flight{role=\"gateway\"}";
         let conns: Vec<ConnMeta> = (1..=3)
@@ -603,8 +609,7 @@ mod tests {
 
     #[test]
     fn a_connection_back_in_the_kernel_table_is_no_longer_suspected() {
-        let metrics = Arc::new(Metrics::new(MetricsConfig::default()).unwrap());
-        let mut p = Pipeline::new(metrics.clone(), EngineConfig::default());
+        let (_, mut p) = pipeline();
         let conn = meta(1, Role::Upstream, Side::Server, 11434);
         p.on_open(conn, 1, false);
         let none = sweep(&[], &[]);
@@ -620,8 +625,7 @@ mod tests {
 
     #[test]
     fn an_error_seen_from_both_ends_of_a_local_connection_is_counted_once() {
-        let metrics = Arc::new(Metrics::new(MetricsConfig::default()).unwrap());
-        let mut p = Pipeline::new(metrics.clone(), EngineConfig::default());
+        let (metrics, mut p) = pipeline();
         let server = meta(1, Role::Upstream, Side::Server, 11434);
         let client = meta(2, Role::Upstream, Side::Client, 11434);
         p.on_open(server, 1, false);
@@ -654,8 +658,7 @@ mod tests {
 
     #[test]
     fn a_connection_that_lost_a_response_is_put_back_in_step() {
-        let metrics = Arc::new(Metrics::new(MetricsConfig::default()).unwrap());
-        let mut p = Pipeline::new(metrics.clone(), EngineConfig::default());
+        let (metrics, mut p) = pipeline();
         let conn = meta(1, Role::Upstream, Side::Server, 11434);
         p.on_open(conn, 1, false);
         // The response to this request was lost in the kernel.
@@ -678,8 +681,7 @@ mod tests {
 
     #[test]
     fn a_connection_whose_every_event_was_lost_is_taken_as_open_at_the_second_sweep() {
-        let metrics = Arc::new(Metrics::new(MetricsConfig::default()).unwrap());
-        let mut p = Pipeline::new(metrics.clone(), EngineConfig::default());
+        let (metrics, mut p) = pipeline();
         let conn = meta(9, Role::Gateway, Side::Server, 18789);
         let live = sweep(&[conn], &[]);
         assert_eq!(
