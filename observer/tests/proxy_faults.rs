@@ -12,24 +12,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::capture::free_port;
-use support::daemon::{Samples, Sim};
+use support::daemon::{FAST_SIM, Samples, Sim};
 use support::proxy::{FakeUpstream, METRICS_WAIT, Proxy};
 use support::sim_client::*;
 use tokio::io::AsyncWriteExt;
 
-/// Tiny delays, four tokens per reply, seeded ids.
-const FAST: &[&str] = &[
-    "--load-ms",
-    "5",
-    "--first-token-ms",
-    "5",
-    "--token-ms",
-    "1",
-    "--tokens",
-    "4",
-    "--seed",
-    "7",
-];
 const REQUESTS: &str = "observer_http_requests_total";
 
 /// Polls `/metrics` until `observer_http_requests_total{role}` has exactly the counts `want`
@@ -211,7 +198,7 @@ fn chat_with(fault: &str) -> Vec<u8> {
 
 #[tokio::test]
 async fn a_head_dribbled_past_the_head_timeout_gets_408() {
-    let sim = Sim::start(FAST);
+    let sim = Sim::start(FAST_SIM);
     let proxy = Proxy::start(sim.addr, &["--head-timeout", "300ms"]);
     let mut client = Client::connect(proxy.addr).await;
     let started = Instant::now();
@@ -255,7 +242,7 @@ async fn a_head_dribbled_past_the_head_timeout_gets_408() {
 
 #[tokio::test]
 async fn an_idle_keep_alive_connection_is_closed_without_a_word() {
-    let sim = Sim::start(FAST);
+    let sim = Sim::start(FAST_SIM);
     let proxy = Proxy::start(sim.addr, &["--idle-timeout", "300ms"]);
     let mut client = Client::connect(proxy.addr).await;
     // A stream longer than the idle timeout is not idle: it finishes.
@@ -362,7 +349,7 @@ async fn an_unreachable_upstream_gets_502_at_once() {
 
 #[tokio::test]
 async fn a_model_the_probe_finds_not_ready_gets_503_without_an_upstream_connection() {
-    let sim = Sim::start(FAST);
+    let sim = Sim::start(FAST_SIM);
     let proxy = Proxy::start(
         sim.addr,
         &[
@@ -424,7 +411,7 @@ async fn a_model_the_probe_finds_not_ready_gets_503_without_an_upstream_connecti
 
 #[tokio::test]
 async fn connections_beyond_max_conns_get_503_and_the_others_carry_on() {
-    let sim = Sim::start(FAST);
+    let sim = Sim::start(FAST_SIM);
     let proxy = Proxy::start(sim.addr, &["--max-conns", "2"]);
     let mut held = [
         Client::connect(proxy.addr).await,
@@ -476,7 +463,7 @@ async fn connections_beyond_max_conns_get_503_and_the_others_carry_on() {
 
 #[tokio::test]
 async fn an_exchange_over_the_timeout_gets_504_or_is_cut_mid_body() {
-    let sim = Sim::start(FAST);
+    let sim = Sim::start(FAST_SIM);
     let proxy = Proxy::start(sim.addr, &["--timeout", "500ms"]);
 
     let started = Instant::now();
@@ -529,7 +516,7 @@ async fn an_exchange_over_the_timeout_gets_504_or_is_cut_mid_body() {
 
 #[tokio::test]
 async fn a_client_reset_mid_stream_leaves_the_proxy_serving() {
-    let sim = Sim::start(FAST);
+    let sim = Sim::start(FAST_SIM);
     let proxy = Proxy::start(sim.addr, &[]);
     // 200 tokens, 50 ms apart: ten seconds of stream unless someone cuts it.
     let mut client = Client::connect(proxy.addr).await;
@@ -567,7 +554,7 @@ async fn a_client_reset_mid_stream_leaves_the_proxy_serving() {
 
 #[tokio::test]
 async fn an_upstream_reset_mid_stream_cuts_the_client_stream() {
-    let sim = Sim::start(FAST);
+    let sim = Sim::start(FAST_SIM);
     let proxy = Proxy::start(sim.addr, &[]);
     let mut client = Client::connect(proxy.addr).await;
     client.send(&chat_with("reset-after=2")).await;
@@ -595,7 +582,7 @@ async fn an_upstream_reset_mid_stream_cuts_the_client_stream() {
 #[tokio::test]
 async fn ten_thousand_keep_alive_requests_on_one_connection() {
     const N: usize = 10_000;
-    let sim = Sim::start(FAST);
+    let sim = Sim::start(FAST_SIM);
     let proxy = Proxy::start(sim.addr, &[]);
     let direct = exchange(sim.addr, &get("/api/version")).await;
     let mut client = Client::connect(proxy.addr).await;
@@ -634,7 +621,7 @@ async fn pipeline(addr: SocketAddr, requests: &[(&[u8], bool)]) -> Vec<(String, 
 
 #[tokio::test]
 async fn pipelined_requests_are_answered_in_order() {
-    let sim = Sim::start(FAST);
+    let sim = Sim::start(FAST_SIM);
     let proxy = Proxy::start(sim.addr, &[]);
     let head = b"HEAD /api/tags HTTP/1.1\r\nHost: sim\r\n\r\n".to_vec();
     let failing = post_with("/api/chat", "X-Sim-Fault: status=500\r\n", CHAT);
@@ -714,7 +701,7 @@ async fn forwarded_for_adds_the_client_address_and_nothing_else() {
 
 #[tokio::test]
 async fn sigterm_lets_open_streams_finish_and_refuses_new_connections() {
-    let sim = Sim::start(FAST);
+    let sim = Sim::start(FAST_SIM);
     let mut proxy = Proxy::start(sim.addr, &["--drain-timeout", "20s"]);
     let mut client = Client::connect(proxy.addr).await;
     client.send(&chat_with("token-ms=50, tokens=20")).await;
@@ -803,8 +790,8 @@ fn mask_times(text: &str) -> String {
 /// equal heads (`Date` masked by the client), the same chunks, equal chunk by chunk once
 /// [`TIME_FIELDS`] are masked.
 async fn assert_relayed_unchanged(request: &[u8], chunks: usize) {
-    let direct_sim = Sim::start(FAST);
-    let proxied_sim = Sim::start(FAST);
+    let direct_sim = Sim::start(FAST_SIM);
+    let proxied_sim = Sim::start(FAST_SIM);
     let proxy = Proxy::start(proxied_sim.addr, &[]);
     let direct = exchange(direct_sim.addr, request).await;
     let proxied = exchange(proxy.addr, request).await;
@@ -843,7 +830,7 @@ async fn an_sse_stream_is_relayed_unchanged() {
 
 #[tokio::test]
 async fn chunks_reach_the_client_as_they_come() {
-    let sim = Sim::start(FAST);
+    let sim = Sim::start(FAST_SIM);
     let proxy = Proxy::start(sim.addr, &[]);
     // The second token comes a second after the first: a relay that buffered would hold
     // the first that long.

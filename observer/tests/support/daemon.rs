@@ -159,6 +159,19 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// `observer sim` replying in milliseconds: tiny delays, four tokens, seeded ids.
+pub const FAST_SIM: &[&str] = &[
+    "--load-ms",
+    "5",
+    "--first-token-ms",
+    "5",
+    "--token-ms",
+    "1",
+    "--tokens",
+    "4",
+    "--seed",
+    "7",
+];
 /// `observer sim` in its own process on a free port.
 pub struct Sim {
     child: Child,

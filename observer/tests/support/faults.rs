@@ -17,22 +17,10 @@ use observer::engine::ErrorReason;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+pub use super::daemon::FAST_SIM;
 use super::daemon::{Daemon, Samples, Sim};
 use super::nginx::{Nginx, NginxOptions};
 
-/// `observer sim` replying in milliseconds: tiny delays, four tokens, seeded ids.
-pub const FAST_SIM: &[&str] = &[
-    "--load-ms",
-    "5",
-    "--first-token-ms",
-    "5",
-    "--token-ms",
-    "1",
-    "--tokens",
-    "4",
-    "--seed",
-    "7",
-];
 /// No readiness probe (its connections would be the daemon's own, and it would look for an
 /// Ollama on the default port) and no NVML.
 pub const DAEMON_FLAGS: &[&str] = &["--no-probe", "--gpu", "off"];
