@@ -110,7 +110,19 @@ pub struct RunArgs {
     pub resources: ResourceArgs,
 }
 
-/// Starts the readiness probe unless `--no-probe`, with `/ready/model` answering from it.
+impl RunArgs {
+    /// The probe's settings, its upstream resolved: without `--upstream` (on the command line,
+    /// in `OBSERVER_UPSTREAM` or in the config file), the Ollama whose port is watched, not a
+    /// fixed 11434 that may be nothing, or another server, on this host.
+    pub fn probe_args(&self) -> DaemonProbeArgs {
+        let mut args = self.probe.clone();
+        args.probe.probe_watched_upstream(&self.capture.watch);
+        args
+    }
+}
+
+/// Starts the readiness probe unless `--no-probe`, with `/ready/model` answering from it. The
+/// caller resolves the upstream's default (`observer run`: [`RunArgs::probe_args`]).
 pub fn start_probe(
     args: &DaemonProbeArgs,
     metrics: &Metrics,
@@ -145,7 +157,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let admin_addr = admin.addr;
 
     let own_ports = OwnPorts::default();
-    let _prober = start_probe(&args.probe, &metrics, &status, own_ports.clone())?;
+    let _prober = start_probe(&args.probe_args(), &metrics, &status, own_ports.clone())?;
     let _collectors = collectors::start(&args.resources, &metrics, &config.watch)?;
 
     // Loading and verifying the programs takes seconds: off the async threads.

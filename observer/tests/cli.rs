@@ -3,7 +3,14 @@
 
 mod support;
 
-use std::{net::TcpListener, process::Command};
+use std::{
+    io::{BufRead as _, BufReader},
+    net::TcpListener,
+    path::Path,
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
 
 fn observer(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_observer"))
@@ -205,4 +212,82 @@ fn bad_probe_and_resource_flags_of_run_are_one_line_errors() {
             "--gpu on, but NVML cannot be used",
         );
     }
+}
+
+/// What `observer run FLAGS` probes, with `OBSERVER_UPSTREAM` set to `env` and `--config` naming
+/// `config` when given: the address of the probe's first log line. That line comes before the
+/// kernel programs load, so the daemon is killed as soon as it is there (as root it would go on
+/// to load them; as another user it stops after the line on its own).
+fn probed_by_run(flags: &[&str], env: Option<&str>, config: Option<&Path>) -> String {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_observer"));
+    cmd.args(["run", "--log", "info", "--metrics-addr", "127.0.0.1:0"])
+        .args(["--gpu", "off"])
+        .args(flags)
+        // The settings of whoever runs the tests are not the case's.
+        .env_remove("OBSERVER_UPSTREAM")
+        .env_remove("OBSERVER_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Some(env) = env {
+        cmd.env("OBSERVER_UPSTREAM", env);
+    }
+    if let Some(config) = config {
+        cmd.arg("--config").arg(config);
+    }
+    let mut child = cmd.spawn().expect("starting observer run");
+    let (lines, read) = mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut said = Vec::new();
+    let probed = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match read.recv_timeout(left) {
+            Ok(line) => {
+                let probed = line
+                    .split_once("probe: checking ")
+                    .and_then(|(_, rest)| rest.split_whitespace().next())
+                    .map(str::to_owned);
+                said.push(line);
+                if let Some(probed) = probed {
+                    break Some(probed);
+                }
+            }
+            Err(_) => break None,
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    probed.unwrap_or_else(|| panic!("observer run {flags:?}: no probe line in {said:#?}"))
+}
+
+/// Without `--upstream`, `observer run` probes the upstream it watches (on loopback), or
+/// Ollama's default address when it watches none; `--upstream`, `OBSERVER_UPSTREAM` and the
+/// config file's `upstream` each win over the watched port.
+#[test]
+fn run_probes_the_watched_upstream_unless_told_otherwise() {
+    let watch = ["--watch", "18789=gateway", "--watch", "11500=upstream"];
+    assert_eq!(probed_by_run(&watch, None, None), "127.0.0.1:11500");
+    assert_eq!(
+        probed_by_run(&["--watch", "18789=gateway"], None, None),
+        "127.0.0.1:11434"
+    );
+    let flag = [&watch[..], &["--upstream", "127.0.0.1:11600"]].concat();
+    assert_eq!(probed_by_run(&flag, None, None), "127.0.0.1:11600");
+    assert_eq!(
+        probed_by_run(&watch, Some("127.0.0.1:11700"), None),
+        "127.0.0.1:11700"
+    );
+    let file =
+        std::env::temp_dir().join(format!("observer-cli-upstream-{}.toml", std::process::id()));
+    std::fs::write(&file, "upstream = \"127.0.0.1:11800\"\n").unwrap();
+    let from_file = probed_by_run(&watch, None, Some(&file));
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(from_file, "127.0.0.1:11800");
 }

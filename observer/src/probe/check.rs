@@ -52,6 +52,14 @@ impl fmt::Display for Upstream {
 }
 
 impl Upstream {
+    /// `127.0.0.1:port`: a server on this host.
+    pub fn loopback(port: u16) -> Upstream {
+        Upstream {
+            host: "127.0.0.1".to_owned(),
+            port,
+        }
+    }
+
     pub fn host(&self) -> &str {
         &self.host
     }

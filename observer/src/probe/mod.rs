@@ -29,7 +29,10 @@ use self::{
     metrics::ProbeMetrics,
     state::{CheckResult, ModelHealth, ProbeState, Thresholds, Verdict, probed_names},
 };
-use crate::{capture::own_ports::OwnPorts, metrics::Metrics};
+use crate::{
+    capture::{Role, WatchedPort, own_ports::OwnPorts},
+    metrics::Metrics,
+};
 
 /// One of the three stages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -65,14 +68,12 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 #[derive(Debug, Clone, clap::Args)]
 #[command(next_help_heading = "Readiness probe")]
 pub struct ProbeArgs {
-    /// The Ollama server to probe: host:port or http://host:port.
-    #[arg(
-        long,
-        value_name = "ADDR",
-        default_value = "127.0.0.1:11434",
-        env = "OBSERVER_UPSTREAM"
-    )]
-    pub upstream: Upstream,
+    /// The Ollama server to probe: host:port or http://host:port. Default: 127.0.0.1:11434,
+    /// except that `observer run` probes 127.0.0.1 on its first `--watch PORT=upstream` port.
+    // No clap default: `observer run` must tell "not given" (anywhere: flag, variable, config
+    // file) from "given as 127.0.0.1:11434"; `upstream()` and `probe_watched_upstream` resolve.
+    #[arg(long, value_name = "ADDR", env = "OBSERVER_UPSTREAM")]
+    pub upstream: Option<Upstream>,
     /// A model that must be able to answer (repeatable; the environment takes a comma list).
     /// Without one, only the tcp and api stages run.
     #[arg(
@@ -130,6 +131,27 @@ pub struct DaemonProbeArgs {
 }
 
 impl ProbeArgs {
+    /// The upstream to probe: `--upstream` from the command line, `OBSERVER_UPSTREAM` or the
+    /// config file, else Ollama's own default address on this host.
+    pub fn upstream(&self) -> Upstream {
+        self.upstream
+            .clone()
+            .unwrap_or_else(|| Upstream::loopback(check::DEFAULT_PORT))
+    }
+
+    /// For a daemon that watches ports (`observer run`): without `--upstream`, probe the
+    /// upstream whose traffic it measures, the first port watched as `upstream`, on loopback
+    /// (the probe calls the Ollama of this host). With no upstream watched, [`Self::upstream`]'s
+    /// default stays. An `--upstream` given anywhere always wins.
+    pub fn probe_watched_upstream(&mut self, watch: &[WatchedPort]) {
+        if self.upstream.is_none() {
+            self.upstream = watch
+                .iter()
+                .find(|w| w.role == Role::Upstream)
+                .map(|w| Upstream::loopback(w.port));
+        }
+    }
+
     /// The stages that run, in order.
     pub fn stages(&self) -> Vec<Stage> {
         let mut stages = vec![Stage::Tcp, Stage::Api];
@@ -279,7 +301,8 @@ pub fn spawn(
 ) -> anyhow::Result<Prober> {
     let probe = Arc::new(args.probe.clone());
     probe.validate()?;
-    let client = Client::new(probe.upstream.clone(), own_ports);
+    let upstream = probe.upstream();
+    let client = Client::new(upstream.clone(), own_ports);
     let stages = probe.stages();
     let readiness = Readiness(Arc::new(Mutex::new(ProbeState::new(
         &probe.models,
@@ -316,7 +339,7 @@ pub fn spawn(
     }
     tracing::info!(
         "probe: checking {} every {} (tcp), {} (api){}",
-        probe.upstream,
+        upstream,
         humantime::format_duration(probe.probe_tcp_interval),
         humantime::format_duration(probe.probe_api_interval),
         if probe.stages().contains(&Stage::Generate) {
@@ -331,7 +354,7 @@ pub fn spawn(
     );
     Ok(Prober {
         readiness,
-        upstream: probe.upstream.to_string(),
+        upstream: upstream.to_string(),
         _tasks: tasks,
     })
 }
@@ -430,7 +453,8 @@ pub const EXIT_UNREACHABLE: u8 = 3;
 /// when ready, 1 when a stage failed, [`EXIT_UNREACHABLE`] when no connection opens.
 pub async fn run(args: ProbeArgs) -> anyhow::Result<ExitCode> {
     args.validate()?;
-    let client = Client::new(args.upstream.clone(), OwnPorts::default());
+    let upstream = args.upstream();
+    let client = Client::new(upstream.clone(), OwnPorts::default());
     let mut out = String::new();
     let mut all_ok = true;
     let mut unreachable = false;
@@ -441,7 +465,7 @@ pub async fn run(args: ProbeArgs) -> anyhow::Result<ExitCode> {
             unreachable = outcome.as_ref().is_err_and(CheckError::is_unreachable);
             let result = result_of(started, &outcome);
             all_ok &= result.ok;
-            out.push_str(&line(stage, &args.upstream.to_string(), &result));
+            out.push_str(&line(stage, &upstream.to_string(), &result));
             if unreachable {
                 break;
             }
@@ -480,4 +504,124 @@ fn line(stage: Stage, subject: &str, result: &CheckResult) -> String {
     }
     line.push('\n');
     line
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{ffi::OsString, path::Path};
+
+    use clap::{CommandFactory as _, FromArgMatches as _};
+
+    use crate::cli::{Cli, Command};
+    use crate::config_file::{self, ConfigFile};
+
+    const FILE: &str = "/etc/observer/observer.toml";
+
+    /// `observer ARGS`, completed by a config file holding `file` when given. The environment
+    /// is the test's own: `OBSERVER_UPSTREAM` is tried by the black-box test in `tests/cli.rs`,
+    /// as setting a variable here would race with every other test reading them.
+    fn parse(args: &[&str], file: Option<&str>) -> Command {
+        let mut argv: Vec<OsString> = std::iter::once("observer")
+            .chain(args.iter().copied())
+            .map(OsString::from)
+            .collect();
+        if file.is_some() {
+            argv.extend([OsString::from("--config"), OsString::from(FILE)]);
+        }
+        let matches = config_file::get_matches(Cli::command(), argv, |path| {
+            assert_eq!(path, Path::new(FILE));
+            Ok(ConfigFile::new(path, file.unwrap_or_default()))
+        })
+        .unwrap_or_else(|err| panic!("{args:?} does not parse: {err:?}"));
+        Cli::from_arg_matches(&matches)
+            .expect("matches make a Cli")
+            .command
+    }
+
+    /// What `observer run ARGS` probes.
+    fn run_probes(args: &[&str], file: Option<&str>) -> String {
+        let mut argv = vec!["run"];
+        argv.extend_from_slice(args);
+        match parse(&argv, file) {
+            Command::Run(run) => run.probe_args().probe.upstream().to_string(),
+            other => panic!("not run: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn run_probes_the_first_watched_upstream_on_loopback_by_default() {
+        assert_eq!(
+            run_probes(&["--watch", "11500=upstream"], None),
+            "127.0.0.1:11500"
+        );
+        assert_eq!(
+            run_probes(
+                &[
+                    "--watch",
+                    "18789=gateway",
+                    "--watch",
+                    "11600=upstream",
+                    "--watch",
+                    "11500=upstream"
+                ],
+                None
+            ),
+            "127.0.0.1:11600"
+        );
+        // The default watch list has Ollama's port as the upstream.
+        assert_eq!(run_probes(&[], None), "127.0.0.1:11434");
+        // The file's watch list counts as much as the command line's.
+        assert_eq!(
+            run_probes(
+                &[],
+                Some("[run]\nwatch = [\"8080=gateway\", \"11500=upstream\"]")
+            ),
+            "127.0.0.1:11500"
+        );
+    }
+
+    #[test]
+    fn run_without_a_watched_upstream_probes_ollamas_default_address() {
+        assert_eq!(
+            run_probes(&["--watch", "18789=gateway"], None),
+            "127.0.0.1:11434"
+        );
+    }
+
+    #[test]
+    fn an_upstream_given_anywhere_wins_over_the_watched_one() {
+        let watch = ["--watch", "11500=upstream"];
+        let flag = [&watch[..], &["--upstream", "10.0.0.7:11434"]].concat();
+        assert_eq!(run_probes(&flag, None), "10.0.0.7:11434");
+        // Even when it names the default address: given is given.
+        let flag = [&watch[..], &["--upstream", "127.0.0.1:11434"]].concat();
+        assert_eq!(run_probes(&flag, None), "127.0.0.1:11434");
+        // From the config file, at the top level or in [run].
+        let top = "upstream = \"ollama.internal:8000\"\n[run]\nwatch = [\"11500=upstream\"]";
+        assert_eq!(run_probes(&[], Some(top)), "ollama.internal:8000");
+        let table = "[run]\nupstream = \"http://[::1]:11500\"";
+        assert_eq!(run_probes(&watch, Some(table)), "[::1]:11500");
+        // The command line wins over the file, as for every setting.
+        let both = [&watch[..], &["--upstream", "10.0.0.7:1"]].concat();
+        assert_eq!(run_probes(&both, Some(top)), "10.0.0.7:1");
+    }
+
+    #[test]
+    fn probe_and_proxy_keep_ollamas_default_address() {
+        match parse(&["probe"], None) {
+            Command::Probe(args) => assert_eq!(args.upstream().to_string(), "127.0.0.1:11434"),
+            other => panic!("not probe: {other:?}"),
+        }
+        match parse(&["probe", "--upstream", "h"], None) {
+            Command::Probe(args) => assert_eq!(args.upstream().to_string(), "h:11434"),
+            other => panic!("not probe: {other:?}"),
+        }
+        // The proxy forwards to its upstream: only --upstream says where, never a watch list.
+        match parse(&["proxy"], None) {
+            Command::Proxy(args) => {
+                assert_eq!(args.probe.probe.upstream().to_string(), "127.0.0.1:11434");
+            }
+            other => panic!("not proxy: {other:?}"),
+        }
+    }
 }

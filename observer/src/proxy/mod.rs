@@ -114,7 +114,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
     args.validate()?;
     let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
     let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
-    let upstream = args.probe.probe.upstream.clone();
+    let upstream = args.probe.probe.upstream();
     let watch = vec![
         WatchedPort {
             port: args.listen.port(),
