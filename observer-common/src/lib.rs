@@ -24,7 +24,14 @@ pub mod names {
     pub const TAIL_BYTES: &str = "TAIL_BYTES";
     pub const SELF_TGID: &str = "SELF_TGID";
     pub const WAKEUP_BYTES: &str = "WAKEUP_BYTES";
-    pub const FORK_CHILD_PID_OFFSET: &str = "FORK_CHILD_PID_OFFSET";
+    pub const REFS: &str = "REFS";
+    pub const NEWTASK_PID_OFFSET: &str = "NEWTASK_PID_OFFSET";
+    pub const NEWTASK_FLAGS_OFFSET: &str = "NEWTASK_FLAGS_OFFSET";
+    pub const FD_LAYOUT_KNOWN: &str = "FD_LAYOUT_KNOWN";
+    pub const TASK_FILES_OFFSET: &str = "TASK_FILES_OFFSET";
+    pub const FILES_FDT_OFFSET: &str = "FILES_FDT_OFFSET";
+    pub const FDT_MAX_FDS_OFFSET: &str = "FDT_MAX_FDS_OFFSET";
+    pub const FDT_FD_OFFSET: &str = "FDT_FD_OFFSET";
 }
 
 /// Length of a process name (`TASK_COMM_LEN`).
@@ -108,6 +115,9 @@ pub struct ListenInfo {
     pub port: u32,
     /// The bound address (may be the wildcard).
     pub local: Endpoint,
+    /// The open file (`struct file *`) the fd referred to when the entry was made: the
+    /// socket's identity. 0 until the kernel side first sees it (entries seeded by userspace).
+    pub file: u64,
 }
 
 /// Value of the `CONNS` map: a watched connection.
@@ -129,6 +139,12 @@ pub struct ConnInfo {
     /// side, the connect() target for the client side.
     pub local: Endpoint,
     pub remote: Endpoint,
+    /// The open file (`struct file *`) behind `(tgid, fd)` when the entry was made: the
+    /// socket's identity, shared by every fd and process that holds it (dup, fork). An fd
+    /// that no longer refers to it (dup2 onto it, close_range, close-on-exec) is a stale
+    /// entry, never read as this connection. 0 until the kernel side first sees it (entries
+    /// seeded by userspace).
+    pub file: u64,
 }
 
 /// One send or receive on a watched connection. Fixed size; `head_len`/`tail_len` say how much
@@ -194,7 +210,7 @@ mod pod {
 // The layouts are part of the contract between the two sides: catch accidental padding.
 const _: () = assert!(core::mem::size_of::<SockKey>() == 8);
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 24);
-const _: () = assert!(core::mem::size_of::<ListenInfo>() == 32);
-const _: () = assert!(core::mem::size_of::<ConnInfo>() == 72);
+const _: () = assert!(core::mem::size_of::<ListenInfo>() == 40);
+const _: () = assert!(core::mem::size_of::<ConnInfo>() == 80);
 const _: () = assert!(core::mem::size_of::<ConnEvent>() == 112);
 const _: () = assert!(core::mem::size_of::<DataEvent>() == 80 + HEAD_MAX + TAIL_MAX);

@@ -1,7 +1,8 @@
 //! Data: the eight send/receive syscalls on watched connections become `DataEvent`s.
 //!
-//! Enter looks the fd up in `CONNS` — the whole cost for every other fd — and remembers the
-//! buffer (or iovec array) per thread; exit reads the return value (errors and `EAGAIN` are
+//! Enter looks the fd up in `CONNS` — the whole cost for every other fd —, checks that the fd
+//! still refers to the connection's socket ([`crate::fds`]), and remembers the buffer (or
+//! iovec array) per thread; exit reads the return value (errors and `EAGAIN` are
 //! not data) and copies the first `HEAD_BYTES` and last `TAIL_BYTES` of what moved.
 //!
 //! For iovec syscalls (`readv`, `writev`, `recvmsg`, `sendmsg`) the head is gathered across up
@@ -21,6 +22,7 @@ use observer_common::{DataEvent, HEAD_MAX, SockKey, TAIL_MAX, counter, direction
 
 use crate::{
     ARG0, ARG1, ARG2, CONNS, EVENTS, HEAD_BYTES, RET, TAIL_BYTES, comm, count, current,
+    fds::{file_of, forget, same_file},
     wakeup_flags,
 };
 
@@ -218,7 +220,21 @@ fn remember(
 ) -> Option<()> {
     let (pid_tgid, tgid) = current();
     let fd = unsafe { ctx.read_at::<u64>(ARG0) }.ok()? as u32;
-    let conn = *unsafe { CONNS.get(SockKey { tgid, fd }) }?;
+    let key = SockKey { tgid, fd };
+    let entry = CONNS.get_ptr_mut(key)?;
+    let conn = unsafe { *entry };
+    // The fd must still refer to the connection's socket: an entry left stale by a close this
+    // side did not see is forgotten here, and the fd's bytes are not the connection's.
+    let file = file_of(fd);
+    if !same_file(conn.file, file) {
+        forget(key, &conn, pid_tgid);
+        return None;
+    }
+    if conn.file == 0
+        && let Some(file) = file
+    {
+        unsafe { (*entry).file = file };
+    }
     let (buf, iovcnt) = buffer(ctx)?;
     let pending = PendingIo {
         conn_id: conn.conn_id,

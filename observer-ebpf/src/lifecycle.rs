@@ -6,7 +6,7 @@
 //!   the daemon from `/proc`);
 //! - `accept`/`accept4` on a watched listener — held by this process or inherited from the
 //!   process that forked it — makes a server-side connection;
-//! - `close` forgets either; `sched_process_fork` remembers who forked whom.
+//! - `close` forgets either (a connection closes with its last holder, see [`crate::fds`]).
 
 use aya_ebpf::{
     helpers::bpf_probe_read_user,
@@ -18,8 +18,10 @@ use aya_log_ebpf::warn;
 use observer_common::{ConnInfo, Endpoint, ListenInfo, SockKey, counter, family, kind, side};
 
 use crate::{
-    ARG0, ARG1, CONNS, FORK_CHILD_PID_OFFSET, LISTENERS, PARENTS, RET, WATCHED_PORTS,
-    WATCHED_TGIDS, count, current, emit_conn, is_self, new_conn_id,
+    ARG0, ARG1, CONNS, LISTENERS, PARENTS, RET, WATCHED_PORTS, WATCHED_TGIDS, count, current,
+    emit_conn,
+    fds::{self, file_of, same_file},
+    is_self, new_conn_id,
 };
 
 const EINPROGRESS: i64 = 115;
@@ -143,6 +145,7 @@ fn try_sys_exit_connect(ctx: &TracePointContext) -> Option<()> {
         lost: 0,
         local: Endpoint::default(),
         remote: pending.endpoint,
+        file: file_of(pending.fd).unwrap_or(0),
     };
     track(
         ctx,
@@ -175,6 +178,7 @@ fn try_sys_exit_bind(ctx: &TracePointContext) -> Option<()> {
         role: pending.role,
         port: pending.endpoint.port,
         local: pending.endpoint,
+        file: file_of(pending.fd).unwrap_or(0),
     };
     if LISTENERS
         .insert(
@@ -228,8 +232,21 @@ fn try_enter_accept(ctx: &TracePointContext) -> Option<()> {
 /// A watched listener held under `fd` by this process, or inherited from its parent or
 /// grandparent (nginx workers are forked by the master, which holds the listening fds).
 fn find_listener(tgid: u32, fd: u32) -> Option<ListenInfo> {
-    if let Some(listener) = unsafe { LISTENERS.get(SockKey { tgid, fd }) } {
-        return Some(*listener);
+    let key = SockKey { tgid, fd };
+    let file = file_of(fd);
+    if let Some(listener) = LISTENERS.get_ptr_mut(key) {
+        let recorded = unsafe { (*listener).file };
+        if !same_file(recorded, file) {
+            // The fd was closed or replaced in a way not seen here: not this listener.
+            let _ = LISTENERS.remove(key);
+            return None;
+        }
+        if recorded == 0
+            && let Some(file) = file
+        {
+            unsafe { (*listener).file = file };
+        }
+        return Some(unsafe { *listener });
     }
     let parent = *unsafe { PARENTS.get(tgid) }?;
     let inherited = match unsafe { LISTENERS.get(SockKey { tgid: parent, fd }) } {
@@ -244,8 +261,12 @@ fn find_listener(tgid: u32, fd: u32) -> Option<ListenInfo> {
             }?
         }
     };
+    // The parent's listener, if this fd is the inherited copy of it.
+    if inherited.file != 0 && !same_file(inherited.file, file) {
+        return None;
+    }
     // Next time this process finds it in one lookup.
-    let _ = LISTENERS.insert(SockKey { tgid, fd }, inherited, 0);
+    let _ = LISTENERS.insert(key, inherited, 0);
     Some(inherited)
 }
 
@@ -279,6 +300,7 @@ fn try_exit_accept(ctx: &TracePointContext) -> Option<()> {
         lost: 0,
         local: pending.listener.local,
         remote: read_endpoint(pending.peer).unwrap_or_default(),
+        file: file_of(ret as u32).unwrap_or(0),
     };
     track(
         ctx,
@@ -291,8 +313,13 @@ fn try_exit_accept(ctx: &TracePointContext) -> Option<()> {
     )
 }
 
-/// Starts watching a connection and says so.
+/// Starts watching a connection and says so. An entry the fd still had (its close was not
+/// seen: close_range, close-on-exec) is forgotten first.
 fn track(ctx: &TracePointContext, key: SockKey, conn: &ConnInfo, pid_tgid: u64) -> Option<()> {
+    if let Some(stale) = unsafe { CONNS.get(key) } {
+        let stale = *stale;
+        fds::forget(key, &stale, pid_tgid);
+    }
     if CONNS.insert(key, *conn, 0).is_err() {
         count(counter::CONNS_FULL);
         warn!(
@@ -301,6 +328,8 @@ fn track(ctx: &TracePointContext, key: SockKey, conn: &ConnInfo, pid_tgid: u64) 
         );
         return None;
     }
+    fds::first_holder(conn.conn_id);
+    let _ = WATCHED_TGIDS.insert(key.tgid, 1, 0);
     emit_conn(kind::OPEN, conn, pid_tgid, key.fd);
     Some(())
 }
@@ -319,35 +348,11 @@ fn try_sys_enter_close(ctx: &TracePointContext) -> Option<()> {
     match unsafe { CONNS.get(key) } {
         Some(conn) => {
             let conn = *conn;
-            let _ = CONNS.remove(key);
-            emit_conn(kind::CLOSE, &conn, pid_tgid, fd);
+            fds::forget(key, &conn, pid_tgid);
         }
         None => {
             let _ = LISTENERS.remove(key);
         }
     }
-    Some(())
-}
-
-/// `sched_process_fork`: a watched process's children are watched too, and remember their
-/// parent so that they can accept on listeners they inherited.
-#[tracepoint]
-pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
-    let _ = try_sched_process_fork(&ctx);
-    0
-}
-
-fn try_sched_process_fork(ctx: &TracePointContext) -> Option<()> {
-    let (_, parent) = current();
-    unsafe { WATCHED_TGIDS.get(parent) }?;
-    let offset = unsafe { core::ptr::read_volatile(&FORK_CHILD_PID_OFFSET) } as usize;
-    if offset == 0 {
-        return None;
-    }
-    let child: i32 = unsafe { ctx.read_at(offset) }.ok()?;
-    // New threads of the parent arrive here too; their entries are never looked up and age
-    // out of the LRU maps.
-    let _ = PARENTS.insert(child as u32, parent, 0);
-    let _ = WATCHED_TGIDS.insert(child as u32, 1, 0);
     Some(())
 }

@@ -1,12 +1,14 @@
 //! Kernel programs: syscall tracepoints that see the bytes crossing watched TCP ports.
 //!
-//! No kprobes, no fentry, no kernel struct offsets: only the tracepoint formats of
+//! No kprobes, no fentry, no compiled-in kernel struct offsets: the tracepoint formats of
 //! `syscalls:sys_enter_*`/`sys_exit_*` (arguments at 16 + 8·i, the return value at 16, the same
-//! on every kernel) and, for `sched_process_fork`, the child pid offset read by userspace from
-//! the format file. A connection becomes watched when a process connects to a watched port or
-//! accepts on a watched listener ([`lifecycle`]); userspace seeds listeners and established
-//! connections it finds in `/proc`. Data syscalls on watched connections become events
-//! ([`data`]); every other fd costs one `CONNS` lookup.
+//! on every kernel), the `task_newtask` field offsets read by userspace from its format file,
+//! and four offsets of the descriptor table read by userspace from the kernel's BTF ([`fds`]).
+//! A connection becomes watched when a process connects to a watched port or accepts on a
+//! watched listener ([`lifecycle`]); userspace seeds listeners and established connections it
+//! finds in `/proc` (every network namespace). Data syscalls on watched connections become
+//! events ([`data`]); every other fd costs one `CONNS` lookup. A connection held under several
+//! fds or by several processes (dup2, fork) is one connection ([`fds`]).
 //!
 //! Conditions are counted in `COUNTERS`, never dropped in silence; logging (`aya-log`) is for
 //! rare conditions only, never per syscall.
@@ -14,6 +16,7 @@
 #![no_main]
 
 mod data;
+mod fds;
 mod lifecycle;
 
 use aya_ebpf::{
@@ -40,10 +43,17 @@ static LISTENERS: HashMap<SockKey, ListenInfo> = HashMap::with_max_entries(4096,
 /// a full table is counted instead, and userspace removes the entries of exited processes.
 #[map]
 static CONNS: HashMap<SockKey, ConnInfo> = HashMap::with_max_entries(65_536, 0);
-/// Processes that hold a watched listener; their forks are followed. LRU: an evicted entry
-/// only stops following forks of a process that has long stopped forking.
+/// Holders (`(tgid, fd)` keys in `CONNS`) of each connection, by connection id: its `CLOSE`
+/// goes out when the last one is forgotten (a forked child or a dup2 copy may outlive the
+/// fd that opened it).
 #[map]
-static WATCHED_TGIDS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(4096, 0);
+static REFS: HashMap<u64, u64> = HashMap::with_max_entries(65_536, 0);
+/// Processes that hold a watched listener or connection, and their descendants: their forks,
+/// execs, dup2/dup3 and close_range calls are followed. LRU: an evicted entry only stops
+/// following those calls for a process that has long made none (its fds are still checked
+/// at every use).
+#[map]
+static WATCHED_TGIDS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(16_384, 0);
 /// Child tgid → parent tgid, for processes forked by a watched process (nginx workers
 /// inherit the master's listening fds under the same numbers).
 #[map]
@@ -64,9 +74,23 @@ static SELF_TGID: u32 = 0;
 /// finds events on its own short timer (batched wake-ups).
 #[unsafe(no_mangle)]
 static WAKEUP_BYTES: u64 = 256 * 1024;
-/// Offset of `child_pid` in `sched_process_fork` (it differs between kernel versions).
+/// Offsets of `pid` and `clone_flags` in `task_newtask` (read from its format file).
 #[unsafe(no_mangle)]
-static FORK_CHILD_PID_OFFSET: u32 = 0;
+static NEWTASK_PID_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static NEWTASK_FLAGS_OFFSET: u32 = 0;
+/// Non-zero when userspace found the descriptor table's layout in the kernel's BTF: the
+/// offsets of `task_struct.files`, `files_struct.fdt`, `fdtable.max_fds` and `fdtable.fd`.
+#[unsafe(no_mangle)]
+static FD_LAYOUT_KNOWN: u32 = 0;
+#[unsafe(no_mangle)]
+static TASK_FILES_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static FILES_FDT_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static FDT_MAX_FDS_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static FDT_FD_OFFSET: u32 = 0;
 
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
@@ -87,7 +111,14 @@ fn current() -> (u64, u32) {
 
 #[inline(always)]
 fn is_self(tgid: u32) -> bool {
-    tgid == unsafe { core::ptr::read_volatile(&SELF_TGID) }
+    tgid == global(&SELF_TGID)
+}
+
+/// A global set by the loader (read through a volatile load, or the compiler would fold in
+/// the compiled-in default).
+#[inline(always)]
+fn global(value: &u32) -> u32 {
+    unsafe { core::ptr::read_volatile(value) }
 }
 
 #[inline(always)]

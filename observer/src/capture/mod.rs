@@ -6,6 +6,7 @@
 //! decoding in [`decode`], the asynchronous ring buffer reader in [`reader`], `/proc` socket
 //! discovery in [`seed`].
 
+pub mod btf;
 pub mod config;
 pub mod decode;
 pub mod endpoints;
@@ -57,7 +58,11 @@ pub const TRACEPOINTS: &[(&str, &str)] = &[
     ("syscalls", "sys_exit_recvmsg"),
     ("syscalls", "sys_enter_sendmsg"),
     ("syscalls", "sys_exit_sendmsg"),
-    ("sched", "sched_process_fork"),
+    ("syscalls", "sys_enter_dup2"),
+    ("syscalls", "sys_enter_dup3"),
+    ("syscalls", "sys_enter_close_range"),
+    ("task", "task_newtask"),
+    ("sched", "sched_process_exec"),
 ];
 
 /// Tracepoints the capture needs (SPEC §3); `observer check` reports each.
@@ -103,20 +108,48 @@ impl Capture {
         };
         // Past an eighth of the ring, a submit wakes the reader; below, its timer finds them.
         let wakeup_bytes = u64::from(config.ring_bytes / 8);
-        let fork_child_pid_offset = crate::tracefs::field_offset(&tracefs.path, "sched", "sched_process_fork", "child_pid")
-            .map(|offset| offset as u32)
-            .unwrap_or_else(|| {
-                tracing::warn!("sched_process_fork has no child_pid field: forked workers are found by /proc rescans only");
-                0
-            });
+        let newtask_offset = |field: &str| {
+            crate::tracefs::field_offset(&tracefs.path, "task", "task_newtask", field)
+                .map(|offset| offset as u32)
+                .unwrap_or(0)
+        };
+        let (newtask_pid, newtask_flags) = (newtask_offset("pid"), newtask_offset("clone_flags"));
+        if newtask_pid == 0 || newtask_flags == 0 {
+            tracing::warn!(
+                "task_newtask has no pid or clone_flags field: forked processes are not followed"
+            );
+        }
+        let layout = match btf::FdLayout::of_running_kernel() {
+            Ok(layout) => Some(layout),
+            Err(err) => {
+                tracing::warn!(
+                    "descriptor tables cannot be read ({err:#}): connections are not followed into forked children, and a descriptor reused after close_range or exec is not told apart"
+                );
+                None
+            }
+        };
+        let offsets = layout.unwrap_or(btf::FdLayout {
+            task_files: 0,
+            files_fdt: 0,
+            fdt_max_fds: 0,
+            fdt_fd: 0,
+        });
+        let layout_known = u32::from(layout.is_some());
         let mut ebpf = EbpfLoader::new()
             .override_global(names::HEAD_BYTES, &config.head_bytes, true)
             .override_global(names::TAIL_BYTES, &config.tail_bytes, true)
             .override_global(names::SELF_TGID, &self_tgid, true)
             .override_global(names::WAKEUP_BYTES, &wakeup_bytes, true)
-            .override_global(names::FORK_CHILD_PID_OFFSET, &fork_child_pid_offset, true)
+            .override_global(names::NEWTASK_PID_OFFSET, &newtask_pid, true)
+            .override_global(names::NEWTASK_FLAGS_OFFSET, &newtask_flags, true)
+            .override_global(names::FD_LAYOUT_KNOWN, &layout_known, true)
+            .override_global(names::TASK_FILES_OFFSET, &offsets.task_files, true)
+            .override_global(names::FILES_FDT_OFFSET, &offsets.files_fdt, true)
+            .override_global(names::FDT_MAX_FDS_OFFSET, &offsets.fdt_max_fds, true)
+            .override_global(names::FDT_FD_OFFSET, &offsets.fdt_fd, true)
             .map_max_entries(names::EVENTS, config.ring_bytes)
             .map_max_entries(names::CONNS, config.max_conns)
+            .map_max_entries(names::REFS, config.max_conns)
             .map_max_entries(names::LISTENERS, config.max_listeners)
             .load(BPF_OBJECT)
             .context("loading the kernel object (are you root, with BPF allowed?)")?;
@@ -176,22 +209,45 @@ impl Capture {
                 self.seeded_listeners.push((port, role));
             }
         }
+        let mut holders_of_conns: Vec<u32> = Vec::new();
         let mut conns: HashMap<_, SockKey, ConnInfo> = HashMap::try_from(
             self.ebpf
                 .map_mut(names::CONNS)
                 .context("CONNS map missing")?,
         )?;
-        for (key, conn, record) in found.conns {
+        let mut fresh = Vec::new();
+        for conn in found.conns {
             // A connection the kernel already saw opening (between attach and this scan) keeps
             // its entry.
-            if conns.get(&key, 0).is_ok() {
+            if conn.holders.iter().any(|key| conns.get(key, 0).is_ok()) {
                 continue;
             }
-            conns
-                .insert(key, conn, 0)
-                .context("the connection table is full")?;
-            self.seeded.push(record);
+            for key in &conn.holders {
+                conns
+                    .insert(key, conn.info, 0)
+                    .context("the connection table is full")?;
+                holders_of_conns.push(key.tgid);
+            }
+            fresh.push(conn);
         }
+        let mut refs: HashMap<_, u64, u64> = HashMap::try_from(
+            self.ebpf
+                .map_mut(names::REFS)
+                .context("REFS map missing")?,
+        )?;
+        for conn in &fresh {
+            refs.insert(conn.conn_id, conn.holders.len() as u64, 0)
+                .context("the connection table is full")?;
+        }
+        let mut tgids: HashMap<_, u32, u32> = HashMap::try_from(
+            self.ebpf
+                .map_mut(names::WATCHED_TGIDS)
+                .context("WATCHED_TGIDS map missing")?,
+        )?;
+        for tgid in holders_of_conns {
+            tgids.insert(tgid, 1, 0)?;
+        }
+        self.seeded.extend(fresh.into_iter().map(|conn| conn.record));
         tracing::debug!(
             listeners = found.listeners.len(),
             connections = self.seeded.len(),
@@ -286,9 +342,24 @@ impl Capture {
                 sweep.lost.push(conn.conn_id);
             }
         }
+        // Already removed (closed for real) since the walk: nothing to report.
+        gone.retain(|(key, _)| conns.remove(key).is_ok());
+        let mut refs: HashMap<_, u64, u64> = HashMap::try_from(
+            self.ebpf
+                .map_mut(names::REFS)
+                .context("REFS map missing")?,
+        )?;
+        let mut reported = std::collections::HashSet::new();
         for (key, conn) in gone {
-            // Already removed (closed for real) since the walk: nothing to report.
-            if conns.remove(&key).is_ok() {
+            if sweep.live.contains_key(&conn.conn_id) {
+                // Another holder lives on (a forked child, a dup2 copy): one holder fewer.
+                if let Ok(n) = refs.get(&conn.conn_id, 0) {
+                    let _ = refs.insert(conn.conn_id, n.saturating_sub(1), BPF_EXIST);
+                }
+                continue;
+            }
+            let _ = refs.remove(&conn.conn_id);
+            if reported.insert(conn.conn_id) {
                 sweep.closed.push(decode::conn_record(now, key, &conn)?);
             }
         }

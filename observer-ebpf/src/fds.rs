@@ -1,0 +1,361 @@
+//! Descriptors: which socket an fd refers to now, and the `(tgid, fd)` entries that follow a
+//! connection across fork, dup2/dup3, close_range and exec.
+//!
+//! A connection is one open file (`struct file *`), possibly held under several `(tgid, fd)`
+//! keys: a forked child inherits its parent's, `dup2` makes another. Every key is an entry in
+//! `CONNS` carrying the file it referred to when it was made; `REFS` counts the keys of each
+//! connection, and the connection's `CLOSE` event goes out when its last key is forgotten.
+//!
+//! The current file behind an fd is read from the task's descriptor table
+//! (`task->files->fdt->fd[fd]`) with four offsets that userspace reads from the running
+//! kernel's BTF at load time (`TASK_FILES_OFFSET` …): no offset is compiled in. Without them
+//! (`FD_LAYOUT_KNOWN` 0) nothing is validated and nothing is inherited, as before.
+//!
+//! - data syscalls check that the fd still refers to the entry's file: an entry left stale by
+//!   a path this side did not see is forgotten, never read as the old connection;
+//! - `task_newtask` (a new process, not a thread) copies the parent's watched fds to the child;
+//! - `dup2`/`dup3` forget what the new fd held and make it a key of the old fd's connection;
+//! - `close_range` forgets the keys in its range;
+//! - `sched_process_exec` forgets the keys that close-on-exec closed.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_task, bpf_probe_read_kernel},
+    macros::{map, tracepoint},
+    maps::PerCpuArray,
+    programs::TracePointContext,
+};
+use observer_common::{ConnInfo, SockKey, kind};
+
+use crate::{
+    ARG0, ARG1, ARG2, CONNS, FD_LAYOUT_KNOWN, FDT_FD_OFFSET, FDT_MAX_FDS_OFFSET, FILES_FDT_OFFSET,
+    LISTENERS, NEWTASK_FLAGS_OFFSET, NEWTASK_PID_OFFSET, PARENTS, REFS, TASK_FILES_OFFSET,
+    WATCHED_TGIDS, current, emit_conn, global,
+};
+
+/// Most descriptors walked when a process forks, execs or calls close_range, and most
+/// connections acted on: fds beyond are not inherited by a child, and a stale key beyond is
+/// found at the fd's next use (never read as the old connection) or when the process exits.
+const MAX_WALK: u32 = 256;
+const MAX_ACT: usize = 16;
+/// `clone(2)`: the new task is a thread of the caller (same tgid, same descriptors).
+const CLONE_THREAD: u64 = 0x0001_0000;
+/// `close_range(2)`: mark close-on-exec instead of closing.
+const CLOSE_RANGE_CLOEXEC: u64 = 1 << 2;
+
+/// The current task's descriptor table: its `fd` array and its size.
+#[derive(Clone, Copy)]
+pub struct FdTable {
+    array: u64,
+    max_fds: u32,
+}
+
+impl FdTable {
+    /// The table of the current task, or `None` where the layout is unknown or a read failed.
+    #[inline(always)]
+    pub fn current() -> Option<FdTable> {
+        if global(&FD_LAYOUT_KNOWN) == 0 {
+            return None;
+        }
+        let task = unsafe { bpf_get_current_task() };
+        let files: u64 = read_kernel(task + global(&TASK_FILES_OFFSET) as u64)?;
+        if files == 0 {
+            return None;
+        }
+        let fdt: u64 = read_kernel(files + global(&FILES_FDT_OFFSET) as u64)?;
+        if fdt == 0 {
+            return None;
+        }
+        let max_fds: u32 = read_kernel(fdt + global(&FDT_MAX_FDS_OFFSET) as u64)?;
+        let array: u64 = read_kernel(fdt + global(&FDT_FD_OFFSET) as u64)?;
+        Some(FdTable { array, max_fds })
+    }
+
+    /// The open file behind `fd` (0: none), or `None` where it could not be read.
+    #[inline(always)]
+    pub fn file(&self, fd: u32) -> Option<u64> {
+        if fd >= self.max_fds {
+            return Some(0);
+        }
+        read_kernel(self.array + fd as u64 * 8)
+    }
+}
+
+#[inline(always)]
+fn read_kernel<T: Copy>(addr: u64) -> Option<T> {
+    unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
+}
+
+/// The file behind `fd` of the current process: `None` when it cannot be told.
+#[inline(always)]
+pub fn file_of(fd: u32) -> Option<u64> {
+    FdTable::current()?.file(fd)
+}
+
+/// Whether an entry made for `recorded` still describes an fd that refers to `now`: an entry
+/// seeded by userspace (0) takes the first file it is seen with.
+#[inline(always)]
+pub fn same_file(recorded: u64, now: Option<u64>) -> bool {
+    match now {
+        None => true,
+        Some(now) => recorded == now || (recorded == 0 && now != 0),
+    }
+}
+
+/// Makes `key` one more holder of `conn` (inherited or duplicated), forgetting what `key`
+/// held before.
+pub fn add_holder(key: SockKey, conn: &ConnInfo, pid_tgid: u64) {
+    if let Some(old) = unsafe { CONNS.get(key) } {
+        let old = *old;
+        if old.conn_id == conn.conn_id {
+            return;
+        }
+        forget(key, &old, pid_tgid);
+    }
+    if CONNS.insert(key, *conn, 0).is_err() {
+        return;
+    }
+    add_ref(conn.conn_id, 1);
+}
+
+/// A new connection's first holder.
+pub fn first_holder(conn_id: u64) {
+    let _ = REFS.insert(conn_id, 1, 0);
+}
+
+/// Adds `delta` (wrapping: `u64::MAX` is −1) to the connection's holder count; the count after.
+///
+/// Not atomic (the BPF target has no atomic fetch-and-add in `core`): two holders of one
+/// connection changing it at the same instant on two CPUs can leave it one too high, and the
+/// connection then closes at the userspace sweep (its last key gone from `CONNS`) instead of
+/// at once.
+#[inline(always)]
+fn add_ref(conn_id: u64, delta: u64) -> Option<u64> {
+    let refs = REFS.get_ptr_mut(conn_id)?;
+    // SAFETY: a map value pointer, valid for the program's run.
+    unsafe {
+        let now = core::ptr::read_volatile(refs).wrapping_add(delta);
+        core::ptr::write_volatile(refs, now);
+        Some(now)
+    }
+}
+
+/// `key` no longer holds `conn`: its entry goes, and the connection closes (a `CLOSE` event)
+/// when that was its last holder.
+pub fn forget(key: SockKey, conn: &ConnInfo, pid_tgid: u64) {
+    if CONNS.remove(key).is_err() {
+        // Another path forgot it first.
+        return;
+    }
+    match add_ref(conn.conn_id, u64::MAX) {
+        Some(left) if left != 0 && left < u64::MAX / 2 => {}
+        _ => {
+            let _ = REFS.remove(conn.conn_id);
+            emit_conn(kind::CLOSE, conn, pid_tgid, key.fd);
+        }
+    }
+}
+
+/// Forgets the keys of `tgid` in `first..=last` whose fd no longer refers to their file
+/// (`table`: the descriptors now), or every one of them when `table` is `None`.
+///
+/// Two passes keep the verifier's work small: a walk of at most [`MAX_WALK`] fds that only
+/// looks up, then at most [`MAX_ACT`] of the keys it found checked and forgotten.
+fn forget_replaced(tgid: u32, first: u32, last: u32, table: Option<FdTable>, pid_tgid: u64) {
+    let Some(found) = FOUND.get_ptr_mut(0) else {
+        return;
+    };
+    let found = unsafe { &mut *found };
+    found.len = 0;
+    for i in 0..MAX_WALK {
+        let Some(fd) = first.checked_add(i) else {
+            break;
+        };
+        if fd > last || found.len as usize >= MAX_ACT {
+            break;
+        }
+        if unsafe { CONNS.get(SockKey { tgid, fd }) }.is_some() {
+            found.fds[found.len as usize & (MAX_ACT - 1)] = fd;
+            found.len += 1;
+        }
+    }
+    for i in 0..MAX_ACT {
+        if i >= found.len as usize {
+            break;
+        }
+        let key = SockKey {
+            tgid,
+            fd: found.fds[i],
+        };
+        let Some(conn) = (unsafe { CONNS.get(key) }) else {
+            continue;
+        };
+        let conn = *conn;
+        let stale = match table {
+            Some(table) => {
+                let now = table.file(key.fd);
+                !same_file(conn.file, now) || now == Some(0)
+            }
+            None => true,
+        };
+        if stale {
+            forget(key, &conn, pid_tgid);
+        }
+    }
+}
+
+/// The fds one walk found to act on.
+#[repr(C)]
+pub struct FdList {
+    fds: [u32; MAX_ACT],
+    len: u32,
+}
+
+#[map]
+static FOUND: PerCpuArray<FdList> = PerCpuArray::with_max_entries(1, 0);
+
+/// `task_newtask`: a watched process's new child (not a thread) is watched too, remembers its
+/// parent, and holds what the parent's watched fds hold (they were copied into its table).
+#[tracepoint]
+pub fn task_newtask(ctx: TracePointContext) -> u32 {
+    let _ = try_task_newtask(&ctx);
+    0
+}
+
+fn try_task_newtask(ctx: &TracePointContext) -> Option<()> {
+    let (pid_tgid, parent) = current();
+    unsafe { WATCHED_TGIDS.get(parent) }?;
+    let flags_offset = global(&NEWTASK_FLAGS_OFFSET) as usize;
+    let pid_offset = global(&NEWTASK_PID_OFFSET) as usize;
+    if pid_offset == 0 || flags_offset == 0 {
+        return None;
+    }
+    let flags: u64 = unsafe { ctx.read_at(flags_offset) }.ok()?;
+    if flags & CLONE_THREAD != 0 {
+        return None;
+    }
+    let child = unsafe { ctx.read_at::<i32>(pid_offset) }.ok()? as u32;
+    let _ = PARENTS.insert(child, parent, 0);
+    let _ = WATCHED_TGIDS.insert(child, 1, 0);
+    // The child's table is a copy of the parent's as it is now (or the same table).
+    let table = FdTable::current()?;
+    let found = unsafe { &mut *FOUND.get_ptr_mut(0)? };
+    found.len = 0;
+    for fd in 0..MAX_WALK {
+        if fd >= table.max_fds || found.len as usize >= MAX_ACT {
+            break;
+        }
+        if unsafe { CONNS.get(SockKey { tgid: parent, fd }) }.is_some() {
+            found.fds[found.len as usize & (MAX_ACT - 1)] = fd;
+            found.len += 1;
+        }
+    }
+    for i in 0..MAX_ACT {
+        if i >= found.len as usize {
+            break;
+        }
+        let fd = found.fds[i];
+        let Some(conn) = (unsafe { CONNS.get(SockKey { tgid: parent, fd }) }) else {
+            continue;
+        };
+        let mut conn = *conn;
+        let Some(file) = table.file(fd) else {
+            continue;
+        };
+        if file == 0 || !same_file(conn.file, Some(file)) {
+            continue;
+        }
+        conn.file = file;
+        add_holder(SockKey { tgid: child, fd }, &conn, pid_tgid);
+    }
+    Some(())
+}
+
+/// `sched_process_exec`: close-on-exec has closed some of the process's fds; their keys go.
+#[tracepoint]
+pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
+    let _ = try_sched_process_exec();
+    0
+}
+
+fn try_sched_process_exec() -> Option<()> {
+    let (pid_tgid, tgid) = current();
+    unsafe { WATCHED_TGIDS.get(tgid) }?;
+    let table = FdTable::current()?;
+    forget_replaced(tgid, 0, u32::MAX, Some(table), pid_tgid);
+    Some(())
+}
+
+/// `int close_range(unsigned int fd, unsigned int max_fd, unsigned int flags)`
+#[tracepoint]
+pub fn sys_enter_close_range(ctx: TracePointContext) -> u32 {
+    let _ = try_sys_enter_close_range(&ctx);
+    0
+}
+
+fn try_sys_enter_close_range(ctx: &TracePointContext) -> Option<()> {
+    let (pid_tgid, tgid) = current();
+    unsafe { WATCHED_TGIDS.get(tgid) }?;
+    let first = unsafe { ctx.read_at::<u64>(ARG0) }.ok()? as u32;
+    let last = unsafe { ctx.read_at::<u64>(ARG1) }.ok()? as u32;
+    let flags: u64 = unsafe { ctx.read_at(ARG2) }.ok()?;
+    if flags & CLOSE_RANGE_CLOEXEC != 0 || first > last {
+        // Marked close-on-exec (exec forgets them), or nothing closes.
+        return None;
+    }
+    forget_replaced(tgid, first, last, None, pid_tgid);
+    Some(())
+}
+
+/// `int dup2(unsigned int oldfd, unsigned int newfd)`
+#[tracepoint]
+pub fn sys_enter_dup2(ctx: TracePointContext) -> u32 {
+    let _ = try_enter_dup(&ctx);
+    0
+}
+
+/// `int dup3(unsigned int oldfd, unsigned int newfd, int flags)`
+#[tracepoint]
+pub fn sys_enter_dup3(ctx: TracePointContext) -> u32 {
+    let _ = try_enter_dup(&ctx);
+    0
+}
+
+/// dup2 and dup3: `newfd` is closed and becomes a copy of `oldfd`. Done at entry: the call
+/// fails only for an `oldfd` that refers to nothing (checked here) or bad arguments.
+fn try_enter_dup(ctx: &TracePointContext) -> Option<()> {
+    let (pid_tgid, tgid) = current();
+    unsafe { WATCHED_TGIDS.get(tgid) }?;
+    let old_fd = unsafe { ctx.read_at::<u64>(ARG0) }.ok()? as u32;
+    let new_fd = unsafe { ctx.read_at::<u64>(ARG1) }.ok()? as u32;
+    if old_fd == new_fd {
+        return None;
+    }
+    let table = FdTable::current();
+    let old_file = match table {
+        Some(table) => table.file(old_fd)?,
+        None => 0,
+    };
+    if table.is_some() && old_file == 0 {
+        // EBADF: nothing changes.
+        return None;
+    }
+    let new_key = SockKey { tgid, fd: new_fd };
+    if let Some(held) = unsafe { CONNS.get(new_key) } {
+        let held = *held;
+        forget(new_key, &held, pid_tgid);
+    }
+    let _ = LISTENERS.remove(new_key);
+    let old_key = SockKey { tgid, fd: old_fd };
+    if let Some(conn) = unsafe { CONNS.get(old_key) } {
+        let mut conn = *conn;
+        if !same_file(conn.file, Some(old_file)) {
+            return None;
+        }
+        conn.file = old_file;
+        add_holder(new_key, &conn, pid_tgid);
+    } else if let Some(listener) = unsafe { LISTENERS.get(old_key) } {
+        let listener = *listener;
+        let _ = LISTENERS.insert(new_key, listener, 0);
+    }
+    Some(())
+}
