@@ -72,6 +72,8 @@ pub struct StatusBoard {
     connections_open: AtomicU64,
     /// The probe's verdicts and the upstream it probes, once the probe runs.
     probe: OnceLock<(Readiness, String)>,
+    /// Who answers on the watched ports (eBPF mode).
+    hops: RwLock<crate::pipeline::Hops>,
 }
 
 impl StatusBoard {
@@ -89,7 +91,13 @@ impl StatusBoard {
             exchanges: AtomicU64::new(0),
             connections_open: AtomicU64::new(0),
             probe: OnceLock::new(),
+            hops: RwLock::new(crate::pipeline::Hops::default()),
         }
+    }
+
+    /// Who answers on the watched ports now ([`crate::pipeline::Pipeline::hops`]).
+    pub fn set_hops(&self, hops: crate::pipeline::Hops) {
+        *self.hops.write().unwrap_or_else(PoisonError::into_inner) = hops;
     }
 
     /// Makes `/ready/model` answer from the probe's verdicts (once; later calls are ignored).
@@ -183,6 +191,11 @@ impl StatusBoard {
                     .collect::<Vec<_>>(),
             )
         });
+        let hops = self
+            .hops
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
             "mode": self.mode,
@@ -194,10 +207,31 @@ impl StatusBoard {
             "exchanges": self.exchanges.load(Ordering::Relaxed),
             "connections_open": self.connections_open.load(Ordering::Relaxed),
             "models": models,
+            "servers": hops.servers.iter().map(describe_hop).collect::<Vec<_>>(),
+            "relays": hops.relays.iter().map(describe_hop).collect::<Vec<_>>(),
             "started_at": wallclock::rfc3339_nano(self.started_at),
             "uptime_seconds": self.started.elapsed().as_secs_f64(),
         })
     }
+}
+
+/// A process on a watched port as `/status` shows it: with its name and network namespace
+/// (`net:[INODE]`, as `/proc/PID/ns/net` reads; null once it has exited).
+fn describe_hop(hop: &crate::pipeline::Hop) -> serde_json::Value {
+    let proc = std::path::Path::new("/proc").join(hop.pid.to_string());
+    let comm = std::fs::read_to_string(proc.join("comm"))
+        .ok()
+        .map(|c| c.trim_end().to_owned());
+    let netns = std::fs::read_link(proc.join("ns/net"))
+        .ok()
+        .map(|l| l.to_string_lossy().into_owned());
+    serde_json::json!({
+        "port": hop.port,
+        "role": hop.role,
+        "pid": hop.pid,
+        "comm": comm,
+        "netns": netns,
+    })
 }
 
 #[derive(Clone)]

@@ -2,9 +2,18 @@
 //! [`Engine`], finished exchanges into [`Metrics`], gateway and upstream exchanges into the
 //! [`Correlator`]. Fed by `observer run` (eBPF events) and by the fallback proxy alike.
 //!
-//! It owns the rule that counts every exchange once (SPEC §3): where the listener of a port is
-//! on this host its server side is counted; the client side only where the server is remote.
-//! The client side still feeds correlation. It does no I/O.
+//! It owns the rule that counts every exchange once (SPEC §3), wherever it is seen from:
+//! - where the listener of a port is on this host (in any network namespace) its server side
+//!   is counted; the client side only where the server is remote. The client side still
+//!   feeds correlation;
+//! - a **relay** — a process that accepts on a watched port and itself connects to the same
+//!   port (docker-proxy, socat, a userland forwarder), or whose forked children do — is a hop,
+//!   not a second server: its ends are counted neither for requests nor for connections where
+//!   a real server of the port is seen on this host (it answers the exchange), and its server
+//!   side is counted where no real server is (it forwards off the host); relay hops never
+//!   feed correlation.
+//!
+//! It does no I/O.
 
 use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
 use std::sync::Arc;
@@ -57,8 +66,20 @@ pub struct Pipeline {
     own_ports: Option<OwnPorts>,
     /// Server ends of the daemon's own connections, skipped until they close.
     ignored: HashSet<u64>,
-    /// Counted connections open now, with their roles, for `tcp_connections_active`.
-    active: HashMap<u64, Role>,
+    /// Every connection open now, with what it is to the count-once rule.
+    conns: HashMap<u64, ConnState>,
+    /// Connections closed since the last flush: their exchanges still flush as what they were.
+    closing: HashMap<u64, ConnState>,
+    /// Open client ends by (process, port, role): a process with both ends on one port, in
+    /// one role, is a relay.
+    client_ends: HashMap<EndKey, u32>,
+    /// Open server ends by (process doing their I/O, port, role).
+    server_ends: HashMap<EndKey, u32>,
+    /// (process, port) whose accepted connections are relayed (by itself or its children):
+    /// its next accepted connections are relay hops from the start.
+    relays: HashMap<(u32, u16), Role>,
+    /// Ports on which a real server (not a relay) has served bytes.
+    served: HashSet<u16>,
     /// Connections missing from the kernel's table at the last [`Pipeline::reconcile`]: closed
     /// there, their close event not seen yet.
     suspects: HashSet<u64>,
@@ -90,7 +111,12 @@ impl Pipeline {
             local_roles: [false; 2],
             own_ports: None,
             ignored: HashSet::new(),
-            active: HashMap::new(),
+            conns: HashMap::new(),
+            closing: HashMap::new(),
+            client_ends: HashMap::new(),
+            server_ends: HashMap::new(),
+            relays: HashMap::new(),
+            served: HashSet::new(),
             suspects: HashSet::new(),
             unknown: HashSet::new(),
             handles: Handles::default(),
@@ -106,8 +132,19 @@ impl Pipeline {
 
     /// A listener on `port` is on this host: its server side is the one counted.
     pub fn mark_local(&mut self, port: u16, role: Role) {
-        self.local_ports.insert(port);
         self.local_roles[role.index()] = true;
+        if self.local_ports.insert(port) {
+            // Client ends on it were counted as ends of a remote server: no longer.
+            let clients: Vec<u64> = self
+                .conns
+                .iter()
+                .filter(|(_, s)| s.port == port && s.side == Side::Client)
+                .map(|(&id, _)| id)
+                .collect();
+            for id in clients {
+                self.settle(id);
+            }
+        }
     }
 
     /// Server-side connections from these ports (the daemon's own probes) are ignored.
@@ -115,9 +152,32 @@ impl Pipeline {
         self.own_ports = Some(own_ports);
     }
 
-    /// Whether exchanges and connections of this end are the ones counted.
+    /// Whether exchanges and connections of this end are the ones counted now.
     pub fn counts(&self, meta: &ConnMeta) -> bool {
-        counted(&self.local_ports, meta)
+        match self
+            .conns
+            .get(&meta.conn_id)
+            .or_else(|| self.closing.get(&meta.conn_id))
+        {
+            Some(state) => self.state_counts(state),
+            None => counted(&self.local_ports, meta),
+        }
+    }
+
+    /// Whether an end is a relay hop (never correlated).
+    fn is_relay(&self, conn_id: u64) -> bool {
+        self.conns
+            .get(&conn_id)
+            .or_else(|| self.closing.get(&conn_id))
+            .is_some_and(|s| s.relay)
+    }
+
+    fn state_counts(&self, state: &ConnState) -> bool {
+        if state.relay {
+            state.side == Side::Server && !self.served.contains(&state.port)
+        } else {
+            state.side == Side::Server || !self.local_ports.contains(&state.port)
+        }
     }
 
     pub fn on_event(&mut self, event: &Event) {
@@ -159,12 +219,85 @@ impl Pipeline {
         if meta.side == Side::Server {
             self.mark_local(meta.port, meta.role);
         }
+        if let Some(old) = self.conns.get(&meta.conn_id).copied() {
+            self.forget(meta.conn_id, old);
+        }
         self.engine.open(meta, ts, existing);
-        if self.counts(&meta) {
-            if !existing {
-                self.metrics.connection_opened(meta.role);
+        self.track(meta, existing);
+    }
+
+    /// Starts the count-once bookkeeping of a connection.
+    fn track(&mut self, meta: ConnMeta, existing: bool) {
+        let key = (meta.tgid, meta.port, meta.role);
+        let relay = match meta.side {
+            Side::Server => {
+                *self.server_ends.entry(key).or_default() += 1;
+                self.relays.get(&(meta.tgid, meta.port)) == Some(&meta.role)
+                    || self.client_ends.contains_key(&key)
             }
-            self.activate(meta);
+            Side::Client => {
+                *self.client_ends.entry(key).or_default() += 1;
+                self.server_ends.contains_key(&key)
+            }
+        };
+        let state = ConnState {
+            role: meta.role,
+            side: meta.side,
+            port: meta.port,
+            tgid: meta.tgid,
+            opener: meta.tgid,
+            relay: false,
+            active: false,
+            opened: existing,
+            seen: false,
+        };
+        self.conns.insert(meta.conn_id, state);
+        if relay {
+            self.found_relay(key);
+        }
+        self.settle(meta.conn_id);
+    }
+
+    /// `tgid` has both ends on `port`: every end of it there is a relay hop, and the process
+    /// that accepted its connections (itself, or the parent it was forked by) relays them.
+    fn found_relay(&mut self, (tgid, port, role): EndKey) {
+        let ids: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, s)| s.tgid == tgid && s.port == port && s.role == role && !s.relay)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in ids {
+            let Some(state) = self.conns.get_mut(&id) else {
+                continue;
+            };
+            state.relay = true;
+            if state.side == Side::Server {
+                self.relays.insert((state.opener, port), state.role);
+            }
+            self.engine.set_relay(id, true);
+            self.settle(id);
+        }
+    }
+
+    /// Brings a connection's place in `tcp_connections_active` (and, the first time it counts,
+    /// `tcp_connections_opened_total`) in line with whether it counts now.
+    fn settle(&mut self, conn_id: u64) {
+        let Some(&state) = self.conns.get(&conn_id) else {
+            return;
+        };
+        let counts = self.state_counts(&state);
+        if counts == state.active {
+            return;
+        }
+        if counts && !state.opened {
+            self.metrics.connection_opened(state.role);
+        }
+        self.handles
+            .add_connections_active(state.role, if counts { 1 } else { -1 });
+        if let Some(state) = self.conns.get_mut(&conn_id) {
+            state.active = counts;
+            state.opened |= counts;
         }
     }
 
@@ -180,12 +313,69 @@ impl Pipeline {
         if !self.ignored.is_empty() && self.ignored.contains(&meta.conn_id) {
             return;
         }
-        if self.counts(&meta) {
+        let counts = match self.conns.get(&meta.conn_id) {
+            Some(state) if state.tgid == meta.tgid && state.seen => self.state_counts(state),
+            Some(_) => self.moved(meta),
+            None => {
+                // Its open was missed (before the daemon, or lost): taken up as it is.
+                if meta.side == Side::Server {
+                    self.mark_local(meta.port, meta.role);
+                }
+                self.track(meta, true);
+                self.moved(meta)
+            }
+        };
+        if counts {
             self.metrics
                 .record_bytes(meta.role, direction, len, &mut self.handles);
-            self.activate(meta);
         }
         self.engine.data(meta, direction, ts, len, head, tail);
+    }
+
+    /// The first bytes of a server end, or bytes from another process than before (a forked
+    /// child serving what its parent accepted): a process with a client end on the same port
+    /// makes it a relay hop; a real server's first bytes make its port served.
+    fn moved(&mut self, meta: ConnMeta) -> bool {
+        let Some(state) = self.conns.get(&meta.conn_id).copied() else {
+            return false;
+        };
+        let key = (meta.tgid, state.port, state.role);
+        if state.tgid != meta.tgid {
+            let ends = match state.side {
+                Side::Server => &mut self.server_ends,
+                Side::Client => &mut self.client_ends,
+            };
+            decrement(ends, (state.tgid, state.port, state.role));
+            *ends.entry(key).or_default() += 1;
+        }
+        if let Some(s) = self.conns.get_mut(&meta.conn_id) {
+            s.tgid = meta.tgid;
+            s.seen = true;
+        }
+        if !state.relay {
+            let relay = match state.side {
+                Side::Server => self.client_ends.contains_key(&key),
+                Side::Client => self.server_ends.contains_key(&key),
+            };
+            if relay {
+                self.found_relay(key);
+            } else if state.side == Side::Server && self.served.insert(meta.port) {
+                // A real server on this port: relay hops to it no longer count.
+                let hops: Vec<u64> = self
+                    .conns
+                    .iter()
+                    .filter(|(_, s)| s.relay && s.port == meta.port)
+                    .map(|(&id, _)| id)
+                    .collect();
+                for id in hops {
+                    self.settle(id);
+                }
+            }
+        }
+        self.settle(meta.conn_id);
+        self.conns
+            .get(&meta.conn_id)
+            .is_some_and(|s| self.state_counts(s))
     }
 
     pub fn on_close(&mut self, conn_id: u64, role: Role) {
@@ -193,10 +383,25 @@ impl Pipeline {
             return;
         }
         self.engine.close(conn_id);
-        if self.active.remove(&conn_id).is_some() {
-            self.metrics.connection_closed(role);
-            self.handles.add_connections_active(role, -1);
+        if let Some(state) = self.conns.get(&conn_id).copied() {
+            if state.active {
+                self.metrics.connection_closed(role);
+                self.handles.add_connections_active(role, -1);
+            }
+            self.forget(conn_id, state);
         }
+    }
+
+    /// Drops a connection's bookkeeping; its state is kept until the next flush, for the
+    /// exchanges its close ended.
+    fn forget(&mut self, conn_id: u64, state: ConnState) {
+        self.conns.remove(&conn_id);
+        let key = (state.tgid, state.port, state.role);
+        match state.side {
+            Side::Server => decrement(&mut self.server_ends, key),
+            Side::Client => decrement(&mut self.client_ends, key),
+        }
+        self.closing.insert(conn_id, state);
     }
 
     /// The side whose in-flight requests and errors count for `role`: the server's where its
@@ -209,10 +414,11 @@ impl Pipeline {
         }
     }
 
-    fn activate(&mut self, meta: ConnMeta) {
-        if self.active.insert(meta.conn_id, meta.role).is_none() {
-            self.handles.add_connections_active(meta.role, 1);
-        }
+    /// Whether relay hops of `role` count (no real server seen behind one of its relays).
+    fn relays_count(&self, role: Role) -> bool {
+        self.relays
+            .iter()
+            .any(|(&(_, port), &r)| r == role && !self.served.contains(&port))
     }
 
     /// Brings the connections in step with the kernel's connection table after events were
@@ -235,12 +441,12 @@ impl Pipeline {
                 .conn_roles()
                 .filter(|(id, _)| !live.contains_key(id)),
         );
-        // Counted connections the engine evicted (its connection limit) are still active.
+        // Connections the engine evicted (its connection limit) are still tracked here.
         missing.extend(
-            self.active
+            self.conns
                 .iter()
                 .filter(|(id, _)| !live.contains_key(id))
-                .map(|(&id, &role)| (id, role)),
+                .map(|(&id, state)| (id, state.role)),
         );
         // The server ends of the daemon's own connections (the role is not used for them).
         missing.extend(
@@ -286,14 +492,18 @@ impl Pipeline {
     /// up to `now_ns` (the capture clock) and engine errors; then published (with the
     /// in-flight gauges) unless that was done less than [`Pipeline::publish_every`] ago.
     pub fn flush(&mut self, now_ns: u64, mut each: impl FnMut(&Exchange)) {
-        for ex in self.engine.drain_finished() {
+        let finished: Vec<Exchange> = self.engine.drain_finished().collect();
+        for ex in finished {
             self.totals.exchanges += 1;
-            if counted(&self.local_ports, &ex.conn) {
+            if self.counts(&ex.conn) {
                 self.metrics.record_exchange(&ex, &mut self.handles);
             }
             each(&ex);
-            self.correlator.add(ex);
+            if !self.is_relay(ex.conn.conn_id) {
+                self.correlator.add(ex);
+            }
         }
+        self.closing.clear();
         let resolved = &mut self.resolved;
         self.correlator.resolve_into(now_ns, resolved);
         for o in resolved.overheads.drain(..) {
@@ -346,7 +556,11 @@ impl Pipeline {
     pub fn publish(&mut self) {
         for role in [Role::Gateway, Role::Upstream] {
             let side = self.counted_side(role);
-            let now = self.engine.in_flight(role, side) as i64;
+            let mut now = self.engine.in_flight(role, side);
+            if self.relays_count(role) {
+                now += self.engine.in_flight_relay(role);
+            }
+            let now = now as i64;
             let before = std::mem::replace(&mut self.reported_in_flight[role.index()], now);
             // Even a zero change: the series exists (at 0) from the first publish on.
             self.handles.add_in_flight(role, now - before);
@@ -391,10 +605,89 @@ impl Pipeline {
     pub fn totals(&self) -> Totals {
         self.totals
     }
+
+    /// Who answers on the watched ports as seen now: the processes whose accepted connections
+    /// count (real servers) and the relays in front of them, each once per port.
+    pub fn hops(&self) -> Hops {
+        let mut hops = Hops::default();
+        for state in self.conns.values().filter(|s| s.side == Side::Server) {
+            let hop = Hop {
+                port: state.port,
+                role: state.role,
+                pid: if state.relay { state.opener } else { state.tgid },
+            };
+            let list = if state.relay {
+                &mut hops.relays
+            } else {
+                &mut hops.servers
+            };
+            if !list.contains(&hop) {
+                list.push(hop);
+            }
+        }
+        for (&(pid, port), &role) in &self.relays {
+            let hop = Hop { port, role, pid };
+            if !hops.relays.contains(&hop) {
+                hops.relays.push(hop);
+            }
+        }
+        hops.servers.sort_by_key(|h| (h.port, h.pid));
+        hops.relays.sort_by_key(|h| (h.port, h.pid));
+        hops
+    }
 }
 
-/// The count-once rule: the server side always; the client side where the port's listener is
-/// not on this host.
+/// A process on a watched port, for `/status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Hop {
+    pub port: u16,
+    pub role: Role,
+    pub pid: u32,
+}
+
+/// [`Pipeline::hops`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hops {
+    /// Processes whose accepted connections are counted, with a connection open now.
+    pub servers: Vec<Hop>,
+    /// Relays (the process that accepts), with a connection open now or seen relaying.
+    pub relays: Vec<Hop>,
+}
+
+/// What the pipeline keeps of an open connection for the count-once rule.
+#[derive(Debug, Clone, Copy)]
+struct ConnState {
+    role: Role,
+    side: Side,
+    port: u16,
+    /// The process doing its I/O (the last one seen).
+    tgid: u32,
+    /// The process that opened it (accepted or connected).
+    opener: u32,
+    /// An end of a relay process.
+    relay: bool,
+    /// Counted in `tcp_connections_active` now.
+    active: bool,
+    /// Counted in `tcp_connections_opened_total` (or found open: never counted there).
+    opened: bool,
+    /// Bytes seen since it was tracked.
+    seen: bool,
+}
+
+/// (process, port, role) of a connection's end.
+type EndKey = (u32, u16, Role);
+
+fn decrement(counts: &mut HashMap<EndKey, u32>, key: EndKey) {
+    if let Some(n) = counts.get_mut(&key) {
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(&key);
+        }
+    }
+}
+
+/// The count-once rule for a connection the pipeline does not track: the server side always;
+/// the client side where the port's listener is not on this host.
 fn counted(local_ports: &HashSet<u16>, meta: &ConnMeta) -> bool {
     meta.side == Side::Server || !local_ports.contains(&meta.port)
 }
@@ -413,13 +706,14 @@ mod tests {
         )
     }
 
+    /// A connection of the server process (7) or of a client process (8).
     fn meta(conn_id: u64, role: Role, side: Side, port: u16) -> ConnMeta {
         ConnMeta {
             conn_id,
             role,
             side,
             port,
-            tgid: 7,
+            tgid: if side == Side::Server { 7 } else { 8 },
         }
     }
 
@@ -698,4 +992,140 @@ mod tests {
         p.flush(30, |_| {});
         assert_eq!(requests(&metrics, "gateway"), 1);
     }
+
+    fn with_tgid(meta: ConnMeta, tgid: u32) -> ConnMeta {
+        ConnMeta { tgid, ..meta }
+    }
+
+    fn gauge(metrics: &Metrics, name: &str, role: &str) -> i64 {
+        sample(metrics, &format!("observer_{name}{{role=\"{role}\"}}"))
+    }
+
+    #[test]
+    fn a_relay_in_front_of_a_server_on_the_host_is_a_hop_and_the_server_counts() {
+        let (metrics, mut p) = pipeline();
+        // The gateway (10) → a forwarder (20) on the upstream port → the server (30) behind it
+        // (in a container): one exchange, seen at four ends.
+        let gateway_out = with_tgid(meta(1, Role::Upstream, Side::Client, 11434), 10);
+        let relay_in = with_tgid(meta(2, Role::Upstream, Side::Server, 11434), 20);
+        let relay_out = with_tgid(meta(3, Role::Upstream, Side::Client, 11434), 20);
+        let server = with_tgid(meta(4, Role::Upstream, Side::Server, 11434), 30);
+        for (i, conn) in [gateway_out, relay_in, relay_out, server].into_iter().enumerate() {
+            p.on_open(conn, i as u64, false);
+        }
+        for round in 0..3 {
+            let ts = 100 + round * 100;
+            exchange(&mut p, gateway_out, ts);
+            exchange(&mut p, relay_in, ts + 1);
+            exchange(&mut p, relay_out, ts + 2);
+            exchange(&mut p, server, ts + 3);
+        }
+        p.flush(1_000, |_| {});
+        assert_eq!(requests(&metrics, "upstream"), 3);
+        assert_eq!(gauge(&metrics, "tcp_connections_active", "upstream"), 1);
+        // Before anything listened on the port, and before the forwarder's onward connection,
+        // the gateway's and the forwarder's ends looked like ends that count.
+        let opened = gauge(&metrics, "tcp_connections_opened_total", "upstream");
+        assert_eq!(opened, 3);
+        // The relay's next connection is a hop from its accept on; the server's counts.
+        let relay_in2 = with_tgid(meta(5, Role::Upstream, Side::Server, 11434), 20);
+        let server2 = with_tgid(meta(6, Role::Upstream, Side::Server, 11434), 30);
+        p.on_open(relay_in2, 2_000, false);
+        p.on_open(server2, 2_001, false);
+        exchange(&mut p, relay_in2, 2_002);
+        exchange(&mut p, server2, 2_003);
+        p.flush(3_000, |_| {});
+        assert_eq!(requests(&metrics, "upstream"), 4);
+        assert_eq!(
+            gauge(&metrics, "tcp_connections_opened_total", "upstream"),
+            opened + 1
+        );
+        p.on_close(6, Role::Upstream);
+        for id in 1..=5 {
+            p.on_close(id, Role::Upstream);
+        }
+        p.flush(4_000, |_| {});
+        assert_eq!(gauge(&metrics, "tcp_connections_active", "upstream"), 0);
+        assert_eq!(gauge(&metrics, "http_requests_in_flight", "upstream"), 0);
+    }
+
+    #[test]
+    fn a_relay_to_a_server_off_the_host_counts_where_it_accepts() {
+        let (metrics, mut p) = pipeline();
+        let gateway_out = with_tgid(meta(1, Role::Upstream, Side::Client, 11434), 10);
+        let relay_in = with_tgid(meta(2, Role::Upstream, Side::Server, 11434), 20);
+        let relay_out = with_tgid(meta(3, Role::Upstream, Side::Client, 11434), 20);
+        for (i, conn) in [gateway_out, relay_in, relay_out].into_iter().enumerate() {
+            p.on_open(conn, i as u64, false);
+        }
+        exchange(&mut p, gateway_out, 100);
+        exchange(&mut p, relay_in, 101);
+        exchange(&mut p, relay_out, 102);
+        p.flush(1_000, |_| {});
+        assert_eq!(requests(&metrics, "upstream"), 1);
+        assert_eq!(gauge(&metrics, "tcp_connections_active", "upstream"), 1);
+    }
+
+    #[test]
+    fn a_forked_relay_is_found_through_its_children_and_its_next_accepts_are_hops() {
+        let (metrics, mut p) = pipeline();
+        let server = with_tgid(meta(9, Role::Upstream, Side::Server, 11434), 30);
+        p.on_open(server, 1, false);
+        exchange(&mut p, server, 2);
+        p.flush(10, |_| {});
+        assert_eq!(requests(&metrics, "upstream"), 1);
+        // socat: the parent (40) accepts, a child (41..) connects on and copies the bytes.
+        for (n, child) in [(0u64, 41u32), (1, 42)] {
+            let id = 100 + n * 10;
+            let accepted = with_tgid(meta(id, Role::Upstream, Side::Server, 11434), 40);
+            let onward = with_tgid(meta(id + 1, Role::Upstream, Side::Client, 11434), child);
+            let behind = with_tgid(meta(id + 2, Role::Upstream, Side::Server, 11434), 30);
+            p.on_open(accepted, 100 + n, false);
+            p.on_open(onward, 101 + n, false);
+            p.on_open(behind, 102 + n, false);
+            let ts = 1_000 * (n + 1);
+            exchange(&mut p, with_tgid(accepted, child), ts);
+            exchange(&mut p, onward, ts + 1);
+            exchange(&mut p, behind, ts + 2);
+            p.flush(ts + 10, |_| {});
+            p.on_close(id, Role::Upstream);
+            p.on_close(id + 1, Role::Upstream);
+            p.flush(ts + 20, |_| {});
+        }
+        assert_eq!(requests(&metrics, "upstream"), 3);
+        assert_eq!(gauge(&metrics, "tcp_connections_active", "upstream"), 3);
+        // The first relayed accept was counted as opened before it was known; the second not.
+        assert_eq!(gauge(&metrics, "tcp_connections_opened_total", "upstream"), 4);
+    }
+
+    #[test]
+    fn a_connection_served_by_a_forked_child_counts_once_and_correlates_with_the_child() {
+        let (metrics, mut p) = pipeline();
+        // A gateway that forks per connection: the parent (50) accepts, the child (51) serves
+        // and calls the upstream.
+        let accepted = with_tgid(meta(1, Role::Gateway, Side::Server, 18789), 50);
+        let upstream = with_tgid(meta(2, Role::Upstream, Side::Client, 11434), 51);
+        p.on_open(accepted, 1, false);
+        p.on_open(upstream, 2, false);
+        let child = with_tgid(accepted, 51);
+        let request = b"GET /api/tags HTTP/1.1\r\n\r\n";
+        let response = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}";
+        p.on_data(child, Direction::Ingress, 10, request.len() as u64, request, &[]);
+        exchange(&mut p, upstream, 20);
+        p.on_data(child, Direction::Egress, 40, response.len() as u64, response, &[]);
+        let mut tgids = Vec::new();
+        p.flush(100, |ex| tgids.push((ex.conn.role, ex.conn.tgid)));
+        assert!(tgids.contains(&(Role::Gateway, 51)), "{tgids:?}");
+        assert_eq!(requests(&metrics, "gateway"), 1);
+        assert_eq!(requests(&metrics, "upstream"), 1, "the upstream is remote here");
+        assert_eq!(gauge(&metrics, "tcp_connections_active", "gateway"), 1);
+        let (_, text) = metrics.encode(ExpositionFormat::Text);
+        let text = String::from_utf8(text).unwrap();
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("observer_gateway_overhead_seconds_count") && l.ends_with(" 1")),
+            "{text}"
+        );
+    }
+
 }

@@ -225,6 +225,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                     }
                     Err(err) => tracing::warn!("sweeping connections of exited processes: {err:#}"),
                 }
+                status.set_hops(pipeline.hops());
                 match capture.counters() {
                     Ok(counters) => {
                         let undecodable = events.decode_errors().values().sum();

@@ -44,6 +44,8 @@ struct Response {
 #[derive(Debug)]
 pub struct Conn {
     pub meta: ConnMeta,
+    /// A relay hop ([`super::Engine::set_relay`]).
+    pub relay: bool,
     requests: MessageParser,
     responses: MessageParser,
     state: Exchanges,
@@ -79,10 +81,21 @@ impl Conn {
         };
         Conn {
             meta,
+            relay: false,
             requests: parser(Kind::Request),
             responses: parser(Kind::Response),
             state: Exchanges::default(),
             last_ts: ts,
+        }
+    }
+
+    /// Where its in-flight requests and errors are counted: 0 server side, 1 client side, 2
+    /// relay hop.
+    pub fn bucket(&self) -> usize {
+        match (self.relay, self.meta.side) {
+            (true, _) => 2,
+            (false, Side::Server) => 0,
+            (false, Side::Client) => 1,
         }
     }
 

@@ -86,14 +86,19 @@ impl ErrorReason {
     }
 }
 
-/// Errors so far, by role, side and reason.
+/// Errors so far, by role, bucket (server side, client side, relay hops) and reason.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ErrorCounts {
-    counts: [[[u64; ErrorReason::COUNT]; 2]; 2],
+    counts: [[[u64; ErrorReason::COUNT]; BUCKETS]; 2],
 }
 
+/// Connections are counted apart by side, and relay hops apart from both (see
+/// [`Engine::set_relay`]).
+const BUCKETS: usize = 3;
+const RELAY_BUCKET: usize = 2;
+
 impl ErrorCounts {
-    /// On both sides.
+    /// On both sides and relay hops.
     pub fn get(&self, role: Role, reason: ErrorReason) -> u64 {
         self.counts[role.index()]
             .iter()
@@ -112,8 +117,8 @@ impl ErrorCounts {
         self.counts[role.index()][side_index_of(side)][reason as usize]
     }
 
-    fn slot(&mut self, meta: ConnMeta) -> &mut [u64; ErrorReason::COUNT] {
-        &mut self.counts[meta.role.index()][side_index(meta)]
+    fn slot(&mut self, role: Role, bucket: usize) -> &mut [u64; ErrorReason::COUNT] {
+        &mut self.counts[role.index()][bucket]
     }
 
     /// Every non-zero count.
@@ -151,8 +156,8 @@ pub struct Engine {
     conns: HashMap<u64, Conn>,
     finished: Vec<Exchange>,
     errors: ErrorCounts,
-    /// Requests in flight by role and side.
-    in_flight: [[usize; 2]; 2],
+    /// Requests in flight by role and bucket (side, or relay hop).
+    in_flight: [[usize; BUCKETS]; 2],
 }
 
 impl Engine {
@@ -162,7 +167,7 @@ impl Engine {
             conns: HashMap::new(),
             finished: Vec::new(),
             errors: ErrorCounts::default(),
-            in_flight: [[0; 2]; 2],
+            in_flight: [[0; BUCKETS]; 2],
         }
     }
 
@@ -192,8 +197,12 @@ impl Engine {
         let Some(conn) = self.conns.get_mut(&meta.conn_id) else {
             return;
         };
+        // The process doing the I/O now (a forked child serving what its parent accepted):
+        // its exchanges are correlated with its own.
+        conn.meta.tgid = meta.tgid;
         let before = conn.in_flight();
-        let errors = self.errors.slot(conn.meta);
+        let bucket = conn.bucket();
+        let errors = self.errors.slot(conn.meta.role, bucket);
         conn.segment(
             direction,
             ts,
@@ -206,8 +215,31 @@ impl Engine {
             },
         );
         let after = conn.in_flight();
-        let slot = &mut self.in_flight[conn.meta.role.index()][side_index(conn.meta)];
+        let slot = &mut self.in_flight[conn.meta.role.index()][bucket];
         *slot = (*slot + after).saturating_sub(before);
+    }
+
+    /// Marks a connection as a relay hop (or not): the end of a process that forwards the
+    /// port's traffic to another server of the same port. Its requests in flight and its
+    /// errors are then kept apart from those of its side ([`Engine::in_flight_relay`]).
+    pub fn set_relay(&mut self, conn_id: u64, relay: bool) {
+        let Some(conn) = self.conns.get_mut(&conn_id) else {
+            return;
+        };
+        if conn.relay == relay {
+            return;
+        }
+        let role = conn.meta.role.index();
+        let n = conn.in_flight();
+        let from = conn.bucket();
+        self.in_flight[role][from] = self.in_flight[role][from].saturating_sub(n);
+        conn.relay = relay;
+        self.in_flight[role][conn.bucket()] += n;
+    }
+
+    /// Requests in flight on relay hops of this role.
+    pub fn in_flight_relay(&self, role: Role) -> usize {
+        self.in_flight[role.index()][RELAY_BUCKET]
     }
 
     /// The connection closed; exchanges still open end as aborted.
@@ -242,9 +274,9 @@ impl Engine {
         let Some(conn) = self.conns.remove(&conn_id) else {
             return;
         };
-        let slot = &mut self.in_flight[conn.meta.role.index()][side_index(conn.meta)];
+        let slot = &mut self.in_flight[conn.meta.role.index()][conn.bucket()];
         *slot = slot.saturating_sub(conn.in_flight());
-        let errors = self.errors.slot(conn.meta);
+        let errors = self.errors.slot(conn.meta.role, conn.bucket());
         conn.close(
             outcome,
             Output {
@@ -263,7 +295,8 @@ impl Engine {
                 .map(|conn| conn.meta);
             if let Some(meta) = oldest {
                 let id = meta.conn_id;
-                self.errors.slot(meta)[ErrorReason::ConnLimit as usize] += 1;
+                self.errors.slot(meta.role, side_index_of(meta.side))
+                    [ErrorReason::ConnLimit as usize] += 1;
                 self.remove(id, Outcome::Evicted);
             }
         }
@@ -304,10 +337,6 @@ impl Engine {
             self.remove(id, Outcome::Evicted);
         }
     }
-}
-
-fn side_index(meta: ConnMeta) -> usize {
-    side_index_of(meta.side)
 }
 
 fn side_index_of(side: crate::capture::decode::Side) -> usize {
