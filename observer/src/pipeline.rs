@@ -614,7 +614,11 @@ impl Pipeline {
             let hop = Hop {
                 port: state.port,
                 role: state.role,
-                pid: if state.relay { state.opener } else { state.tgid },
+                pid: if state.relay {
+                    state.opener
+                } else {
+                    state.tgid
+                },
             };
             let list = if state.relay {
                 &mut hops.relays
@@ -1010,7 +1014,10 @@ mod tests {
         let relay_in = with_tgid(meta(2, Role::Upstream, Side::Server, 11434), 20);
         let relay_out = with_tgid(meta(3, Role::Upstream, Side::Client, 11434), 20);
         let server = with_tgid(meta(4, Role::Upstream, Side::Server, 11434), 30);
-        for (i, conn) in [gateway_out, relay_in, relay_out, server].into_iter().enumerate() {
+        for (i, conn) in [gateway_out, relay_in, relay_out, server]
+            .into_iter()
+            .enumerate()
+        {
             p.on_open(conn, i as u64, false);
         }
         for round in 0..3 {
@@ -1095,7 +1102,10 @@ mod tests {
         assert_eq!(requests(&metrics, "upstream"), 3);
         assert_eq!(gauge(&metrics, "tcp_connections_active", "upstream"), 3);
         // The first relayed accept was counted as opened before it was known; the second not.
-        assert_eq!(gauge(&metrics, "tcp_connections_opened_total", "upstream"), 4);
+        assert_eq!(
+            gauge(&metrics, "tcp_connections_opened_total", "upstream"),
+            4
+        );
     }
 
     #[test]
@@ -1110,22 +1120,40 @@ mod tests {
         let child = with_tgid(accepted, 51);
         let request = b"GET /api/tags HTTP/1.1\r\n\r\n";
         let response = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}";
-        p.on_data(child, Direction::Ingress, 10, request.len() as u64, request, &[]);
+        p.on_data(
+            child,
+            Direction::Ingress,
+            10,
+            request.len() as u64,
+            request,
+            &[],
+        );
         exchange(&mut p, upstream, 20);
-        p.on_data(child, Direction::Egress, 40, response.len() as u64, response, &[]);
+        p.on_data(
+            child,
+            Direction::Egress,
+            40,
+            response.len() as u64,
+            response,
+            &[],
+        );
         let mut tgids = Vec::new();
         p.flush(100, |ex| tgids.push((ex.conn.role, ex.conn.tgid)));
         assert!(tgids.contains(&(Role::Gateway, 51)), "{tgids:?}");
         assert_eq!(requests(&metrics, "gateway"), 1);
-        assert_eq!(requests(&metrics, "upstream"), 1, "the upstream is remote here");
+        assert_eq!(
+            requests(&metrics, "upstream"),
+            1,
+            "the upstream is remote here"
+        );
         assert_eq!(gauge(&metrics, "tcp_connections_active", "gateway"), 1);
         let (_, text) = metrics.encode(ExpositionFormat::Text);
         let text = String::from_utf8(text).unwrap();
         assert!(
             text.lines()
-                .any(|l| l.starts_with("observer_gateway_overhead_seconds_count") && l.ends_with(" 1")),
+                .any(|l| l.starts_with("observer_gateway_overhead_seconds_count")
+                    && l.ends_with(" 1")),
             "{text}"
         );
     }
-
 }

@@ -148,7 +148,11 @@ impl<'a> Btf<'a> {
                         let member = at + i * 12;
                         let offset = word(member + 8)?;
                         // With kind_flag the top byte is a bitfield's size.
-                        let bits = if kind_flag { offset & 0x00ff_ffff } else { offset };
+                        let bits = if kind_flag {
+                            offset & 0x00ff_ffff
+                        } else {
+                            offset
+                        };
                         members.push((word(member)?, word(member + 4)?, bits));
                     }
                     vlen * 12
@@ -210,7 +214,8 @@ impl<'a> Btf<'a> {
         for &(name_off, type_id, bits) in &ty.members {
             if name_off == 0 {
                 if let Some(inner) = self.composite(type_id)
-                    && let Some(found) = self.find_member(inner, member, base_bits + bits, depth + 1)
+                    && let Some(found) =
+                        self.find_member(inner, member, base_bits + bits, depth + 1)
                 {
                     return Some(found);
                 }
@@ -282,7 +287,17 @@ mod tests {
             // 5: struct files_struct { int count; <anon t> @ 192 }
             vec![24, info(btf_kind::STRUCT, 2, false), 32, 1, 1, 0, 0, 4, 192],
             // 6: struct task_struct { int x; int files @ 2048 }
-            vec![41, info(btf_kind::STRUCT, 2, false), 512, 1, 1, 0, 53, 1, 2048],
+            vec![
+                41,
+                info(btf_kind::STRUCT, 2, false),
+                512,
+                1,
+                1,
+                0,
+                53,
+                1,
+                2048,
+            ],
         ];
         let layout = FdLayout::from_btf(&blob(&types, strings)).unwrap();
         assert_eq!(

@@ -230,11 +230,8 @@ impl Capture {
             }
             fresh.push(conn);
         }
-        let mut refs: HashMap<_, u64, u64> = HashMap::try_from(
-            self.ebpf
-                .map_mut(names::REFS)
-                .context("REFS map missing")?,
-        )?;
+        let mut refs: HashMap<_, u64, u64> =
+            HashMap::try_from(self.ebpf.map_mut(names::REFS).context("REFS map missing")?)?;
         for conn in &fresh {
             refs.insert(conn.conn_id, conn.holders.len() as u64, 0)
                 .context("the connection table is full")?;
@@ -247,7 +244,8 @@ impl Capture {
         for tgid in holders_of_conns {
             tgids.insert(tgid, 1, 0)?;
         }
-        self.seeded.extend(fresh.into_iter().map(|conn| conn.record));
+        self.seeded
+            .extend(fresh.into_iter().map(|conn| conn.record));
         tracing::debug!(
             listeners = found.listeners.len(),
             connections = self.seeded.len(),
@@ -344,11 +342,8 @@ impl Capture {
         }
         // Already removed (closed for real) since the walk: nothing to report.
         gone.retain(|(key, _)| conns.remove(key).is_ok());
-        let mut refs: HashMap<_, u64, u64> = HashMap::try_from(
-            self.ebpf
-                .map_mut(names::REFS)
-                .context("REFS map missing")?,
-        )?;
+        let mut refs: HashMap<_, u64, u64> =
+            HashMap::try_from(self.ebpf.map_mut(names::REFS).context("REFS map missing")?)?;
         let mut reported = std::collections::HashSet::new();
         for (key, conn) in gone {
             if sweep.live.contains_key(&conn.conn_id) {
