@@ -15,20 +15,21 @@
 //!   a path this side did not see is forgotten, never read as the old connection;
 //! - `task_newtask` (a new process, not a thread) copies the parent's watched fds to the child;
 //! - `dup2`/`dup3` forget what the new fd held and make it a key of the old fd's connection;
+//!   `dup` and `fcntl(F_DUPFD, F_DUPFD_CLOEXEC)` make their new fd one too;
 //! - `close_range` forgets the keys in its range;
 //! - `sched_process_exec` forgets the keys that close-on-exec closed.
 
 use aya_ebpf::{
     helpers::{bpf_get_current_task, bpf_probe_read_kernel},
     macros::{map, tracepoint},
-    maps::PerCpuArray,
+    maps::{LruHashMap, PerCpuArray},
     programs::TracePointContext,
 };
 use observer_common::{ConnInfo, SockKey, kind};
 
 use crate::{
     ARG0, ARG1, ARG2, CONNS, FD_LAYOUT_KNOWN, FDT_FD_OFFSET, FDT_MAX_FDS_OFFSET, FILES_FDT_OFFSET,
-    LISTENERS, NEWTASK_FLAGS_OFFSET, NEWTASK_PID_OFFSET, PARENTS, REFS, TASK_FILES_OFFSET,
+    LISTENERS, NEWTASK_FLAGS_OFFSET, NEWTASK_PID_OFFSET, PARENTS, REFS, RET, TASK_FILES_OFFSET,
     WATCHED_TGIDS, current, emit_conn, global,
 };
 
@@ -41,6 +42,14 @@ const MAX_ACT: usize = 16;
 const CLONE_THREAD: u64 = 0x0001_0000;
 /// `close_range(2)`: mark close-on-exec instead of closing.
 const CLOSE_RANGE_CLOEXEC: u64 = 1 << 2;
+/// `fcntl(2)` commands that duplicate an fd.
+const F_DUPFD: u64 = 0;
+const F_DUPFD_CLOEXEC: u64 = 1030;
+
+/// The old fd of a `dup`/`fcntl(F_DUPFD*)` between enter and exit, by pid_tgid, for watched
+/// processes only. LRU: an entry left by a thread that died mid-syscall is safe to evict.
+#[map]
+static PENDING_DUP: LruHashMap<u64, u32> = LruHashMap::with_max_entries(1024, 0);
 
 /// The current task's descriptor table: its `fd` array and its size.
 #[derive(Clone, Copy)]
@@ -352,6 +361,84 @@ fn try_enter_dup(ctx: &TracePointContext) -> Option<()> {
             return None;
         }
         conn.file = old_file;
+        add_holder(new_key, &conn, pid_tgid);
+    } else if let Some(listener) = unsafe { LISTENERS.get(old_key) } {
+        let listener = *listener;
+        let _ = LISTENERS.insert(new_key, listener, 0);
+    }
+    Some(())
+}
+
+/// `int dup(unsigned int fildes)`
+#[tracepoint]
+pub fn sys_enter_dup(ctx: TracePointContext) -> u32 {
+    let _ = try_enter_dup_new(&ctx, None);
+    0
+}
+
+/// `long fcntl(unsigned int fd, unsigned int cmd, unsigned long arg)`
+#[tracepoint]
+pub fn sys_enter_fcntl(ctx: TracePointContext) -> u32 {
+    let _ = try_enter_dup_new(&ctx, Some(ARG1));
+    0
+}
+
+/// `dup`, and `fcntl` when its command duplicates: remembers the old fd of a watched process
+/// (the new one is the return value).
+fn try_enter_dup_new(ctx: &TracePointContext, command: Option<usize>) -> Option<()> {
+    let (pid_tgid, tgid) = current();
+    unsafe { WATCHED_TGIDS.get(tgid) }?;
+    if let Some(at) = command {
+        let cmd: u64 = unsafe { ctx.read_at(at) }.ok()?;
+        if cmd != F_DUPFD && cmd != F_DUPFD_CLOEXEC {
+            return None;
+        }
+    }
+    let old_fd = unsafe { ctx.read_at::<u64>(ARG0) }.ok()? as u32;
+    let old_key = SockKey { tgid, fd: old_fd };
+    if unsafe { CONNS.get(old_key) }.is_none() && unsafe { LISTENERS.get(old_key) }.is_none() {
+        return None;
+    }
+    PENDING_DUP.insert(pid_tgid, old_fd, 0).ok()
+}
+
+/// Exit of `dup`: see [`try_exit_dup_new`].
+#[tracepoint]
+pub fn sys_exit_dup(ctx: TracePointContext) -> u32 {
+    let _ = try_exit_dup_new(&ctx);
+    0
+}
+
+/// Exit of `fcntl`: see [`try_exit_dup_new`].
+#[tracepoint]
+pub fn sys_exit_fcntl(ctx: TracePointContext) -> u32 {
+    let _ = try_exit_dup_new(&ctx);
+    0
+}
+
+/// The new fd (the return value) is one more key of the old fd's connection or listener.
+fn try_exit_dup_new(ctx: &TracePointContext) -> Option<()> {
+    let (pid_tgid, tgid) = current();
+    let old_fd = *unsafe { PENDING_DUP.get(pid_tgid) }?;
+    let _ = PENDING_DUP.remove(pid_tgid);
+    let ret: i64 = unsafe { ctx.read_at(RET) }.ok()?;
+    if ret < 0 {
+        return None;
+    }
+    let new_key = SockKey {
+        tgid,
+        fd: ret as u32,
+    };
+    let old_key = SockKey { tgid, fd: old_fd };
+    let file = file_of(old_fd);
+    if let Some(conn) = unsafe { CONNS.get(old_key) } {
+        let mut conn = *conn;
+        if !same_file(conn.file, file) {
+            return None;
+        }
+        if let Some(file) = file {
+            conn.file = file;
+        }
         add_holder(new_key, &conn, pid_tgid);
     } else if let Some(listener) = unsafe { LISTENERS.get(old_key) } {
         let listener = *listener;

@@ -61,6 +61,10 @@ pub const TRACEPOINTS: &[(&str, &str)] = &[
     ("syscalls", "sys_enter_dup2"),
     ("syscalls", "sys_enter_dup3"),
     ("syscalls", "sys_enter_close_range"),
+    ("syscalls", "sys_enter_dup"),
+    ("syscalls", "sys_exit_dup"),
+    ("syscalls", "sys_enter_fcntl"),
+    ("syscalls", "sys_exit_fcntl"),
     ("task", "task_newtask"),
     ("sched", "sched_process_exec"),
 ];
