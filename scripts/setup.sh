@@ -2,6 +2,8 @@
 # Installs, idempotently, everything this project needs on a fresh Debian 12 machine of the
 # `rust` kind: Debian's LLVM 22, bpftool and prometheus (for promtool), rust-src for nightly,
 # bpf-linker 0.13 built against LLVM 22, nginx (a real gateway for the capture tests), and a Python virtualenv with the real Ollama and OpenAI clients used by the tests.
+# The deployment tests (observer/tests/deploy_*.rs) build their topologies with iproute2 (network
+# namespaces, veth pairs), nftables (Docker's nat OUTPUT DNAT) and socat (a forking relay).
 # A second run with everything present finishes in seconds. Needs root (apt-get).
 # `setup.sh --demo` installs only what `observer demo` needs beside the committed kernel object
 # (nginx as the gateway): no kernel toolchain, no test tools.
@@ -10,7 +12,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/env.sh
 
 BPF_LINKER_VERSION=0.13.0
-APT_PACKAGES=(llvm-22-dev bpftool nginx-light curl prometheus wrk systemd)
+APT_PACKAGES=(llvm-22-dev bpftool nginx-light curl prometheus wrk systemd iproute2 nftables socat)
 
 say() { printf 'setup: %s\n' "$*"; }
 

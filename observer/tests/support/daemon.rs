@@ -186,7 +186,13 @@ impl Sim {
     /// `observer sim --listen LISTEN`: a given address, e.g. the port of a simulator that was
     /// killed, to restart it where its clients expect it.
     pub fn start_on(listen: &str, flags: &[&str]) -> Sim {
-        let mut child = Command::new(OBSERVER)
+        Sim::start_in(None, listen, flags)
+    }
+
+    /// [`Sim::start_on`] in network namespace `netns` (`None`: the host's), as a container
+    /// would run it.
+    pub fn start_in(netns: Option<&str>, listen: &str, flags: &[&str]) -> Sim {
+        let mut child = super::netns::command(netns, OBSERVER)
             .args(["sim", "--listen", listen])
             .args(flags)
             .stdout(Stdio::piped())

@@ -359,7 +359,15 @@ impl HttpConn {
 
 /// A streamed `/api/chat` (Ollama's default) with `X-Sim-Fault: FAULT` unless `fault` is empty.
 pub fn chat(fault: &str) -> Vec<u8> {
-    let body = super::sim_client::CHAT;
+    chat_for(MODEL, fault)
+}
+
+/// The model of [`chat`], one the simulator knows.
+pub const MODEL: &str = "llama3.2:1b";
+
+/// [`chat`] for `model`: the simulator answers 404 for a model it does not know.
+pub fn chat_for(model: &str, fault: &str) -> Vec<u8> {
+    let body = super::sim_client::CHAT.replacen(MODEL, model, 1);
     let fault = match fault {
         "" => String::new(),
         fault => format!("X-Sim-Fault: {fault}\r\n"),
@@ -563,9 +571,15 @@ pub fn await_requests_with(daemon: &Daemon, labels: &[(&str, &str)], want: &Expe
 /// holds them (established, or closed by the peer and not yet by the process). Read from
 /// `/proc/net/tcp{,6}`, the kernel's own table.
 pub fn open_conns(port: u16) -> u64 {
+    open_conns_at("/proc/net", port)
+}
+
+/// [`open_conns`] in the tables under `proc_net`: `/proc/<pid>/net` is the table of `pid`'s
+/// network namespace.
+pub fn open_conns_at(proc_net: &str, port: u16) -> u64 {
     let mut n = 0;
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let text = std::fs::read_to_string(table).unwrap_or_default();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("{proc_net}/{table}")).unwrap_or_default();
         for line in text.lines().skip(1) {
             let fields: Vec<&str> = line.split_whitespace().collect();
             let (Some(local), Some(state)) = (fields.get(1), fields.get(3)) else {
@@ -596,7 +610,15 @@ pub struct Gauges {
 }
 
 pub fn gauges(daemon: &Daemon, ports: Ports) -> Gauges {
-    let open = [open_conns(ports.gateway), open_conns(ports.upstream)];
+    gauges_with(
+        daemon,
+        [open_conns(ports.gateway), open_conns(ports.upstream)],
+    )
+}
+
+/// [`gauges`] with the connections really open, `[gateway, upstream]`, counted by the caller
+/// (e.g. in the server's network namespace).
+pub fn gauges_with(daemon: &Daemon, open: [u64; 2]) -> Gauges {
     let s = daemon.scrape();
     let g = |name: &str, role: &str| s.value(name, &[("role", role)]) + 0.0;
     Gauges {
@@ -616,10 +638,18 @@ pub fn gauges(daemon: &Daemon, ports: Ports) -> Gauges {
 /// connections really open on its port, in two readings 200 ms apart (a connection the
 /// kernel has queued but the server not yet accepted reads as open for a moment).
 pub fn await_gauges_settled(daemon: &Daemon, ports: Ports) -> Gauges {
+    await_gauges_settled_with(daemon, || {
+        [open_conns(ports.gateway), open_conns(ports.upstream)]
+    })
+}
+
+/// [`await_gauges_settled`] with the connections really open, `[gateway, upstream]`, counted
+/// by `open` (e.g. at the real server, in its network namespace, leaving out a relay's).
+pub fn await_gauges_settled_with(daemon: &Daemon, open: impl Fn() -> [u64; 2]) -> Gauges {
     let start = Instant::now();
     let mut previous: Option<Gauges> = None;
     loop {
-        let now = gauges(daemon, ports);
+        let now = gauges_with(daemon, open());
         let right = now.in_flight == [0.0, 0.0]
             && now.active[0] == now.open[0] as f64
             && now.active[1] == now.open[1] as f64;
@@ -638,7 +668,7 @@ pub fn await_gauges_settled(daemon: &Daemon, ports: Ports) -> Gauges {
                 .collect();
             panic!(
                 "gauges not settled after {SETTLE:?} (in flight and active by role \
-                 [gateway, upstream], open: connections on each port in /proc/net/tcp): \
+                 [gateway, upstream], open: connections really open at each role's server): \
                  {now:?}\n{}\n{}",
                 context.join("\n"),
                 tail(&daemon.log())

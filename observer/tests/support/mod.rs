@@ -17,7 +17,9 @@ pub fn require_root(test: &str) -> bool {
 
 pub mod capture;
 pub mod daemon;
+pub mod deploy;
 pub mod faults;
+pub mod netns;
 pub mod nginx;
 pub mod proxy;
 pub mod sim_client;

@@ -1,15 +1,16 @@
 //! A real nginx (Debian's `/usr/sbin/nginx`) as the gateway for the capture tests: a reverse
-//! proxy on a free loopback port to one upstream, with upstream keep-alive, unbuffered
-//! responses and two worker processes. Everything it writes (config, pid, logs, temp files)
-//! lives in its own temporary directory, so it runs as root without touching `/etc/nginx`.
-//! Dropping it stops nginx (SIGTERM, then SIGKILL) and removes the directory. The fault tests
-//! reload it (`nginx -s reload`: new workers) and restart it on the same port.
+//! proxy on a free loopback port (or, for the deployment tests, an address in a network
+//! namespace) to one upstream, with upstream keep-alive, unbuffered responses and two worker
+//! processes. Everything it writes (config, pid, logs, temp files) lives in its own temporary
+//! directory, so it runs as root without touching `/etc/nginx`. Dropping it stops nginx
+//! (SIGTERM, then SIGKILL) and removes the directory. The fault tests reload it (`nginx -s
+//! reload`: new workers) and restart it on the same port.
 
 use std::{
     fs,
-    net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
@@ -20,8 +21,12 @@ pub const WORKERS: usize = 2;
 pub struct Nginx {
     child: Child,
     dir: PathBuf,
-    /// The port nginx listens on (127.0.0.1).
+    /// The port nginx listens on (on `ip`).
     pub port: u16,
+    /// The address nginx listens on: 127.0.0.1 unless started with [`Nginx::start_in`].
+    pub ip: IpAddr,
+    /// Its network namespace (`None`: the host's).
+    netns: Option<String>,
 }
 
 /// What a test may change in the gateway's configuration.
@@ -49,6 +54,19 @@ impl Nginx {
 
     /// [`Nginx::start`] with `options`.
     pub fn start_with(upstream: SocketAddr, options: NginxOptions) -> Nginx {
+        let listen = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0);
+        Nginx::start_in(upstream, options, None, listen)
+    }
+
+    /// [`Nginx::start_with`] in network namespace `netns` (`None`: the host's), listening on
+    /// `listen` (an address of that namespace; port 0: a port free on the host), as a gateway
+    /// in a container or pod.
+    pub fn start_in(
+        upstream: SocketAddr,
+        options: NginxOptions,
+        netns: Option<&str>,
+        listen: SocketAddr,
+    ) -> Nginx {
         assert!(
             std::path::Path::new(NGINX).exists(),
             "{NGINX} is missing: run scripts/setup.sh"
@@ -61,7 +79,12 @@ impl Nginx {
         ));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
-        let port = super::capture::free_port();
+        // A port free on the host, also in a namespace: the daemon watches ports in every one.
+        let port = match listen.port() {
+            0 => super::capture::free_port(),
+            port => port,
+        };
+        let (ip, listen) = (listen.ip(), SocketAddr::new(listen.ip(), port));
         let d = dir.display();
         let NginxOptions { worker_connections } = options;
         // Each connection is an fd; beyond the usual limit the workers raise theirs (as root).
@@ -89,7 +112,7 @@ http {{
         keepalive 8;
     }}
     server {{
-        listen 127.0.0.1:{port};
+        listen {listen};
         location / {{
             proxy_pass http://u;
             proxy_http_version 1.1;
@@ -101,8 +124,15 @@ http {{
 "#
         );
         fs::write(dir.join("nginx.conf"), conf).unwrap();
-        let child = spawn(&dir, &[]);
-        let mut nginx = Nginx { child, dir, port };
+        let netns = netns.map(str::to_owned);
+        let child = spawn(netns.as_deref(), &dir, &[]);
+        let mut nginx = Nginx {
+            child,
+            dir,
+            port,
+            ip,
+            netns,
+        };
         nginx.wait_for_workers();
         nginx
     }
@@ -111,7 +141,9 @@ http {{
     /// ones stop accepting and exit once their requests are done. Returns once the master
     /// has signalled (the new workers may not be running yet).
     pub fn reload(&self) {
-        let status = spawn(&self.dir, &["-s", "reload"]).wait().unwrap();
+        let status = spawn(self.netns.as_deref(), &self.dir, &["-s", "reload"])
+            .wait()
+            .unwrap();
         assert!(status.success(), "nginx -s reload: {}", self.error_log());
     }
 
@@ -119,7 +151,7 @@ http {{
     /// the same port with the same configuration; returns once the new workers run.
     pub fn restart(&mut self) {
         self.stop();
-        self.child = spawn(&self.dir, &[]);
+        self.child = spawn(self.netns.as_deref(), &self.dir, &[]);
         self.wait_for_workers();
     }
 
@@ -161,7 +193,7 @@ http {{
     }
 
     pub fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
+        SocketAddr::new(self.ip, self.port)
     }
 
     pub fn master_pid(&self) -> u32 {
@@ -197,9 +229,10 @@ impl Drop for Nginx {
     }
 }
 
-/// `nginx` with the configuration in `dir` (and `args`, e.g. `-s reload`).
-fn spawn(dir: &std::path::Path, args: &[&str]) -> Child {
-    Command::new(NGINX)
+/// `nginx` with the configuration in `dir` (and `args`, e.g. `-s reload`), in network
+/// namespace `netns` (`None`: the host's).
+fn spawn(netns: Option<&str>, dir: &std::path::Path, args: &[&str]) -> Child {
+    super::netns::command(netns, NGINX)
         .arg("-p")
         .arg(dir)
         .arg("-c")

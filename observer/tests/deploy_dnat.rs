@@ -1,0 +1,108 @@
+//! Deployment: the upstream (Ollama; here `observer sim`) in a container — its own network
+//! namespace — published as Docker does without its userland proxy: nat OUTPUT DNAT (nftables)
+//! sends locally originated TCP to the host's address H:P to the container's address at the
+//! same port P. nginx on the host proxies to H:P (the host's end of the container's veth). As
+//! root on the real kernel, with `observer run` watching the gateway's port and P.
+//!
+//! nginx's connections name H:P and arrive at the simulator in the namespace: each exchange
+//! counts once per role, the upstream's at the simulator's accepted end (nginx's client end does
+//! not count: the port has a listener on this host, in the namespace);
+//! `tcp_connections_active{upstream}` is the simulator's connections. Once with everything (and
+//! keep-alive connections) in place before the daemon starts, once with the container and the
+//! DNAT rule added after it.
+
+mod support;
+
+use std::net::{SocketAddr, SocketAddrV4};
+
+use support::daemon::Sim;
+use support::deploy::*;
+use support::faults::*;
+use support::netns::{self, Dnat, Netns};
+use support::nginx::Nginx;
+
+/// The container, its simulator on `ns.ip:port`, and the DNAT from `ns.host_ip:port`.
+fn container(port: u16) -> (Netns, Sim, Dnat, SocketAddr) {
+    let ns = Netns::new("dnat");
+    let sim = Sim::start_in(Some(&ns.name), &format!("{}:{port}", ns.ip), FAST_SIM);
+    let published = SocketAddrV4::new(ns.host_ip, port);
+    let dnat = Dnat::new(published, SocketAddrV4::new(ns.ip, port));
+    eprintln!(
+        "DNAT {published} -> sim {} in {} (nft table {})",
+        sim.addr, ns.name, dnat.table
+    );
+    (ns, sim, dnat, published.into())
+}
+
+#[test]
+fn upstream_behind_dnat_set_up_before_the_daemon() {
+    if !support::require_root("upstream_behind_dnat_set_up_before_the_daemon") {
+        return;
+    }
+    let rt = runtime();
+    let port = netns::spare_port();
+    let (ns, sim, dnat, published) = container(port);
+    let nginx = Nginx::start(published);
+    let ports = Ports {
+        gateway: nginx.port,
+        upstream: port,
+    };
+    let requests = Requests::sim();
+    let mut conns = rt.block_on(warm(nginx.addr(), 2, &requests));
+    assert!(ns.open_conns(port) >= 1, "no connection through the DNAT");
+
+    let daemon = start_daemon(ports, &[]);
+    let mut want = Expected::default();
+    rt.block_on(traffic(nginx.addr(), &mut conns, &requests, &mut want));
+    let open = || [open_conns(ports.gateway), ns.open_conns(port)];
+    assert_counted(&daemon, &want, open, &["mid_stream"]);
+    drop(conns);
+    await_gauges_settled_with(&daemon, open);
+    daemon.stop();
+
+    let mut names = ns.names();
+    names.push(dnat.table.clone());
+    drop((nginx, dnat, sim, ns));
+    netns::assert_nothing_left(&names);
+}
+
+#[test]
+fn upstream_behind_dnat_set_up_after_the_daemon() {
+    if !support::require_root("upstream_behind_dnat_set_up_after_the_daemon") {
+        return;
+    }
+    let rt = runtime();
+    let port = netns::spare_port();
+    // nginx needs the published address first: the container's veth is made before the
+    // daemon, the simulator and the DNAT rule after it.
+    let ns = Netns::new("dnat");
+    let published = SocketAddrV4::new(ns.host_ip, port);
+    let nginx = Nginx::start(published.into());
+    let ports = Ports {
+        gateway: nginx.port,
+        upstream: port,
+    };
+    let daemon = start_daemon(ports, &[]);
+
+    let sim = Sim::start_in(Some(&ns.name), &format!("{}:{port}", ns.ip), FAST_SIM);
+    let dnat = Dnat::new(published, SocketAddrV4::new(ns.ip, port));
+    eprintln!("DNAT {published} -> sim {} in {}", sim.addr, ns.name);
+    let mut want = Expected::default();
+    let mut conns = Vec::new();
+    rt.block_on(traffic(
+        nginx.addr(),
+        &mut conns,
+        &Requests::sim(),
+        &mut want,
+    ));
+    let open = || [open_conns(ports.gateway), ns.open_conns(port)];
+    assert_counted(&daemon, &want, open, &[]);
+    drop(conns);
+    await_gauges_settled_with(&daemon, open);
+    daemon.stop();
+
+    let mut names = ns.names();
+    names.push(dnat.table.clone());
+    drop((nginx, dnat, sim, ns));
+    netns::assert_nothing_left(&names);
+}

@@ -1,0 +1,142 @@
+//! Deployment: forked servers on the upstream port, as root on the real kernel with `observer
+//! run` watching the gateway's port (nginx on the host) and the upstream's port P.
+//!
+//! - A fork-per-connection server (Python `socketserver.ForkingMixIn` + `http.server`,
+//!   `tests/support/py/fork_server.py`) on 127.0.0.1:P: the parent accepts each connection,
+//!   forks, and closes its own copy at once; the child serves the connection with keep-alive
+//!   (HTTP/1.1, Content-Length) until nginx closes it. The child's exchanges are captured and
+//!   counted once; the parent's close does not end the connection. Once started after the
+//!   daemon, once before it with keep-alive connections held by children.
+//! - `socat TCP-LISTEN:P,fork` on the host in front of `observer sim` in a network namespace:
+//!   a relay that forks a child per connection, which connects to the namespace's address at
+//!   the same port P. The relay's connections do not count; each exchange counts once at the
+//!   simulator, and `tcp_connections_active{upstream}` is the simulator's connections.
+
+mod support;
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::process::Command;
+
+use support::daemon::Sim;
+use support::deploy::*;
+use support::faults::*;
+use support::netns::{self, Netns, Proc};
+use support::nginx::Nginx;
+
+/// fork_server.py on 127.0.0.1:`port`, listening.
+fn fork_server(port: u16) -> Proc {
+    let mut cmd = Command::new(netns::python());
+    cmd.arg(format!("{}/fork_server.py", netns::PY_DIR))
+        .args(["127.0.0.1", &port.to_string()]);
+    let mut server = Proc::spawn(cmd, "fork_server.py");
+    server.expect_line("listening", netns::START_WAIT);
+    server
+}
+
+#[test]
+fn fork_per_connection_upstream() {
+    if !support::require_root("fork_per_connection_upstream") {
+        return;
+    }
+    let rt = runtime();
+    let port = netns::spare_port();
+    let upstream = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
+    let nginx = Nginx::start(upstream);
+    let ports = Ports {
+        gateway: nginx.port,
+        upstream: port,
+    };
+    let daemon = start_daemon(ports, &[]);
+    let server = fork_server(port);
+    eprintln!(
+        "client -> nginx {} -> fork_server.py {upstream}",
+        nginx.addr()
+    );
+
+    let mut want = Expected::default();
+    let mut conns = Vec::new();
+    let requests = Requests::for_model("m");
+    rt.block_on(traffic(nginx.addr(), &mut conns, &requests, &mut want));
+    let open = || [open_conns(ports.gateway), open_conns(port)];
+    assert_counted(&daemon, &want, open, &[]);
+    // The children hold nginx's kept-alive upstream connections (the parent closed its copies).
+    assert!(open_conns(port) >= 1);
+    drop(conns);
+    await_gauges_settled_with(&daemon, open);
+    daemon.stop();
+    drop((nginx, server));
+}
+
+/// The same with the server's children already holding nginx's keep-alive connections when the
+/// daemon starts: `/proc` shows each connection under its child only.
+#[test]
+fn fork_per_connection_upstream_started_before_the_daemon() {
+    if !support::require_root("fork_per_connection_upstream_started_before_the_daemon") {
+        return;
+    }
+    let rt = runtime();
+    let port = netns::spare_port();
+    let upstream = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
+    let server = fork_server(port);
+    let nginx = Nginx::start(upstream);
+    let ports = Ports {
+        gateway: nginx.port,
+        upstream: port,
+    };
+    let requests = Requests::for_model("m");
+    let mut conns = rt.block_on(warm(nginx.addr(), 2, &requests));
+    assert!(open_conns(port) >= 1);
+
+    let daemon = start_daemon(ports, &[]);
+    let mut want = Expected::default();
+    rt.block_on(traffic(nginx.addr(), &mut conns, &requests, &mut want));
+    let open = || [open_conns(ports.gateway), open_conns(port)];
+    assert_counted(&daemon, &want, open, &["mid_stream"]);
+    drop(conns);
+    await_gauges_settled_with(&daemon, open);
+    daemon.stop();
+    drop((nginx, server));
+}
+
+#[test]
+fn forking_socat_relay_in_front_of_an_upstream_in_a_namespace() {
+    if !support::require_root("forking_socat_relay_in_front_of_an_upstream_in_a_namespace") {
+        return;
+    }
+    let rt = runtime();
+    let port = netns::spare_port();
+    let published = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+    let nginx = Nginx::start(published.into());
+    let ports = Ports {
+        gateway: nginx.port,
+        upstream: port,
+    };
+    let daemon = start_daemon(ports, &[]);
+
+    let ns = Netns::new("socat");
+    let sim = Sim::start_in(Some(&ns.name), &format!("{}:{port}", ns.ip), FAST_SIM);
+    let socat = netns::socat(published, sim.addr);
+    eprintln!(
+        "client -> nginx {} -> socat {published} (fork) -> sim {} in {}",
+        nginx.addr(),
+        sim.addr,
+        ns.name
+    );
+    let mut want = Expected::default();
+    let mut conns = Vec::new();
+    rt.block_on(traffic(
+        nginx.addr(),
+        &mut conns,
+        &Requests::sim(),
+        &mut want,
+    ));
+    let open = || [open_conns(ports.gateway), ns.open_conns(port)];
+    assert_counted(&daemon, &want, open, &[]);
+    drop(conns);
+    await_gauges_settled_with(&daemon, open);
+    daemon.stop();
+
+    let names = ns.names();
+    drop((socat, nginx, sim, ns));
+    netns::assert_nothing_left(&names);
+}

@@ -1,0 +1,110 @@
+//! Deployment: the upstream (Ollama; here `observer sim`) in a container — its own network
+//! namespace — published on the host by a single-process userland forwarder, as docker-proxy
+//! does: the forwarder accepts on the host's 127.0.0.1:P and connects to the container's
+//! address at the same port P. nginx on the host proxies to 127.0.0.1:P. As root on the real
+//! kernel, with `observer run` watching the gateway's port and P.
+//!
+//! The forwarder is a relay (it accepts on a watched port and itself connects to that port):
+//! neither its accepted nor its outgoing connections count. Each exchange counts once per role:
+//! the gateway's at nginx's accepted end, the upstream's at the simulator's, in its namespace;
+//! `tcp_connections_active{upstream}` is the simulator's connections, not the forwarder's.
+//! Once with everything (and keep-alive connections through the forwarder) in place before
+//! the daemon starts, once with the container and the forwarder started after it.
+
+mod support;
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use support::daemon::Sim;
+use support::deploy::*;
+use support::faults::*;
+use support::netns::{self, Netns};
+use support::nginx::Nginx;
+
+#[test]
+fn upstream_behind_a_forwarder_started_before_the_daemon() {
+    if !support::require_root("upstream_behind_a_forwarder_started_before_the_daemon") {
+        return;
+    }
+    let rt = runtime();
+    let port = netns::spare_port();
+    let published = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
+    let ns = Netns::new("fwd");
+    let sim = Sim::start_in(Some(&ns.name), &format!("{}:{port}", ns.ip), FAST_SIM);
+    let forwarder = netns::forwarder(published, sim.addr);
+    let nginx = Nginx::start(published);
+    let ports = Ports {
+        gateway: nginx.port,
+        upstream: port,
+    };
+    eprintln!(
+        "client -> nginx {} -> forwarder {published} -> sim {} in {}",
+        nginx.addr(),
+        sim.addr,
+        ns.name
+    );
+    // Keep-alive connections through nginx and the forwarder, open when the daemon starts.
+    let requests = Requests::sim();
+    let mut conns = rt.block_on(warm(nginx.addr(), 2, &requests));
+    assert!(
+        ns.open_conns(port) >= 1,
+        "no connection through the forwarder"
+    );
+
+    let daemon = start_daemon(ports, &[]);
+    let mut want = Expected::default();
+    rt.block_on(traffic(nginx.addr(), &mut conns, &requests, &mut want));
+    let open = || [open_conns(ports.gateway), ns.open_conns(port)];
+    // The connections open before the daemon are picked up mid-stream.
+    assert_counted(&daemon, &want, open, &["mid_stream"]);
+    drop(conns);
+    await_gauges_settled_with(&daemon, open);
+    daemon.stop();
+
+    let names = ns.names();
+    drop((forwarder, nginx, sim, ns));
+    netns::assert_nothing_left(&names);
+}
+
+#[test]
+fn upstream_behind_a_forwarder_started_after_the_daemon() {
+    if !support::require_root("upstream_behind_a_forwarder_started_after_the_daemon") {
+        return;
+    }
+    let rt = runtime();
+    let port = netns::spare_port();
+    let published = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
+    let nginx = Nginx::start(published);
+    let ports = Ports {
+        gateway: nginx.port,
+        upstream: port,
+    };
+    let daemon = start_daemon(ports, &[]);
+
+    let ns = Netns::new("fwd");
+    let sim = Sim::start_in(Some(&ns.name), &format!("{}:{port}", ns.ip), FAST_SIM);
+    let forwarder = netns::forwarder(published, sim.addr);
+    eprintln!(
+        "client -> nginx {} -> forwarder {published} -> sim {} in {}",
+        nginx.addr(),
+        sim.addr,
+        ns.name
+    );
+    let mut want = Expected::default();
+    let mut conns = Vec::new();
+    rt.block_on(traffic(
+        nginx.addr(),
+        &mut conns,
+        &Requests::sim(),
+        &mut want,
+    ));
+    let open = || [open_conns(ports.gateway), ns.open_conns(port)];
+    assert_counted(&daemon, &want, open, &[]);
+    drop(conns);
+    await_gauges_settled_with(&daemon, open);
+    daemon.stop();
+
+    let names = ns.names();
+    drop((forwarder, nginx, sim, ns));
+    netns::assert_nothing_left(&names);
+}

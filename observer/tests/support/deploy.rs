@@ -1,0 +1,212 @@
+//! Common ground of the deployment suites (`tests/deploy_*.rs`): the traffic every topology
+//! carries (15 chats answered 200 and 3 answered 404, on three keep-alive connections through
+//! the gateway, each recorded by the client), and what the daemon must show for it: every
+//! exchange counted once per role with the client's code, an overhead observation for every
+//! gateway exchange that got a response, nothing left in flight, and
+//! `tcp_connections_active{role}` equal to the connections really open at each role's real
+//! server (in its namespace; a relay's own connections left out).
+//!
+//! The topologies themselves are in `netns.rs`; the counts and gauges are polled as in
+//! `faults.rs`.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
+
+use super::daemon::Daemon;
+use super::faults::{
+    Expected, HttpConn, REQUESTS, SETTLE, await_gauges_settled_with, await_requests, chat,
+    chat_for, events_lost, parse_errors, tail,
+};
+
+/// Keep-alive connections the traffic uses.
+pub const CONNS: usize = 3;
+/// Chats answered 200 on each connection.
+pub const OK_EACH: usize = 5;
+/// Chats answered 404 (a model the server does not have) on each connection.
+pub const NOT_FOUND_EACH: usize = 1;
+pub const OVERHEAD_COUNT: &str = "observer_gateway_overhead_seconds_count";
+
+/// The two requests of the traffic.
+#[derive(Debug, Clone)]
+pub struct Requests {
+    /// Answered 200.
+    pub ok: Vec<u8>,
+    /// Answered 404.
+    pub not_found: Vec<u8>,
+}
+
+impl Requests {
+    /// For `observer sim`: its default model, and one it does not know.
+    pub fn sim() -> Requests {
+        Requests {
+            ok: chat(""),
+            not_found: chat_for("no-such-model:1b", ""),
+        }
+    }
+
+    /// For a server that knows only `model`.
+    pub fn for_model(model: &str) -> Requests {
+        Requests {
+            ok: chat_for(model, ""),
+            not_found: chat_for(&format!("not-{model}"), ""),
+        }
+    }
+}
+
+/// The traffic through `gateway`: on each of [`CONNS`] keep-alive connections (those in
+/// `conns` first, new ones for the rest, all kept in `conns`), [`OK_EACH`] chats answered 200
+/// and [`NOT_FOUND_EACH`] answered 404, each required and recorded in `want` for both roles.
+pub async fn traffic(
+    gateway: SocketAddr,
+    conns: &mut Vec<HttpConn>,
+    requests: &Requests,
+    want: &mut Expected,
+) {
+    while conns.len() < CONNS {
+        conns.push(HttpConn::connect(gateway).await);
+    }
+    for conn in conns.iter_mut() {
+        for i in 0..OK_EACH + NOT_FOUND_EACH {
+            let (request, status) = match i < OK_EACH {
+                true => (&requests.ok, 200),
+                false => (&requests.not_found, 404),
+            };
+            let record = conn.exchange(request).await;
+            assert_eq!(
+                (record.status, record.complete),
+                (Some(status), true),
+                "through {gateway}"
+            );
+            want.both(&record);
+        }
+    }
+}
+
+/// `n` keep-alive connections through `gateway`, one chat answered 200 on each, recorded
+/// nowhere: connections open before the daemon starts.
+pub async fn warm(gateway: SocketAddr, n: usize, requests: &Requests) -> Vec<HttpConn> {
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut conn = HttpConn::connect(gateway).await;
+        let record = conn.exchange(&requests.ok).await;
+        assert!(record.is_ok(), "{record:?}");
+        conns.push(conn);
+    }
+    conns
+}
+
+/// The lines of `/metrics` that a failure in these suites is about, and the daemon's log tail.
+pub fn context(daemon: &Daemon) -> String {
+    let (_, text) = daemon.get("/metrics");
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            [
+                REQUESTS,
+                OVERHEAD_COUNT,
+                "observer_gateway_unmatched",
+                "observer_http_requests_in_flight",
+                "observer_tcp_connections",
+                "observer_http_parse_errors_total",
+                "observer_ebpf_events_lost_total",
+            ]
+            .iter()
+            .any(|p| l.starts_with(p))
+        })
+        .collect();
+    format!("{}\n{}", lines.join("\n"), tail(&daemon.log()))
+}
+
+/// Runs `check`; when it fails, prints [`context`] before the failure goes on.
+pub fn with_context<T>(daemon: &Daemon, check: impl FnOnce() -> T) -> T {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(check)) {
+        Ok(value) => value,
+        Err(panic) => {
+            eprintln!("the daemon at the failure:\n{}", context(daemon));
+            std::panic::resume_unwind(panic)
+        }
+    }
+}
+
+/// Waits until `gateway_overhead_seconds_count`, over all its series, equals `n` and still
+/// does 300 ms later; more fails at once.
+pub fn await_overhead(daemon: &Daemon, n: u64) {
+    let start = Instant::now();
+    let mut matched_at: Option<Instant> = None;
+    loop {
+        let got = daemon.scrape().value(OVERHEAD_COUNT, &[]) as u64;
+        assert!(
+            got <= n,
+            "{OVERHEAD_COUNT} {got}, more than the {n} gateway exchanges:\n{}",
+            context(daemon)
+        );
+        match (got == n, matched_at) {
+            (true, Some(at)) if at.elapsed() >= Duration::from_millis(300) => return,
+            (true, None) => matched_at = Some(Instant::now()),
+            (true, Some(_)) => {}
+            (false, _) => matched_at = None,
+        }
+        assert!(
+            start.elapsed() < SETTLE,
+            "{OVERHEAD_COUNT} {got} after {SETTLE:?}, want {n} (one per gateway exchange \
+             with a response):\n{}",
+            context(daemon)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Everything the daemon must show for `want`: the counts per role and code, an overhead
+/// observation per gateway exchange with a response, no request in flight and
+/// `tcp_connections_active` equal to `open()` (`[gateway, upstream]`, counted at the real
+/// servers), no parse error but those of a reason in `allowed` (`mid_stream` for connections
+/// open before the daemon), nothing lost.
+pub fn assert_counted(
+    daemon: &Daemon,
+    want: &Expected,
+    open: impl Fn() -> [u64; 2],
+    allowed: &[&str],
+) {
+    with_context(daemon, || await_requests(daemon, want));
+    let responses: u64 = want
+        .gateway
+        .codes()
+        .filter(|(code, _)| *code != "none")
+        .map(|(_, n)| n)
+        .sum();
+    await_overhead(daemon, responses);
+    let gauges = with_context(daemon, || await_gauges_settled_with(daemon, open));
+    eprintln!("settled: {gauges:?}");
+    let s = daemon.scrape();
+    for role in ["gateway", "upstream"] {
+        let errors = parse_errors(&s, role);
+        assert!(
+            errors.keys().all(|reason| allowed.contains(reason)),
+            "{role}: parse errors {errors:?}\n{}",
+            context(daemon)
+        );
+    }
+    assert_eq!(events_lost(&s), 0.0, "{}", context(daemon));
+}
+
+/// A plain TCP echo server on a free loopback port (an unwatched one): every connection gets
+/// its bytes back until it closes. Its threads live as long as the test binary.
+pub fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = stream.read(&mut buf) {
+                    if stream.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
