@@ -32,6 +32,11 @@ pub mod names {
     pub const FILES_FDT_OFFSET: &str = "FILES_FDT_OFFSET";
     pub const FDT_MAX_FDS_OFFSET: &str = "FDT_MAX_FDS_OFFSET";
     pub const FDT_FD_OFFSET: &str = "FDT_FD_OFFSET";
+    pub const SOCK_LAYOUT_KNOWN: &str = "SOCK_LAYOUT_KNOWN";
+    pub const FILE_PRIVATE_DATA_OFFSET: &str = "FILE_PRIVATE_DATA_OFFSET";
+    pub const SOCKET_SK_OFFSET: &str = "SOCKET_SK_OFFSET";
+    pub const SOCK_NUM_OFFSET: &str = "SOCK_NUM_OFFSET";
+    pub const SOCK_DPORT_OFFSET: &str = "SOCK_DPORT_OFFSET";
 }
 
 /// Length of a process name (`TASK_COMM_LEN`).

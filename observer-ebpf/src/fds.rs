@@ -28,9 +28,10 @@ use aya_ebpf::{
 use observer_common::{ConnInfo, SockKey, kind};
 
 use crate::{
-    ARG0, ARG1, ARG2, CONNS, FD_LAYOUT_KNOWN, FDT_FD_OFFSET, FDT_MAX_FDS_OFFSET, FILES_FDT_OFFSET,
-    LISTENERS, NEWTASK_FLAGS_OFFSET, NEWTASK_PID_OFFSET, PARENTS, REFS, RET, TASK_FILES_OFFSET,
-    WATCHED_TGIDS, current, emit_conn, global,
+    ARG0, ARG1, ARG2, CONNS, FD_LAYOUT_KNOWN, FDT_FD_OFFSET, FDT_MAX_FDS_OFFSET,
+    FILE_PRIVATE_DATA_OFFSET, FILES_FDT_OFFSET, LISTENERS, NEWTASK_FLAGS_OFFSET,
+    NEWTASK_PID_OFFSET, PARENTS, REFS, RET, SOCK_DPORT_OFFSET, SOCK_LAYOUT_KNOWN, SOCK_NUM_OFFSET,
+    SOCKET_SK_OFFSET, TASK_FILES_OFFSET, WATCHED_TGIDS, current, emit_conn, global,
 };
 
 /// Most descriptors walked when a process forks, execs or calls close_range, and most
@@ -92,6 +93,27 @@ impl FdTable {
 #[inline(always)]
 fn read_kernel<T: Copy>(addr: u64) -> Option<T> {
     unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
+}
+
+/// The (local, remote) ports of the TCP socket behind `file` (host order), where the socket's
+/// layout is known: the client's ephemeral port is only in the socket, and a server that
+/// accepts without asking for the peer's address learns it nowhere else.
+#[inline(always)]
+pub fn ports_of(file: u64) -> Option<(u16, u16)> {
+    if global(&SOCK_LAYOUT_KNOWN) == 0 || file == 0 {
+        return None;
+    }
+    let socket: u64 = read_kernel(file + global(&FILE_PRIVATE_DATA_OFFSET) as u64)?;
+    if socket == 0 {
+        return None;
+    }
+    let sock: u64 = read_kernel(socket + global(&SOCKET_SK_OFFSET) as u64)?;
+    if sock == 0 {
+        return None;
+    }
+    let local: u16 = read_kernel(sock + global(&SOCK_NUM_OFFSET) as u64)?;
+    let remote: u16 = read_kernel(sock + global(&SOCK_DPORT_OFFSET) as u64)?;
+    Some((local, u16::from_be(remote)))
 }
 
 /// The file behind `fd` of the current process: `None` when it cannot be told.
@@ -386,14 +408,15 @@ pub fn sys_enter_fcntl(ctx: TracePointContext) -> u32 {
 /// `dup`, and `fcntl` when its command duplicates: remembers the old fd of a watched process
 /// (the new one is the return value).
 fn try_enter_dup_new(ctx: &TracePointContext, command: Option<usize>) -> Option<()> {
-    let (pid_tgid, tgid) = current();
-    unsafe { WATCHED_TGIDS.get(tgid) }?;
     if let Some(at) = command {
-        let cmd: u64 = unsafe { ctx.read_at(at) }.ok()?;
+        // Before any map lookup: most fcntl calls on the host are F_GETFL/F_SETFL.
+        let cmd = unsafe { ctx.read_at::<u64>(at) }.ok()? as u32 as u64;
         if cmd != F_DUPFD && cmd != F_DUPFD_CLOEXEC {
             return None;
         }
     }
+    let (pid_tgid, tgid) = current();
+    unsafe { WATCHED_TGIDS.get(tgid) }?;
     let old_fd = unsafe { ctx.read_at::<u64>(ARG0) }.ok()? as u32;
     let old_key = SockKey { tgid, fd: old_fd };
     if unsafe { CONNS.get(old_key) }.is_none() && unsafe { LISTENERS.get(old_key) }.is_none() {

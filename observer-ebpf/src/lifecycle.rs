@@ -20,7 +20,7 @@ use observer_common::{ConnInfo, Endpoint, ListenInfo, SockKey, counter, family, 
 use crate::{
     ARG0, ARG1, CONNS, LISTENERS, PARENTS, RET, WATCHED_PORTS, WATCHED_TGIDS, count, current,
     emit_conn,
-    fds::{self, file_of, same_file},
+    fds::{self, file_of, ports_of, same_file},
     is_self, new_conn_id,
 };
 
@@ -137,15 +137,25 @@ fn try_sys_exit_connect(ctx: &TracePointContext) -> Option<()> {
     if ret != 0 && ret != -EINPROGRESS {
         return None;
     }
+    let file = file_of(pending.fd).unwrap_or(0);
+    // The ephemeral port, chosen inside connect(): userspace pairs this end with the server's.
+    let local = match ports_of(file) {
+        Some((port, _)) => Endpoint {
+            family: pending.endpoint.family,
+            port: port as u32,
+            addr: [0; 16],
+        },
+        None => Endpoint::default(),
+    };
     let conn = ConnInfo {
         conn_id: new_conn_id(),
         role: pending.role,
         side: side::CLIENT,
         port: pending.endpoint.port,
         lost: 0,
-        local: Endpoint::default(),
+        local,
         remote: pending.endpoint,
-        file: file_of(pending.fd).unwrap_or(0),
+        file,
     };
     track(
         ctx,
@@ -233,8 +243,8 @@ fn try_enter_accept(ctx: &TracePointContext) -> Option<()> {
 /// grandparent (nginx workers are forked by the master, which holds the listening fds).
 fn find_listener(tgid: u32, fd: u32) -> Option<ListenInfo> {
     let key = SockKey { tgid, fd };
-    let file = file_of(fd);
     if let Some(listener) = LISTENERS.get_ptr_mut(key) {
+        let file = file_of(fd);
         let recorded = unsafe { (*listener).file };
         if !same_file(recorded, file) {
             // The fd was closed or replaced in a way not seen here: not this listener.
@@ -262,7 +272,7 @@ fn find_listener(tgid: u32, fd: u32) -> Option<ListenInfo> {
         }
     };
     // The parent's listener, if this fd is the inherited copy of it.
-    if inherited.file != 0 && !same_file(inherited.file, file) {
+    if inherited.file != 0 && !same_file(inherited.file, file_of(fd)) {
         return None;
     }
     // Next time this process finds it in one lookup.
@@ -292,6 +302,19 @@ fn try_exit_accept(ctx: &TracePointContext) -> Option<()> {
     if ret < 0 {
         return None;
     }
+    let file = file_of(ret as u32).unwrap_or(0);
+    // A caller that did not ask for the peer's address (libuv, Node) still gets its port.
+    let remote = match read_endpoint(pending.peer) {
+        Some(peer) => peer,
+        None => match ports_of(file) {
+            Some((_, port)) => Endpoint {
+                family: pending.listener.local.family,
+                port: port as u32,
+                addr: [0; 16],
+            },
+            None => Endpoint::default(),
+        },
+    };
     let conn = ConnInfo {
         conn_id: new_conn_id(),
         role: pending.listener.role,
@@ -299,8 +322,8 @@ fn try_exit_accept(ctx: &TracePointContext) -> Option<()> {
         port: pending.listener.port,
         lost: 0,
         local: pending.listener.local,
-        remote: read_endpoint(pending.peer).unwrap_or_default(),
-        file: file_of(ret as u32).unwrap_or(0),
+        remote,
+        file,
     };
     track(
         ctx,

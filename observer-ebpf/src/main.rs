@@ -91,6 +91,19 @@ static FILES_FDT_OFFSET: u32 = 0;
 static FDT_MAX_FDS_OFFSET: u32 = 0;
 #[unsafe(no_mangle)]
 static FDT_FD_OFFSET: u32 = 0;
+/// Non-zero when userspace found the socket's layout in the kernel's BTF: the offsets of
+/// `file.private_data`, `socket.sk`, and the local and remote ports of `struct sock`
+/// (`__sk_common.skc_num`, host order; `__sk_common.skc_dport`, network order).
+#[unsafe(no_mangle)]
+static SOCK_LAYOUT_KNOWN: u32 = 0;
+#[unsafe(no_mangle)]
+static FILE_PRIVATE_DATA_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static SOCKET_SK_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static SOCK_NUM_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static SOCK_DPORT_OFFSET: u32 = 0;
 
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;

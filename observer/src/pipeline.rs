@@ -78,8 +78,15 @@ pub struct Pipeline {
     /// (process, port) whose accepted connections are relayed (by itself or its children):
     /// its next accepted connections are relay hops from the start.
     relays: HashMap<(u32, u16), Role>,
-    /// Ports on which a real server (not a relay) has served bytes.
-    served: HashSet<u16>,
+    /// Processes (a few per port) that served bytes on a port as real servers (not relays).
+    served: HashMap<u16, HashSet<u32>>,
+    /// Relay (process, port, role) whose ends were looked for already.
+    relay_keys: HashSet<EndKey>,
+    /// Server ends by (port, the client's port): who accepted which connection.
+    accepted: HashMap<(u16, u16), (u32, u64)>,
+    /// Client ends of a process with server ends on the same port, by (port, own port), until
+    /// it is known whether they go to that process itself or elsewhere.
+    candidates: HashMap<(u16, u16), u64>,
     /// Connections missing from the kernel's table at the last [`Pipeline::reconcile`]: closed
     /// there, their close event not seen yet.
     suspects: HashSet<u64>,
@@ -116,7 +123,10 @@ impl Pipeline {
             client_ends: HashMap::new(),
             server_ends: HashMap::new(),
             relays: HashMap::new(),
-            served: HashSet::new(),
+            served: HashMap::new(),
+            relay_keys: HashSet::new(),
+            accepted: HashMap::new(),
+            candidates: HashMap::new(),
             suspects: HashSet::new(),
             unknown: HashSet::new(),
             handles: Handles::default(),
@@ -174,7 +184,7 @@ impl Pipeline {
 
     fn state_counts(&self, state: &ConnState) -> bool {
         if state.relay {
-            state.side == Side::Server && !self.served.contains(&state.port)
+            state.side == Side::Server && !self.is_served(state.port)
         } else {
             state.side == Side::Server || !self.local_ports.contains(&state.port)
         }
@@ -202,7 +212,8 @@ impl Pipeline {
     }
 
     /// A connection the capture saw open (or found open when seeded), unless it is the server's
-    /// end of one of the daemon's own connections.
+    /// end of one of the daemon's own connections. Its ports pair a client end with the server
+    /// end that accepted it (a process calling its own port is not a relay).
     pub fn on_conn_open(&mut self, c: &ConnRecord) {
         if c.side == Side::Server
             && let (Some(own), Some(remote)) = (&self.own_ports, c.remote)
@@ -211,66 +222,135 @@ impl Pipeline {
             self.ignored.insert(c.conn_id);
             return;
         }
-        self.on_open(c.into(), c.ts_ns, c.seeded);
+        // The client's own port: its local one, the server end's peer.
+        let pair_port = match c.side {
+            Side::Client => c.local.map(|a| a.port()),
+            Side::Server => c.remote.map(|a| a.port()),
+        }
+        .filter(|&port| port != 0);
+        self.open_paired(c.into(), c.ts_ns, c.seeded, pair_port);
     }
 
     /// A connection opened (`existing`: found already open, e.g. seeded from `/proc`).
     pub fn on_open(&mut self, meta: ConnMeta, ts: u64, existing: bool) {
+        self.open_paired(meta, ts, existing, None);
+    }
+
+    fn open_paired(&mut self, meta: ConnMeta, ts: u64, existing: bool, pair_port: Option<u16>) {
         if meta.side == Side::Server {
             self.mark_local(meta.port, meta.role);
         }
         if let Some(old) = self.conns.get(&meta.conn_id).copied() {
+            // The id was seen again (reconciled after an eviction): the old one ends here.
+            if old.active {
+                self.handles.add_connections_active(old.role, -1);
+            }
             self.forget(meta.conn_id, old);
         }
         self.engine.open(meta, ts, existing);
-        self.track(meta, existing);
+        self.track(meta, existing, pair_port);
     }
 
     /// Starts the count-once bookkeeping of a connection.
-    fn track(&mut self, meta: ConnMeta, existing: bool) {
+    fn track(&mut self, meta: ConnMeta, existing: bool, pair_port: Option<u16>) {
         let key = (meta.tgid, meta.port, meta.role);
-        let relay = match meta.side {
-            Side::Server => {
-                *self.server_ends.entry(key).or_default() += 1;
-                self.relays.get(&(meta.tgid, meta.port)) == Some(&meta.role)
-                    || self.client_ends.contains_key(&key)
-            }
-            Side::Client => {
-                *self.client_ends.entry(key).or_default() += 1;
-                self.server_ends.contains_key(&key)
-            }
-        };
         let state = ConnState {
             role: meta.role,
             side: meta.side,
             port: meta.port,
             tgid: meta.tgid,
             opener: meta.tgid,
+            pair_port: pair_port.unwrap_or(0),
+            onward: None,
             relay: false,
             active: false,
             opened: existing,
             seen: false,
         };
         self.conns.insert(meta.conn_id, state);
-        if relay {
-            self.found_relay(key);
+        match meta.side {
+            Side::Server => {
+                *self.server_ends.entry(key).or_default() += 1;
+                if let Some(peer) = pair_port {
+                    self.accepted
+                        .insert((meta.port, peer), (meta.tgid, meta.conn_id));
+                    if let Some(client) = self.candidates.remove(&(meta.port, peer)) {
+                        // The server end of a client end whose way was not known yet.
+                        let onward = self.conns.get(&client).is_some_and(|c| c.tgid != meta.tgid);
+                        self.decide_onward(client, onward);
+                    }
+                }
+                if self.relays.get(&(meta.tgid, meta.port)) == Some(&meta.role)
+                    || self.client_ends.contains_key(&key)
+                {
+                    self.found_relay(key, meta.conn_id);
+                }
+            }
+            Side::Client => match pair_port {
+                // Where the server end is already known, or the port cannot tell: decided now.
+                Some(local) => match self.accepted.get(&(meta.port, local)) {
+                    Some(&(server, _)) => self.decide_onward(meta.conn_id, server != meta.tgid),
+                    None if self.server_ends.contains_key(&key) => {
+                        // Its server may still accept it: until then (or its first response
+                        // bytes), it is not known to go elsewhere.
+                        self.candidates.insert((meta.port, local), meta.conn_id);
+                    }
+                    None => self.decide_onward(meta.conn_id, true),
+                },
+                None => self.decide_onward(meta.conn_id, true),
+            },
         }
         self.settle(meta.conn_id);
     }
 
-    /// `tgid` has both ends on `port`: every end of it there is a relay hop, and the process
-    /// that accepted its connections (itself, or the parent it was forked by) relays them.
-    fn found_relay(&mut self, (tgid, port, role): EndKey) {
-        let ids: Vec<u64> = self
-            .conns
-            .iter()
-            .filter(|(_, s)| s.tgid == tgid && s.port == port && s.role == role && !s.relay)
-            .map(|(&id, _)| id)
-            .collect();
+    /// A client end is known to go to another process (`onward`: possibly a relay's) or to its
+    /// own process (a call to its own port, never a relay).
+    fn decide_onward(&mut self, conn_id: u64, onward: bool) {
+        let Some(state) = self.conns.get_mut(&conn_id) else {
+            return;
+        };
+        if state.onward.is_some() {
+            return;
+        }
+        state.onward = Some(onward);
+        if !onward {
+            return;
+        }
+        let key = (state.tgid, state.port, state.role);
+        *self.client_ends.entry(key).or_default() += 1;
+        if self.server_ends.contains_key(&key) || self.relay_keys.contains(&key) {
+            self.found_relay(key, conn_id);
+        }
+    }
+
+    /// `key`'s process has both ends on a port (`conn_id` the end that showed it): every end of
+    /// it there is a relay hop, and the process that accepted its connections (itself, or the
+    /// parent it was forked by) relays them. Its ends are looked for once; later ones are
+    /// marked as they come.
+    fn found_relay(&mut self, key: EndKey, conn_id: u64) {
+        let (tgid, port, role) = key;
+        let ids: Vec<u64> = if self.relay_keys.insert(key) {
+            self.conns
+                .iter()
+                .filter(|(_, s)| {
+                    s.tgid == tgid && s.port == port && s.role == role && s.may_relay()
+                })
+                .map(|(&id, _)| id)
+                .collect()
+        } else {
+            vec![conn_id]
+        };
+        if let Some(servers) = self.served.get_mut(&port) {
+            // What it served was relayed: not a real server of the port.
+            servers.remove(&tgid);
+        }
         for id in ids {
             let Some(state) = self.conns.get_mut(&id) else {
                 continue;
             };
+            if state.relay || !state.may_relay() {
+                continue;
+            }
             state.relay = true;
             if state.side == Side::Server {
                 self.relays.insert((state.opener, port), state.role);
@@ -278,6 +358,24 @@ impl Pipeline {
             self.engine.set_relay(id, true);
             self.settle(id);
         }
+        self.settle_relays(port);
+    }
+
+    /// Relay hops on `port` count only while no real server of it has served bytes.
+    fn settle_relays(&mut self, port: u16) {
+        let hops: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, s)| s.relay && s.port == port)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in hops {
+            self.settle(id);
+        }
+    }
+
+    fn is_served(&self, port: u16) -> bool {
+        self.served.get(&port).is_some_and(|s| !s.is_empty())
     }
 
     /// Brings a connection's place in `tcp_connections_active` (and, the first time it counts,
@@ -315,14 +413,14 @@ impl Pipeline {
         }
         let counts = match self.conns.get(&meta.conn_id) {
             Some(state) if state.tgid == meta.tgid && state.seen => self.state_counts(state),
-            Some(_) => self.moved(meta),
+            Some(_) => self.moved(meta, direction),
             None => {
                 // Its open was missed (before the daemon, or lost): taken up as it is.
                 if meta.side == Side::Server {
                     self.mark_local(meta.port, meta.role);
                 }
-                self.track(meta, true);
-                self.moved(meta)
+                self.track(meta, true, None);
+                self.moved(meta, direction)
             }
         };
         if counts {
@@ -332,43 +430,54 @@ impl Pipeline {
         self.engine.data(meta, direction, ts, len, head, tail);
     }
 
-    /// The first bytes of a server end, or bytes from another process than before (a forked
-    /// child serving what its parent accepted): a process with a client end on the same port
-    /// makes it a relay hop; a real server's first bytes make its port served.
-    fn moved(&mut self, meta: ConnMeta) -> bool {
+    /// Bytes of a connection not seen moving yet, not yet known to go on, or moved by another
+    /// process than before (a forked child serving what its parent accepted): a process with
+    /// both ends on the port makes them relay hops; a real server's bytes make its port served.
+    fn moved(&mut self, meta: ConnMeta, direction: Direction) -> bool {
         let Some(state) = self.conns.get(&meta.conn_id).copied() else {
             return false;
         };
         let key = (meta.tgid, state.port, state.role);
         if state.tgid != meta.tgid {
+            let counted_end = state.side == Side::Server || state.onward == Some(true);
             let ends = match state.side {
                 Side::Server => &mut self.server_ends,
                 Side::Client => &mut self.client_ends,
             };
-            decrement(ends, (state.tgid, state.port, state.role));
-            *ends.entry(key).or_default() += 1;
+            if counted_end {
+                decrement(ends, (state.tgid, state.port, state.role));
+                *ends.entry(key).or_default() += 1;
+            }
         }
+        let waiting = state.side == Side::Client && state.onward.is_none();
         if let Some(s) = self.conns.get_mut(&meta.conn_id) {
             s.tgid = meta.tgid;
-            s.seen = true;
+            // A client end whose server end was not seen accepting it keeps coming here
+            // until its first response bytes.
+            s.seen = !waiting || direction == Direction::Ingress;
         }
-        if !state.relay {
+        if waiting && direction == Direction::Ingress {
+            // A response, and no server end of this host accepted it: it goes off the host.
+            self.candidates.remove(&(state.port, state.pair_port));
+            self.decide_onward(meta.conn_id, true);
+        }
+        let state = self.conns.get(&meta.conn_id).copied().unwrap_or(state);
+        if !state.relay && state.may_relay() {
             let relay = match state.side {
                 Side::Server => self.client_ends.contains_key(&key),
                 Side::Client => self.server_ends.contains_key(&key),
             };
             if relay {
-                self.found_relay(key);
-            } else if state.side == Side::Server && self.served.insert(meta.port) {
-                // A real server on this port: relay hops to it no longer count.
-                let hops: Vec<u64> = self
-                    .conns
-                    .iter()
-                    .filter(|(_, s)| s.relay && s.port == meta.port)
-                    .map(|(&id, _)| id)
-                    .collect();
-                for id in hops {
-                    self.settle(id);
+                self.found_relay(key, meta.conn_id);
+            } else if state.side == Side::Server {
+                let servers = self.served.entry(meta.port).or_default();
+                let first = servers.is_empty();
+                if servers.len() < MAX_SERVED {
+                    servers.insert(meta.tgid);
+                }
+                if first {
+                    // A real server on this port: relay hops to it no longer count.
+                    self.settle_relays(meta.port);
                 }
             }
         }
@@ -399,7 +508,30 @@ impl Pipeline {
         let key = (state.tgid, state.port, state.role);
         match state.side {
             Side::Server => decrement(&mut self.server_ends, key),
-            Side::Client => decrement(&mut self.client_ends, key),
+            Side::Client if state.onward == Some(true) => decrement(&mut self.client_ends, key),
+            Side::Client => {}
+        }
+        if state.pair_port != 0 {
+            let pair = (state.port, state.pair_port);
+            match state.side {
+                Side::Server => {
+                    if self
+                        .accepted
+                        .get(&pair)
+                        .is_some_and(|&(_, id)| id == conn_id)
+                    {
+                        self.accepted.remove(&pair);
+                    }
+                }
+                Side::Client => {
+                    if self.candidates.get(&pair) == Some(&conn_id) {
+                        self.candidates.remove(&pair);
+                    }
+                }
+            }
+        }
+        if !self.server_ends.contains_key(&key) && !self.client_ends.contains_key(&key) {
+            self.relay_keys.remove(&key);
         }
         self.closing.insert(conn_id, state);
     }
@@ -418,7 +550,7 @@ impl Pipeline {
     fn relays_count(&self, role: Role) -> bool {
         self.relays
             .iter()
-            .any(|(&(_, port), &r)| r == role && !self.served.contains(&port))
+            .any(|(&(_, port), &r)| r == role && !self.is_served(port))
     }
 
     /// Brings the connections in step with the kernel's connection table after events were
@@ -668,6 +800,11 @@ struct ConnState {
     tgid: u32,
     /// The process that opened it (accepted or connected).
     opener: u32,
+    /// The client's own port (a client end's local port, a server end's peer): pairs the two
+    /// ends of a connection on this host. 0: unknown.
+    pair_port: u16,
+    /// A client end: whether it goes to another process than its own (`None`: not known yet).
+    onward: Option<bool>,
     /// An end of a relay process.
     relay: bool,
     /// Counted in `tcp_connections_active` now.
@@ -677,6 +814,17 @@ struct ConnState {
     /// Bytes seen since it was tracked.
     seen: bool,
 }
+
+impl ConnState {
+    /// Whether it can be a relay hop: a server end, or a client end known to go elsewhere.
+    fn may_relay(&self) -> bool {
+        self.side == Side::Server || self.onward == Some(true)
+    }
+}
+
+/// Real servers remembered per port ([`Pipeline::served`]): enough to tell a relay that read
+/// before it connected from a real server, bounded for fork-per-connection servers.
+const MAX_SERVED: usize = 64;
 
 /// (process, port, role) of a connection's end.
 type EndKey = (u32, u16, Role);
@@ -1155,5 +1303,135 @@ mod tests {
                     && l.ends_with(" 1")),
             "{text}"
         );
+    }
+
+    /// The open record of `meta` whose client end uses `client_port`.
+    fn record(meta: ConnMeta, client_port: u16) -> ConnRecord {
+        let ip = std::net::Ipv4Addr::LOCALHOST;
+        let (local, remote) = match meta.side {
+            Side::Client => ((ip, client_port), (ip, meta.port)),
+            Side::Server => ((ip, meta.port), (ip, client_port)),
+        };
+        ConnRecord {
+            ts_ns: 1,
+            conn_id: meta.conn_id,
+            tgid: meta.tgid,
+            pid: meta.tgid,
+            comm: String::new(),
+            role: meta.role,
+            side: meta.side,
+            fd: 3,
+            port: meta.port,
+            local: Some(local.into()),
+            remote: Some(remote.into()),
+            seeded: false,
+        }
+    }
+
+    #[test]
+    fn a_server_calling_its_own_port_is_not_a_relay() {
+        let (metrics, mut p) = pipeline();
+        // A client (8) → the gateway (7), which calls its own port (an auth subrequest).
+        let outside = meta(1, Role::Gateway, Side::Server, 18789);
+        let call = with_tgid(meta(2, Role::Gateway, Side::Client, 18789), 7);
+        let answer = meta(3, Role::Gateway, Side::Server, 18789);
+        p.on_conn_open(&record(outside, 40_001));
+        p.on_conn_open(&record(call, 40_002));
+        p.on_conn_open(&record(answer, 40_002));
+        exchange(&mut p, outside, 10);
+        exchange(&mut p, call, 20);
+        exchange(&mut p, answer, 21);
+        p.flush(100, |_| {});
+        assert_eq!(
+            requests(&metrics, "gateway"),
+            2,
+            "both exchanges its server answered"
+        );
+        assert_eq!(gauge(&metrics, "tcp_connections_active", "gateway"), 2);
+        assert!(p.hops().relays.is_empty(), "{:?}", p.hops());
+        // Its next accepted connection still counts.
+        let next = meta(4, Role::Gateway, Side::Server, 18789);
+        p.on_conn_open(&record(next, 40_003));
+        exchange(&mut p, next, 200);
+        p.flush(300, |_| {});
+        assert_eq!(requests(&metrics, "gateway"), 3);
+    }
+
+    #[test]
+    fn a_forwarder_is_told_by_the_process_that_accepts_its_onward_connection() {
+        let (metrics, mut p) = pipeline();
+        let relay_in = with_tgid(meta(1, Role::Upstream, Side::Server, 11434), 20);
+        let relay_out = with_tgid(meta(2, Role::Upstream, Side::Client, 11434), 20);
+        let server = with_tgid(meta(3, Role::Upstream, Side::Server, 11434), 30);
+        p.on_conn_open(&record(relay_in, 50_001));
+        p.on_conn_open(&record(relay_out, 50_002));
+        assert!(
+            p.hops().relays.is_empty(),
+            "not known before its server accepts"
+        );
+        p.on_conn_open(&record(server, 50_002));
+        assert_eq!(p.hops().relays.len(), 1, "{:?}", p.hops());
+        exchange(&mut p, relay_in, 10);
+        exchange(&mut p, relay_out, 11);
+        exchange(&mut p, server, 12);
+        p.flush(100, |_| {});
+        assert_eq!(requests(&metrics, "upstream"), 1);
+        assert_eq!(gauge(&metrics, "tcp_connections_active", "upstream"), 1);
+        assert_eq!(gauge(&metrics, "http_requests_in_flight", "upstream"), 0);
+    }
+
+    #[test]
+    fn a_forwarder_whose_onward_connection_nobody_here_accepts_goes_off_the_host() {
+        let (metrics, mut p) = pipeline();
+        let relay_in = with_tgid(meta(1, Role::Upstream, Side::Server, 11434), 20);
+        let relay_out = with_tgid(meta(2, Role::Upstream, Side::Client, 11434), 20);
+        p.on_conn_open(&record(relay_in, 50_001));
+        p.on_conn_open(&record(relay_out, 50_002));
+        // The request goes on, the response comes back: no server end here took it.
+        let request = b"POST /api/chat HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}";
+        p.on_data(
+            relay_in,
+            Direction::Ingress,
+            10,
+            request.len() as u64,
+            request,
+            &[],
+        );
+        p.on_data(
+            relay_out,
+            Direction::Egress,
+            11,
+            request.len() as u64,
+            request,
+            &[],
+        );
+        p.flush(12, |_| {});
+        assert_eq!(gauge(&metrics, "http_requests_in_flight", "upstream"), 1);
+        let response = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}";
+        p.on_data(
+            relay_out,
+            Direction::Ingress,
+            20,
+            response.len() as u64,
+            response,
+            &[],
+        );
+        p.on_data(
+            relay_in,
+            Direction::Egress,
+            21,
+            response.len() as u64,
+            response,
+            &[],
+        );
+        p.flush(100, |_| {});
+        assert_eq!(p.hops().relays.len(), 1, "{:?}", p.hops());
+        assert_eq!(
+            requests(&metrics, "upstream"),
+            1,
+            "counted where it was accepted"
+        );
+        assert_eq!(gauge(&metrics, "tcp_connections_active", "upstream"), 1);
+        assert_eq!(gauge(&metrics, "http_requests_in_flight", "upstream"), 0);
     }
 }

@@ -8,7 +8,7 @@
 mod support;
 
 use std::{
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
     time::Duration,
 };
@@ -164,10 +164,18 @@ async fn conversations(listener: TcpListener, apis: &[Api]) -> Vec<Driven> {
             );
             assert_eq!(open.comm, body_comm, "{api:?} {side:?} comm");
         }
+        // The client's own port is read from its socket (its address only from /proc).
+        let unspecified = match d.client_remote {
+            SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        };
         assert_eq!(
             (client_open.local, client_open.remote),
-            (None, Some(d.client_remote)),
-            "{api:?}: client side addresses (the connect() target)"
+            (
+                Some(SocketAddr::new(unspecified, d.server_remote.port())),
+                Some(d.client_remote)
+            ),
+            "{api:?}: client side addresses (its own port, the connect() target)"
         );
         assert_eq!(
             (server_open.local, server_open.remote),

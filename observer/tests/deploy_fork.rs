@@ -132,6 +132,8 @@ fn forking_socat_relay_in_front_of_an_upstream_in_a_namespace() {
     ));
     let open = || [open_conns(ports.gateway), ns.open_conns(port)];
     assert_counted(&daemon, &want, open, &[]);
+    // socat's children relay what the parent accepted: the parent is the relay.
+    await_hops(&daemon, port, sim.pid(), Some(socat.pid()));
     drop(conns);
     await_gauges_settled_with(&daemon, open);
     daemon.stop();

@@ -57,6 +57,7 @@ fn upstream_behind_a_forwarder_started_before_the_daemon() {
     let open = || [open_conns(ports.gateway), ns.open_conns(port)];
     // The connections open before the daemon are picked up mid-stream.
     assert_counted(&daemon, &want, open, &["mid_stream"]);
+    await_hops(&daemon, port, sim.pid(), Some(forwarder.pid()));
     drop(conns);
     await_gauges_settled_with(&daemon, open);
     daemon.stop();
@@ -100,6 +101,7 @@ fn upstream_behind_a_forwarder_started_after_the_daemon() {
     ));
     let open = || [open_conns(ports.gateway), ns.open_conns(port)];
     assert_counted(&daemon, &want, open, &[]);
+    await_hops(&daemon, port, sim.pid(), Some(forwarder.pid()));
     drop(conns);
     await_gauges_settled_with(&daemon, open);
     daemon.stop();

@@ -55,6 +55,51 @@ impl FdLayout {
     }
 }
 
+/// Offsets (bytes) of what the kernel programs read of a TCP socket: its ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct SockLayout {
+    /// `struct file.private_data` (`struct socket *` for a socket).
+    pub file_private_data: u32,
+    /// `struct socket.sk` (`struct sock *`).
+    pub socket_sk: u32,
+    /// `struct sock.__sk_common.skc_num`: the local port, host order.
+    pub sock_num: u32,
+    /// `struct sock.__sk_common.skc_dport`: the remote port, network order.
+    pub sock_dport: u32,
+}
+
+impl SockLayout {
+    /// The layout described by a BTF blob.
+    pub fn from_btf(bytes: &[u8]) -> anyhow::Result<SockLayout> {
+        let btf = Btf::parse(bytes)?;
+        let offset = |strukt: &str, member: &str| -> anyhow::Result<u32> {
+            btf.member_offset(strukt, member)?
+                .with_context(|| format!("struct {strukt} has no member {member} in the BTF"))
+        };
+        let common = offset("sock", "__sk_common")?;
+        Ok(SockLayout {
+            file_private_data: offset("file", "private_data")?,
+            socket_sk: offset("socket", "sk")?,
+            sock_num: common + offset("sock_common", "skc_num")?,
+            sock_dport: common + offset("sock_common", "skc_dport")?,
+        })
+    }
+}
+
+/// Both layouts of the running kernel, its BTF read once.
+pub fn running_kernel_layouts() -> (anyhow::Result<FdLayout>, anyhow::Result<SockLayout>) {
+    match std::fs::read(VMLINUX_BTF) {
+        Ok(bytes) => (FdLayout::from_btf(&bytes), SockLayout::from_btf(&bytes)),
+        Err(err) => {
+            let why = || {
+                anyhow::Error::new(std::io::Error::new(err.kind(), err.to_string()))
+                    .context(format!("reading {VMLINUX_BTF} (a kernel without BTF?)"))
+            };
+            (Err(why()), Err(why()))
+        }
+    }
+}
+
 const MAGIC: u16 = 0xeb9f;
 const HEADER_LEN: usize = 24;
 
@@ -341,5 +386,10 @@ mod tests {
         // `max_fds` opens struct fdtable and the `fd` array follows it on every kernel.
         assert_eq!((layout.fdt_max_fds, layout.fdt_fd), (0, 8), "{layout:?}");
         assert!(layout.task_files > 0 && layout.files_fdt > 0, "{layout:?}");
+        let (_, sock) = running_kernel_layouts();
+        let sock = sock.unwrap();
+        // skc_portpair: the remote port, then the local one (include/net/sock.h).
+        assert_eq!(sock.sock_num, sock.sock_dport + 2, "{sock:?}");
+        assert!(sock.file_private_data > 0, "{sock:?}");
     }
 }

@@ -77,7 +77,8 @@ pub struct ConnRecord {
     pub fd: u32,
     pub port: u16,
     /// What the kernel side knows of this end: the listener's address for the server side;
-    /// unknown for the client side (its ephemeral port is chosen inside connect()).
+    /// for the client side its own port (chosen inside connect(), read from the socket) with
+    /// an unspecified address, or unknown where the kernel's BTF did not say how to read it.
     pub local: Option<SocketAddr>,
     /// The peer: from accept()'s sockaddr for the server side (when the caller asked for
     /// it), the connect() target for the client side.

@@ -80,6 +80,8 @@ pub struct Capture {
     seeded: Vec<ConnRecord>,
     /// The watched ports found listening in `/proc` at start, with their roles.
     seeded_listeners: Vec<(u16, Role)>,
+    /// `REFS` entries without a key at the last sweep.
+    orphan_refs: std::collections::HashSet<u64>,
 }
 
 /// Forwards `aya-log-ebpf` records to this process's `log`/`tracing` output.
@@ -123,11 +125,21 @@ impl Capture {
                 "task_newtask has no pid or clone_flags field: forked processes are not followed"
             );
         }
-        let layout = match btf::FdLayout::of_running_kernel() {
+        let (fd_layout, sock_layout) = btf::running_kernel_layouts();
+        let layout = match fd_layout {
             Ok(layout) => Some(layout),
             Err(err) => {
                 tracing::warn!(
                     "descriptor tables cannot be read ({err:#}): connections are not followed into forked children, and a descriptor reused after close_range or exec is not told apart"
+                );
+                None
+            }
+        };
+        let sock = match sock_layout {
+            Ok(sock) => Some(sock),
+            Err(err) => {
+                tracing::warn!(
+                    "sockets' ports cannot be read ({err:#}): a process calling its own watched port may be taken for a relay"
                 );
                 None
             }
@@ -138,6 +150,13 @@ impl Capture {
             fdt_max_fds: 0,
             fdt_fd: 0,
         });
+        let sock_offsets = sock.unwrap_or(btf::SockLayout {
+            file_private_data: 0,
+            socket_sk: 0,
+            sock_num: 0,
+            sock_dport: 0,
+        });
+        let sock_known = u32::from(sock.is_some() && layout.is_some());
         let layout_known = u32::from(layout.is_some());
         let mut ebpf = EbpfLoader::new()
             .override_global(names::HEAD_BYTES, &config.head_bytes, true)
@@ -151,6 +170,15 @@ impl Capture {
             .override_global(names::FILES_FDT_OFFSET, &offsets.files_fdt, true)
             .override_global(names::FDT_MAX_FDS_OFFSET, &offsets.fdt_max_fds, true)
             .override_global(names::FDT_FD_OFFSET, &offsets.fdt_fd, true)
+            .override_global(names::SOCK_LAYOUT_KNOWN, &sock_known, true)
+            .override_global(
+                names::FILE_PRIVATE_DATA_OFFSET,
+                &sock_offsets.file_private_data,
+                true,
+            )
+            .override_global(names::SOCKET_SK_OFFSET, &sock_offsets.socket_sk, true)
+            .override_global(names::SOCK_NUM_OFFSET, &sock_offsets.sock_num, true)
+            .override_global(names::SOCK_DPORT_OFFSET, &sock_offsets.sock_dport, true)
             .map_max_entries(names::EVENTS, config.ring_bytes)
             .map_max_entries(names::CONNS, config.max_conns)
             .map_max_entries(names::REFS, config.max_conns)
@@ -180,6 +208,7 @@ impl Capture {
             logger,
             seeded: Vec::new(),
             seeded_listeners: Vec::new(),
+            orphan_refs: std::collections::HashSet::new(),
         })
     }
 
@@ -220,18 +249,29 @@ impl Capture {
                 .context("CONNS map missing")?,
         )?;
         let mut fresh = Vec::new();
-        for conn in found.conns {
+        for mut conn in found.conns {
             // A connection the kernel already saw opening (between attach and this scan) keeps
             // its entry.
             if conn.holders.iter().any(|key| conns.get(key, 0).is_ok()) {
                 continue;
             }
-            for key in &conn.holders {
-                conns
-                    .insert(key, conn.info, 0)
-                    .context("the connection table is full")?;
-                holders_of_conns.push(key.tgid);
+            // Only where the kernel made no entry since (BPF_NOEXIST), and only while the fd
+            // still names the socket: one closed between the scan and the insert (its close
+            // found no entry) is taken out again, before its number can be reused unseen.
+            conn.holders.retain(|key| {
+                if conns.insert(key, conn.info, BPF_NOEXIST).is_err() {
+                    return false;
+                }
+                if seed::holds_inode(Path::new("/proc"), *key, conn.inode) {
+                    return true;
+                }
+                let _ = conns.remove(key);
+                false
+            });
+            if conn.holders.is_empty() {
+                continue;
             }
+            holders_of_conns.extend(conn.holders.iter().map(|key| key.tgid));
             fresh.push(conn);
         }
         let mut refs: HashMap<_, u64, u64> =
@@ -362,6 +402,17 @@ impl Capture {
                 sweep.closed.push(decode::conn_record(now, key, &conn)?);
             }
         }
+        // A holder count left over with no key (two holders closing at the same instant on two
+        // CPUs leave it one too high): gone when it had no key at two sweeps in a row.
+        let orphans: std::collections::HashSet<u64> = refs
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|id| !sweep.live.contains_key(id))
+            .collect();
+        for id in orphans.intersection(&self.orphan_refs) {
+            let _ = refs.remove(id);
+        }
+        self.orphan_refs = orphans;
         let mut listeners: HashMap<_, SockKey, ListenInfo> = HashMap::try_from(
             self.ebpf
                 .map_mut(names::LISTENERS)
@@ -456,7 +507,8 @@ pub struct KernelCounters {
     pub read_user_failed: u64,
 }
 
-/// `bpf_map_update_elem` flag: update an existing entry only.
+/// `bpf_map_update_elem` flags: make a new entry only; update an existing entry only.
+const BPF_NOEXIST: u64 = 1;
 const BPF_EXIST: u64 = 2;
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones ignore it.

@@ -230,6 +230,18 @@ fn pid_of(entry: &fs::DirEntry) -> Option<u32> {
     entry.file_name().to_str()?.parse().ok()
 }
 
+/// Whether `key`'s process still holds the socket `inode` under its fd.
+pub fn holds_inode(proc_root: &Path, key: SockKey, inode: u64) -> bool {
+    let link = proc_root
+        .join(key.tgid.to_string())
+        .join("fd")
+        .join(key.fd.to_string());
+    fs::read_link(link)
+        .ok()
+        .and_then(|target| socket_inode(&target.to_string_lossy()))
+        == Some(inode)
+}
+
 /// `socket:[12345]` → 12345.
 pub(crate) fn socket_inode(link: &str) -> Option<u64> {
     link.strip_prefix("socket:[")?

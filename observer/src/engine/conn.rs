@@ -90,12 +90,13 @@ impl Conn {
     }
 
     /// Where its in-flight requests and errors are counted: 0 server side, 1 client side, 2
-    /// relay hop.
+    /// and 3 the server and client sides of a relay hop.
     pub fn bucket(&self) -> usize {
         match (self.relay, self.meta.side) {
-            (true, _) => 2,
             (false, Side::Server) => 0,
             (false, Side::Client) => 1,
+            (true, Side::Server) => 2,
+            (true, Side::Client) => 3,
         }
     }
 

@@ -86,16 +86,17 @@ impl ErrorReason {
     }
 }
 
-/// Errors so far, by role, bucket (server side, client side, relay hops) and reason.
+/// Errors so far, by role, bucket (server side, client side, relay hops' server and client
+/// sides) and reason.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ErrorCounts {
     counts: [[[u64; ErrorReason::COUNT]; BUCKETS]; 2],
 }
 
-/// Connections are counted apart by side, and relay hops apart from both (see
-/// [`Engine::set_relay`]).
-const BUCKETS: usize = 3;
-const RELAY_BUCKET: usize = 2;
+/// Connections are counted apart by side, and relay hops apart from both, by side too (see
+/// [`Engine::set_relay`]): a request through a relay is in flight on both of its ends.
+const BUCKETS: usize = 4;
+const RELAY_SERVER_BUCKET: usize = 2;
 
 impl ErrorCounts {
     /// On both sides and relay hops.
@@ -237,9 +238,9 @@ impl Engine {
         self.in_flight[role][conn.bucket()] += n;
     }
 
-    /// Requests in flight on relay hops of this role.
+    /// Requests in flight on the server ends of relay hops of this role.
     pub fn in_flight_relay(&self, role: Role) -> usize {
-        self.in_flight[role.index()][RELAY_BUCKET]
+        self.in_flight[role.index()][RELAY_SERVER_BUCKET]
     }
 
     /// The connection closed; exchanges still open end as aborted.

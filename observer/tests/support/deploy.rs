@@ -210,3 +210,33 @@ pub fn echo_server() -> SocketAddr {
     });
     addr
 }
+
+/// Waits until `/status` names `server` as a process whose accepted connections on `port` are
+/// counted and, where given, `relay` as a relay on it (the daemon updates it once a second):
+/// what is measured is the server behind the relay, not the relay.
+pub fn await_hops(daemon: &Daemon, port: u16, server: u32, relay: Option<u32>) {
+    let listed = |status: &serde_json::Value, list: &str, pid: u32| {
+        status[list].as_array().is_some_and(|hops| {
+            hops.iter()
+                .any(|h| h["port"] == u64::from(port) && h["pid"] == u64::from(pid))
+        })
+    };
+    let start = Instant::now();
+    loop {
+        let (code, body) = daemon.get("/status");
+        let status: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let servers_ok = listed(&status, "servers", server);
+        let relays_ok = relay.is_none_or(|pid| listed(&status, "relays", pid));
+        if code == 200 && servers_ok && relays_ok {
+            return;
+        }
+        assert!(
+            start.elapsed() < SETTLE,
+            "/status does not show server {server}{} on port {port}: {body}",
+            relay
+                .map(|r| format!(" behind relay {r}"))
+                .unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
