@@ -48,17 +48,20 @@ fn upstream_behind_dnat_set_up_before_the_daemon() {
         upstream: port,
     };
     let requests = Requests::sim();
-    let mut conns = rt.block_on(warm(nginx.addr(), 2, &requests));
+    let conns = rt.block_on(warm(nginx.addr(), 2, &requests));
     assert!(ns.open_conns(port) >= 1, "no connection through the DNAT");
 
     let daemon = start_daemon(ports, &[]);
-    let mut want = Expected::default();
-    rt.block_on(traffic(nginx.addr(), &mut conns, &requests, &mut want));
-    let open = || [open_conns(ports.gateway), ns.open_conns(port)];
-    assert_counted(&daemon, &want, open, &["mid_stream"]);
-    drop(conns);
-    await_gauges_settled_with(&daemon, open);
-    daemon.stop();
+    exercise(
+        &rt,
+        daemon,
+        nginx.addr(),
+        conns,
+        &requests,
+        || [open_conns(ports.gateway), ns.open_conns(port)],
+        &["mid_stream"],
+        |daemon| await_hops(daemon, port, sim.pid(), None),
+    );
 
     let mut names = ns.names();
     names.push(dnat.table.clone());
@@ -87,19 +90,16 @@ fn upstream_behind_dnat_set_up_after_the_daemon() {
     let sim = Sim::start_in(Some(&ns.name), &format!("{}:{port}", ns.ip), FAST_SIM);
     let dnat = Dnat::new(published, SocketAddrV4::new(ns.ip, port));
     eprintln!("DNAT {published} -> sim {} in {}", sim.addr, ns.name);
-    let mut want = Expected::default();
-    let mut conns = Vec::new();
-    rt.block_on(traffic(
+    exercise(
+        &rt,
+        daemon,
         nginx.addr(),
-        &mut conns,
+        Vec::new(),
         &Requests::sim(),
-        &mut want,
-    ));
-    let open = || [open_conns(ports.gateway), ns.open_conns(port)];
-    assert_counted(&daemon, &want, open, &[]);
-    drop(conns);
-    await_gauges_settled_with(&daemon, open);
-    daemon.stop();
+        || [open_conns(ports.gateway), ns.open_conns(port)],
+        &[],
+        |daemon| await_hops(daemon, port, sim.pid(), None),
+    );
 
     let mut names = ns.names();
     names.push(dnat.table.clone());

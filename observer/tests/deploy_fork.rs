@@ -53,17 +53,18 @@ fn fork_per_connection_upstream() {
         nginx.addr()
     );
 
-    let mut want = Expected::default();
-    let mut conns = Vec::new();
-    let requests = Requests::for_model("m");
-    rt.block_on(traffic(nginx.addr(), &mut conns, &requests, &mut want));
-    let open = || [open_conns(ports.gateway), open_conns(port)];
-    assert_counted(&daemon, &want, open, &[]);
-    // The children hold nginx's kept-alive upstream connections (the parent closed its copies).
-    assert!(open_conns(port) >= 1);
-    drop(conns);
-    await_gauges_settled_with(&daemon, open);
-    daemon.stop();
+    exercise(
+        &rt,
+        daemon,
+        nginx.addr(),
+        Vec::new(),
+        &Requests::for_model("m"),
+        || [open_conns(ports.gateway), open_conns(port)],
+        &[],
+        // The children hold nginx's kept-alive upstream connections (the parent closed its
+        // copies).
+        |_| assert!(open_conns(port) >= 1),
+    );
     drop((nginx, server));
 }
 
@@ -84,17 +85,20 @@ fn fork_per_connection_upstream_started_before_the_daemon() {
         upstream: port,
     };
     let requests = Requests::for_model("m");
-    let mut conns = rt.block_on(warm(nginx.addr(), 2, &requests));
+    let conns = rt.block_on(warm(nginx.addr(), 2, &requests));
     assert!(open_conns(port) >= 1);
 
     let daemon = start_daemon(ports, &[]);
-    let mut want = Expected::default();
-    rt.block_on(traffic(nginx.addr(), &mut conns, &requests, &mut want));
-    let open = || [open_conns(ports.gateway), open_conns(port)];
-    assert_counted(&daemon, &want, open, &["mid_stream"]);
-    drop(conns);
-    await_gauges_settled_with(&daemon, open);
-    daemon.stop();
+    exercise(
+        &rt,
+        daemon,
+        nginx.addr(),
+        conns,
+        &requests,
+        || [open_conns(ports.gateway), open_conns(port)],
+        &["mid_stream"],
+        |_| {},
+    );
     drop((nginx, server));
 }
 
@@ -122,21 +126,17 @@ fn forking_socat_relay_in_front_of_an_upstream_in_a_namespace() {
         sim.addr,
         ns.name
     );
-    let mut want = Expected::default();
-    let mut conns = Vec::new();
-    rt.block_on(traffic(
+    exercise(
+        &rt,
+        daemon,
         nginx.addr(),
-        &mut conns,
+        Vec::new(),
         &Requests::sim(),
-        &mut want,
-    ));
-    let open = || [open_conns(ports.gateway), ns.open_conns(port)];
-    assert_counted(&daemon, &want, open, &[]);
-    // socat's children relay what the parent accepted: the parent is the relay.
-    await_hops(&daemon, port, sim.pid(), Some(socat.pid()));
-    drop(conns);
-    await_gauges_settled_with(&daemon, open);
-    daemon.stop();
+        || [open_conns(ports.gateway), ns.open_conns(port)],
+        &[],
+        // socat's children relay what the parent accepted: the parent is the relay.
+        |daemon| await_hops(daemon, port, sim.pid(), Some(socat.pid())),
+    );
 
     let names = ns.names();
     drop((socat, nginx, sim, ns));

@@ -45,22 +45,24 @@ fn upstream_behind_a_forwarder_started_before_the_daemon() {
     );
     // Keep-alive connections through nginx and the forwarder, open when the daemon starts.
     let requests = Requests::sim();
-    let mut conns = rt.block_on(warm(nginx.addr(), 2, &requests));
+    let conns = rt.block_on(warm(nginx.addr(), 2, &requests));
     assert!(
         ns.open_conns(port) >= 1,
         "no connection through the forwarder"
     );
 
     let daemon = start_daemon(ports, &[]);
-    let mut want = Expected::default();
-    rt.block_on(traffic(nginx.addr(), &mut conns, &requests, &mut want));
-    let open = || [open_conns(ports.gateway), ns.open_conns(port)];
     // The connections open before the daemon are picked up mid-stream.
-    assert_counted(&daemon, &want, open, &["mid_stream"]);
-    await_hops(&daemon, port, sim.pid(), Some(forwarder.pid()));
-    drop(conns);
-    await_gauges_settled_with(&daemon, open);
-    daemon.stop();
+    exercise(
+        &rt,
+        daemon,
+        nginx.addr(),
+        conns,
+        &requests,
+        || [open_conns(ports.gateway), ns.open_conns(port)],
+        &["mid_stream"],
+        |daemon| await_hops(daemon, port, sim.pid(), Some(forwarder.pid())),
+    );
 
     let names = ns.names();
     drop((forwarder, nginx, sim, ns));
@@ -91,20 +93,16 @@ fn upstream_behind_a_forwarder_started_after_the_daemon() {
         sim.addr,
         ns.name
     );
-    let mut want = Expected::default();
-    let mut conns = Vec::new();
-    rt.block_on(traffic(
+    exercise(
+        &rt,
+        daemon,
         nginx.addr(),
-        &mut conns,
+        Vec::new(),
         &Requests::sim(),
-        &mut want,
-    ));
-    let open = || [open_conns(ports.gateway), ns.open_conns(port)];
-    assert_counted(&daemon, &want, open, &[]);
-    await_hops(&daemon, port, sim.pid(), Some(forwarder.pid()));
-    drop(conns);
-    await_gauges_settled_with(&daemon, open);
-    daemon.stop();
+        || [open_conns(ports.gateway), ns.open_conns(port)],
+        &[],
+        |daemon| await_hops(daemon, port, sim.pid(), Some(forwarder.pid())),
+    );
 
     let names = ns.names();
     drop((forwarder, nginx, sim, ns));

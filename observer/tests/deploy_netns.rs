@@ -84,18 +84,16 @@ fn gateway_and_upstream_in_two_pods_started_after_the_daemon() {
     };
     let daemon = start_daemon(ports, &[]);
     let pods = Pods::start(ports);
-    let mut want = Expected::default();
-    let mut conns = Vec::new();
-    rt.block_on(traffic(
+    exercise(
+        &rt,
+        daemon,
         pods.nginx.addr(),
-        &mut conns,
+        Vec::new(),
         &Requests::sim(),
-        &mut want,
-    ));
-    assert_counted(&daemon, &want, || pods.open(ports), &[]);
-    drop(conns);
-    await_gauges_settled_with(&daemon, || pods.open(ports));
-    daemon.stop();
+        || pods.open(ports),
+        &[],
+        |_| {},
+    );
     pods.remove();
 }
 
@@ -111,16 +109,20 @@ fn gateway_and_upstream_in_two_pods_started_before_the_daemon() {
     };
     let pods = Pods::start(ports);
     let requests = Requests::sim();
-    let mut conns = rt.block_on(warm(pods.nginx.addr(), 2, &requests));
+    let conns = rt.block_on(warm(pods.nginx.addr(), 2, &requests));
     let open = pods.open(ports);
     assert!(open[0] == 2 && open[1] >= 1, "{open:?}");
 
     let daemon = start_daemon(ports, &[]);
-    let mut want = Expected::default();
-    rt.block_on(traffic(pods.nginx.addr(), &mut conns, &requests, &mut want));
-    assert_counted(&daemon, &want, || pods.open(ports), &["mid_stream"]);
-    drop(conns);
-    await_gauges_settled_with(&daemon, || pods.open(ports));
-    daemon.stop();
+    exercise(
+        &rt,
+        daemon,
+        pods.nginx.addr(),
+        conns,
+        &requests,
+        || pods.open(ports),
+        &["mid_stream"],
+        |_| {},
+    );
     pods.remove();
 }

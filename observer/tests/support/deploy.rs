@@ -211,6 +211,30 @@ pub fn echo_server() -> SocketAddr {
     addr
 }
 
+/// One run of a topology, once the daemon watches it: the traffic through `gateway` on
+/// `conns` (more opened as needed), its counts checked (`allowed`: the parse error reasons
+/// expected, `mid_stream` where connections predate the daemon), then `also`, the connections
+/// let go and the gauges waited for against `open`; the daemon stops at the end.
+#[allow(clippy::too_many_arguments)]
+pub fn exercise(
+    rt: &tokio::runtime::Runtime,
+    daemon: Daemon,
+    gateway: SocketAddr,
+    mut conns: Vec<HttpConn>,
+    requests: &Requests,
+    open: impl Fn() -> [u64; 2],
+    allowed: &[&str],
+    also: impl FnOnce(&Daemon),
+) {
+    let mut want = Expected::default();
+    rt.block_on(traffic(gateway, &mut conns, requests, &mut want));
+    assert_counted(&daemon, &want, &open, allowed);
+    also(&daemon);
+    drop(conns);
+    await_gauges_settled_with(&daemon, &open);
+    daemon.stop();
+}
+
 /// Waits until `/status` names `server` as a process whose accepted connections on `port` are
 /// counted and, where given, `relay` as a relay on it (the daemon updates it once a second):
 /// what is measured is the server behind the relay, not the relay.
