@@ -378,8 +378,10 @@ impl Pipeline {
         self.served.get(&port).is_some_and(|s| !s.is_empty())
     }
 
-    /// Brings a connection's place in `tcp_connections_active` (and, the first time it counts,
-    /// `tcp_connections_opened_total`) in line with whether it counts now.
+    /// Brings a connection's place in `tcp_connections_active` in line with whether it counts
+    /// now. An end that starts counting is counted opened (unless it was found open at start),
+    /// one that stops (found to be a relay hop, or a client end once its server is seen here)
+    /// closed, so that opened − closed stays what is active.
     fn settle(&mut self, conn_id: u64) {
         let Some(&state) = self.conns.get(&conn_id) else {
             return;
@@ -391,11 +393,15 @@ impl Pipeline {
         if counts && !state.opened {
             self.metrics.connection_opened(state.role);
         }
+        if !counts {
+            self.metrics.connection_closed(state.role);
+        }
         self.handles
             .add_connections_active(state.role, if counts { 1 } else { -1 });
         if let Some(state) = self.conns.get_mut(&conn_id) {
             state.active = counts;
-            state.opened |= counts;
+            // Counted again later: opened again.
+            state.opened = counts;
         }
     }
 
@@ -1179,9 +1185,14 @@ mod tests {
         assert_eq!(requests(&metrics, "upstream"), 3);
         assert_eq!(gauge(&metrics, "tcp_connections_active", "upstream"), 1);
         // Before anything listened on the port, and before the forwarder's onward connection,
-        // the gateway's and the forwarder's ends looked like ends that count.
+        // the gateway's and the forwarder's ends looked like ends that count: opened, and
+        // closed when that was learnt.
         let opened = gauge(&metrics, "tcp_connections_opened_total", "upstream");
         assert_eq!(opened, 3);
+        assert_eq!(
+            gauge(&metrics, "tcp_connections_closed_total", "upstream"),
+            2
+        );
         // The relay's next connection is a hop from its accept on; the server's counts.
         let relay_in2 = with_tgid(meta(5, Role::Upstream, Side::Server, 11434), 20);
         let server2 = with_tgid(meta(6, Role::Upstream, Side::Server, 11434), 30);
