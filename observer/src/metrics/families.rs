@@ -183,17 +183,17 @@ impl Families {
             )?,
             tcp_active: b.gauge(
                 "tcp_connections_active",
-                "Watched TCP connections open now.",
+                "Watched TCP connections open now, at the end where their exchanges are counted (a relay's are not).",
                 &["role"],
             )?,
             tcp_opened: b.counter(
                 "tcp_connections_opened_total",
-                "Watched TCP connections opened (or found open at start).",
+                "Watched TCP connections opened: ends that started counting (not those found open at start).",
                 &["role"],
             )?,
             tcp_closed: b.counter(
                 "tcp_connections_closed_total",
-                "Watched TCP connections closed.",
+                "Watched TCP connections closed: counted ends that closed or stopped counting.",
                 &["role"],
             )?,
             tcp_bytes: b.counter(
