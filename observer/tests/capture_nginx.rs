@@ -163,12 +163,18 @@ async fn requests_through_nginx_show_on_gateway_and_upstream() {
         .cloned()
         .collect();
     assert!(!upstream_clients.is_empty(), "{summary}");
+    // The simulator's ends of them: their peers are the workers' own ports.
+    let peer_ports: Vec<u16> = opens(&events)
+        .filter(|o| o.role == Role::Upstream && o.side == Side::Server)
+        .filter_map(|o| o.remote.map(|r| r.port()))
+        .collect();
     for open in &upstream_clients {
         assert!(workers.contains(&open.tgid), "{summary}");
-        assert_eq!(
-            (open.port, open.remote, open.local),
-            (sim_addr.port(), Some(sim_addr), None)
-        );
+        assert_eq!((open.port, open.remote), (sim_addr.port(), Some(sim_addr)));
+        // Its own port, read from the socket (the address only /proc knows).
+        let local = open.local.expect("the client's own port");
+        assert!(local.ip().is_unspecified(), "{local}");
+        assert!(peer_ports.contains(&local.port()), "{local} not among {peer_ports:?}");
     }
     let (to_sim, at_sim) = upstream_totals(&events, me);
     assert_eq!(to_sim, at_sim, "upstream bytes, worker vs simulator");
