@@ -174,7 +174,10 @@ async fn requests_through_nginx_show_on_gateway_and_upstream() {
         // Its own port, read from the socket (the address only /proc knows).
         let local = open.local.expect("the client's own port");
         assert!(local.ip().is_unspecified(), "{local}");
-        assert!(peer_ports.contains(&local.port()), "{local} not among {peer_ports:?}");
+        assert!(
+            peer_ports.contains(&local.port()),
+            "{local} not among {peer_ports:?}"
+        );
     }
     let (to_sim, at_sim) = upstream_totals(&events, me);
     assert_eq!(to_sim, at_sim, "upstream bytes, worker vs simulator");
