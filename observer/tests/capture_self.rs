@@ -7,7 +7,7 @@ mod support;
 
 use std::{
     io::{Read as _, Write as _},
-    net::{TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     process::Command,
     sync::mpsc,
     time::Duration,
@@ -32,7 +32,8 @@ async fn own_traffic_is_excluded_and_a_childs_is_not() {
     let (capture, mut reader) = cap::start(&cap::config(&[(addr.port(), Role::Gateway)], true));
     assert!(capture.seeded().is_empty(), "{:#?}", capture.seeded());
 
-    // A tiny HTTP server in this process: each request it reads goes back to the test.
+    // A tiny HTTP server in this process: each request it reads, and the client's address,
+    // go back to the test.
     let (requests_tx, requests) = mpsc::channel();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
@@ -40,9 +41,10 @@ async fn own_traffic_is_excluded_and_a_childs_is_not() {
             stream
                 .set_read_timeout(Some(Duration::from_secs(5)))
                 .unwrap();
+            let peer = stream.peer_addr().unwrap();
             let request = read_head(&mut stream);
             stream.write_all(RESPONSE).unwrap();
-            if requests_tx.send(request).is_err() {
+            if requests_tx.send((request, peer)).is_err() {
                 return;
             }
         }
@@ -57,7 +59,7 @@ async fn own_traffic_is_excluded_and_a_childs_is_not() {
     own.read_to_end(&mut response).unwrap();
     assert_eq!(response, RESPONSE);
     drop(own);
-    assert_eq!(requests.recv().unwrap(), own_request);
+    assert_eq!(requests.recv().unwrap().0, own_request);
 
     // A child process as a client.
     let curl = Command::new("curl")
@@ -66,7 +68,7 @@ async fn own_traffic_is_excluded_and_a_childs_is_not() {
         .expect("run curl");
     assert!(curl.status.success(), "{curl:?}");
     assert_eq!(curl.stdout, b"hello\n");
-    let curl_request = requests.recv_timeout(Duration::from_secs(5)).unwrap();
+    let (curl_request, curl_addr) = requests.recv_timeout(Duration::from_secs(5)).unwrap();
     assert!(curl_request.starts_with(b"GET /child HTTP/1.1\r\n"));
 
     let mut events = Vec::new();
@@ -112,7 +114,11 @@ async fn own_traffic_is_excluded_and_a_childs_is_not() {
             Side::Client,
             addr.port(),
             "curl",
-            None,
+            // Its own port is read from the socket (its address only /proc knows).
+            Some(SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                curl_addr.port()
+            )),
             Some(addr)
         )
     );
