@@ -140,8 +140,12 @@ fn ollama_client_through_nginx_is_measured_exactly() {
         .expect("starting the Python driver (run scripts/setup.sh for .venv)");
     // The client and nginx's workers preempt whatever else runs (other tests, builds): their
     // wake-up latency would otherwise add milliseconds to one side of a comparison now and then.
-    let normal: Vec<u32> = std::iter::once(driver.id())
+    let measured: Vec<u32> = std::iter::once(driver.id())
         .chain(nginx.worker_pids())
+        .collect();
+    let normal: Vec<u32> = measured
+        .iter()
+        .copied()
         .filter(|&pid| !support::daemon::realtime(pid))
         .collect();
     if !normal.is_empty() {
@@ -169,6 +173,7 @@ fn ollama_client_through_nginx_is_measured_exactly() {
     let mut worst = Worst::default();
     let mut by_code: BTreeMap<&str, f64> = BTreeMap::new();
     for command in &commands {
+        let delay_before = support::daemon::scheduling_delay(&measured);
         writeln!(to_driver, "{command}").unwrap();
         let mut line = String::new();
         from_driver.read_line(&mut line).unwrap();
@@ -176,7 +181,12 @@ fn ollama_client_through_nginx_is_measured_exactly() {
             serde_json::from_str(&line).unwrap_or_else(|_| panic!("driver said {line:?}"));
         sent += 1.0;
         let after = scrape_until(&daemon, sent);
-        let what = format!("{command} -> {result}");
+        let delay_after = support::daemon::scheduling_delay(&measured);
+        let what = format!(
+            "{command} -> {result} (the client and nginx waited {:.6} s for a CPU, steal {} ticks)",
+            delay_after.0.saturating_sub(delay_before.0) as f64 / 1e9,
+            delay_after.1.saturating_sub(delay_before.1)
+        );
 
         let missing = command["model"] != MODEL;
         let faulty = command.get("fault").is_some();
@@ -253,7 +263,12 @@ fn ollama_client_through_nginx_is_measured_exactly() {
             worst.note(name, observer - client);
             assert!(
                 (observer - client).abs() <= TOLERANCE_S,
-                "{name}: observer {observer:.6} s, client socket {client:.6} s: {what}"
+                "{name}: observer {observer:.6} s, client socket {client:.6} s (upstream {:.6} s): \
+                 {what}",
+                delta(
+                    "observer_http_request_duration_seconds_sum",
+                    &[("role", "upstream")]
+                )
             );
         }
         // The same against the library call, reported only (Python's work included).

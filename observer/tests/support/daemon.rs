@@ -258,6 +258,31 @@ impl Samples {
     }
 }
 
+/// How long the threads of `pids` waited, runnable, for a CPU (nanoseconds, schedstat), and
+/// the time the hypervisor took the host's CPUs away (steal, in clock ticks): what a timing
+/// comparison reports when it fails, to tell the scheduler's latency from the observer's.
+pub fn scheduling_delay(pids: &[u32]) -> (u64, u64) {
+    let waited = pids
+        .iter()
+        .flat_map(|pid| {
+            std::fs::read_dir(format!("/proc/{pid}/task"))
+                .into_iter()
+                .flatten()
+        })
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum();
+    let steal = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|stat| {
+            let cpu = stat.lines().next()?.to_owned();
+            cpu.split_whitespace().nth(8)?.parse().ok()
+        })
+        .unwrap_or(0);
+    (waited, steal)
+}
+
 /// Puts every thread of `pid` in `SCHED_FIFO` at the lowest real-time priority, so that on a
 /// machine busy with other tests it runs as soon as it is woken: a timing test then compares
 /// the observer with the client, not with the scheduler's latency. Returns whether it worked
