@@ -14,13 +14,12 @@
 
 mod support;
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
 
-use support::daemon::Sim;
 use support::deploy::*;
 use support::faults::*;
-use support::netns::{self, Netns, Proc};
+use support::netns::{self, Proc};
 use support::nginx::Nginx;
 
 /// fork_server.py on 127.0.0.1:`port`, listening.
@@ -107,38 +106,6 @@ fn forking_socat_relay_in_front_of_an_upstream_in_a_namespace() {
     if !support::require_root("forking_socat_relay_in_front_of_an_upstream_in_a_namespace") {
         return;
     }
-    let rt = runtime();
-    let port = netns::spare_port();
-    let published = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
-    let nginx = Nginx::start(published.into());
-    let ports = Ports {
-        gateway: nginx.port,
-        upstream: port,
-    };
-    let daemon = start_daemon(ports, &[]);
-
-    let ns = Netns::new("socat");
-    let sim = Sim::start_in(Some(&ns.name), &format!("{}:{port}", ns.ip), FAST_SIM);
-    let socat = netns::socat(published, sim.addr);
-    eprintln!(
-        "client -> nginx {} -> socat {published} (fork) -> sim {} in {}",
-        nginx.addr(),
-        sim.addr,
-        ns.name
-    );
-    exercise(
-        &rt,
-        daemon,
-        nginx.addr(),
-        Vec::new(),
-        &Requests::sim(),
-        || [open_conns(ports.gateway), ns.open_conns(port)],
-        &[],
-        // socat's children relay what the parent accepted: the parent is the relay.
-        |daemon| await_hops(daemon, port, sim.pid(), Some(socat.pid())),
-    );
-
-    let names = ns.names();
-    drop((socat, nginx, sim, ns));
-    netns::assert_nothing_left(&names);
+    // socat's children relay what the parent accepted: the parent is the relay.
+    relay_started_after_the_daemon("socat", netns::socat);
 }

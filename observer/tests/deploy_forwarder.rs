@@ -74,37 +74,5 @@ fn upstream_behind_a_forwarder_started_after_the_daemon() {
     if !support::require_root("upstream_behind_a_forwarder_started_after_the_daemon") {
         return;
     }
-    let rt = runtime();
-    let port = netns::spare_port();
-    let published = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
-    let nginx = Nginx::start(published);
-    let ports = Ports {
-        gateway: nginx.port,
-        upstream: port,
-    };
-    let daemon = start_daemon(ports, &[]);
-
-    let ns = Netns::new("fwd");
-    let sim = Sim::start_in(Some(&ns.name), &format!("{}:{port}", ns.ip), FAST_SIM);
-    let forwarder = netns::forwarder(published, sim.addr);
-    eprintln!(
-        "client -> nginx {} -> forwarder {published} -> sim {} in {}",
-        nginx.addr(),
-        sim.addr,
-        ns.name
-    );
-    exercise(
-        &rt,
-        daemon,
-        nginx.addr(),
-        Vec::new(),
-        &Requests::sim(),
-        || [open_conns(ports.gateway), ns.open_conns(port)],
-        &[],
-        |daemon| await_hops(daemon, port, sim.pid(), Some(forwarder.pid())),
-    );
-
-    let names = ns.names();
-    drop((forwarder, nginx, sim, ns));
-    netns::assert_nothing_left(&names);
+    relay_started_after_the_daemon("fwd", netns::forwarder);
 }

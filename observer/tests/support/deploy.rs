@@ -13,11 +13,13 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
-use super::daemon::Daemon;
+use super::daemon::{Daemon, FAST_SIM, Sim};
 use super::faults::{
-    Expected, HttpConn, REQUESTS, SETTLE, await_gauges_settled_with, await_requests, chat,
-    chat_for, events_lost, parse_errors, tail,
+    Expected, HttpConn, Ports, REQUESTS, SETTLE, await_gauges_settled_with, await_requests, chat,
+    chat_for, events_lost, open_conns, parse_errors, runtime, start_daemon, tail,
 };
+use super::netns::{self, Netns, Proc};
+use super::nginx::Nginx;
 
 /// Keep-alive connections the traffic uses.
 pub const CONNS: usize = 3;
@@ -263,4 +265,47 @@ pub fn await_hops(daemon: &Daemon, port: u16, server: u32, relay: Option<u32>) {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The upstream in a namespace of its own behind a relay on the host's 127.0.0.1:P (`relay`
+/// starts it: what it listens on, where it forwards to), both started after the daemon, nginx
+/// on the host proxying to 127.0.0.1:P: every exchange counted once per role, at the
+/// simulator, and `/status` naming the simulator as the server and the relay as a relay.
+pub fn relay_started_after_the_daemon(
+    name: &str,
+    relay: impl FnOnce(SocketAddr, SocketAddr) -> Proc,
+) {
+    let rt = runtime();
+    let port = netns::spare_port();
+    let published = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), port);
+    let nginx = Nginx::start(published);
+    let ports = Ports {
+        gateway: nginx.port,
+        upstream: port,
+    };
+    let daemon = start_daemon(ports, &[]);
+
+    let ns = Netns::new(name);
+    let sim = Sim::start_in(Some(&ns.name), &format!("{}:{port}", ns.ip), FAST_SIM);
+    let relay = relay(published, sim.addr);
+    eprintln!(
+        "client -> nginx {} -> {name} {published} -> sim {} in {}",
+        nginx.addr(),
+        sim.addr,
+        ns.name
+    );
+    exercise(
+        &rt,
+        daemon,
+        nginx.addr(),
+        Vec::new(),
+        &Requests::sim(),
+        || [open_conns(ports.gateway), ns.open_conns(port)],
+        &[],
+        |daemon| await_hops(daemon, port, sim.pid(), Some(relay.pid())),
+    );
+
+    let names = ns.names();
+    drop((relay, nginx, sim, ns));
+    netns::assert_nothing_left(&names);
 }

@@ -606,13 +606,16 @@ pub fn forwarder(listen: SocketAddr, target: SocketAddr) -> Proc {
 
 /// `socat TCP-LISTEN:<listen>,fork,reuseaddr TCP:<target>`: a relay that forks a child for
 /// each connection it accepts (the child connects to `target`). Returns once it listens.
-pub fn socat(listen: SocketAddrV4, target: SocketAddr) -> Proc {
+pub fn socat(listen: SocketAddr, target: SocketAddr) -> Proc {
     require_tools(&["socat"]);
+    let (family, bind) = match listen {
+        SocketAddr::V4(a) => ("TCP4", a.ip().to_string()),
+        SocketAddr::V6(a) => ("TCP6", format!("[{}]", a.ip())),
+    };
     let mut cmd = Command::new("socat");
     cmd.arg(format!(
-        "TCP-LISTEN:{},bind={},fork,reuseaddr",
+        "{family}-LISTEN:{},bind={bind},fork,reuseaddr",
         listen.port(),
-        listen.ip()
     ))
     .arg(format!("TCP:{target}"));
     let proc = Proc::spawn(cmd, "socat");
