@@ -72,32 +72,87 @@ fn post(path: &str, body: &Value, extra: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// The dechunked body of a recorded response.
-fn body_of(segments: &[Segment]) -> Vec<u8> {
-    let raw: Vec<u8> = segments
+/// The response bytes of a recording, in order.
+fn response_of(segments: &[Segment]) -> Vec<u8> {
+    segments
         .iter()
         .filter(|s| s.0 == Direction::Ingress)
         .flat_map(|s| s.2.clone())
-        .collect();
+        .collect()
+}
+
+/// A chunk of a chunked body: its data's start and end, and the chunk's end (after its CRLF),
+/// as offsets into the response.
+type Chunk = (usize, usize, usize);
+
+/// A response's head length and, where its body is chunked, its chunks, the terminating
+/// zero-length one last.
+fn chunks(raw: &[u8]) -> (usize, Option<Vec<Chunk>>) {
     let head_end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-    let mut rest = &raw[head_end..];
     if !String::from_utf8_lossy(&raw[..head_end])
         .to_ascii_lowercase()
         .contains("chunked")
     {
-        return rest.to_vec();
+        return (head_end, None);
     }
-    let mut body = Vec::new();
+    let mut out = Vec::new();
+    let mut at = head_end;
     loop {
-        let line_end = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+        let line_end = at + raw[at..].windows(2).position(|w| w == b"\r\n").unwrap();
         let size =
-            usize::from_str_radix(std::str::from_utf8(&rest[..line_end]).unwrap(), 16).unwrap();
+            usize::from_str_radix(std::str::from_utf8(&raw[at..line_end]).unwrap(), 16).unwrap();
+        let data = line_end + 2;
+        let end = data + size + 2;
+        out.push((data, data + size, end));
         if size == 0 {
-            return body;
+            return (head_end, Some(out));
         }
-        body.extend_from_slice(&rest[line_end + 2..line_end + 2 + size]);
-        rest = &rest[line_end + 2 + size + 2..];
+        at = end;
     }
+}
+
+/// The dechunked body of a recorded response.
+fn body_of(segments: &[Segment]) -> Vec<u8> {
+    let raw = response_of(segments);
+    match chunks(&raw) {
+        (head_end, None) => raw[head_end..].to_vec(),
+        (_, Some(chunks)) => chunks
+            .iter()
+            .flat_map(|&(start, end, _)| raw[start..end].to_vec())
+            .collect(),
+    }
+}
+
+/// The recording as the server wrote it: reads that took in several of its writes (one
+/// chunk each, as Ollama's Go server flushes every line) split where each chunk ends, each
+/// piece keeping its read's timestamp. The client's reads coalesce when it is late (a busy
+/// machine); the server's writes, where the kernel captures an exchange's counted side, do
+/// not.
+fn as_written(segments: &[Segment]) -> Vec<Segment> {
+    let raw = response_of(segments);
+    let ends: Vec<usize> = match chunks(&raw) {
+        (_, Some(chunks)) => chunks.iter().map(|c| c.2).collect(),
+        (_, None) => Vec::new(),
+    };
+    let mut out = Vec::new();
+    let mut offset = 0;
+    for (dir, ts, bytes) in segments {
+        if *dir != Direction::Ingress {
+            out.push((*dir, *ts, bytes.clone()));
+            continue;
+        }
+        let mut from = 0;
+        for &end in ends
+            .iter()
+            .filter(|&&e| e > offset && e < offset + bytes.len())
+        {
+            out.push((*dir, *ts, bytes[from..end - offset].to_vec()));
+            from = end - offset;
+        }
+        out.push((*dir, *ts, bytes[from..].to_vec()));
+        offset += bytes.len();
+    }
+    out
 }
 
 /// Recorded conversations, one per request kind, each on its own connection.
@@ -299,8 +354,11 @@ async fn engine_reads_the_simulators_streams_exactly() {
         }
         assert_eq!(run(&split, usize::MAX / 4, 0), ex, "{name}: re-split");
 
-        // Captured as the kernel does by default: 1 KiB head, 256 B tail of each read.
-        let partial = run(&segments, 1024, 256);
+        // Captured as the kernel does by default at the server: 1 KiB head, 256 B tail of each
+        // of its writes.
+        let written = as_written(&segments);
+        assert_eq!(run(&written, usize::MAX / 4, 0), ex, "{name}: as written");
+        let partial = run(&written, 1024, 256);
         assert_eq!(partial.status, ex.status, "{name}: partial");
         assert_eq!(partial.ts, ex.ts, "{name}: partial");
         assert_eq!(partial.llm, ex.llm, "{name}: partial");
@@ -308,5 +366,34 @@ async fn engine_reads_the_simulators_streams_exactly() {
             partial.response_body_bytes, ex.response_body_bytes,
             "{name}: partial"
         );
+
+        // The same when the client's reads took in the whole response at once (a late
+        // client): the server's writes, captured partially, still give every field.
+        let mut late: Vec<Segment> = segments
+            .iter()
+            .filter(|s| s.0 == Direction::Egress)
+            .cloned()
+            .collect();
+        let end = segments.last().unwrap().1;
+        late.push((Direction::Ingress, end, response_of(&segments)));
+        let written = as_written(&late);
+        let whole = run(&written, usize::MAX / 4, 0);
+        let partial = run(&written, 1024, 256);
+        assert_eq!(
+            (
+                partial.status,
+                partial.ts,
+                &partial.llm,
+                partial.response_body_bytes
+            ),
+            (
+                whole.status,
+                whole.ts,
+                &whole.llm,
+                whole.response_body_bytes
+            ),
+            "{name}: a late client's recording, partial"
+        );
+        assert_eq!(whole.llm.done_reason, ex.llm.done_reason, "{name}: late");
     }
 }
