@@ -19,7 +19,6 @@ use support::daemon::Sim;
 use support::deploy::*;
 use support::faults::*;
 use support::netns::{self, Dnat, Netns};
-use support::nginx::Nginx;
 
 /// The container, its simulator on `ns.ip:port`, and the DNAT from `ns.host_ip:port`.
 fn container(port: u16) -> (Netns, Sim, Dnat, SocketAddr) {
@@ -42,24 +41,13 @@ fn upstream_behind_dnat_set_up_before_the_daemon() {
     let rt = runtime();
     let port = netns::spare_port();
     let (ns, sim, dnat, published) = container(port);
-    let nginx = Nginx::start(published);
-    let ports = Ports {
-        gateway: nginx.port,
-        upstream: port,
-    };
-    let requests = Requests::sim();
-    let conns = rt.block_on(warm(nginx.addr(), 2, &requests));
-    assert!(ns.open_conns(port) >= 1, "no connection through the DNAT");
-
-    let daemon = start_daemon(ports, &[]);
-    exercise(
+    let (nginx, ports) = gateway_to(published);
+    exercise_after_warm_up(
         &rt,
-        daemon,
-        nginx.addr(),
-        conns,
-        &requests,
+        &nginx,
+        ports,
+        &Requests::sim(),
         || [open_conns(ports.gateway), ns.open_conns(port)],
-        &["mid_stream"],
         |daemon| await_hops(daemon, port, sim.pid(), None),
     );
 
@@ -80,11 +68,7 @@ fn upstream_behind_dnat_set_up_after_the_daemon() {
     // daemon, the simulator and the DNAT rule after it.
     let ns = Netns::new("dnat");
     let published = SocketAddrV4::new(ns.host_ip, port);
-    let nginx = Nginx::start(published.into());
-    let ports = Ports {
-        gateway: nginx.port,
-        upstream: port,
-    };
+    let (nginx, ports) = gateway_to(published.into());
     let daemon = start_daemon(ports, &[]);
 
     let sim = Sim::start_in(Some(&ns.name), &format!("{}:{port}", ns.ip), FAST_SIM);

@@ -20,7 +20,6 @@ use std::process::Command;
 use support::deploy::*;
 use support::faults::*;
 use support::netns::{self, Proc};
-use support::nginx::Nginx;
 
 /// fork_server.py on 127.0.0.1:`port`, listening.
 fn fork_server(port: u16) -> Proc {
@@ -40,11 +39,7 @@ fn fork_per_connection_upstream() {
     let rt = runtime();
     let port = netns::spare_port();
     let upstream = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
-    let nginx = Nginx::start(upstream);
-    let ports = Ports {
-        gateway: nginx.port,
-        upstream: port,
-    };
+    let (nginx, ports) = gateway_to(upstream);
     let daemon = start_daemon(ports, &[]);
     let server = fork_server(port);
     eprintln!(
@@ -78,24 +73,13 @@ fn fork_per_connection_upstream_started_before_the_daemon() {
     let port = netns::spare_port();
     let upstream = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
     let server = fork_server(port);
-    let nginx = Nginx::start(upstream);
-    let ports = Ports {
-        gateway: nginx.port,
-        upstream: port,
-    };
-    let requests = Requests::for_model("m");
-    let conns = rt.block_on(warm(nginx.addr(), 2, &requests));
-    assert!(open_conns(port) >= 1);
-
-    let daemon = start_daemon(ports, &[]);
-    exercise(
+    let (nginx, ports) = gateway_to(upstream);
+    exercise_after_warm_up(
         &rt,
-        daemon,
-        nginx.addr(),
-        conns,
-        &requests,
+        &nginx,
+        ports,
+        &Requests::for_model("m"),
         || [open_conns(ports.gateway), open_conns(port)],
-        &["mid_stream"],
         |_| {},
     );
     drop((nginx, server));

@@ -19,7 +19,6 @@ use support::daemon::Sim;
 use support::deploy::*;
 use support::faults::*;
 use support::netns::{self, Netns};
-use support::nginx::Nginx;
 
 #[test]
 fn upstream_behind_a_forwarder_started_before_the_daemon() {
@@ -32,35 +31,19 @@ fn upstream_behind_a_forwarder_started_before_the_daemon() {
     let ns = Netns::new("fwd");
     let sim = Sim::start_in(Some(&ns.name), &format!("{}:{port}", ns.ip), FAST_SIM);
     let forwarder = netns::forwarder(published, sim.addr);
-    let nginx = Nginx::start(published);
-    let ports = Ports {
-        gateway: nginx.port,
-        upstream: port,
-    };
+    let (nginx, ports) = gateway_to(published);
     eprintln!(
         "client -> nginx {} -> forwarder {published} -> sim {} in {}",
         nginx.addr(),
         sim.addr,
         ns.name
     );
-    // Keep-alive connections through nginx and the forwarder, open when the daemon starts.
-    let requests = Requests::sim();
-    let conns = rt.block_on(warm(nginx.addr(), 2, &requests));
-    assert!(
-        ns.open_conns(port) >= 1,
-        "no connection through the forwarder"
-    );
-
-    let daemon = start_daemon(ports, &[]);
-    // The connections open before the daemon are picked up mid-stream.
-    exercise(
+    exercise_after_warm_up(
         &rt,
-        daemon,
-        nginx.addr(),
-        conns,
-        &requests,
+        &nginx,
+        ports,
+        &Requests::sim(),
         || [open_conns(ports.gateway), ns.open_conns(port)],
-        &["mid_stream"],
         |daemon| await_hops(daemon, port, sim.pid(), Some(forwarder.pid())),
     );
 

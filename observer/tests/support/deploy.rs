@@ -237,6 +237,46 @@ pub fn exercise(
     daemon.stop();
 }
 
+/// nginx on the host proxying to `upstream`, and the ports the daemon watches (nginx's as the
+/// gateway, `upstream`'s port as the upstream).
+pub fn gateway_to(upstream: SocketAddr) -> (Nginx, Ports) {
+    let nginx = Nginx::start(upstream);
+    let ports = Ports {
+        gateway: nginx.port,
+        upstream: upstream.port(),
+    };
+    (nginx, ports)
+}
+
+/// The traffic with the daemon started after keep-alive connections through `nginx` (and on
+/// to the upstream: `open()[1]`, the connections open at the upstream's real server) were
+/// opened and used: the daemon picks them up mid-stream.
+pub fn exercise_after_warm_up(
+    rt: &tokio::runtime::Runtime,
+    nginx: &Nginx,
+    ports: Ports,
+    requests: &Requests,
+    open: impl Fn() -> [u64; 2],
+    also: impl FnOnce(&Daemon),
+) {
+    let conns = rt.block_on(warm(nginx.addr(), 2, requests));
+    assert!(
+        open()[1] >= 1,
+        "no upstream connection open before the daemon"
+    );
+    let daemon = start_daemon(ports, &[]);
+    exercise(
+        rt,
+        daemon,
+        nginx.addr(),
+        conns,
+        requests,
+        open,
+        &["mid_stream"],
+        also,
+    );
+}
+
 /// Waits until `/status` names `server` as a process whose accepted connections on `port` are
 /// counted and, where given, `relay` as a relay on it (the daemon updates it once a second):
 /// what is measured is the server behind the relay, not the relay.
@@ -278,11 +318,7 @@ pub fn relay_started_after_the_daemon(
     let rt = runtime();
     let port = netns::spare_port();
     let published = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), port);
-    let nginx = Nginx::start(published);
-    let ports = Ports {
-        gateway: nginx.port,
-        upstream: port,
-    };
+    let (nginx, ports) = gateway_to(published);
     let daemon = start_daemon(ports, &[]);
 
     let ns = Netns::new(name);
