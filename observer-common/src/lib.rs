@@ -136,9 +136,11 @@ pub struct ConnInfo {
     pub side: u32,
     /// The watched port (host byte order).
     pub port: u32,
-    /// Non-zero once an event of this connection could not be delivered (the ring buffer was
-    /// full): its exchanges are no longer framed right. Userspace reads it in its sweep, puts
-    /// the connection back in step, and clears it.
+    /// How many of this connection's data events could not be delivered (the ring buffer was
+    /// full; wrapping): its exchanges are no longer framed right. Userspace reads it in its
+    /// sweep and puts the connection back in step whenever it changed. Only the kernel writes
+    /// it: a write from userspace, made after its walk of the table, could land on the same
+    /// key reused by a newer connection and replace that one's entry.
     pub lost: u32,
     /// What is known of the two ends: the listener's address and the peer for the server
     /// side, the connect() target for the client side.

@@ -261,13 +261,15 @@ fn exit_io(ctx: &TracePointContext) -> Option<()> {
     }
     let Some(mut entry) = EVENTS.reserve::<DataEvent>(0) else {
         count(counter::LOST_DATA);
-        // The connection's exchanges lost bytes: userspace puts it back in step.
+        // The connection's exchanges lost bytes: userspace puts it back in step when it sees
+        // the count change (it never writes the entry: its key may name another socket by
+        // then).
         let key = SockKey {
             tgid,
             fd: pending.fd,
         };
         if let Some(conn) = CONNS.get_ptr_mut(key) {
-            unsafe { (*conn).lost = 1 };
+            unsafe { (*conn).lost = (*conn).lost.wrapping_add(1) };
         }
         return None;
     };

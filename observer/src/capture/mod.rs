@@ -82,6 +82,8 @@ pub struct Capture {
     seeded_listeners: Vec<(u16, Role)>,
     /// `REFS` entries without a key at the last sweep.
     orphan_refs: std::collections::HashSet<u64>,
+    /// The loss count of each marked key at the last sweep, with its connection.
+    lost_seen: std::collections::HashMap<SockKey, (u64, u32)>,
 }
 
 /// Forwards `aya-log-ebpf` records to this process's `log`/`tracing` output.
@@ -209,6 +211,7 @@ impl Capture {
             seeded: Vec::new(),
             seeded_listeners: Vec::new(),
             orphan_refs: std::collections::HashSet::new(),
+            lost_seen: std::collections::HashMap::new(),
         })
     }
 
@@ -377,13 +380,17 @@ impl Capture {
                 sweep.live.insert(conn.conn_id, record);
             }
         }
+        // A loss count that changed since the last sweep (or a key first seen with one): that
+        // connection is put back in step. Keys no longer marked are forgotten here.
+        let mut lost_seen = std::collections::HashMap::with_capacity(lost.len());
         for (key, conn) in lost {
-            // Cleared only where the entry still exists (a close may have removed it since).
-            let cleared = ConnInfo { lost: 0, ..conn };
-            if conns.insert(key, cleared, BPF_EXIST).is_ok() {
+            let mark = (conn.conn_id, conn.lost);
+            if self.lost_seen.get(&key) != Some(&mark) {
                 sweep.lost.push(conn.conn_id);
             }
+            lost_seen.insert(key, mark);
         }
+        self.lost_seen = lost_seen;
         // Already removed (closed for real) since the walk: nothing to report.
         gone.retain(|(key, _)| conns.remove(key).is_ok());
         let mut refs: HashMap<_, u64, u64> =
@@ -487,7 +494,7 @@ pub struct Sweep {
     /// buffer was full); one here that the daemon does not hold had its open and every later
     /// event lost. [`crate::pipeline::Pipeline::reconcile`] settles both.
     pub live: foldhash::HashMap<u64, ConnRecord>,
-    /// Connections with an event lost since the last sweep (their mark is cleared now): their
+    /// Connections with an event lost since the last sweep (their loss count changed): their
     /// open exchanges can no longer be framed.
     pub lost: Vec<u64>,
 }
