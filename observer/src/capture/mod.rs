@@ -366,29 +366,26 @@ impl Capture {
         )?;
         let now = seed::monotonic_ns();
         let mut gone: Vec<(SockKey, ConnInfo)> = Vec::new();
-        let mut lost: Vec<(SockKey, ConnInfo)> = Vec::new();
+        // Each marked key's loss count now; keys no longer marked are forgotten.
+        let mut lost_seen = std::collections::HashMap::new();
         for (key, conn) in conns.iter().filter_map(Result::ok) {
             if !alive(key.tgid) {
                 gone.push((key, conn));
                 continue;
             }
             if conn.lost != 0 {
-                lost.push((key, conn));
+                // A count that changed since the last sweep (or a key first seen with one):
+                // that connection is put back in step.
+                let mark = (conn.conn_id, conn.lost);
+                if self.lost_seen.get(&key) != Some(&mark) {
+                    sweep.lost.push(conn.conn_id);
+                }
+                lost_seen.insert(key, mark);
             }
             if let Ok(mut record) = decode::conn_record(now, key, &conn) {
                 record.seeded = true;
                 sweep.live.insert(conn.conn_id, record);
             }
-        }
-        // A loss count that changed since the last sweep (or a key first seen with one): that
-        // connection is put back in step. Keys no longer marked are forgotten here.
-        let mut lost_seen = std::collections::HashMap::with_capacity(lost.len());
-        for (key, conn) in lost {
-            let mark = (conn.conn_id, conn.lost);
-            if self.lost_seen.get(&key) != Some(&mark) {
-                sweep.lost.push(conn.conn_id);
-            }
-            lost_seen.insert(key, mark);
         }
         self.lost_seen = lost_seen;
         // Already removed (closed for real) since the walk: nothing to report.
