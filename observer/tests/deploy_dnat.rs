@@ -74,16 +74,7 @@ fn upstream_behind_dnat_set_up_after_the_daemon() {
     let sim = Sim::start_in(Some(&ns.name), &format!("{}:{port}", ns.ip), FAST_SIM);
     let dnat = Dnat::new(published, SocketAddrV4::new(ns.ip, port));
     eprintln!("DNAT {published} -> sim {} in {}", sim.addr, ns.name);
-    exercise(
-        &rt,
-        daemon,
-        nginx.addr(),
-        Vec::new(),
-        &Requests::sim(),
-        || [open_conns(ports.gateway), ns.open_conns(port)],
-        &[],
-        |daemon| await_hops(daemon, port, sim.pid(), None),
-    );
+    exercise_to_namespace(&rt, daemon, &nginx, ports, &ns, &sim, None);
 
     let mut names = ns.names();
     names.push(dnat.table.clone());

@@ -277,6 +277,30 @@ pub fn exercise_after_warm_up(
     );
 }
 
+/// The traffic through `nginx` to the simulator in `ns` (on the upstream port, behind the
+/// relay `relay` where there is one), on fresh connections: `/status` must name the simulator
+/// as the server (and the relay as a relay), the gauges count the simulator's connections.
+pub fn exercise_to_namespace(
+    rt: &tokio::runtime::Runtime,
+    daemon: Daemon,
+    nginx: &Nginx,
+    ports: Ports,
+    ns: &Netns,
+    sim: &Sim,
+    relay: Option<u32>,
+) {
+    exercise(
+        rt,
+        daemon,
+        nginx.addr(),
+        Vec::new(),
+        &Requests::sim(),
+        || [open_conns(ports.gateway), ns.open_conns(ports.upstream)],
+        &[],
+        |daemon| await_hops(daemon, ports.upstream, sim.pid(), relay),
+    );
+}
+
 /// Waits until `/status` names `server` as a process whose accepted connections on `port` are
 /// counted and, where given, `relay` as a relay on it (the daemon updates it once a second):
 /// what is measured is the server behind the relay, not the relay.
@@ -330,16 +354,7 @@ pub fn relay_started_after_the_daemon(
         sim.addr,
         ns.name
     );
-    exercise(
-        &rt,
-        daemon,
-        nginx.addr(),
-        Vec::new(),
-        &Requests::sim(),
-        || [open_conns(ports.gateway), ns.open_conns(port)],
-        &[],
-        |daemon| await_hops(daemon, port, sim.pid(), Some(relay.pid())),
-    );
+    exercise_to_namespace(&rt, daemon, &nginx, ports, &ns, &sim, Some(relay.pid()));
 
     let names = ns.names();
     drop((relay, nginx, sim, ns));
