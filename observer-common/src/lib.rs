@@ -37,6 +37,68 @@ pub mod names {
     pub const SOCKET_SK_OFFSET: &str = "SOCKET_SK_OFFSET";
     pub const SOCK_NUM_OFFSET: &str = "SOCK_NUM_OFFSET";
     pub const SOCK_DPORT_OFFSET: &str = "SOCK_DPORT_OFFSET";
+    pub const SYSCALLS: &str = "SYSCALLS";
+    pub const MARKS: &str = "MARKS";
+    pub const SEEDED_MARKS: &str = "SEEDED_MARKS";
+    pub const FILTER_OFF: &str = "FILTER_OFF";
+    pub const REGS_ARG0_OFFSET: &str = "REGS_ARG0_OFFSET";
+    pub const REGS_ARG1_OFFSET: &str = "REGS_ARG1_OFFSET";
+    pub const REGS_ARG2_OFFSET: &str = "REGS_ARG2_OFFSET";
+    pub const REGS_NR_OFFSET: &str = "REGS_NR_OFFSET";
+    pub const COMPAT_STATUS_OFFSET: &str = "COMPAT_STATUS_OFFSET";
+    pub const EXIT_LAYOUT_KNOWN: &str = "EXIT_LAYOUT_KNOWN";
+    pub const STATE_NEWSTATE_OFFSET: &str = "STATE_NEWSTATE_OFFSET";
+    pub const STATE_SPORT_OFFSET: &str = "STATE_SPORT_OFFSET";
+    pub const STATE_DPORT_OFFSET: &str = "STATE_DPORT_OFFSET";
+    pub const STATE_FAMILY_OFFSET: &str = "STATE_FAMILY_OFFSET";
+    pub const STATE_PROTOCOL_OFFSET: &str = "STATE_PROTOCOL_OFFSET";
+    pub const STATE_SADDR_OFFSET: &str = "STATE_SADDR_OFFSET";
+    pub const STATE_SADDR_V6_OFFSET: &str = "STATE_SADDR_V6_OFFSET";
+    pub const TASK_SIGNAL_OFFSET: &str = "TASK_SIGNAL_OFFSET";
+    pub const SIGNAL_LIVE_OFFSET: &str = "SIGNAL_LIVE_OFFSET";
+}
+
+/// What the kernel programs do with a system call of a marked process, by number: the
+/// `SYSCALLS` array the loader fills from the running architecture's numbers (0: nothing).
+/// Every kind is handled at the call's exit.
+pub mod syscall {
+    // Data, at exit: the return value is the bytes moved.
+    pub const READ: u32 = 1;
+    pub const WRITE: u32 = 2;
+    pub const RECVFROM: u32 = 3;
+    pub const SENDTO: u32 = 4;
+    pub const READV: u32 = 5;
+    pub const WRITEV: u32 = 6;
+    pub const RECVMSG: u32 = 7;
+    pub const SENDMSG: u32 = 8;
+    // Lifecycle, at exit.
+    // Lifecycle, at exit too.
+    pub const CONNECT: u32 = 9;
+    pub const LISTEN: u32 = 10;
+    pub const ACCEPT: u32 = 11;
+    pub const DUP: u32 = 12;
+    pub const FCNTL: u32 = 13;
+    pub const CLOSE: u32 = 14;
+    pub const CLOSE_RANGE: u32 = 15;
+    pub const DUP2: u32 = 16;
+    /// Most kinds (array bound for tables indexed by kind).
+    pub const KINDS: u32 = 17;
+
+    /// Whether the kind moves bytes (handled by the data path).
+    pub const fn is_data(kind: u32) -> bool {
+        kind >= READ && kind <= SENDMSG
+    }
+
+    /// Direction of a data kind as seen by the caller.
+    pub const fn direction(kind: u32) -> u32 {
+        match kind {
+            READ | RECVFROM | READV | RECVMSG => super::direction::INGRESS,
+            _ => super::direction::EGRESS,
+        }
+    }
+
+    /// Entries of the `SYSCALLS` array: system call numbers at or above it are never acted on.
+    pub const TABLE_LEN: u32 = 1024;
 }
 
 /// Length of a process name (`TASK_COMM_LEN`).
@@ -89,7 +151,10 @@ pub mod counter {
     pub const READ_USER_FAILED: u32 = 3;
     /// The listener table was full when a watched listener was to be tracked.
     pub const LISTENERS_FULL: u32 = 4;
-    pub const COUNT: u32 = 5;
+    /// The table of marked processes was full: the per-process filter is off from then on
+    /// (every process's data calls pay a connection lookup; nothing is missed).
+    pub const TGIDS_FULL: u32 = 5;
+    pub const COUNT: u32 = 6;
 }
 
 /// Key of the `CONNS` map: a socket as a process sees it.
@@ -154,8 +219,9 @@ pub struct ConnInfo {
     pub file: u64,
 }
 
-/// One send or receive on a watched connection. Fixed size; `head_len`/`tail_len` say how much
-/// of `head`/`tail` is filled.
+/// One send or receive on a watched connection: the header of a ring buffer record that is
+/// followed by `head_len` bytes from the start of the buffer, then `tail_len` from its end.
+/// The record is as long as that (variable size: a 100-byte chunk costs 100 bytes of ring).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct DataEvent {
@@ -177,9 +243,10 @@ pub struct DataEvent {
     pub tail_len: u32,
     /// Process name at the syscall, NUL-padded.
     pub comm: [u8; COMM_LEN],
-    pub head: [u8; HEAD_MAX],
-    pub tail: [u8; TAIL_MAX],
 }
+
+/// Most payload bytes after a [`DataEvent`] header.
+pub const PAYLOAD_MAX: usize = HEAD_MAX + TAIL_MAX;
 
 /// A watched connection opened (connect/accept) or closed.
 #[repr(C)]
@@ -220,4 +287,4 @@ const _: () = assert!(core::mem::size_of::<Endpoint>() == 24);
 const _: () = assert!(core::mem::size_of::<ListenInfo>() == 40);
 const _: () = assert!(core::mem::size_of::<ConnInfo>() == 80);
 const _: () = assert!(core::mem::size_of::<ConnEvent>() == 112);
-const _: () = assert!(core::mem::size_of::<DataEvent>() == 80 + HEAD_MAX + TAIL_MAX);
+const _: () = assert!(core::mem::size_of::<DataEvent>() == 80);

@@ -1,27 +1,30 @@
-//! Data: the eight send/receive syscalls on watched connections become `DataEvent`s.
+//! Data: the eight send/receive system calls on watched connections become `DataEvent`s, at
+//! their exit only.
 //!
-//! Enter looks the fd up in `CONNS` — the whole cost for every other fd —, checks that the fd
-//! still refers to the connection's socket ([`crate::fds`]), and remembers the buffer (or
-//! iovec array) per thread; exit reads the return value (errors and `EAGAIN` are
-//! not data) and copies the first `HEAD_BYTES` and last `TAIL_BYTES` of what moved.
+//! The caller is marked (checked by `sys_exit`) and the call moved bytes; its fd (the first
+//! saved argument) is looked up in `CONNS` and checked to still refer to the connection's
+//! socket ([`crate::fds`]). The record is built in a per-CPU scratch area — the header, the
+//! first `HEAD_BYTES` of what moved, then its last `TAIL_BYTES` — and copied into the ring
+//! buffer at its exact size.
 //!
-//! For iovec syscalls (`readv`, `writev`, `recvmsg`, `sendmsg`) the head is gathered across up
-//! to [`MAX_IOV`] segments; the tail comes from the last segment that holds data (so it can be
+//! For iovec calls (`readv`, `writev`, `recvmsg`, `sendmsg`) the head is gathered across up to
+//! [`MAX_IOV`] segments; the tail comes from the last segment that holds data (so it can be
 //! shorter than `TAIL_BYTES` when that segment is short).
 
 use aya_ebpf::{
     helpers::{
         bpf_ktime_get_ns, bpf_probe_read_user,
-        generated::{bpf_probe_read_kernel, bpf_probe_read_user as probe_read_user_raw},
+        generated::bpf_probe_read_user as probe_read_user_raw,
     },
-    macros::{map, tracepoint},
-    maps::{LruHashMap, PerCpuArray},
-    programs::TracePointContext,
+    macros::map,
+    maps::PerCpuArray,
 };
-use observer_common::{DataEvent, HEAD_MAX, SockKey, TAIL_MAX, counter, direction, kind};
+use observer_common::{
+    DataEvent, HEAD_MAX, PAYLOAD_MAX, SockKey, TAIL_MAX, counter, kind, syscall,
+};
 
 use crate::{
-    ARG0, ARG1, ARG2, CONNS, EVENTS, HEAD_BYTES, RET, TAIL_BYTES, comm, count, current,
+    CONNS, EVENTS, HEAD_BYTES, REGS_ARG1_SLOT, REGS_ARG2_SLOT, Regs, TAIL_BYTES, comm, count,
     fds::{file_of, forget, same_file},
     wakeup_flags,
 };
@@ -33,193 +36,25 @@ const COPY_MASK: u64 = 2 * HEAD_MAX as u64 - 1;
 const MAX_IOV: u64 = 8;
 /// Offset of `msg_iov` (then `msg_iovlen`) in the user ABI's `struct user_msghdr`.
 const MSGHDR_IOV: u64 = 16;
+const HEADER: usize = core::mem::size_of::<DataEvent>();
 
-/// A data syscall between enter and exit, keyed by pid_tgid. LRU: an entry left by a thread
-/// that died mid-syscall is safe to evict.
-#[map]
-static PENDING_IO: LruHashMap<u64, PendingIo> = LruHashMap::with_max_entries(16_384, 0);
-
-/// Where iovec heads are assembled: twice the head so that a bounded offset plus a bounded
-/// length always fits (the verifier checks each bound, not their sum).
+/// Where a record is built: its header, then room for the payload. The head is assembled at
+/// offsets the verifier bounds one by one (a bounded offset plus a bounded length), hence twice
+/// the head; the tail follows the head.
 #[map]
 static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 #[repr(C)]
 struct Scratch {
-    bytes: [u8; 2 * HEAD_MAX],
+    event: DataEvent,
+    payload: [u8; 2 * HEAD_MAX],
 }
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct PendingIo {
-    conn_id: u64,
-    /// The buffer, or the iovec array when `iovcnt` > 0.
-    buf: u64,
-    iovcnt: u64,
-    role: u32,
-    side: u32,
-    port: u32,
-    fd: u32,
-    direction: u32,
-    _pad: u32,
-}
+const _: () = assert!(HEAD_MAX + TAIL_MAX <= 2 * HEAD_MAX);
 
-/// `ssize_t read(unsigned int fd, char *buf, size_t count)`
-#[tracepoint]
-pub fn sys_enter_read(ctx: TracePointContext) -> u32 {
-    let _ = enter_plain(&ctx, direction::INGRESS);
-    0
-}
-
-/// `ssize_t write(unsigned int fd, const char *buf, size_t count)`
-#[tracepoint]
-pub fn sys_enter_write(ctx: TracePointContext) -> u32 {
-    let _ = enter_plain(&ctx, direction::EGRESS);
-    0
-}
-
-/// `ssize_t recvfrom(int fd, void *ubuf, size_t size, unsigned flags, struct sockaddr *addr, int *addr_len)`
-#[tracepoint]
-pub fn sys_enter_recvfrom(ctx: TracePointContext) -> u32 {
-    let _ = enter_plain(&ctx, direction::INGRESS);
-    0
-}
-
-/// `ssize_t sendto(int fd, void *buff, size_t len, unsigned flags, struct sockaddr *addr, int addr_len)`
-#[tracepoint]
-pub fn sys_enter_sendto(ctx: TracePointContext) -> u32 {
-    let _ = enter_plain(&ctx, direction::EGRESS);
-    0
-}
-
-/// `ssize_t readv(unsigned long fd, const struct iovec *vec, unsigned long vlen)`
-#[tracepoint]
-pub fn sys_enter_readv(ctx: TracePointContext) -> u32 {
-    let _ = enter_iovec(&ctx, direction::INGRESS);
-    0
-}
-
-/// `ssize_t writev(unsigned long fd, const struct iovec *vec, unsigned long vlen)`
-#[tracepoint]
-pub fn sys_enter_writev(ctx: TracePointContext) -> u32 {
-    let _ = enter_iovec(&ctx, direction::EGRESS);
-    0
-}
-
-/// `ssize_t recvmsg(int fd, struct user_msghdr *msg, unsigned flags)`
-#[tracepoint]
-pub fn sys_enter_recvmsg(ctx: TracePointContext) -> u32 {
-    let _ = enter_msg(&ctx, direction::INGRESS);
-    0
-}
-
-/// `ssize_t sendmsg(int fd, struct user_msghdr *msg, unsigned flags)`
-#[tracepoint]
-pub fn sys_enter_sendmsg(ctx: TracePointContext) -> u32 {
-    let _ = enter_msg(&ctx, direction::EGRESS);
-    0
-}
-
-/// Exit of every data syscall: the return value is the number of bytes moved.
-#[tracepoint]
-pub fn sys_exit_read(ctx: TracePointContext) -> u32 {
-    let _ = exit_io(&ctx);
-    0
-}
-
-/// See [`sys_exit_read`].
-#[tracepoint]
-pub fn sys_exit_write(ctx: TracePointContext) -> u32 {
-    let _ = exit_io(&ctx);
-    0
-}
-
-/// See [`sys_exit_read`].
-#[tracepoint]
-pub fn sys_exit_recvfrom(ctx: TracePointContext) -> u32 {
-    let _ = exit_io(&ctx);
-    0
-}
-
-/// See [`sys_exit_read`].
-#[tracepoint]
-pub fn sys_exit_sendto(ctx: TracePointContext) -> u32 {
-    let _ = exit_io(&ctx);
-    0
-}
-
-/// See [`sys_exit_read`].
-#[tracepoint]
-pub fn sys_exit_readv(ctx: TracePointContext) -> u32 {
-    let _ = exit_io(&ctx);
-    0
-}
-
-/// See [`sys_exit_read`].
-#[tracepoint]
-pub fn sys_exit_writev(ctx: TracePointContext) -> u32 {
-    let _ = exit_io(&ctx);
-    0
-}
-
-/// See [`sys_exit_read`].
-#[tracepoint]
-pub fn sys_exit_recvmsg(ctx: TracePointContext) -> u32 {
-    let _ = exit_io(&ctx);
-    0
-}
-
-/// See [`sys_exit_read`].
-#[tracepoint]
-pub fn sys_exit_sendmsg(ctx: TracePointContext) -> u32 {
-    let _ = exit_io(&ctx);
-    0
-}
-
-/// `(fd, buf, count)` syscalls.
-fn enter_plain(ctx: &TracePointContext, direction: u32) -> Option<()> {
-    remember(ctx, direction, |ctx| {
-        Some((unsafe { ctx.read_at(ARG1) }.ok()?, 0))
-    })
-}
-
-/// `(fd, iov, iovcnt)` syscalls.
-fn enter_iovec(ctx: &TracePointContext, direction: u32) -> Option<()> {
-    remember(ctx, direction, |ctx| {
-        let iov: u64 = unsafe { ctx.read_at(ARG1) }.ok()?;
-        let iovcnt: u64 = unsafe { ctx.read_at(ARG2) }.ok()?;
-        Some((iov, iovcnt))
-    })
-}
-
-/// `(fd, msghdr, flags)` syscalls: the iovec array is in the user's msghdr.
-fn enter_msg(ctx: &TracePointContext, direction: u32) -> Option<()> {
-    remember(ctx, direction, |ctx| {
-        let msg: u64 = unsafe { ctx.read_at(ARG1) }.ok()?;
-        if msg == 0 {
-            return None;
-        }
-        match unsafe { bpf_probe_read_user((msg + MSGHDR_IOV) as *const [u64; 2]) } {
-            Ok([iov, iovcnt]) => Some((iov, iovcnt.max(1))),
-            Err(_) => {
-                count(counter::READ_USER_FAILED);
-                None
-            }
-        }
-    })
-}
-
-/// Remembers the buffer of a syscall on a watched connection. The `CONNS` lookup is the whole
-/// cost for every other fd: `buffer` (the syscall's buffer, or iovec array and count) is read
-/// only after it.
-#[inline(always)]
-fn remember(
-    ctx: &TracePointContext,
-    direction: u32,
-    buffer: impl FnOnce(&TracePointContext) -> Option<(u64, u64)>,
-) -> Option<()> {
-    let (pid_tgid, tgid) = current();
-    let fd = unsafe { ctx.read_at::<u64>(ARG0) }.ok()? as u32;
+/// Exit of a data call that moved `len` bytes, by a marked process.
+pub fn exit_data(regs: &Regs, call: u32, len: u64, pid_tgid: u64, tgid: u32) -> Option<()> {
+    let fd = regs.fd()?;
     let key = SockKey { tgid, fd };
     let entry = CONNS.get_ptr_mut(key)?;
     let conn = unsafe { *entry };
@@ -235,103 +70,106 @@ fn remember(
     {
         unsafe { (*entry).file = file };
     }
-    let (buf, iovcnt) = buffer(ctx)?;
-    let pending = PendingIo {
-        conn_id: conn.conn_id,
-        buf,
-        iovcnt,
-        role: conn.role,
-        side: conn.side,
-        port: conn.port,
-        fd,
-        direction,
-        _pad: 0,
-    };
-    PENDING_IO.insert(pid_tgid, pending, 0).ok()
-}
-
-/// Exit of a data syscall on a watched connection: a positive return is data.
-fn exit_io(ctx: &TracePointContext) -> Option<()> {
-    let (pid_tgid, tgid) = current();
-    let pending = *unsafe { PENDING_IO.get(pid_tgid) }?;
-    let _ = PENDING_IO.remove(pid_tgid);
-    let ret: i64 = unsafe { ctx.read_at(RET) }.ok()?;
-    if ret <= 0 {
-        return None;
-    }
-    let Some(mut entry) = EVENTS.reserve::<DataEvent>(0) else {
-        count(counter::LOST_DATA);
-        // The connection's exchanges lost bytes: userspace puts it back in step when it sees
-        // the count change (it never writes the entry: its key may name another socket by
-        // then).
-        let key = SockKey {
-            tgid,
-            fd: pending.fd,
-        };
-        if let Some(conn) = CONNS.get_ptr_mut(key) {
-            unsafe { (*conn).lost = (*conn).lost.wrapping_add(1) };
+    let scratch = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch value, exclusively ours while the program runs.
+    let (event, payload) = unsafe { (&raw mut (*scratch).event, (*scratch).payload.as_mut_ptr()) };
+    let arg1 = regs.read(REGS_ARG1_SLOT)?;
+    let complete = match call {
+        syscall::READV | syscall::WRITEV => {
+            let iovcnt = regs.read(REGS_ARG2_SLOT)?;
+            unsafe { capture_iovec(event, payload, arg1, iovcnt, len) }
         }
-        return None;
-    };
-    let event = entry.as_mut_ptr();
-    let len = ret as u64;
-    // SAFETY: `event` points at a reserved, exclusively owned DataEvent-sized record.
-    let complete = unsafe {
-        (*event).kind = kind::DATA;
-        (*event).direction = pending.direction;
-        (*event).ts_ns = bpf_ktime_get_ns();
-        (*event).conn_id = pending.conn_id;
-        (*event).tgid = tgid;
-        (*event).pid = pid_tgid as u32;
-        (*event).role = pending.role;
-        (*event).side = pending.side;
-        (*event).fd = pending.fd;
-        (*event).port = pending.port;
-        (*event).len = len;
-        (*event).comm = comm();
-        if pending.iovcnt == 0 {
-            capture_plain(event, pending.buf, len)
-        } else {
-            capture_iovec(event, pending.buf, pending.iovcnt, len)
+        syscall::RECVMSG | syscall::SENDMSG => {
+            if arg1 == 0 {
+                return None;
+            }
+            match unsafe { bpf_probe_read_user((arg1 + MSGHDR_IOV) as *const [u64; 2]) } {
+                Ok([iov, iovcnt]) => unsafe {
+                    capture_iovec(event, payload, iov, iovcnt.max(1), len)
+                },
+                Err(_) => {
+                    count(counter::READ_USER_FAILED);
+                    return None;
+                }
+            }
         }
+        _ => unsafe { capture_plain(event, payload, arg1, len) },
     };
     if !complete {
         count(counter::READ_USER_FAILED);
     }
-    entry.submit(wakeup_flags());
+    // SAFETY: as above.
+    let captured = unsafe {
+        (*event).kind = kind::DATA;
+        (*event).direction = syscall::direction(call);
+        (*event).ts_ns = bpf_ktime_get_ns();
+        (*event).conn_id = conn.conn_id;
+        (*event).tgid = tgid;
+        (*event).pid = pid_tgid as u32;
+        (*event).role = conn.role;
+        (*event).side = conn.side;
+        (*event).fd = fd;
+        (*event).port = conn.port;
+        (*event).len = len;
+        (*event).comm = comm();
+        (*event).head_len as u64 + (*event).tail_len as u64
+    };
+    // Bounded again where the verifier sees it: the record is the header and what was captured.
+    let captured = unsafe { core::ptr::read_volatile(&captured) };
+    if captured > PAYLOAD_MAX as u64 {
+        return None;
+    }
+    let size = HEADER as u64 + captured;
+    let record = unsafe { core::slice::from_raw_parts(scratch.cast::<u8>(), size as usize) };
+    if EVENTS.output::<[u8]>(record, wakeup_flags()).is_err() {
+        count(counter::LOST_DATA);
+        // The connection's exchanges lost bytes: userspace puts it back in step when it sees
+        // the count change (it never writes the entry: its key may name another socket by
+        // then).
+        if let Some(conn) = CONNS.get_ptr_mut(key) {
+            unsafe { (*conn).lost = (*conn).lost.wrapping_add(1) };
+        }
+    }
     Some(())
 }
 
-/// Head and tail of one contiguous buffer. False when a user read failed (that part is empty).
-unsafe fn capture_plain(event: *mut DataEvent, buf: u64, len: u64) -> bool {
+/// Head and tail of one contiguous buffer, into `payload`. False when a user read failed
+/// (that part is empty).
+unsafe fn capture_plain(event: *mut DataEvent, payload: *mut u8, buf: u64, len: u64) -> bool {
     unsafe {
         let head_len = capture_len(len, core::ptr::read_volatile(&HEAD_BYTES), HEAD_MAX);
-        let head_ok = read_user_into((*event).head.as_mut_ptr(), buf, head_len, HEAD_MAX);
-        (*event).head_len = if head_ok { head_len as u32 } else { 0 };
+        let head_ok = read_user_into(payload, buf, head_len, HEAD_MAX);
+        let head_len = if head_ok { head_len } else { 0 };
+        (*event).head_len = head_len as u32;
         // The tail covers what the head did not, up to TAIL_BYTES.
         let tail_len = capture_len(
             len - head_len,
             core::ptr::read_volatile(&TAIL_BYTES),
             TAIL_MAX,
         );
-        let tail_ok = read_user_into(
-            (*event).tail.as_mut_ptr(),
-            buf + len - tail_len,
-            tail_len,
-            TAIL_MAX,
-        );
+        let tail_ok = match bounded_head(head_len) {
+            Some(offset) => read_user_into(
+                payload.add(offset as usize),
+                buf + len - tail_len,
+                tail_len,
+                TAIL_MAX,
+            ),
+            None => false,
+        };
         (*event).tail_len = if tail_ok { tail_len as u32 } else { 0 };
         head_ok && tail_ok
     }
 }
 
 /// Head gathered across the first segments of an iovec array, tail from the last segment
-/// that holds data. False when a user read failed (that part is empty).
-unsafe fn capture_iovec(event: *mut DataEvent, iov: u64, iovcnt: u64, len: u64) -> bool {
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
-        return false;
-    };
-    let scratch = unsafe { (*scratch).bytes.as_mut_ptr() };
+/// that holds data, into `payload`. False when a user read failed (that part is empty).
+unsafe fn capture_iovec(
+    event: *mut DataEvent,
+    payload: *mut u8,
+    iov: u64,
+    iovcnt: u64,
+    len: u64,
+) -> bool {
     let head_want = capture_len(
         len,
         unsafe { core::ptr::read_volatile(&HEAD_BYTES) },
@@ -368,29 +206,24 @@ unsafe fn capture_iovec(event: *mut DataEvent, iov: u64, iovcnt: u64, len: u64) 
             };
             // Bound the offset in a way the verifier sees: masked after an opaque load.
             let offset = unsafe { core::ptr::read_volatile(&head_len) } & (HEAD_MAX as u64 - 1);
-            ok &= unsafe { read_user_into(scratch.add(offset as usize), base, take, HEAD_MAX) };
+            ok &= unsafe { read_user_into(payload.add(offset as usize), base, take, HEAD_MAX) };
             head_len += take;
         }
         last_base = base;
         last_len = seg;
         seen += seg;
     }
-    let head_len = unsafe { core::ptr::read_volatile(&head_len) };
-    let head_len = if head_len > HEAD_MAX as u64 {
-        HEAD_MAX as u64
+    let head_len = if ok {
+        let head_len = unsafe { core::ptr::read_volatile(&head_len) };
+        if head_len > HEAD_MAX as u64 {
+            HEAD_MAX as u64
+        } else {
+            head_len
+        }
     } else {
-        head_len
+        0
     };
-    if ok && head_len > 0 {
-        ok = unsafe {
-            bpf_probe_read_kernel(
-                (*event).head.as_mut_ptr().cast(),
-                head_len as u32,
-                scratch.cast(),
-            )
-        } == 0;
-    }
-    unsafe { (*event).head_len = if ok { head_len as u32 } else { 0 } };
+    unsafe { (*event).head_len = head_len as u32 };
     // The tail is known only when every moved byte was in the segments walked.
     let tail_len = if ok && seen == len {
         let rest = if len - head_len < last_len {
@@ -406,16 +239,30 @@ unsafe fn capture_iovec(event: *mut DataEvent, iov: u64, iovcnt: u64, len: u64) 
     } else {
         0
     };
-    let tail_ok = unsafe {
-        read_user_into(
-            (*event).tail.as_mut_ptr(),
-            last_base + last_len - tail_len,
-            tail_len,
-            TAIL_MAX,
-        )
+    let tail_ok = match bounded_head(head_len) {
+        Some(offset) => unsafe {
+            read_user_into(
+                payload.add(offset as usize),
+                last_base + last_len - tail_len,
+                tail_len,
+                TAIL_MAX,
+            )
+        },
+        None => false,
     };
     unsafe { (*event).tail_len = if tail_ok { tail_len as u32 } else { 0 } };
     ok && tail_ok
+}
+
+/// Where the tail goes (right after the head), bounded for the verifier.
+#[inline(always)]
+fn bounded_head(head_len: u64) -> Option<u64> {
+    let offset = unsafe { core::ptr::read_volatile(&head_len) } & COPY_MASK;
+    if offset > HEAD_MAX as u64 {
+        None
+    } else {
+        Some(offset)
+    }
 }
 
 /// Bytes to capture: what is available, no more than configured, never more than the buffer.

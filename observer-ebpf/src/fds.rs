@@ -20,18 +20,18 @@
 //! - `sched_process_exec` forgets the keys that close-on-exec closed.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_task, bpf_probe_read_kernel},
+    helpers::bpf_get_current_task,
     macros::{map, tracepoint},
-    maps::{LruHashMap, PerCpuArray},
+    maps::PerCpuArray,
     programs::TracePointContext,
 };
 use observer_common::{ConnInfo, SockKey, kind};
 
 use crate::{
-    ARG0, ARG1, ARG2, CONNS, FD_LAYOUT_KNOWN, FDT_FD_OFFSET, FDT_MAX_FDS_OFFSET,
-    FILE_PRIVATE_DATA_OFFSET, FILES_FDT_OFFSET, LISTENERS, NEWTASK_FLAGS_OFFSET,
-    NEWTASK_PID_OFFSET, PARENTS, REFS, RET, SOCK_DPORT_OFFSET, SOCK_LAYOUT_KNOWN, SOCK_NUM_OFFSET,
-    SOCKET_SK_OFFSET, TASK_FILES_OFFSET, WATCHED_TGIDS, current, emit_conn, global,
+    CONNS, FD_LAYOUT_KNOWN, FDT_FD_OFFSET, FDT_MAX_FDS_OFFSET, FILE_PRIVATE_DATA_OFFSET,
+    FILES_FDT_OFFSET, LISTENERS, NEWTASK_FLAGS_OFFSET, NEWTASK_PID_OFFSET, PARENTS, REFS,
+    REGS_ARG1_SLOT, REGS_ARG2_SLOT, Regs, SOCK_DPORT_OFFSET, SOCK_LAYOUT_KNOWN, SOCK_NUM_OFFSET,
+    SOCKET_SK_OFFSET, TASK_FILES_OFFSET, current, emit_conn, global, mark, read_kernel, watched,
 };
 
 /// Most descriptors walked when a process forks, execs or calls close_range, and most
@@ -46,11 +46,6 @@ const CLOSE_RANGE_CLOEXEC: u64 = 1 << 2;
 /// `fcntl(2)` commands that duplicate an fd.
 const F_DUPFD: u64 = 0;
 const F_DUPFD_CLOEXEC: u64 = 1030;
-
-/// The old fd of a `dup`/`fcntl(F_DUPFD*)` between enter and exit, by pid_tgid, for watched
-/// processes only. LRU: an entry left by a thread that died mid-syscall is safe to evict.
-#[map]
-static PENDING_DUP: LruHashMap<u64, u32> = LruHashMap::with_max_entries(1024, 0);
 
 /// The current task's descriptor table: its `fd` array and its size.
 #[derive(Clone, Copy)]
@@ -88,11 +83,6 @@ impl FdTable {
         }
         read_kernel(self.array + fd as u64 * 8)
     }
-}
-
-#[inline(always)]
-fn read_kernel<T: Copy>(addr: u64) -> Option<T> {
-    unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
 }
 
 /// The (local, remote) ports of the TCP socket behind `file` (host order), where the socket's
@@ -254,7 +244,9 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
 
 fn try_task_newtask(ctx: &TracePointContext) -> Option<()> {
     let (pid_tgid, parent) = current();
-    unsafe { WATCHED_TGIDS.get(parent) }?;
+    if !watched(parent) {
+        return None;
+    }
     let flags_offset = global(&NEWTASK_FLAGS_OFFSET) as usize;
     let pid_offset = global(&NEWTASK_PID_OFFSET) as usize;
     if pid_offset == 0 || flags_offset == 0 {
@@ -266,7 +258,7 @@ fn try_task_newtask(ctx: &TracePointContext) -> Option<()> {
     }
     let child = unsafe { ctx.read_at::<i32>(pid_offset) }.ok()? as u32;
     let _ = PARENTS.insert(child, parent, 0);
-    let _ = WATCHED_TGIDS.insert(child, 1, 0);
+    mark(child);
     // The child's table is a copy of the parent's as it is now (or the same table).
     let table = FdTable::current()?;
     let found = unsafe { &mut *FOUND.get_ptr_mut(0)? };
@@ -310,79 +302,56 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
 
 fn try_sched_process_exec() -> Option<()> {
     let (pid_tgid, tgid) = current();
-    unsafe { WATCHED_TGIDS.get(tgid) }?;
+    if !watched(tgid) {
+        return None;
+    }
     let table = FdTable::current()?;
     forget_replaced(tgid, 0, u32::MAX, Some(table), pid_tgid);
     Some(())
 }
 
-/// `int close_range(unsigned int fd, unsigned int max_fd, unsigned int flags)`
-#[tracepoint]
-pub fn sys_enter_close_range(ctx: TracePointContext) -> u32 {
-    let _ = try_sys_enter_close_range(&ctx);
-    0
-}
-
-fn try_sys_enter_close_range(ctx: &TracePointContext) -> Option<()> {
-    let (pid_tgid, tgid) = current();
-    unsafe { WATCHED_TGIDS.get(tgid) }?;
-    let first = unsafe { ctx.read_at::<u64>(ARG0) }.ok()? as u32;
-    let last = unsafe { ctx.read_at::<u64>(ARG1) }.ok()? as u32;
-    let flags: u64 = unsafe { ctx.read_at(ARG2) }.ok()?;
+/// Exit of a successful `close_range(fd, max_fd, flags)` by a marked process: the keys in the
+/// range whose fd no longer refers to their socket go (one reused by another thread in
+/// between stays).
+pub fn exit_close_range(regs: &Regs, pid_tgid: u64, tgid: u32) -> Option<()> {
+    let first = regs.fd()?;
+    let last = regs.read(REGS_ARG1_SLOT)? as u32;
+    let flags = regs.read(REGS_ARG2_SLOT)?;
     if flags & CLOSE_RANGE_CLOEXEC != 0 || first > last {
-        // Marked close-on-exec (exec forgets them), or nothing closes.
+        // Marked close-on-exec (exec forgets them), or nothing closed.
         return None;
     }
-    forget_replaced(tgid, first, last, None, pid_tgid);
+    forget_replaced(tgid, first, last, FdTable::current(), pid_tgid);
     Some(())
 }
 
-/// `int dup2(unsigned int oldfd, unsigned int newfd)`
-#[tracepoint]
-pub fn sys_enter_dup2(ctx: TracePointContext) -> u32 {
-    let _ = try_enter_dup(&ctx);
-    0
-}
-
-/// `int dup3(unsigned int oldfd, unsigned int newfd, int flags)`
-#[tracepoint]
-pub fn sys_enter_dup3(ctx: TracePointContext) -> u32 {
-    let _ = try_enter_dup(&ctx);
-    0
-}
-
-/// dup2 and dup3: `newfd` is closed and becomes a copy of `oldfd`. Done at entry: the call
-/// fails only for an `oldfd` that refers to nothing (checked here) or bad arguments.
-fn try_enter_dup(ctx: &TracePointContext) -> Option<()> {
-    let (pid_tgid, tgid) = current();
-    unsafe { WATCHED_TGIDS.get(tgid) }?;
-    let old_fd = unsafe { ctx.read_at::<u64>(ARG0) }.ok()? as u32;
-    let new_fd = unsafe { ctx.read_at::<u64>(ARG1) }.ok()? as u32;
+/// Exit of a successful `dup2(oldfd, newfd)` or `dup3(oldfd, newfd, flags)` by a marked
+/// process: `newfd` was closed and is now a copy of `oldfd`. What `newfd` held is forgotten,
+/// and it becomes a key of `oldfd`'s connection or listener.
+pub fn exit_dup2(regs: &Regs, pid_tgid: u64, tgid: u32) -> Option<()> {
+    let old_fd = regs.fd()?;
+    let new_fd = regs.read(REGS_ARG1_SLOT)? as u32;
     if old_fd == new_fd {
         return None;
     }
-    let table = FdTable::current();
-    let old_file = match table {
-        Some(table) => table.file(old_fd)?,
-        None => 0,
-    };
-    if table.is_some() && old_file == 0 {
-        // EBADF: nothing changes.
-        return None;
-    }
+    let file = file_of(old_fd);
     let new_key = SockKey { tgid, fd: new_fd };
+    let old_key = SockKey { tgid, fd: old_fd };
+    let old = unsafe { CONNS.get(old_key) }.copied();
     if let Some(held) = unsafe { CONNS.get(new_key) } {
         let held = *held;
-        forget(new_key, &held, pid_tgid);
+        if old.is_none_or(|old| old.conn_id != held.conn_id) {
+            forget(new_key, &held, pid_tgid);
+        }
     }
     let _ = LISTENERS.remove(new_key);
-    let old_key = SockKey { tgid, fd: old_fd };
-    if let Some(conn) = unsafe { CONNS.get(old_key) } {
-        let mut conn = *conn;
-        if !same_file(conn.file, Some(old_file)) {
+    if let Some(mut conn) = old {
+        if !same_file(conn.file, file) {
             return None;
         }
-        conn.file = old_file;
+        if let Some(file) = file {
+            conn.file = file;
+        }
         add_holder(new_key, &conn, pid_tgid);
     } else if let Some(listener) = unsafe { LISTENERS.get(old_key) } {
         let listener = *listener;
@@ -391,71 +360,25 @@ fn try_enter_dup(ctx: &TracePointContext) -> Option<()> {
     Some(())
 }
 
-/// `int dup(unsigned int fildes)`
-#[tracepoint]
-pub fn sys_enter_dup(ctx: TracePointContext) -> u32 {
-    let _ = try_enter_dup_new(&ctx, None);
-    0
-}
-
-/// `long fcntl(unsigned int fd, unsigned int cmd, unsigned long arg)`
-#[tracepoint]
-pub fn sys_enter_fcntl(ctx: TracePointContext) -> u32 {
-    let _ = try_enter_dup_new(&ctx, Some(ARG1));
-    0
-}
-
-/// `dup`, and `fcntl` when its command duplicates: remembers the old fd of a watched process
-/// (the new one is the return value).
-fn try_enter_dup_new(ctx: &TracePointContext, command: Option<usize>) -> Option<()> {
-    if let Some(at) = command {
-        // Before any map lookup: most fcntl calls on the host are F_GETFL/F_SETFL.
-        let cmd = unsafe { ctx.read_at::<u64>(at) }.ok()? as u32 as u64;
+/// Exit of `dup(oldfd)`, and of `fcntl(oldfd, cmd, arg)` (`fcntl`: `Some`) when its command
+/// duplicates, by a marked process: the new fd (the return value) is one more key of the old
+/// fd's connection or listener.
+pub fn exit_dup(regs: &Regs, ret: i64, pid_tgid: u64, tgid: u32, fcntl: Option<()>) -> Option<()> {
+    if fcntl.is_some() {
+        let cmd = regs.read(REGS_ARG1_SLOT)? as u32 as u64;
         if cmd != F_DUPFD && cmd != F_DUPFD_CLOEXEC {
             return None;
         }
     }
-    let (pid_tgid, tgid) = current();
-    unsafe { WATCHED_TGIDS.get(tgid) }?;
-    let old_fd = unsafe { ctx.read_at::<u64>(ARG0) }.ok()? as u32;
-    let old_key = SockKey { tgid, fd: old_fd };
-    if unsafe { CONNS.get(old_key) }.is_none() && unsafe { LISTENERS.get(old_key) }.is_none() {
-        return None;
-    }
-    PENDING_DUP.insert(pid_tgid, old_fd, 0).ok()
-}
-
-/// Exit of `dup`: see [`try_exit_dup_new`].
-#[tracepoint]
-pub fn sys_exit_dup(ctx: TracePointContext) -> u32 {
-    let _ = try_exit_dup_new(&ctx);
-    0
-}
-
-/// Exit of `fcntl`: see [`try_exit_dup_new`].
-#[tracepoint]
-pub fn sys_exit_fcntl(ctx: TracePointContext) -> u32 {
-    let _ = try_exit_dup_new(&ctx);
-    0
-}
-
-/// The new fd (the return value) is one more key of the old fd's connection or listener.
-fn try_exit_dup_new(ctx: &TracePointContext) -> Option<()> {
-    let (pid_tgid, tgid) = current();
-    let old_fd = *unsafe { PENDING_DUP.get(pid_tgid) }?;
-    let _ = PENDING_DUP.remove(pid_tgid);
-    let ret: i64 = unsafe { ctx.read_at(RET) }.ok()?;
-    if ret < 0 {
-        return None;
-    }
+    let old_fd = regs.fd()?;
     let new_key = SockKey {
         tgid,
         fd: ret as u32,
     };
     let old_key = SockKey { tgid, fd: old_fd };
-    let file = file_of(old_fd);
     if let Some(conn) = unsafe { CONNS.get(old_key) } {
         let mut conn = *conn;
+        let file = file_of(old_fd);
         if !same_file(conn.file, file) {
             return None;
         }

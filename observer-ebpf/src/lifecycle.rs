@@ -1,54 +1,103 @@
 //! Connection lifecycle: which sockets are watched, found without kernel struct offsets.
 //!
+//! - the TCP state change to `SYN_SENT` (inside `connect`) towards a watched port, or to
+//!   `LISTEN` (inside `listen`) on one, marks the calling process (`inet_sock_set_state`,
+//!   fields from its format file): only a marked process's system calls are looked at;
 //! - `connect` to a watched port (read from the caller's sockaddr, IPv4 or IPv6) makes a
 //!   client-side connection;
-//! - `bind` to a watched port makes a watched listener (userspace seeds the ones that predate
+//! - `listen` on a watched port makes a watched listener (userspace seeds the ones that predate
 //!   the daemon from `/proc`);
 //! - `accept`/`accept4` on a watched listener — held by this process or inherited from the
 //!   process that forked it — makes a server-side connection;
 //! - `close` forgets either (a connection closes with its last holder, see [`crate::fds`]).
+//!
+//! Every call is handled at its exit, with its arguments still in the saved registers.
 
 use aya_ebpf::{
     helpers::bpf_probe_read_user,
     macros::{map, tracepoint},
     maps::LruHashMap,
-    programs::TracePointContext,
+    programs::{RawTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::warn;
 use observer_common::{ConnInfo, Endpoint, ListenInfo, SockKey, counter, family, kind, side};
 
 use crate::{
-    ARG0, ARG1, CONNS, LISTENERS, PARENTS, RET, WATCHED_PORTS, WATCHED_TGIDS, count, current,
-    emit_conn,
+    CONNS, LISTENERS, PARENTS, REGS_ARG1_SLOT, Regs, STATE_DPORT_OFFSET, STATE_FAMILY_OFFSET,
+    STATE_NEWSTATE_OFFSET, STATE_PROTOCOL_OFFSET, STATE_SADDR_OFFSET, STATE_SADDR_V6_OFFSET,
+    STATE_SPORT_OFFSET, WATCHED_PORTS, count, current, emit_conn,
     fds::{self, file_of, ports_of, same_file},
-    is_self, new_conn_id,
+    global, is_self, mark, new_conn_id,
 };
 
-const EINPROGRESS: i64 = 115;
+pub const EINPROGRESS: i64 = 115;
+const TCP_SYN_SENT: i32 = 2;
+const TCP_LISTEN: i32 = 10;
+const IPPROTO_TCP: u16 = 6;
 
-/// Between a syscall's enter and exit, keyed by pid_tgid (one syscall per thread at a time).
-/// LRU: an entry left by a thread that died mid-syscall is safe to evict.
+/// A watched listener made inside `listen` (by `inet_sock_set_state`), by pid_tgid, until the
+/// call's exit names its fd. LRU: an entry left by a thread that died mid-call is safe to
+/// evict.
 #[map]
-static PENDING_CONNECT: LruHashMap<u64, PendingConn> = LruHashMap::with_max_entries(16_384, 0);
-#[map]
-static PENDING_BIND: LruHashMap<u64, PendingConn> = LruHashMap::with_max_entries(1024, 0);
-#[map]
-static PENDING_ACCEPT: LruHashMap<u64, PendingAccept> = LruHashMap::with_max_entries(16_384, 0);
+static PENDING_LISTEN: LruHashMap<u64, ListenInfo> = LruHashMap::with_max_entries(1024, 0);
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct PendingConn {
-    fd: u32,
-    role: u32,
-    endpoint: Endpoint,
+/// `sock:inet_sock_set_state`: a TCP socket changes state. Called inside `connect` (to
+/// `SYN_SENT`) and `listen` (to `LISTEN`) by the calling task; the other changes happen in
+/// softirq context for any task and are ignored.
+#[tracepoint]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    let _ = try_inet_sock_set_state(&ctx);
+    0
 }
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct PendingAccept {
-    listener: ListenInfo,
-    /// The caller's `upeer_sockaddr` (may be null).
-    peer: u64,
+fn try_inet_sock_set_state(ctx: &TracePointContext) -> Option<()> {
+    let offset = |global_offset: &u32| global(global_offset) as usize;
+    if global(&STATE_NEWSTATE_OFFSET) == 0 {
+        return None;
+    }
+    let state: i32 = unsafe { ctx.read_at(offset(&STATE_NEWSTATE_OFFSET)) }.ok()?;
+    if state != TCP_SYN_SENT && state != TCP_LISTEN {
+        return None;
+    }
+    let protocol: u16 = unsafe { ctx.read_at(offset(&STATE_PROTOCOL_OFFSET)) }.ok()?;
+    if protocol != IPPROTO_TCP {
+        return None;
+    }
+    let (pid_tgid, tgid) = current();
+    if is_self(tgid) {
+        return None;
+    }
+    let port_at = if state == TCP_LISTEN {
+        &STATE_SPORT_OFFSET
+    } else {
+        &STATE_DPORT_OFFSET
+    };
+    // Host order in the record.
+    let port: u16 = unsafe { ctx.read_at(offset(port_at)) }.ok()?;
+    let role = *unsafe { WATCHED_PORTS.get(port) }?;
+    mark(tgid);
+    if state == TCP_LISTEN {
+        let family = unsafe { ctx.read_at::<u16>(offset(&STATE_FAMILY_OFFSET)) }.ok()? as u32;
+        let mut local = Endpoint {
+            family,
+            port: port as u32,
+            addr: [0; 16],
+        };
+        if family == family::INET6 {
+            local.addr = unsafe { ctx.read_at(offset(&STATE_SADDR_V6_OFFSET)) }.ok()?;
+        } else {
+            let addr: [u8; 4] = unsafe { ctx.read_at(offset(&STATE_SADDR_OFFSET)) }.ok()?;
+            local.addr[..4].copy_from_slice(&addr);
+        }
+        let listener = ListenInfo {
+            role,
+            port: port as u32,
+            local,
+            file: 0,
+        };
+        let _ = PENDING_LISTEN.insert(pid_tgid, listener, 0);
+    }
+    Some(())
 }
 
 /// Reads the family, port and address of a user `sockaddr_in`/`sockaddr_in6`. Both start
@@ -80,68 +129,28 @@ fn read_endpoint(ptr: u64) -> Option<Endpoint> {
     Some(endpoint)
 }
 
-/// The sockaddr at `arg` if it names a watched port, with the port's role.
-fn watched_endpoint(ctx: &TracePointContext, arg: usize) -> Option<(Endpoint, u32)> {
-    let ptr: u64 = unsafe { ctx.read_at(arg) }.ok()?;
-    let endpoint = read_endpoint(ptr)?;
+/// The sockaddr of the call's second argument if it names a watched port, with the port's role.
+fn watched_endpoint(regs: &Regs) -> Option<(Endpoint, u32)> {
+    let endpoint = read_endpoint(regs.read(REGS_ARG1_SLOT)?)?;
     let role = unsafe { WATCHED_PORTS.get(endpoint.port as u16) }?;
     Some((endpoint, *role))
 }
 
-/// `int connect(int fd, struct sockaddr *uservaddr, int addrlen)`
-#[tracepoint]
-pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
-    let _ = try_remember_endpoint(&ctx, &PENDING_CONNECT);
-    0
-}
-
-/// `int bind(int fd, struct sockaddr *umyaddr, int addrlen)`
-#[tracepoint]
-pub fn sys_enter_bind(ctx: TracePointContext) -> u32 {
-    let _ = try_remember_endpoint(&ctx, &PENDING_BIND);
-    0
-}
-
-/// connect and bind: remember the fd when its sockaddr names a watched port.
-fn try_remember_endpoint(
-    ctx: &TracePointContext,
-    pending: &LruHashMap<u64, PendingConn>,
+/// Exit of `connect(fd, uservaddr, addrlen)`: 0, or -EINPROGRESS on a non-blocking socket,
+/// to a watched port makes a client-side connection.
+pub fn exit_connect(
+    ctx: &RawTracePointContext,
+    regs: &Regs,
+    pid_tgid: u64,
+    tgid: u32,
 ) -> Option<()> {
-    let (pid_tgid, tgid) = current();
-    if is_self(tgid) {
-        return None;
-    }
-    let fd: u64 = unsafe { ctx.read_at(ARG0) }.ok()?;
-    let (endpoint, role) = watched_endpoint(ctx, ARG1)?;
-    let entry = PendingConn {
-        fd: fd as u32,
-        role,
-        endpoint,
-    };
-    pending.insert(pid_tgid, entry, 0).ok()
-}
-
-/// Exit of `connect`: 0, or -EINPROGRESS on a non-blocking socket, makes a client-side
-/// connection.
-#[tracepoint]
-pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
-    let _ = try_sys_exit_connect(&ctx);
-    0
-}
-
-fn try_sys_exit_connect(ctx: &TracePointContext) -> Option<()> {
-    let (pid_tgid, tgid) = current();
-    let pending = *unsafe { PENDING_CONNECT.get(pid_tgid) }?;
-    let _ = PENDING_CONNECT.remove(pid_tgid);
-    let ret: i64 = unsafe { ctx.read_at(RET) }.ok()?;
-    if ret != 0 && ret != -EINPROGRESS {
-        return None;
-    }
-    let file = file_of(pending.fd).unwrap_or(0);
+    let (endpoint, role) = watched_endpoint(regs)?;
+    let fd = regs.fd()?;
+    let file = file_of(fd).unwrap_or(0);
     // The ephemeral port, chosen inside connect(): userspace pairs this end with the server's.
     let local = match ports_of(file) {
         Some((port, _)) => Endpoint {
-            family: pending.endpoint.family,
+            family: endpoint.family,
             port: port as u32,
             addr: [0; 16],
         },
@@ -149,58 +158,30 @@ fn try_sys_exit_connect(ctx: &TracePointContext) -> Option<()> {
     };
     let conn = ConnInfo {
         conn_id: new_conn_id(),
-        role: pending.role,
+        role,
         side: side::CLIENT,
-        port: pending.endpoint.port,
+        port: endpoint.port,
         lost: 0,
         local,
-        remote: pending.endpoint,
+        remote: endpoint,
         file,
     };
-    track(
-        ctx,
-        SockKey {
-            tgid,
-            fd: pending.fd,
-        },
-        &conn,
-        pid_tgid,
-    )
+    track(ctx, SockKey { tgid, fd }, &conn, pid_tgid)
 }
 
-/// Exit of `bind`: success makes the fd a watched listener (it may never listen; then it
-/// never accepts either).
-#[tracepoint]
-pub fn sys_exit_bind(ctx: TracePointContext) -> u32 {
-    let _ = try_sys_exit_bind(&ctx);
-    0
-}
-
-fn try_sys_exit_bind(ctx: &TracePointContext) -> Option<()> {
-    let (pid_tgid, tgid) = current();
-    let pending = *unsafe { PENDING_BIND.get(pid_tgid) }?;
-    let _ = PENDING_BIND.remove(pid_tgid);
-    let ret: i64 = unsafe { ctx.read_at(RET) }.ok()?;
-    if ret != 0 {
-        return None;
-    }
-    let listener = ListenInfo {
-        role: pending.role,
-        port: pending.endpoint.port,
-        local: pending.endpoint,
-        file: file_of(pending.fd).unwrap_or(0),
-    };
-    if LISTENERS
-        .insert(
-            SockKey {
-                tgid,
-                fd: pending.fd,
-            },
-            listener,
-            0,
-        )
-        .is_err()
-    {
+/// Exit of a successful `listen(fd, backlog)` that made a watched listener (remembered by
+/// [`inet_sock_set_state`]): the fd is one.
+pub fn exit_listen(
+    ctx: &RawTracePointContext,
+    regs: &Regs,
+    pid_tgid: u64,
+    tgid: u32,
+) -> Option<()> {
+    let mut listener = *unsafe { PENDING_LISTEN.get(pid_tgid) }?;
+    let _ = PENDING_LISTEN.remove(pid_tgid);
+    let fd = regs.fd()?;
+    listener.file = file_of(fd).unwrap_or(0);
+    if LISTENERS.insert(SockKey { tgid, fd }, listener, 0).is_err() {
         count(counter::LISTENERS_FULL);
         warn!(
             ctx,
@@ -208,35 +189,7 @@ fn try_sys_exit_bind(ctx: &TracePointContext) -> Option<()> {
         );
         return None;
     }
-    let _ = WATCHED_TGIDS.insert(tgid, 1, 0);
     Some(())
-}
-
-/// `int accept(int fd, struct sockaddr *upeer_sockaddr, int *upeer_addrlen)`
-#[tracepoint]
-pub fn sys_enter_accept(ctx: TracePointContext) -> u32 {
-    let _ = try_enter_accept(&ctx);
-    0
-}
-
-/// `int accept4(int fd, struct sockaddr *upeer_sockaddr, int *upeer_addrlen, int flags)`
-#[tracepoint]
-pub fn sys_enter_accept4(ctx: TracePointContext) -> u32 {
-    let _ = try_enter_accept(&ctx);
-    0
-}
-
-fn try_enter_accept(ctx: &TracePointContext) -> Option<()> {
-    let (pid_tgid, tgid) = current();
-    if is_self(tgid) {
-        return None;
-    }
-    let fd = unsafe { ctx.read_at::<u64>(ARG0) }.ok()? as u32;
-    let listener = find_listener(tgid, fd)?;
-    let peer: u64 = unsafe { ctx.read_at(ARG1) }.ok()?;
-    PENDING_ACCEPT
-        .insert(pid_tgid, PendingAccept { listener, peer }, 0)
-        .ok()
 }
 
 /// A watched listener held under `fd` by this process, or inherited from its parent or
@@ -280,35 +233,24 @@ fn find_listener(tgid: u32, fd: u32) -> Option<ListenInfo> {
     Some(inherited)
 }
 
-/// Exit of `accept`: the new fd is a server-side connection.
-#[tracepoint]
-pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
-    let _ = try_exit_accept(&ctx);
-    0
-}
-
-/// Exit of `accept4`: the new fd is a server-side connection.
-#[tracepoint]
-pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
-    let _ = try_exit_accept(&ctx);
-    0
-}
-
-fn try_exit_accept(ctx: &TracePointContext) -> Option<()> {
-    let (pid_tgid, tgid) = current();
-    let pending = *unsafe { PENDING_ACCEPT.get(pid_tgid) }?;
-    let _ = PENDING_ACCEPT.remove(pid_tgid);
-    let ret: i64 = unsafe { ctx.read_at(RET) }.ok()?;
-    if ret < 0 {
-        return None;
-    }
+/// Exit of `accept(fd, upeer_sockaddr, upeer_addrlen)` and `accept4`: the new fd (the return
+/// value) is a server-side connection when `fd` is a watched listener.
+pub fn exit_accept(
+    ctx: &RawTracePointContext,
+    regs: &Regs,
+    ret: i64,
+    pid_tgid: u64,
+    tgid: u32,
+) -> Option<()> {
+    let listener = find_listener(tgid, regs.fd()?)?;
+    let peer = regs.read(REGS_ARG1_SLOT)?;
     let file = file_of(ret as u32).unwrap_or(0);
     // A caller that did not ask for the peer's address (libuv, Node) still gets its port.
-    let remote = match read_endpoint(pending.peer) {
+    let remote = match read_endpoint(peer) {
         Some(peer) => peer,
         None => match ports_of(file) {
             Some((_, port)) => Endpoint {
-                family: pending.listener.local.family,
+                family: listener.local.family,
                 port: port as u32,
                 addr: [0; 16],
             },
@@ -317,11 +259,11 @@ fn try_exit_accept(ctx: &TracePointContext) -> Option<()> {
     };
     let conn = ConnInfo {
         conn_id: new_conn_id(),
-        role: pending.listener.role,
+        role: listener.role,
         side: side::SERVER,
-        port: pending.listener.port,
+        port: listener.port,
         lost: 0,
-        local: pending.listener.local,
+        local: listener.local,
         remote,
         file,
     };
@@ -338,7 +280,7 @@ fn try_exit_accept(ctx: &TracePointContext) -> Option<()> {
 
 /// Starts watching a connection and says so. An entry the fd still had (its close was not
 /// seen: close_range, close-on-exec) is forgotten first.
-fn track(ctx: &TracePointContext, key: SockKey, conn: &ConnInfo, pid_tgid: u64) -> Option<()> {
+fn track(ctx: &RawTracePointContext, key: SockKey, conn: &ConnInfo, pid_tgid: u64) -> Option<()> {
     if let Some(stale) = unsafe { CONNS.get(key) } {
         let stale = *stale;
         fds::forget(key, &stale, pid_tgid);
@@ -352,29 +294,32 @@ fn track(ctx: &TracePointContext, key: SockKey, conn: &ConnInfo, pid_tgid: u64) 
         return None;
     }
     fds::first_holder(conn.conn_id);
-    let _ = WATCHED_TGIDS.insert(key.tgid, 1, 0);
+    mark(key.tgid);
     emit_conn(kind::OPEN, conn, pid_tgid, key.fd);
     Some(())
 }
 
-/// `int close(unsigned int fd)`
-#[tracepoint]
-pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
-    let _ = try_sys_enter_close(&ctx);
-    0
-}
-
-fn try_sys_enter_close(ctx: &TracePointContext) -> Option<()> {
-    let (pid_tgid, tgid) = current();
-    let fd = unsafe { ctx.read_at::<u64>(ARG0) }.ok()? as u32;
+/// Exit of a successful `close(fd)` by a marked process: the key goes (and the connection with
+/// its last holder) — unless the number already names a new socket, opened by another thread
+/// between the close and this exit, whose entry it now is.
+pub fn exit_close(regs: &Regs, pid_tgid: u64, tgid: u32) -> Option<()> {
+    let fd = regs.fd()?;
     let key = SockKey { tgid, fd };
+    let now = file_of(fd);
+    let reused = |recorded: u64| matches!(now, Some(file) if file != 0 && file == recorded);
     match unsafe { CONNS.get(key) } {
         Some(conn) => {
             let conn = *conn;
-            fds::forget(key, &conn, pid_tgid);
+            if !reused(conn.file) {
+                fds::forget(key, &conn, pid_tgid);
+            }
         }
         None => {
-            let _ = LISTENERS.remove(key);
+            if let Some(listener) = unsafe { LISTENERS.get(key) }
+                && !reused(listener.file)
+            {
+                let _ = LISTENERS.remove(key);
+            }
         }
     }
     Some(())

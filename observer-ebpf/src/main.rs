@@ -1,19 +1,32 @@
-//! Kernel programs: syscall tracepoints that see the bytes crossing watched TCP ports.
+//! Kernel programs: a raw tracepoint on system call exit, and three process and socket
+//! tracepoints, that see the bytes crossing watched TCP ports.
 //!
-//! No kprobes, no fentry, no compiled-in kernel struct offsets: the tracepoint formats of
-//! `syscalls:sys_enter_*`/`sys_exit_*` (arguments at 16 + 8·i, the return value at 16, the same
-//! on every kernel), the `task_newtask` field offsets read by userspace from its format file,
-//! and four offsets of the descriptor table read by userspace from the kernel's BTF ([`fds`]).
+//! No kprobes, no fentry, no compiled-in kernel struct offsets. The raw tracepoint `sys_exit`
+//! runs for every system call of every process; for a process that holds no watched socket
+//! its whole cost is one bit of `MARKS`/`SEEDED_MARKS` (bitmaps by tgid). A process is marked
+//! when it connects to or listens on a watched port (`inet_sock_set_state`, inside those
+//! calls), when a marked process forks it (`task_newtask`), or when userspace seeds its sockets
+//! from `/proc`; the kernel's mark goes when the process exits (`sched_process_exit`). For a
+//! marked process the call's number (saved registers, offsets from the loader) is looked up
+//! in `SYSCALLS` (filled by the loader from the architecture's numbers): every call the
+//! programs follow is handled at its exit, its arguments still in the saved registers, so no
+//! state is kept between entry and exit.
+//!
 //! A connection becomes watched when a process connects to a watched port or accepts on a
 //! watched listener ([`lifecycle`]); userspace seeds listeners and established connections it
-//! finds in `/proc` (every network namespace). Data syscalls on watched connections become
-//! events ([`data`]); every other fd costs one `CONNS` lookup. A connection held under several
-//! fds or by several processes (dup2, fork) is one connection ([`fds`]).
+//! finds in `/proc` (every network namespace). Data calls on watched connections become
+//! variable-size events ([`data`]). A connection held under several fds or by several
+//! processes (dup2, fork) is one connection ([`fds`]); the tracepoints' field offsets come from
+//! their format files, the descriptor table's from the kernel's BTF.
 //!
 //! Conditions are counted in `COUNTERS`, never dropped in silence; logging (`aya-log`) is for
 //! rare conditions only, never per syscall.
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the BPF target has no atomic read-modify-write in `core::sync::atomic`; an
+// add whose result is unused is the kernel's oldest atomic instruction (`BPF_XADD`).
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod data;
 mod fds;
@@ -21,13 +34,15 @@ mod lifecycle;
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
+        bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
-    macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    macros::{map, raw_tracepoint},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::RawTracePointContext,
 };
 use observer_common::{
-    COMM_LEN, ConnEvent, ConnInfo, HEAD_MAX, ListenInfo, SockKey, TAIL_MAX, counter,
+    COMM_LEN, ConnEvent, ConnInfo, HEAD_MAX, ListenInfo, SockKey, TAIL_MAX, counter, syscall,
 };
 
 // Sizes here are defaults; the loader overrides them from the daemon's configuration.
@@ -48,12 +63,27 @@ static CONNS: HashMap<SockKey, ConnInfo> = HashMap::with_max_entries(65_536, 0);
 /// fd that opened it).
 #[map]
 static REFS: HashMap<u64, u64> = HashMap::with_max_entries(65_536, 0);
-/// Processes that hold a watched listener or connection, and their descendants: their forks,
-/// execs, dup2/dup3 and close_range calls are followed. LRU: an evicted entry only stops
-/// following those calls for a process that has long made none (its fds are still checked
-/// at every use).
+/// What each system call number is to the programs (`observer_common::syscall`; 0: nothing).
 #[map]
-static WATCHED_TGIDS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(16_384, 0);
+static SYSCALLS: Array<u32> = Array::with_max_entries(syscall::TABLE_LEN, 0);
+/// Processes the kernel marked (bit `tgid % 64` of word `tgid / 64`): they hold, or held, a
+/// watched listener or connection, or descend from one that did. Only the kernel writes it,
+/// with atomic adds: a bit is added when its tgid enters `WATCHED_TGIDS` and taken away when
+/// it leaves (the process exited), exactly once each. Sized by the loader from `pid_max`; a
+/// tgid beyond counts as marked.
+#[map]
+static MARKS: Array<u64> = Array::with_max_entries(1, 0);
+/// Processes userspace marked when it seeded their sockets from `/proc`: only userspace
+/// writes it (and clears the bits of the processes that exited).
+#[map]
+static SEEDED_MARKS: Array<u64> = Array::with_max_entries(1, 0);
+/// Non-zero once `WATCHED_TGIDS` was full: from then on every process counts as marked.
+#[map]
+static FILTER_OFF: Array<u32> = Array::with_max_entries(1, 0);
+/// The processes marked in `MARKS`: an insert that succeeds is the one that adds the bit, a
+/// removal that succeeds the one that takes it away.
+#[map]
+static WATCHED_TGIDS: HashMap<u32, u32> = HashMap::with_max_entries(16_384, 0);
 /// Child tgid → parent tgid, for processes forked by a watched process (nginx workers
 /// inherit the master's listening fds under the same numbers).
 #[map]
@@ -74,6 +104,44 @@ static SELF_TGID: u32 = 0;
 /// finds events on its own short timer (batched wake-ups).
 #[unsafe(no_mangle)]
 static WAKEUP_BYTES: u64 = 256 * 1024;
+/// Offsets in `struct pt_regs` of a system call's first three arguments and of its number, on
+/// the running architecture (set by the loader).
+#[unsafe(no_mangle)]
+static REGS_ARG0_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static REGS_ARG1_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static REGS_ARG2_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static REGS_NR_OFFSET: u32 = 0;
+/// Offset in `task_struct` of `thread_info.status` (x86-64: its `TS_COMPAT` bit marks a 32-bit
+/// system call, whose numbers mean other calls); 0 where there is none to check.
+#[unsafe(no_mangle)]
+static COMPAT_STATUS_OFFSET: u32 = 0;
+/// Non-zero when userspace found `task_struct.signal` and `signal_struct.live` in the BTF:
+/// the exit program then tells a process's last thread.
+#[unsafe(no_mangle)]
+static EXIT_LAYOUT_KNOWN: u32 = 0;
+#[unsafe(no_mangle)]
+static TASK_SIGNAL_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static SIGNAL_LIVE_OFFSET: u32 = 0;
+/// Offsets of `newstate`, `sport`, `dport`, `family`, `protocol`, `saddr` and `saddr_v6` in
+/// `inet_sock_set_state` (read from its format file; `newstate` 0: not found).
+#[unsafe(no_mangle)]
+static STATE_NEWSTATE_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static STATE_SPORT_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static STATE_DPORT_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static STATE_FAMILY_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static STATE_PROTOCOL_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static STATE_SADDR_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static STATE_SADDR_V6_OFFSET: u32 = 0;
 /// Offsets of `pid` and `clone_flags` in `task_newtask` (read from its format file).
 #[unsafe(no_mangle)]
 static NEWTASK_PID_OFFSET: u32 = 0;
@@ -108,12 +176,194 @@ static SOCK_DPORT_OFFSET: u32 = 0;
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;
+/// `bpf_map_update_elem`: make a new entry only.
+const BPF_NOEXIST: u64 = 1;
+/// x86-64 `thread_info.status`: the current system call is a 32-bit one.
+const TS_COMPAT: u32 = 0x0002;
 
-/// Offsets of a syscall tracepoint's arguments and return value.
-const ARG0: usize = 16;
-const ARG1: usize = 24;
-const ARG2: usize = 32;
-const RET: usize = 16;
+/// `sys_exit(struct pt_regs *regs, long ret)`, for every system call of every process: the
+/// calls of a marked process that move bytes on, make, copy or close a watched socket. Any
+/// other process costs the bitmap test.
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
+    let (pid_tgid, tgid) = current();
+    if !watched(tgid) {
+        return 0;
+    }
+    let regs = Regs(ctx.arg(0));
+    let Some(nr) = regs.read(REGS_NR_OFFSET_SLOT) else {
+        return 0;
+    };
+    let Some(kind) = syscall_kind(nr) else {
+        return 0;
+    };
+    let ret: i64 = ctx.arg(1);
+    // Errors moved nothing and made nothing (EAGAIN: no record); connect on a non-blocking
+    // socket returns -EINPROGRESS and has made the connection.
+    if (ret < 0 && !(kind == syscall::CONNECT && ret == -lifecycle::EINPROGRESS))
+        || (ret == 0 && syscall::is_data(kind))
+        || compat()
+    {
+        return 0;
+    }
+    let _ = match kind {
+        syscall::CONNECT => lifecycle::exit_connect(&ctx, &regs, pid_tgid, tgid),
+        syscall::LISTEN => lifecycle::exit_listen(&ctx, &regs, pid_tgid, tgid),
+        syscall::ACCEPT => lifecycle::exit_accept(&ctx, &regs, ret, pid_tgid, tgid),
+        syscall::CLOSE => lifecycle::exit_close(&regs, pid_tgid, tgid),
+        syscall::DUP => fds::exit_dup(&regs, ret, pid_tgid, tgid, None),
+        syscall::FCNTL => fds::exit_dup(&regs, ret, pid_tgid, tgid, Some(())),
+        syscall::DUP2 => fds::exit_dup2(&regs, pid_tgid, tgid),
+        syscall::CLOSE_RANGE => fds::exit_close_range(&regs, pid_tgid, tgid),
+        _ => data::exit_data(&regs, kind, ret as u64, pid_tgid, tgid),
+    };
+    0
+}
+
+/// `sched_process_exit(struct task_struct *p)`, for every exiting thread: the process's last
+/// thread takes its mark away (its fds are closed without `close`; userspace's sweep reports
+/// its connections).
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
+    let (pid_tgid, tgid) = current();
+    if unsafe { WATCHED_TGIDS.get(tgid) }.is_none() || !last_thread(pid_tgid) {
+        return 0;
+    }
+    if WATCHED_TGIDS.remove(tgid).is_ok() {
+        add_mark(tgid, true);
+    }
+    0
+}
+
+/// Whether the exiting thread is its process's last: `signal->live` has reached 0 (it is
+/// decremented before the tracepoint). Without the layout, the thread-group leader's exit is
+/// taken for the process's.
+#[inline(always)]
+fn last_thread(pid_tgid: u64) -> bool {
+    if global(&EXIT_LAYOUT_KNOWN) == 0 {
+        return pid_tgid as u32 == (pid_tgid >> 32) as u32;
+    }
+    let task = unsafe { bpf_get_current_task() };
+    let Some(signal) = read_kernel::<u64>(task + global(&TASK_SIGNAL_OFFSET) as u64) else {
+        return false;
+    };
+    if signal == 0 {
+        return false;
+    }
+    matches!(
+        read_kernel::<i32>(signal + global(&SIGNAL_LIVE_OFFSET) as u64),
+        Some(0)
+    )
+}
+
+/// What system call `nr` is to the programs, `None` for one they do not follow.
+#[inline(always)]
+fn syscall_kind(nr: u64) -> Option<u32> {
+    if nr >= syscall::TABLE_LEN as u64 {
+        return None;
+    }
+    match SYSCALLS.get(nr as u32) {
+        Some(&kind) if kind != 0 => Some(kind),
+        _ => None,
+    }
+}
+
+/// Whether `tgid` is marked (may hold a watched socket): the whole cost of a data call of
+/// any other process.
+#[inline(always)]
+fn watched(tgid: u32) -> bool {
+    let (word, bit) = (tgid / 64, 1u64 << (tgid % 64));
+    match MARKS.get(word) {
+        Some(&marks) if marks & bit != 0 => true,
+        Some(_) => {
+            matches!(SEEDED_MARKS.get(word), Some(&seeded) if seeded & bit != 0)
+                || matches!(FILTER_OFF.get(0), Some(&off) if off != 0)
+        }
+        // Beyond the bitmap (pid_max raised since the load): every such process is looked up.
+        None => true,
+    }
+}
+
+/// Marks `tgid` (it now holds a watched socket, or descends from a process that does).
+#[inline(always)]
+fn mark(tgid: u32) {
+    if unsafe { WATCHED_TGIDS.get(tgid) }.is_some() {
+        return;
+    }
+    match WATCHED_TGIDS.insert(tgid, 1, BPF_NOEXIST) {
+        Ok(()) => add_mark(tgid, false),
+        // Marked on another CPU in between.
+        Err(_) if unsafe { WATCHED_TGIDS.get(tgid) }.is_some() => {}
+        Err(_) => {
+            count(counter::TGIDS_FULL);
+            if let Some(off) = FILTER_OFF.get_ptr_mut(0) {
+                unsafe { core::ptr::write_volatile(off, 1) };
+            }
+        }
+    }
+}
+
+/// Adds (or, with `clear`, takes away) the bit of `tgid` with one atomic add: other CPUs
+/// change other bits of the same word at the same time.
+#[inline(always)]
+fn add_mark(tgid: u32, clear: bool) {
+    let Some(word) = MARKS.get_ptr_mut(tgid / 64) else {
+        return;
+    };
+    let bit = 1u64 << (tgid % 64);
+    let delta = if clear { bit.wrapping_neg() } else { bit };
+    // SAFETY: a map value pointer, valid and aligned for the program's run.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            word, delta,
+        )
+    };
+}
+
+/// The saved user registers of the current system call.
+pub struct Regs(u64);
+
+/// Which of the loader's register offsets [`Regs::read`] reads.
+pub const REGS_ARG0_SLOT: u32 = 0;
+pub const REGS_ARG1_SLOT: u32 = 1;
+pub const REGS_ARG2_SLOT: u32 = 2;
+const REGS_NR_OFFSET_SLOT: u32 = 3;
+
+impl Regs {
+    /// One saved register: a system call argument (`REGS_ARG*_SLOT`) or its number.
+    #[inline(always)]
+    pub fn read(&self, slot: u32) -> Option<u64> {
+        let offset = match slot {
+            REGS_ARG0_SLOT => global(&REGS_ARG0_OFFSET),
+            REGS_ARG1_SLOT => global(&REGS_ARG1_OFFSET),
+            REGS_ARG2_SLOT => global(&REGS_ARG2_OFFSET),
+            _ => global(&REGS_NR_OFFSET),
+        };
+        read_kernel(self.0 + offset as u64)
+    }
+
+    /// The first argument: an fd.
+    #[inline(always)]
+    pub fn fd(&self) -> Option<u32> {
+        self.read(REGS_ARG0_SLOT).map(|fd| fd as u32)
+    }
+}
+
+#[inline(always)]
+pub fn read_kernel<T: Copy>(addr: u64) -> Option<T> {
+    unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
+}
+
+/// Whether the current system call is a 32-bit one (its number means another call).
+#[inline(always)]
+fn compat() -> bool {
+    let offset = global(&COMPAT_STATUS_OFFSET);
+    if offset == 0 {
+        return false;
+    }
+    let task = unsafe { bpf_get_current_task() };
+    matches!(read_kernel::<u32>(task + offset as u64), Some(status) if status & TS_COMPAT != 0)
+}
 
 /// The current (pid_tgid, tgid).
 #[inline(always)]

@@ -24,8 +24,9 @@ pub struct CheckArgs {
 }
 
 const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
-/// The program `check` attaches to prove that attaching works.
-const PROBE_PROGRAM: (&str, &str, &str) = ("syscalls", "sys_enter_close", "sys_enter_close");
+/// The program `check` attaches to prove that attaching works: the raw tracepoint on every
+/// system call's exit (the kind of program, and the tracepoint, the capture depends on).
+const PROBE_PROGRAM: &str = "sys_exit";
 
 #[derive(Debug, serde::Serialize)]
 pub struct CheckReport {
@@ -146,14 +147,13 @@ fn try_load_and_attach(watch: &[WatchedPort]) -> Result<String, String> {
         watch: watch.to_vec(),
         ..CaptureConfig::default()
     };
-    let (category, name, program) = PROBE_PROGRAM;
     let mut capture = Capture::load(&config).map_err(|err| format!("{err:#}"))?;
     capture
-        .attach(program, category, name)
+        .attach_raw(PROBE_PROGRAM)
         .map_err(|err| format!("{err:#}"))?;
     capture.detach().map_err(|err| format!("{err:#}"))?;
     Ok(format!(
-        "loaded the embedded object, attached {program} to {category}:{name} and detached it; ring buffer {} MiB",
+        "loaded the embedded object, attached {PROBE_PROGRAM} to the raw tracepoint {PROBE_PROGRAM} and detached it; ring buffer {} MiB",
         config.ring_bytes >> 20
     ))
 }

@@ -225,7 +225,8 @@ fn parse_field_offset(format: &str, field: &str) -> Option<usize> {
     format.lines().find_map(|line| {
         let declaration = line.trim().strip_prefix("field:")?.split(';').next()?;
         let name = declaration.rsplit([' ', '*']).next()?;
-        if name != field {
+        // `__u8 saddr[4]` is `saddr` (or `saddr[4]`).
+        if name != field && name.split('[').next() != Some(field) {
             return None;
         }
         let offset = line.split("offset:").nth(1)?.split(';').next()?;
@@ -244,6 +245,7 @@ mod tests {
         assert_eq!(parse_field_offset(new, "parent_pid"), Some(12));
         let old = "\tfield:char parent_comm[16];\toffset:8;\tsize:16;\tsigned:0;\n\tfield:pid_t parent_pid;\toffset:24;\tsize:4;\tsigned:1;\n\tfield:char child_comm[16];\toffset:28;\tsize:16;\tsigned:0;\n\tfield:pid_t child_pid;\toffset:44;\tsize:4;\tsigned:1;\n";
         assert_eq!(parse_field_offset(old, "child_pid"), Some(44));
+        assert_eq!(parse_field_offset(old, "child_comm"), Some(28));
         assert_eq!(parse_field_offset(old, "child_comm[16]"), Some(28));
         assert_eq!(parse_field_offset(old, "no_such_field"), None);
     }

@@ -7,7 +7,7 @@ mod support;
 
 use std::{process::Stdio, time::Duration};
 
-use observer::capture::TRACEPOINTS;
+use observer::capture::program_count;
 use serde_json::Value;
 use support::sim_client;
 use tokio::{
@@ -70,7 +70,7 @@ async fn trace_shows_a_curl_request_through_nginx_as_it_happens() {
             "observer trace: watching {}=gateway, {}=upstream ({} programs attached, 2 connections seeded)",
             nginx.port,
             sim_addr.port(),
-            TRACEPOINTS.len()
+            program_count()
         )
     );
 

@@ -15,6 +15,7 @@
 //! measurement, [`rate`] is the fixed-rate load generator.
 
 mod accuracy_bench;
+mod bystander_bench;
 mod chat;
 mod common;
 mod criterion_bench;
@@ -119,6 +120,11 @@ const BENCHES: &[Bench] = &[
     Bench {
         name: "proxy",
         runner: Runner::Xtask(proxy_bench::run),
+    },
+    // A process the observer does not watch (dd), with and without it attached.
+    Bench {
+        name: "bystander",
+        runner: Runner::Xtask(bystander_bench::run),
     },
     // nginx with and without `observer run` attached: wrk, then a fixed rate.
     Bench {

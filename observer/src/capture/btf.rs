@@ -86,16 +86,65 @@ impl SockLayout {
     }
 }
 
-/// Both layouts of the running kernel, its BTF read once.
-pub fn running_kernel_layouts() -> (anyhow::Result<FdLayout>, anyhow::Result<SockLayout>) {
+/// Offsets (bytes) of what the kernel programs read of the current task besides its
+/// descriptors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct TaskLayout {
+    /// `struct task_struct.signal` (`struct signal_struct *`).
+    pub task_signal: u32,
+    /// `struct signal_struct.live` (`atomic_t`): the process's threads not yet exiting.
+    pub signal_live: u32,
+    /// `task_struct.thread_info.status` on x86-64 (its `TS_COMPAT` bit marks a 32-bit system
+    /// call); `None` where the architecture has none.
+    pub compat_status: Option<u32>,
+}
+
+impl TaskLayout {
+    /// The layout described by a BTF blob.
+    pub fn from_btf(bytes: &[u8]) -> anyhow::Result<TaskLayout> {
+        let btf = Btf::parse(bytes)?;
+        let offset = |strukt: &str, member: &str| -> anyhow::Result<u32> {
+            btf.member_offset(strukt, member)?
+                .with_context(|| format!("struct {strukt} has no member {member} in the BTF"))
+        };
+        let compat_status = if cfg!(target_arch = "x86_64") {
+            Some(offset("task_struct", "thread_info")? + offset("thread_info", "status")?)
+        } else {
+            None
+        };
+        Ok(TaskLayout {
+            task_signal: offset("task_struct", "signal")?,
+            signal_live: offset("signal_struct", "live")?,
+            compat_status,
+        })
+    }
+}
+
+/// Every layout of the running kernel, its BTF read once.
+pub struct KernelLayouts {
+    pub fd: anyhow::Result<FdLayout>,
+    pub sock: anyhow::Result<SockLayout>,
+    pub task: anyhow::Result<TaskLayout>,
+}
+
+/// The layouts of the running kernel.
+pub fn running_kernel_layouts() -> KernelLayouts {
     match std::fs::read(VMLINUX_BTF) {
-        Ok(bytes) => (FdLayout::from_btf(&bytes), SockLayout::from_btf(&bytes)),
+        Ok(bytes) => KernelLayouts {
+            fd: FdLayout::from_btf(&bytes),
+            sock: SockLayout::from_btf(&bytes),
+            task: TaskLayout::from_btf(&bytes),
+        },
         Err(err) => {
             let why = || {
                 anyhow::Error::new(std::io::Error::new(err.kind(), err.to_string()))
                     .context(format!("reading {VMLINUX_BTF} (a kernel without BTF?)"))
             };
-            (Err(why()), Err(why()))
+            KernelLayouts {
+                fd: Err(why()),
+                sock: Err(why()),
+                task: Err(why()),
+            }
         }
     }
 }
@@ -386,10 +435,16 @@ mod tests {
         // `max_fds` opens struct fdtable and the `fd` array follows it on every kernel.
         assert_eq!((layout.fdt_max_fds, layout.fdt_fd), (0, 8), "{layout:?}");
         assert!(layout.task_files > 0 && layout.files_fdt > 0, "{layout:?}");
-        let (_, sock) = running_kernel_layouts();
-        let sock = sock.unwrap();
+        let layouts = running_kernel_layouts();
+        let sock = layouts.sock.unwrap();
         // skc_portpair: the remote port, then the local one (include/net/sock.h).
         assert_eq!(sock.sock_num, sock.sock_dport + 2, "{sock:?}");
         assert!(sock.file_private_data > 0, "{sock:?}");
+        let task = layouts.task.unwrap();
+        assert!(task.task_signal > 0, "{task:?}");
+        // thread_info opens task_struct on x86-64; status follows flags (and syscall_work).
+        if cfg!(target_arch = "x86_64") {
+            assert!(matches!(task.compat_status, Some(8 | 16)), "{task:?}");
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! Decoding of ring buffer records into typed events.
 //!
-//! A record is the raw bytes of an `observer_common::DataEvent` or `ConnEvent`; its first
-//! `u32` says which. Decoding checks sizes and every enumerated field, so a record from a
+//! A record is the raw bytes of an `observer_common::DataEvent` header followed by its
+//! payload (variable size), or of a `ConnEvent`; its first `u32` says which. Decoding checks sizes and every enumerated field, so a record from a
 //! mismatched kernel object is an error counted by reason, never a panic or a wrong event.
 
 use std::borrow::Cow;
@@ -140,9 +140,8 @@ pub fn decode(record: &[u8]) -> Result<Event<'_>, DecodeError> {
 }
 
 fn decode_data(record: &[u8]) -> Result<DataRecord<'_>, DecodeError> {
-    // Borrowed, not copied: a data record is 1,368 bytes of which most events fill a few
-    // hundred, and the copy was the daemon's largest single cost under load. The byte arrays
-    // are sliced from the record itself, aligned or not, so the event borrows them too.
+    // Borrowed, not copied: the copy was the daemon's largest single cost under load. The
+    // payload is sliced from the record itself, aligned or not, so the event borrows it too.
     let raw = view::<DataEvent>(record, "data event")?;
     let head_len = raw.head_len as usize;
     let tail_len = raw.tail_len as usize;
@@ -156,6 +155,14 @@ fn decode_data(record: &[u8]) -> Result<DataRecord<'_>, DecodeError> {
         return Err(DecodeError::BadField {
             field: "tail_len",
             value: raw.tail_len.into(),
+        });
+    }
+    let payload = std::mem::size_of::<DataEvent>();
+    if record.len() < payload + head_len + tail_len {
+        return Err(DecodeError::TooShort {
+            what: "data event's payload",
+            len: record.len(),
+            need: payload + head_len + tail_len,
         });
     }
     Ok(DataRecord {
@@ -183,20 +190,12 @@ fn decode_data(record: &[u8]) -> Result<DataRecord<'_>, DecodeError> {
             COMM_LEN,
         )),
         len: raw.len,
-        head: Cow::Borrowed(bytes_at(
-            record,
-            std::mem::offset_of!(DataEvent, head),
-            head_len,
-        )),
-        tail: Cow::Borrowed(bytes_at(
-            record,
-            std::mem::offset_of!(DataEvent, tail),
-            tail_len,
-        )),
+        head: Cow::Borrowed(bytes_at(record, payload, head_len)),
+        tail: Cow::Borrowed(bytes_at(record, payload + head_len, tail_len)),
     })
 }
 
-/// `len` bytes of `record` from `offset`, within the `DataEvent` that `view` checked it holds.
+/// `len` bytes of `record` from `offset`, within what the caller checked it holds.
 fn bytes_at(record: &[u8], offset: usize, len: usize) -> &[u8] {
     &record[offset..offset + len]
 }
@@ -361,8 +360,16 @@ mod tests {
         unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 8) }
     }
 
-    fn data_event(head: &[u8], len: u64) -> DataEvent {
-        let mut event = DataEvent {
+    /// A data record: the header, then `head`, then `tail`.
+    fn data_record(head: &[u8], tail: &[u8], len: u64) -> Vec<u8> {
+        let mut bytes = as_bytes(&data_header(head.len(), tail.len(), len));
+        bytes.extend_from_slice(head);
+        bytes.extend_from_slice(tail);
+        bytes
+    }
+
+    fn data_header(head_len: usize, tail_len: usize, len: u64) -> DataEvent {
+        DataEvent {
             kind: kind::DATA,
             direction: direction::EGRESS,
             ts_ns: 42,
@@ -374,19 +381,20 @@ mod tests {
             fd: 5,
             port: 11434,
             len,
-            head_len: head.len() as u32,
-            tail_len: 0,
+            head_len: head_len as u32,
+            tail_len: tail_len as u32,
             comm: *b"nginx\0\0\0\0\0\0\0\0\0\0\0",
-            head: [0; HEAD_MAX],
-            tail: [0; TAIL_MAX],
-        };
-        event.head[..head.len()].copy_from_slice(head);
-        event
+        }
     }
 
     #[test]
     fn decodes_a_data_event() {
-        let bytes = as_bytes(&data_event(b"GET / HTTP/1.1\r\n", 16));
+        let bytes = data_record(b"GET / HTTP/1.1\r\n", b"", 16);
+        assert_eq!(
+            bytes.len(),
+            80 + 16,
+            "the record is as long as what it holds"
+        );
         let event = decode(&bytes).unwrap();
         let Event::Data(data) = event else {
             panic!("expected data, got {event:?}")
@@ -402,8 +410,19 @@ mod tests {
     }
 
     #[test]
+    fn head_and_tail_follow_the_header() {
+        let bytes = data_record(b"HTTP/1.1 200 OK\r\n", b"0\r\n\r\n", 100_000);
+        let Ok(Event::Data(data)) = decode(&bytes) else {
+            panic!("not decoded: {:?}", decode(&bytes))
+        };
+        assert_eq!(data.head, b"HTTP/1.1 200 OK\r\n".as_slice());
+        assert_eq!(data.tail, b"0\r\n\r\n".as_slice());
+        assert_eq!(data.len, 100_000);
+    }
+
+    #[test]
     fn a_record_decodes_the_same_borrowed_or_copied() {
-        let bytes = as_bytes(&data_event(b"GET / HTTP/1.1\r\n", 16));
+        let bytes = data_record(b"GET / HTTP/1.1\r\n", b"", 16);
         // Buffers of u64s are 8-byte aligned: the record at offset 0 is borrowed, at 1 copied.
         let mut aligned_words = vec![0u64; bytes.len() / 8 + 2];
         let mut unaligned_words = aligned_words.clone();
@@ -479,18 +498,23 @@ mod tests {
             decode(&[9, 0, 0, 0]).unwrap_err(),
             DecodeError::UnknownKind(9)
         );
-        let bytes = as_bytes(&data_event(b"abc", 3));
-        assert_eq!(decode(&bytes[..100]).unwrap_err().reason(), "too_short");
-        // A head longer than the syscall's byte count cannot be right.
-        let lying = data_event(b"abcdef", 2);
+        let bytes = data_record(b"abc", b"", 3);
+        assert_eq!(decode(&bytes[..60]).unwrap_err().reason(), "too_short");
+        // A record cut short of the payload its header announces.
         assert_eq!(
-            decode(&as_bytes(&lying)).unwrap_err(),
+            decode(&bytes[..bytes.len() - 1]).unwrap_err().reason(),
+            "too_short"
+        );
+        // A head longer than the syscall's byte count cannot be right.
+        let lying = data_record(b"abcdef", b"", 2);
+        assert_eq!(
+            decode(&lying).unwrap_err(),
             DecodeError::BadField {
                 field: "head_len",
                 value: 6
             }
         );
-        let mut bad_role = data_event(b"", 1);
+        let mut bad_role = data_header(0, 0, 1);
         bad_role.role = 77;
         assert_eq!(
             decode(&as_bytes(&bad_role)).unwrap_err(),

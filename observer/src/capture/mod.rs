@@ -1,5 +1,6 @@
-//! Kernel capture: load the embedded kernel object, configure it, attach its tracepoint
-//! programs, seed it with what `/proc` shows, and hand out the ring buffer of events.
+//! Kernel capture: load the embedded kernel object, configure it, attach its programs (raw
+//! tracepoints on system call entry and exit, and two process tracepoints), seed it with what
+//! `/proc` shows, and hand out the ring buffer of events.
 //!
 //! Owns the `aya::Ebpf` instance and therefore the programs' lifetime: dropping a [`Capture`]
 //! (or calling [`Capture::detach`]) detaches every program. Configuration lives in [`config`],
@@ -13,14 +14,18 @@ pub mod endpoints;
 pub mod own_ports;
 pub mod reader;
 pub mod seed;
+pub mod syscalls;
 
 use std::path::Path;
 
 use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{TracePoint, trace_point::TracePointLinkId},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{
+        RawTracePoint, TracePoint, raw_trace_point::RawTracePointLinkId,
+        trace_point::TracePointLinkId,
+    },
 };
 use observer_common::{ConnInfo, ListenInfo, SockKey, counter, names};
 
@@ -30,52 +35,45 @@ use decode::ConnRecord;
 /// The kernel object built by `cargo xtask build-ebpf`, embedded at compile time.
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("OBSERVER_BPF_OBJECT"));
 
-/// Every program of the kernel object and the tracepoint it attaches to, as
-/// (category, name); the program is named after its tracepoint.
+/// The raw tracepoints the kernel object's programs attach to; each program is named after
+/// its tracepoint. `sys_exit` sees every system call of every process (its cost for a process
+/// that holds no watched socket is one bit test).
+pub const RAW_TRACEPOINTS: &[&str] = &["sys_exit", "sched_process_exit"];
+
+/// The (category, name) tracepoints the kernel object's other programs attach to: TCP state
+/// changes (a connect or listen on a watched port marks the process), process creation and
+/// exec. Rare events, each.
 pub const TRACEPOINTS: &[(&str, &str)] = &[
-    ("syscalls", "sys_enter_connect"),
-    ("syscalls", "sys_exit_connect"),
-    ("syscalls", "sys_enter_bind"),
-    ("syscalls", "sys_exit_bind"),
-    ("syscalls", "sys_enter_accept"),
-    ("syscalls", "sys_exit_accept"),
-    ("syscalls", "sys_enter_accept4"),
-    ("syscalls", "sys_exit_accept4"),
-    ("syscalls", "sys_enter_close"),
-    ("syscalls", "sys_enter_read"),
-    ("syscalls", "sys_exit_read"),
-    ("syscalls", "sys_enter_write"),
-    ("syscalls", "sys_exit_write"),
-    ("syscalls", "sys_enter_recvfrom"),
-    ("syscalls", "sys_exit_recvfrom"),
-    ("syscalls", "sys_enter_sendto"),
-    ("syscalls", "sys_exit_sendto"),
-    ("syscalls", "sys_enter_readv"),
-    ("syscalls", "sys_exit_readv"),
-    ("syscalls", "sys_enter_writev"),
-    ("syscalls", "sys_exit_writev"),
-    ("syscalls", "sys_enter_recvmsg"),
-    ("syscalls", "sys_exit_recvmsg"),
-    ("syscalls", "sys_enter_sendmsg"),
-    ("syscalls", "sys_exit_sendmsg"),
-    ("syscalls", "sys_enter_dup2"),
-    ("syscalls", "sys_enter_dup3"),
-    ("syscalls", "sys_enter_close_range"),
-    ("syscalls", "sys_enter_dup"),
-    ("syscalls", "sys_exit_dup"),
-    ("syscalls", "sys_enter_fcntl"),
-    ("syscalls", "sys_exit_fcntl"),
+    ("sock", "inet_sock_set_state"),
     ("task", "task_newtask"),
     ("sched", "sched_process_exec"),
 ];
 
-/// Tracepoints the capture needs (SPEC §3); `observer check` reports each.
-pub const REQUIRED_TRACEPOINTS: &[(&str, &str)] = TRACEPOINTS;
+/// Every program of the kernel object.
+pub fn program_count() -> usize {
+    RAW_TRACEPOINTS.len() + TRACEPOINTS.len()
+}
+
+/// Tracepoints the capture needs, as tracefs lists them: the raw ones are the `raw_syscalls`
+/// and `sched` events. `observer check` reports each.
+pub const REQUIRED_TRACEPOINTS: &[(&str, &str)] = &[
+    ("raw_syscalls", "sys_exit"),
+    ("sched", "sched_process_exit"),
+    ("sock", "inet_sock_set_state"),
+    ("task", "task_newtask"),
+    ("sched", "sched_process_exec"),
+];
+
+/// An attached program's link, of either kind.
+enum Link {
+    Raw(RawTracePointLinkId),
+    Tracepoint(TracePointLinkId),
+}
 
 /// Loaded and attached kernel programs.
 pub struct Capture {
     ebpf: Ebpf,
-    links: Vec<(&'static str, TracePointLinkId)>,
+    links: Vec<(&'static str, Link)>,
     logger: Option<KernelLogger>,
     seeded: Vec<ConnRecord>,
     /// The watched ports found listening in `/proc` at start, with their roles.
@@ -84,17 +82,22 @@ pub struct Capture {
     orphan_refs: std::collections::HashSet<u64>,
     /// The loss count of each marked key at the last sweep, with its connection.
     lost_seen: std::collections::HashMap<SockKey, (u64, u32)>,
+    /// The processes userspace marked in `SEEDED_MARKS` (seeded from `/proc`), until they exit.
+    seeded_tgids: std::collections::BTreeSet<u32>,
 }
 
 /// Forwards `aya-log-ebpf` records to this process's `log`/`tracing` output.
 pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 
 impl Capture {
-    /// Loads the embedded object with `config`, attaches every program of [`TRACEPOINTS`],
-    /// then seeds the listeners and established connections found in `/proc` (after
+    /// Loads the embedded object with `config`, attaches every program ([`RAW_TRACEPOINTS`],
+    /// [`TRACEPOINTS`]), then seeds the listeners and established connections found in `/proc` (after
     /// attaching, so that nothing opened in between is missed).
     pub fn start(config: &CaptureConfig) -> anyhow::Result<Capture> {
         let mut capture = Capture::load(config)?;
+        for &name in RAW_TRACEPOINTS {
+            capture.attach_raw(name)?;
+        }
         for &(category, name) in TRACEPOINTS {
             capture.attach(name, category, name)?;
         }
@@ -122,13 +125,53 @@ impl Capture {
                 .unwrap_or(0)
         };
         let (newtask_pid, newtask_flags) = (newtask_offset("pid"), newtask_offset("clone_flags"));
+        let state_offset = |field: &str| {
+            crate::tracefs::field_offset(&tracefs.path, "sock", "inet_sock_set_state", field)
+                .map(|offset| offset as u32)
+                .with_context(|| {
+                    format!(
+                        "the tracepoint sock:inet_sock_set_state has no field {field}: connects and listens on the watched ports cannot be seen"
+                    )
+                })
+        };
+        let (state_newstate, state_sport, state_dport) = (
+            state_offset("newstate")?,
+            state_offset("sport")?,
+            state_offset("dport")?,
+        );
+        let (state_family, state_protocol, state_saddr, state_saddr_v6) = (
+            state_offset("family")?,
+            state_offset("protocol")?,
+            state_offset("saddr")?,
+            state_offset("saddr_v6")?,
+        );
         if newtask_pid == 0 || newtask_flags == 0 {
             tracing::warn!(
                 "task_newtask has no pid or clone_flags field: forked processes are not followed"
             );
         }
-        let (fd_layout, sock_layout) = btf::running_kernel_layouts();
-        let layout = match fd_layout {
+        let regs = syscalls::regs_layout()?;
+        let layouts = btf::running_kernel_layouts();
+        let task = match layouts.task {
+            Ok(task) => Some(task),
+            Err(err) => {
+                tracing::warn!(
+                    "tasks cannot be read ({err:#}): a process's exit is taken from its first thread's, and 32-bit system calls are not told apart"
+                );
+                None
+            }
+        };
+        let exit_known = u32::from(task.is_some());
+        let (task_signal, signal_live, compat_status) = match task {
+            Some(task) => (
+                task.task_signal,
+                task.signal_live,
+                task.compat_status.unwrap_or(0),
+            ),
+            None => (0, 0, 0),
+        };
+        let mark_words = mark_words(pid_max());
+        let layout = match layouts.fd {
             Ok(layout) => Some(layout),
             Err(err) => {
                 tracing::warn!(
@@ -137,7 +180,7 @@ impl Capture {
                 None
             }
         };
-        let sock = match sock_layout {
+        let sock = match layouts.sock {
             Ok(sock) => Some(sock),
             Err(err) => {
                 tracing::warn!(
@@ -181,6 +224,23 @@ impl Capture {
             .override_global(names::SOCKET_SK_OFFSET, &sock_offsets.socket_sk, true)
             .override_global(names::SOCK_NUM_OFFSET, &sock_offsets.sock_num, true)
             .override_global(names::SOCK_DPORT_OFFSET, &sock_offsets.sock_dport, true)
+            .override_global(names::STATE_NEWSTATE_OFFSET, &state_newstate, true)
+            .override_global(names::STATE_SPORT_OFFSET, &state_sport, true)
+            .override_global(names::STATE_DPORT_OFFSET, &state_dport, true)
+            .override_global(names::STATE_FAMILY_OFFSET, &state_family, true)
+            .override_global(names::STATE_PROTOCOL_OFFSET, &state_protocol, true)
+            .override_global(names::STATE_SADDR_OFFSET, &state_saddr, true)
+            .override_global(names::STATE_SADDR_V6_OFFSET, &state_saddr_v6, true)
+            .override_global(names::REGS_ARG0_OFFSET, &regs.arg0, true)
+            .override_global(names::REGS_ARG1_OFFSET, &regs.arg1, true)
+            .override_global(names::REGS_ARG2_OFFSET, &regs.arg2, true)
+            .override_global(names::REGS_NR_OFFSET, &regs.nr, true)
+            .override_global(names::COMPAT_STATUS_OFFSET, &compat_status, true)
+            .override_global(names::EXIT_LAYOUT_KNOWN, &exit_known, true)
+            .override_global(names::TASK_SIGNAL_OFFSET, &task_signal, true)
+            .override_global(names::SIGNAL_LIVE_OFFSET, &signal_live, true)
+            .map_max_entries(names::MARKS, mark_words)
+            .map_max_entries(names::SEEDED_MARKS, mark_words)
             .map_max_entries(names::EVENTS, config.ring_bytes)
             .map_max_entries(names::CONNS, config.max_conns)
             .map_max_entries(names::REFS, config.max_conns)
@@ -204,6 +264,15 @@ impl Capture {
                 .insert(watched.port, watched.role.to_kernel(), 0)
                 .with_context(|| format!("configuring watched port {}", watched.port))?;
         }
+        let mut calls: Array<_, u32> = Array::try_from(
+            ebpf.map_mut(names::SYSCALLS)
+                .context("SYSCALLS map missing")?,
+        )?;
+        for (nr, kind) in syscalls::table() {
+            calls
+                .set(nr, kind, 0)
+                .with_context(|| format!("configuring system call {nr}"))?;
+        }
         Ok(Capture {
             ebpf,
             links: Vec::new(),
@@ -212,6 +281,7 @@ impl Capture {
             seeded_listeners: Vec::new(),
             orphan_refs: std::collections::HashSet::new(),
             lost_seen: std::collections::HashMap::new(),
+            seeded_tgids: std::collections::BTreeSet::new(),
         })
     }
 
@@ -220,6 +290,17 @@ impl Capture {
     fn seed(&mut self, config: &CaptureConfig) -> anyhow::Result<()> {
         let self_tgid = config.exclude_self.then(std::process::id);
         let found = seed::scan(Path::new("/proc"), &config.watch, self_tgid)?;
+        // Marked first: until its mark is set, the kernel side does not look at a process's
+        // calls, and the entries below would miss the accepts and closes in between.
+        self.seeded_tgids.extend(
+            found.listeners.iter().map(|(key, _)| key.tgid).chain(
+                found
+                    .conns
+                    .iter()
+                    .flat_map(|conn| conn.holders.iter().map(|key| key.tgid)),
+            ),
+        );
+        self.write_seeded_marks(&std::collections::BTreeSet::new())?;
         let mut listeners: HashMap<_, SockKey, ListenInfo> = HashMap::try_from(
             self.ebpf
                 .map_mut(names::LISTENERS)
@@ -230,13 +311,7 @@ impl Capture {
                 .insert(key, listener, 0)
                 .context("the listener table is full")?;
         }
-        let mut tgids: HashMap<_, u32, u32> = HashMap::try_from(
-            self.ebpf
-                .map_mut(names::WATCHED_TGIDS)
-                .context("WATCHED_TGIDS map missing")?,
-        )?;
-        for (key, listener) in &found.listeners {
-            tgids.insert(key.tgid, 1, 0)?;
+        for (_, listener) in &found.listeners {
             if let (Ok(port), Some(role)) = (
                 u16::try_from(listener.port),
                 Role::from_kernel(listener.role),
@@ -245,7 +320,6 @@ impl Capture {
                 self.seeded_listeners.push((port, role));
             }
         }
-        let mut holders_of_conns: Vec<u32> = Vec::new();
         let mut conns: HashMap<_, SockKey, ConnInfo> = HashMap::try_from(
             self.ebpf
                 .map_mut(names::CONNS)
@@ -274,7 +348,6 @@ impl Capture {
             if conn.holders.is_empty() {
                 continue;
             }
-            holders_of_conns.extend(conn.holders.iter().map(|key| key.tgid));
             fresh.push(conn);
         }
         let mut refs: HashMap<_, u64, u64> =
@@ -283,14 +356,6 @@ impl Capture {
             refs.insert(conn.conn_id, conn.holders.len() as u64, 0)
                 .context("the connection table is full")?;
         }
-        let mut tgids: HashMap<_, u32, u32> = HashMap::try_from(
-            self.ebpf
-                .map_mut(names::WATCHED_TGIDS)
-                .context("WATCHED_TGIDS map missing")?,
-        )?;
-        for tgid in holders_of_conns {
-            tgids.insert(tgid, 1, 0)?;
-        }
         self.seeded
             .extend(fresh.into_iter().map(|conn| conn.record));
         tracing::debug!(
@@ -298,6 +363,51 @@ impl Capture {
             connections = self.seeded.len(),
             "seeded from /proc"
         );
+        Ok(())
+    }
+
+    /// Writes the words of `SEEDED_MARKS` that hold a bit of [`Self::seeded_tgids`] or of
+    /// `cleared` (processes no longer marked). Only userspace writes that map.
+    fn write_seeded_marks(
+        &mut self,
+        cleared: &std::collections::BTreeSet<u32>,
+    ) -> anyhow::Result<()> {
+        let mut words: std::collections::BTreeMap<u32, u64> =
+            cleared.iter().map(|&tgid| (tgid / 64, 0)).collect();
+        for &tgid in &self.seeded_tgids {
+            *words.entry(tgid / 64).or_default() |= 1 << (tgid % 64);
+        }
+        let mut marks: Array<_, u64> = Array::try_from(
+            self.ebpf
+                .map_mut(names::SEEDED_MARKS)
+                .context("SEEDED_MARKS map missing")?,
+        )?;
+        let len = marks.len();
+        for (word, bits) in words {
+            // A tgid beyond the bitmap (pid_max raised since the load) counts as marked anyway.
+            if word < len {
+                marks.set(word, bits, 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads (once) and attaches one program to the raw tracepoint of the same name.
+    pub fn attach_raw(&mut self, name: &'static str) -> anyhow::Result<()> {
+        let program: &mut RawTracePoint = self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the kernel object"))?
+            .try_into()?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .with_context(|| format!("verifier rejected {name}"))?;
+        }
+        let link = program
+            .attach(name)
+            .with_context(|| format!("attaching {name} to the raw tracepoint {name}"))?;
+        self.links.push((name, Link::Raw(link)));
         Ok(())
     }
 
@@ -321,7 +431,7 @@ impl Capture {
         let link = tracepoint
             .attach(category, name)
             .with_context(|| format!("attaching {program} to {category}:{name}"))?;
-        self.links.push((program, link));
+        self.links.push((program, Link::Tracepoint(link)));
         Ok(())
     }
 
@@ -430,6 +540,16 @@ impl Capture {
         for key in gone {
             let _ = listeners.remove(&key);
         }
+        let exited: std::collections::BTreeSet<u32> = self
+            .seeded_tgids
+            .iter()
+            .copied()
+            .filter(|&tgid| !alive(tgid))
+            .collect();
+        if !exited.is_empty() {
+            self.seeded_tgids.retain(|tgid| !exited.contains(tgid));
+            self.write_seeded_marks(&exited)?;
+        }
         Ok(sweep)
     }
 
@@ -462,20 +582,28 @@ impl Capture {
             conns_full: sum(counter::CONNS_FULL)?,
             listeners_full: sum(counter::LISTENERS_FULL)?,
             read_user_failed: sum(counter::READ_USER_FAILED)?,
+            tgids_full: sum(counter::TGIDS_FULL)?,
         })
     }
 
     /// Detaches every program, reporting the first failure.
     pub fn detach(&mut self) -> anyhow::Result<()> {
         for (program, link) in self.links.drain(..) {
-            let tracepoint: &mut TracePoint = self
+            let found = self
                 .ebpf
                 .program_mut(program)
-                .with_context(|| format!("program {program} missing"))?
-                .try_into()?;
-            tracepoint
-                .detach(link)
-                .with_context(|| format!("detaching {program}"))?;
+                .with_context(|| format!("program {program} missing"))?;
+            match link {
+                Link::Raw(link) => {
+                    let raw: &mut RawTracePoint = found.try_into()?;
+                    raw.detach(link)
+                }
+                Link::Tracepoint(link) => {
+                    let tracepoint: &mut TracePoint = found.try_into()?;
+                    tracepoint.detach(link)
+                }
+            }
+            .with_context(|| format!("detaching {program}"))?;
         }
         Ok(())
     }
@@ -509,11 +637,28 @@ pub struct KernelCounters {
     pub listeners_full: u64,
     /// Payload or sockaddr reads from user memory that failed.
     pub read_user_failed: u64,
+    /// Processes not marked: the table of marked processes was full (the per-process filter
+    /// is off since; nothing is missed, every process's data calls cost a lookup).
+    pub tgids_full: u64,
 }
 
 /// `bpf_map_update_elem` flags: make a new entry only; update an existing entry only.
 const BPF_NOEXIST: u64 = 1;
 const BPF_EXIST: u64 = 2;
+
+/// The kernel's highest process id plus one (`/proc/sys/kernel/pid_max`; the 64-bit default
+/// where it cannot be read).
+fn pid_max() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(4_194_304)
+}
+
+/// Words of the process bitmaps for process ids below `pid_max`.
+fn mark_words(pid_max: u32) -> u32 {
+    pid_max.div_ceil(64).max(1)
+}
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones ignore it.
 fn raise_memlock_limit() {

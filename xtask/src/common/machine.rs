@@ -88,7 +88,8 @@ pub fn process_busy(pid: u32) -> f64 {
 }
 
 /// Seconds of CPU used by this process's reaped children (each finished `wrk`).
-fn children_busy() -> f64 {
+/// User and system time of this process's reaped children, in seconds.
+pub fn children_busy() -> f64 {
     // SAFETY: `usage` is a valid rusage for the call to fill.
     let usage = unsafe {
         let mut usage = std::mem::zeroed::<libc::rusage>();
