@@ -568,6 +568,33 @@ impl Capture {
         self.logger.take()
     }
 
+    /// Whether the kernel side looks at `tgid`'s system calls now: marked by the kernel (it
+    /// connected to or listens on a watched port, or descends from a process that did) or by
+    /// the seeding. Every other process costs the kernel side one bit test per call.
+    pub fn marked(&self, tgid: u32) -> anyhow::Result<bool> {
+        let (word, bit) = (tgid / 64, 1u64 << (tgid % 64));
+        for name in [names::MARKS, names::SEEDED_MARKS] {
+            let marks: Array<_, u64> = Array::try_from(
+                self.ebpf
+                    .map(name)
+                    .with_context(|| format!("{name} map missing"))?,
+            )?;
+            if word >= marks.len() {
+                // Beyond the bitmap: the kernel side looks at every such process.
+                return Ok(true);
+            }
+            if marks.get(&word, 0)? & bit != 0 {
+                return Ok(true);
+            }
+        }
+        let off: Array<_, u32> = Array::try_from(
+            self.ebpf
+                .map(names::FILTER_OFF)
+                .context("FILTER_OFF map missing")?,
+        )?;
+        Ok(off.get(&0, 0)? != 0)
+    }
+
     /// Sums the kernel-side counters over CPUs.
     pub fn counters(&self) -> anyhow::Result<KernelCounters> {
         let array: PerCpuArray<_, u64> = PerCpuArray::try_from(
