@@ -24,7 +24,8 @@ use observer_common::{
 };
 
 use crate::{
-    CONNS, EVENTS, HEAD_BYTES, REGS_ARG1_SLOT, REGS_ARG2_SLOT, Regs, TAIL_BYTES, comm, count,
+    BPF_RB_NO_WAKEUP, CONNS, EVENTS, HEAD_BYTES, REGS_ARG1_SLOT, REGS_ARG2_SLOT, Regs, TAIL_BYTES,
+    comm, count,
     fds::{file_of, forget, same_file},
     wakeup_flags,
 };
@@ -48,7 +49,14 @@ static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 struct Scratch {
     event: DataEvent,
     payload: [u8; 2 * HEAD_MAX],
+    /// Records this CPU has output: the ring's fill is queried (for the reader's wake-up) on
+    /// every [`WAKEUP_EVERY`]th only.
+    outputs: u64,
 }
+
+/// How often a CPU asks how full the ring is: the reader is woken at most this many of the
+/// CPU's records late (out of the thousands an eighth of the ring holds).
+const WAKEUP_EVERY: u64 = 16;
 
 const _: () = assert!(HEAD_MAX + TAIL_MAX <= 2 * HEAD_MAX);
 
@@ -121,7 +129,17 @@ pub fn exit_data(regs: &Regs, call: u32, len: u64, pid_tgid: u64, tgid: u32) -> 
     }
     let size = HEADER as u64 + captured;
     let record = unsafe { core::slice::from_raw_parts(scratch.cast::<u8>(), size as usize) };
-    if EVENTS.output::<[u8]>(record, wakeup_flags()).is_err() {
+    // SAFETY: as above.
+    let outputs = unsafe {
+        (*scratch).outputs = (*scratch).outputs.wrapping_add(1);
+        (*scratch).outputs
+    };
+    let flags = if outputs % WAKEUP_EVERY == 0 {
+        wakeup_flags()
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    if EVENTS.output::<[u8]>(record, flags).is_err() {
         count(counter::LOST_DATA);
         // The connection's exchanges lost bytes: userspace puts it back in step when it sees
         // the count change (it never writes the entry: its key may name another socket by

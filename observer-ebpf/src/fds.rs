@@ -70,8 +70,17 @@ impl FdTable {
         if fdt == 0 {
             return None;
         }
-        let max_fds: u32 = read_kernel(fdt + global(&FDT_MAX_FDS_OFFSET) as u64)?;
-        let array: u64 = read_kernel(fdt + global(&FDT_FD_OFFSET) as u64)?;
+        let (max_fds_at, fd_at) = (global(&FDT_MAX_FDS_OFFSET), global(&FDT_FD_OFFSET));
+        if fd_at == max_fds_at + 8 {
+            // `unsigned int max_fds; struct file **fd;` side by side (every kernel): one read.
+            let [max_fds, array]: [u64; 2] = read_kernel(fdt + max_fds_at as u64)?;
+            return Some(FdTable {
+                array,
+                max_fds: max_fds as u32,
+            });
+        }
+        let max_fds: u32 = read_kernel(fdt + max_fds_at as u64)?;
+        let array: u64 = read_kernel(fdt + fd_at as u64)?;
         Some(FdTable { array, max_fds })
     }
 

@@ -173,7 +173,7 @@ static SOCK_NUM_OFFSET: u32 = 0;
 #[unsafe(no_mangle)]
 static SOCK_DPORT_OFFSET: u32 = 0;
 
-const BPF_RB_NO_WAKEUP: u64 = 1;
+pub const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;
 /// `bpf_map_update_elem`: make a new entry only.

@@ -736,6 +736,11 @@ impl Pipeline {
         for (kind, now, then) in pairs {
             self.metrics.add_ebpf_lost(kind, now.saturating_sub(then));
         }
+        if counters.tgids_full > 0 && before.tgids_full == 0 {
+            tracing::warn!(
+                "the kernel side's table of processes holding watched sockets is full: it now looks at every process's data calls (nothing is missed; each costs a connection lookup)"
+            );
+        }
         self.reported_kernel = *counters;
         self.reported_undecodable = undecodable;
     }

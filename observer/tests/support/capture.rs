@@ -18,12 +18,26 @@ use observer::capture::{
 pub const EVENT_WAIT: Duration = Duration::from_secs(5);
 
 /// A port nothing listens on now (bound to 127.0.0.1:0, then released).
+///
+/// Never the same number twice in one test process: tests run in parallel threads, and one
+/// that starts a daemon on its port must not find another test's daemon there (the kernel may
+/// hand out a port again once it is released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A capture of `watch` with the default sizes.
