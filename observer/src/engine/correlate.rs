@@ -9,6 +9,10 @@
 //! for its upstream exchange. Upstream exchanges nobody claims within [`UPSTREAM_KEEP_NS`] are
 //! counted unmatched, as are gateway exchanges that find none. Bounded: at most
 //! [`MAX_WAITING`] exchanges wait on each side.
+//!
+//! Upstream exchanges wait by gateway process, ordered by the time they ended: a gateway
+//! exchange looks only at those of its own process that ended while it was open (a binary
+//! search bounds them), not at every waiting one (under load hundreds wait at each resolve).
 
 use std::collections::VecDeque;
 
@@ -72,7 +76,11 @@ pub struct Resolved {
 #[derive(Debug, Default)]
 pub struct Correlator {
     gateway: VecDeque<Span>,
-    upstream: VecDeque<Span>,
+    /// Upstream exchanges by the gateway process that sent them, each queue ordered by
+    /// `response_last`.
+    upstream: foldhash::HashMap<u32, VecDeque<Span>>,
+    /// Upstream exchanges waiting, all processes.
+    upstream_len: usize,
     unmatched_gateway: u64,
     unmatched_upstream: u64,
 }
@@ -85,26 +93,53 @@ impl Correlator {
     /// Takes note of a finished exchange if it is one correlation uses: a gateway's server
     /// side, or an upstream client side. Exchanges without a response are not correlated.
     pub fn add(&mut self, ex: Exchange) {
-        let queue = match (ex.conn.role, ex.conn.side) {
-            (Role::Gateway, Side::Server) => &mut self.gateway,
-            (Role::Upstream, Side::Client) => &mut self.upstream,
+        let role = match (ex.conn.role, ex.conn.side) {
+            (Role::Gateway, Side::Server) => Role::Gateway,
+            (Role::Upstream, Side::Client) => Role::Upstream,
             _ => return,
         };
-        let role = ex.conn.role;
         let Some(span) = Span::of(ex) else {
             if role == Role::Gateway {
                 self.unmatched_gateway += 1;
             }
             return;
         };
-        if queue.len() >= MAX_WAITING {
-            queue.pop_front();
-            match role {
-                Role::Gateway => self.unmatched_gateway += 1,
-                Role::Upstream => self.unmatched_upstream += 1,
+        if role == Role::Gateway {
+            if self.gateway.len() >= MAX_WAITING {
+                self.gateway.pop_front();
+                self.unmatched_gateway += 1;
+            }
+            self.gateway.push_back(span);
+            return;
+        }
+        if self.upstream_len >= MAX_WAITING {
+            self.drop_oldest_upstream();
+        }
+        let queue = self.upstream.entry(span.tgid).or_default();
+        // Exchanges arrive nearly in the order they end: this is the end of the queue but for
+        // the few that overtook each other.
+        let at = queue.partition_point(|up| up.response_last <= span.response_last);
+        queue.insert(at, span);
+        self.upstream_len += 1;
+    }
+
+    /// Counts unmatched the upstream exchange that ended first, of all processes.
+    fn drop_oldest_upstream(&mut self) {
+        let oldest = self
+            .upstream
+            .iter()
+            .filter_map(|(&tgid, queue)| Some((queue.front()?.response_last, tgid)))
+            .min();
+        if let Some((_, tgid)) = oldest
+            && let Some(queue) = self.upstream.get_mut(&tgid)
+            && queue.pop_front().is_some()
+        {
+            self.upstream_len -= 1;
+            self.unmatched_upstream += 1;
+            if queue.is_empty() {
+                self.upstream.remove(&tgid);
             }
         }
-        queue.push_back(span);
     }
 
     /// Pairs what can be paired; `now_ns` (the capture clock) expires what waited too long.
@@ -130,13 +165,19 @@ impl Correlator {
                 None => self.gateway.push_back(gateway),
             }
         }
-        while let Some(front) = self.upstream.front() {
-            if now_ns.saturating_sub(front.response_last) <= UPSTREAM_KEEP_NS {
-                break;
+        let mut expired = 0;
+        self.upstream.retain(|_, queue| {
+            while let Some(front) = queue.front() {
+                if now_ns.saturating_sub(front.response_last) <= UPSTREAM_KEEP_NS {
+                    break;
+                }
+                queue.pop_front();
+                expired += 1;
             }
-            self.upstream.pop_front();
-            self.unmatched_upstream += 1;
-        }
+            !queue.is_empty()
+        });
+        self.upstream_len -= expired;
+        self.unmatched_upstream += expired as u64;
         out.unmatched_gateway = std::mem::take(&mut self.unmatched_gateway);
         out.unmatched_upstream = std::mem::take(&mut self.unmatched_upstream);
     }
@@ -144,19 +185,28 @@ impl Correlator {
     /// The upstream exchange a gateway exchange relayed: of those it contains, the same path
     /// first, then the one that ended last (a retry's final attempt).
     fn claim(&mut self, gateway: &Span) -> Option<Span> {
-        let best = self
-            .upstream
-            .iter()
+        let queue = self.upstream.get_mut(&gateway.tgid)?;
+        // Only those that ended while the gateway exchange was open can be inside it (an
+        // exchange ends after it starts).
+        let from = queue.partition_point(|up| up.response_last < gateway.request_first);
+        let to = queue.partition_point(|up| up.response_last <= gateway.response_last);
+        let best = queue
+            .range(from..to.max(from))
             .enumerate()
             .filter(|(_, up)| gateway.contains(up))
             .max_by_key(|(_, up)| (up.path == gateway.path, up.response_last))
-            .map(|(at, _)| at)?;
-        self.upstream.remove(best)
+            .map(|(at, _)| from + at)?;
+        let span = queue.remove(best)?;
+        self.upstream_len -= 1;
+        if queue.is_empty() {
+            self.upstream.remove(&gateway.tgid);
+        }
+        Some(span)
     }
 
     /// Exchanges waiting (gateway, upstream).
     pub fn waiting(&self) -> (usize, usize) {
-        (self.gateway.len(), self.upstream.len())
+        (self.gateway.len(), self.upstream_len)
     }
 }
 
@@ -261,6 +311,39 @@ mod tests {
         // The stranger expires unclaimed.
         let r = c.resolve(90 + UPSTREAM_KEEP_NS + 1);
         assert_eq!((r.unmatched_gateway, r.unmatched_upstream), (0, 1));
+    }
+
+    #[test]
+    fn upstream_exchanges_arriving_out_of_order_and_the_bound() {
+        let mut c = Correlator::new();
+        // Two upstream exchanges of one worker arrive in the reverse order of their ends.
+        c.add(exchange(Role::Upstream, Side::Client, 7, [30, 31, 40, 80]));
+        c.add(exchange(Role::Upstream, Side::Client, 7, [10, 11, 20, 50]));
+        c.add(exchange(Role::Gateway, Side::Server, 7, [9, 10, 21, 51]));
+        c.add(exchange(Role::Gateway, Side::Server, 7, [29, 30, 41, 81]));
+        let r = c.resolve(100);
+        let got: Vec<f64> = r.overheads.iter().map(|o| o.overhead_s * 1e9).collect();
+        assert_eq!(got, [2.0, 2.0], "each with the one inside it");
+        assert_eq!(c.waiting(), (0, 0));
+        // Past the bound, the upstream exchange that ended first goes, whichever process.
+        for i in 0..MAX_WAITING as u64 {
+            let tgid = 7 + (i % 3) as u32;
+            c.add(exchange(
+                Role::Upstream,
+                Side::Client,
+                tgid,
+                [i, i, i, 1_000 + i],
+            ));
+        }
+        c.add(exchange(Role::Upstream, Side::Client, 9, [0, 0, 0, 999]));
+        assert_eq!(c.waiting(), (0, MAX_WAITING));
+        let r = c.resolve(2_000);
+        assert_eq!(r.unmatched_upstream, 1);
+        // The one that ended at 1,000 (tgid 7) went; the late one that ended at 999 stays.
+        c.add(exchange(Role::Gateway, Side::Server, 9, [0, 0, 0, 999]));
+        assert_eq!(c.resolve(2_000).overheads.len(), 1);
+        c.add(exchange(Role::Gateway, Side::Server, 7, [0, 0, 0, 1_000]));
+        assert!(c.resolve(2_000).overheads.is_empty());
     }
 
     #[test]
