@@ -42,10 +42,7 @@ impl FdLayout {
     /// The layout described by a BTF blob.
     pub fn from_btf(bytes: &[u8]) -> anyhow::Result<FdLayout> {
         let btf = Btf::parse(bytes)?;
-        let offset = |strukt: &str, member: &str| -> anyhow::Result<u32> {
-            btf.member_offset(strukt, member)?
-                .with_context(|| format!("struct {strukt} has no member {member} in the BTF"))
-        };
+        let offset = |strukt: &str, member: &str| btf.required_offset(strukt, member);
         Ok(FdLayout {
             task_files: offset("task_struct", "files")?,
             files_fdt: offset("files_struct", "fdt")?,
@@ -72,10 +69,7 @@ impl SockLayout {
     /// The layout described by a BTF blob.
     pub fn from_btf(bytes: &[u8]) -> anyhow::Result<SockLayout> {
         let btf = Btf::parse(bytes)?;
-        let offset = |strukt: &str, member: &str| -> anyhow::Result<u32> {
-            btf.member_offset(strukt, member)?
-                .with_context(|| format!("struct {strukt} has no member {member} in the BTF"))
-        };
+        let offset = |strukt: &str, member: &str| btf.required_offset(strukt, member);
         let common = offset("sock", "__sk_common")?;
         Ok(SockLayout {
             file_private_data: offset("file", "private_data")?,
@@ -103,10 +97,7 @@ impl TaskLayout {
     /// The layout described by a BTF blob.
     pub fn from_btf(bytes: &[u8]) -> anyhow::Result<TaskLayout> {
         let btf = Btf::parse(bytes)?;
-        let offset = |strukt: &str, member: &str| -> anyhow::Result<u32> {
-            btf.member_offset(strukt, member)?
-                .with_context(|| format!("struct {strukt} has no member {member} in the BTF"))
-        };
+        let offset = |strukt: &str, member: &str| btf.required_offset(strukt, member);
         let compat_status = if cfg!(target_arch = "x86_64") {
             Some(offset("task_struct", "thread_info")? + offset("thread_info", "status")?)
         } else {
@@ -288,6 +279,12 @@ impl<'a> Btf<'a> {
             }
         }
         None
+    }
+
+    /// [`Btf::member_offset`], an error naming the member when there is none.
+    fn required_offset(&self, strukt: &str, member: &str) -> anyhow::Result<u32> {
+        self.member_offset(strukt, member)?
+            .with_context(|| format!("struct {strukt} has no member {member} in the BTF"))
     }
 
     /// The byte offset of `member` in the struct named `strukt` (members of anonymous structs
