@@ -169,6 +169,11 @@ pub fn exit_connect(
     track(ctx, SockKey { tgid, fd }, &conn, pid_tgid)
 }
 
+/// Forgets what a `listen` of this thread remembered (its exit came, or the call failed).
+pub fn forget_listen(pid_tgid: u64) {
+    let _ = PENDING_LISTEN.remove(pid_tgid);
+}
+
 /// Exit of a successful `listen(fd, backlog)` that made a watched listener (remembered by
 /// [`inet_sock_set_state`]): the fd is one.
 pub fn exit_listen(
@@ -178,9 +183,16 @@ pub fn exit_listen(
     tgid: u32,
 ) -> Option<()> {
     let mut listener = *unsafe { PENDING_LISTEN.get(pid_tgid) }?;
-    let _ = PENDING_LISTEN.remove(pid_tgid);
+    forget_listen(pid_tgid);
     let fd = regs.fd()?;
     listener.file = file_of(fd).unwrap_or(0);
+    // The socket this listen made a listener is the one the state change saw, where that can
+    // be told.
+    if let Some((port, _)) = ports_of(listener.file)
+        && port as u32 != listener.port
+    {
+        return None;
+    }
     if LISTENERS.insert(SockKey { tgid, fd }, listener, 0).is_err() {
         count(counter::LISTENERS_FULL);
         warn!(

@@ -200,6 +200,11 @@ pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
     let ret: i64 = ctx.arg(1);
     // Errors moved nothing and made nothing (EAGAIN: no record); connect on a non-blocking
     // socket returns -EINPROGRESS and has made the connection.
+    if ret < 0 && kind == syscall::LISTEN {
+        // What the failed listen's state change remembered must not be taken by a later one.
+        lifecycle::forget_listen(pid_tgid);
+        return 0;
+    }
     if (ret < 0 && !(kind == syscall::CONNECT && ret == -lifecycle::EINPROGRESS))
         || (ret == 0 && syscall::is_data(kind))
         || compat()

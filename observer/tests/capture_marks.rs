@@ -3,7 +3,8 @@
 //! A process that connects to a watched port is marked inside its `connect` (and its
 //! connection captured), one that listens on a watched port inside its `listen` (and its
 //! accepts captured); a process that only touches other ports is never marked, and the
-//! kernel's mark goes when the marked process exits.
+//! kernel's mark goes when the marked process exits. A listen on a watched port that fails
+//! after its state change leaves nothing for the thread's next listen to take.
 
 mod support;
 
@@ -130,4 +131,74 @@ async fn connecting_or_listening_on_a_watched_port_marks_a_process_until_it_exit
     wait_for("the server's mark goes when it exits", || {
         !capture.marked(server_pid).unwrap()
     });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_listen_on_a_watched_port_does_not_make_the_next_listen_a_watched_one() {
+    if !support::require_root(
+        "a_failed_listen_on_a_watched_port_does_not_make_the_next_listen_a_watched_one",
+    ) {
+        return;
+    }
+    let (port, other) = (cap::free_port(), cap::free_port());
+    let (_capture, mut reader) = cap::start(&cap::config(&[(port, Role::Upstream)], true));
+    // One thread: a listen on the watched port, a second one on it that fails (the port is
+    // taken; its state went to LISTEN and back), then a listen on a port nobody watches.
+    let mut server = Command::new("python3")
+        .args([
+            "-c",
+            &format!(
+                "import socket,sys\n\
+                 def sock(p):\n    s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1',p)); return s\n\
+                 first=sock({port}); second=sock({port}); first.listen(8)\n\
+                 try:\n    second.listen(8); print('second listen worked', flush=True); sys.exit(1)\n\
+                 except OSError: pass\n\
+                 third=sock({other}); third.listen(8); print('ready', flush=True)\n\
+                 for s in (third, first):\n    c,_=s.accept(); c.sendall(c.recv(100)); c.close()\n\
+                 sys.stdin.read()"
+            ),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "ready");
+    let server_pid = server.id();
+    for to in [other, port] {
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", to)).unwrap();
+        std::io::Write::write_all(&mut conn, b"hello").unwrap();
+        let mut echo = [0u8; 5];
+        std::io::Read::read_exact(&mut conn, &mut echo).unwrap();
+    }
+    // The accept on the watched port is seen; the one on the other port never is.
+    let mut events = Vec::new();
+    cap::collect_until(&mut reader, &mut events, |events| {
+        let accepted = events
+            .iter()
+            .filter(|e| matches!(e, Event::Open(c) if c.tgid == server_pid))
+            .count();
+        if accepted >= 1 {
+            Ok(())
+        } else {
+            Err("the accept on the watched port".to_owned())
+        }
+    })
+    .await;
+    // The other port's accept came first: its open, had there been one, is in already.
+    let opens: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Open(c) if c.tgid == server_pid => Some(c.local),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(opens.len(), 1, "only the watched accept: {opens:?}");
+    drop(server.stdin.take());
+    server.wait().unwrap();
 }
