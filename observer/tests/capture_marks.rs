@@ -27,6 +27,25 @@ fn bash(script: &str) -> std::process::Child {
         .expect("bash")
 }
 
+/// Runs `script` in python3 (stdin and stdout piped; the scripts end when stdin closes) and
+/// waits until it prints `ready`.
+fn python_ready(script: &str) -> std::process::Child {
+    let mut child = Command::new("python3")
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "ready", "the script's first line");
+    child
+}
+
 /// Waits (bounded) until `ready` holds; `what` names it in the failure.
 fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + cap::EVENT_WAIT;
@@ -52,27 +71,12 @@ async fn connecting_or_listening_on_a_watched_port_marks_a_process_until_it_exit
     let (capture, mut reader) = cap::start(&cap::config(&[(port, Role::Upstream)], true));
     assert!(!capture.marked(std::process::id()).unwrap());
 
-    let mut server = Command::new("python3")
-        .args([
-            "-c",
-            &format!(
-                "import socket,sys\n\
-                 s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-                 s.bind(('127.0.0.1',{port})); s.listen(8); print('ready', flush=True)\n\
-                 c,_=s.accept(); d=c.recv(100); c.sendall(b'pong:'+d); sys.stdin.read()"
-            ),
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(server.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "ready");
+    let mut server = python_ready(&format!(
+        "import socket,sys\n\
+         s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('127.0.0.1',{port})); s.listen(8); print('ready', flush=True)\n\
+         c,_=s.accept(); d=c.recv(100); c.sendall(b'pong:'+d); sys.stdin.read()"
+    ));
     let server_pid = server.id();
     assert!(
         capture.marked(server_pid).unwrap(),
@@ -144,31 +148,16 @@ async fn a_failed_listen_on_a_watched_port_does_not_make_the_next_listen_a_watch
     let (_capture, mut reader) = cap::start(&cap::config(&[(port, Role::Upstream)], true));
     // One thread: a listen on the watched port, a second one on it that fails (the port is
     // taken; its state went to LISTEN and back), then a listen on a port nobody watches.
-    let mut server = Command::new("python3")
-        .args([
-            "-c",
-            &format!(
-                "import socket,sys\n\
-                 def sock(p):\n    s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1',p)); return s\n\
-                 first=sock({port}); second=sock({port}); first.listen(8)\n\
-                 try:\n    second.listen(8); print('second listen worked', flush=True); sys.exit(1)\n\
-                 except OSError: pass\n\
-                 third=sock({other}); third.listen(8); print('ready', flush=True)\n\
-                 for s in (third, first):\n    c,_=s.accept(); c.sendall(c.recv(100)); c.close()\n\
-                 sys.stdin.read()"
-            ),
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(server.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "ready");
+    let mut server = python_ready(&format!(
+        "import socket,sys\n\
+         def sock(p):\n    s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1',p)); return s\n\
+         first=sock({port}); second=sock({port}); first.listen(8)\n\
+         try:\n    second.listen(8); print('second listen worked', flush=True); sys.exit(1)\n\
+         except OSError: pass\n\
+         third=sock({other}); third.listen(8); print('ready', flush=True)\n\
+         for s in (third, first):\n    c,_=s.accept(); c.sendall(c.recv(100)); c.close()\n\
+         sys.stdin.read()"
+    ));
     let server_pid = server.id();
     for to in [other, port] {
         let mut conn = std::net::TcpStream::connect(("127.0.0.1", to)).unwrap();
