@@ -404,6 +404,23 @@ fn finish(
         ts.first_chunk = first_chunk;
     }
     let RequestScan { model, stream, .. } = request;
+    if !super::llm::is_model_call(&path) {
+        // Model management and listing (`/api/show`, `/v1/models` …): an HTTP exchange only,
+        // whatever model its body names. No model output, so no first chunk either.
+        ts.first_chunk = None;
+        return Exchange {
+            conn,
+            method,
+            path,
+            status,
+            ts,
+            request_body_bytes,
+            response_body_bytes,
+            outcome,
+            exact,
+            llm: Default::default(),
+        };
+    }
     llm.model = model;
     llm.stream = stream
         .or(streamed)

@@ -219,6 +219,36 @@ impl JsonKeys {
 }
 
 /// The unescaped keys in `bytes` and what follows each one's colon.
+/// Ollama's and OpenAI's endpoints that manage or list models rather than run one: their
+/// exchanges are not model requests, whatever model the body names. Matched at the end of the
+/// path (a gateway may serve Ollama's API under a prefix, as `/ollama/api/show`); `/api/blobs/`
+/// and `/v1/models/` take an argument.
+const NOT_MODEL_CALLS: [&str; 10] = [
+    "/api/show",
+    "/api/tags",
+    "/api/ps",
+    "/api/version",
+    "/api/pull",
+    "/api/push",
+    "/api/create",
+    "/api/copy",
+    "/api/delete",
+    "/v1/models",
+];
+const NOT_MODEL_CALL_PREFIXES: [&str; 2] = ["/api/blobs/", "/v1/models/"];
+
+/// Whether an exchange on `path` (query and fragment ignored) may run a model: every path but
+/// the model-management and listing endpoints ([`NOT_MODEL_CALLS`]). Unknown paths stay model
+/// calls, so that a gateway's own inference routes keep their model metrics.
+pub fn is_model_call(path: &str) -> bool {
+    let path = path.split(['?', '#']).next().unwrap_or(path);
+    let path = path.strip_suffix('/').unwrap_or(path);
+    !NOT_MODEL_CALLS.iter().any(|call| path.ends_with(call))
+        && !NOT_MODEL_CALL_PREFIXES
+            .iter()
+            .any(|prefix| path.contains(prefix))
+}
+
 fn keys(bytes: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
     let mut quotes = memchr::memchr_iter(b'"', bytes);
     std::iter::from_fn(move || {

@@ -296,7 +296,9 @@ fn keep_alive_pipelining_and_bodiless_responses() {
         ]
     );
     assert_eq!(out[1].method, Method::Head);
-    assert_eq!(out[4].ts.first_chunk, Some(8));
+    // Its body is not model output (issue 18: only model calls have a first chunk).
+    assert_eq!(out[4].ts.first_chunk, None);
+    assert_eq!(out[4].ts.response_last, Some(8));
 }
 
 #[test]
@@ -701,4 +703,35 @@ fn an_answer_to_an_unfinished_head_is_an_exchange() {
         errors.get(Role::Upstream, ErrorReason::UnmatchedResponse),
         1
     );
+}
+
+#[test]
+fn model_management_and_listing_are_not_model_requests() {
+    // /api/show names a model in its body, /api/tags answers with a body: neither runs one.
+    let show = post("/api/show", r#"{"model":"qwen3:0.6b"}"#);
+    let tags: &[u8] = b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n";
+    let models: &[u8] = b"GET /ollama/v1/models?x=1 HTTP/1.1\r\nHost: x\r\n\r\n";
+    let answer: &[u8] =
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n{\"models\":[]}";
+    for (request, path) in [
+        (show.as_slice(), "/api/show"),
+        (tags, "/api/tags"),
+        (models, "/ollama/v1/models"),
+    ] {
+        let ex = only(run(&[(IN, 1, request), (OUT, 2, answer)]).0);
+        assert_eq!(ex.path, path);
+        assert_eq!(ex.status, Some(200));
+        assert_eq!(ex.llm, LlmFields::default(), "{path}: no model fields");
+        assert_eq!(ex.ts.first_chunk, None, "{path}: no first chunk");
+        assert_eq!(
+            ex.ts.response_first,
+            Some(2),
+            "{path}: still an HTTP exchange"
+        );
+    }
+    // The same body on an inference route is a model request with its first chunk.
+    let chat = post("/api/chat", r#"{"model":"qwen3:0.6b","stream":false}"#);
+    let ex = only(run(&[(IN, 1, chat.as_slice()), (OUT, 2, answer)]).0);
+    assert_eq!(ex.llm.model.as_deref(), Some("qwen3:0.6b"));
+    assert_eq!(ex.ts.first_chunk, Some(2));
 }

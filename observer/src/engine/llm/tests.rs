@@ -92,3 +92,35 @@ fn a_long_line_is_scanned_in_pieces() {
     );
     assert_eq!(first, Some(7));
 }
+
+#[test]
+fn model_calls_are_every_path_but_management_and_listing() {
+    for path in [
+        "/api/chat",
+        "/api/generate",
+        "/api/embed",
+        "/v1/chat/completions",
+        "/v1/responses",
+        "/v1/messages",
+        "/ollama/api/chat",
+        "/custom/inference",
+        "/api/tagsx",
+    ] {
+        assert!(is_model_call(path), "{path}");
+    }
+    for path in [
+        "/api/show",
+        "/api/tags",
+        "/api/tags/",
+        "/api/ps?verbose=1",
+        "/api/version",
+        "/api/pull",
+        "/api/delete",
+        "/api/blobs/sha256:abc",
+        "/v1/models",
+        "/v1/models/llama3",
+        "/ollama/api/show",
+    ] {
+        assert!(!is_model_call(path), "{path}");
+    }
+}
