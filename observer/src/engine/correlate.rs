@@ -93,6 +93,11 @@ impl Correlator {
     /// Takes note of a finished exchange if it is one correlation uses: a gateway's server
     /// side, or an upstream client side. Exchanges without a response are not correlated.
     pub fn add(&mut self, ex: Exchange) {
+        if ex.status == Some(101) {
+            // A protocol switch (WebSocket): what follows on the connection is not this
+            // exchange's response, and it relayed no upstream exchange of its own.
+            return;
+        }
         let role = match (ex.conn.role, ex.conn.side) {
             (Role::Gateway, Side::Server) => Role::Gateway,
             (Role::Upstream, Side::Client) => Role::Upstream,
@@ -344,6 +349,27 @@ mod tests {
         assert_eq!(c.resolve(2_000).overheads.len(), 1);
         c.add(exchange(Role::Gateway, Side::Server, 7, [0, 0, 0, 1_000]));
         assert!(c.resolve(2_000).overheads.is_empty());
+    }
+
+    #[test]
+    fn a_protocol_switch_is_never_paired() {
+        let mut c = Correlator::new();
+        // A WebSocket upgrade open for a whole turn, and the turn's upstream call inside it.
+        let mut upgrade = exchange(Role::Gateway, Side::Server, 7, [0, 1, 2, 1_000]);
+        upgrade.status = Some(101);
+        c.add(upgrade);
+        c.add(exchange(Role::Upstream, Side::Client, 7, [10, 11, 20, 900]));
+        let r = c.resolve(1_000);
+        assert!(r.overheads.is_empty(), "{:?}", r.overheads);
+        assert_eq!(
+            r.unmatched_gateway, 0,
+            "the upgrade is no gateway exchange waiting"
+        );
+        assert_eq!(
+            c.waiting(),
+            (0, 1),
+            "the upstream call stays for its real caller"
+        );
     }
 
     #[test]
