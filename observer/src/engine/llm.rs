@@ -422,23 +422,34 @@ impl ResponseScan {
                 self.facts.sse_done = true;
                 return;
             }
+            // The Responses API and Anthropic's Messages API end a stream with a named event,
+            // never `[DONE]`.
+            let event = piece.strip_prefix(b"event:").map(trim_start);
+            if matches!(event, Some(b"response.completed" | b"message_stop")) {
+                self.facts.sse_done = true;
+                return;
+            }
         }
         let fields = &mut self.fields;
         for (key, value) in keys(piece) {
             match key {
-                b"content" | b"thinking" | b"response" | b"text" => {
+                // `delta`: the OpenAI Responses API's text deltas (`response.output_text.delta`);
+                // chat completions' `delta` is an object, whose `content` counts instead.
+                b"content" | b"thinking" | b"response" | b"text" | b"delta" => {
                     self.facts.content |= has_text(value)
                 }
-                b"error" => self.facts.error = true,
+                // The Responses API carries `"error": null` in its lifecycle events.
+                b"error" => self.facts.error |= !value.starts_with(b"null"),
                 b"done_reason" | b"finish_reason" => {
                     if let Some(reason) = string_value(value, MAX_REASON) {
                         fields.done_reason = Some(reason);
                     }
                 }
-                b"prompt_eval_count" | b"prompt_tokens" => {
+                // Ollama's, OpenAI chat completions', and the Responses API's and Anthropic's.
+                b"prompt_eval_count" | b"prompt_tokens" | b"input_tokens" => {
                     set(&mut fields.prompt_tokens, number_value(value))
                 }
-                b"eval_count" | b"completion_tokens" => {
+                b"eval_count" | b"completion_tokens" | b"output_tokens" => {
                     set(&mut fields.completion_tokens, number_value(value))
                 }
                 b"eval_duration" => set(&mut fields.eval_duration_ns, number_value(value)),

@@ -735,3 +735,66 @@ fn model_management_and_listing_are_not_model_requests() {
     assert_eq!(ex.llm.model.as_deref(), Some("qwen3:0.6b"));
     assert_eq!(ex.ts.first_chunk, Some(2));
 }
+
+#[test]
+fn openai_responses_stream_first_delta_and_usage() {
+    // `/v1/responses` with `stream: true`: lifecycle events (with `"error": null`, an object
+    // under `text` and `response`), then text deltas, then the usage in `response.completed`.
+    let head: &[u8] =
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let events: Vec<&[u8]> = vec![
+        b"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_1\",\"status\":\"in_progress\",\"error\":null,\"output\":[],\"text\":{\"format\":{\"type\":\"text\"}}}}\n\n",
+        b"event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"item_id\":\"msg_1\",\"output_index\":0,\"content_index\":0,\"delta\":\"Hel\"}\n\n",
+        b"event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"item_id\":\"msg_1\",\"output_index\":0,\"content_index\":0,\"delta\":\"lo\"}\n\n",
+        b"event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"resp_1\",\"status\":\"completed\",\"error\":null,\"usage\":{\"input_tokens\":9,\"input_tokens_details\":{\"cached_tokens\":0},\"output_tokens\":2,\"total_tokens\":11}}}\n\n",
+    ];
+    let request = &post(
+        "/v1/responses",
+        r#"{"model":"m","input":"x","stream":true}"#,
+    );
+    let body = chunked(&events);
+    let mut script: Vec<(Direction, u64, &[u8])> = vec![(IN, 10, request), (OUT, 20, head)];
+    for (i, c) in body.iter().enumerate() {
+        script.push((OUT, 30 + i as u64 * 10, c));
+    }
+    let (out, errors) = run(&script);
+    let ex = only(out);
+    assert_eq!(errors.total(), 0);
+    assert_eq!(ex.llm.model.as_deref(), Some("m"));
+    assert!(!ex.llm.error, "`\"error\": null` is no error");
+    // The first delta, not the lifecycle event before it, is the first token.
+    assert_eq!(ex.ts.first_chunk, Some(40));
+    assert_eq!(
+        (ex.llm.prompt_tokens, ex.llm.completion_tokens),
+        (Some(9), Some(2))
+    );
+}
+
+#[test]
+fn anthropic_messages_stream_first_text_and_usage() {
+    let head: &[u8] =
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let events: Vec<&[u8]> = vec![
+        b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"role\":\"assistant\",\"content\":[],\"model\":\"m\",\"stop_reason\":null,\"usage\":{\"input_tokens\":7,\"output_tokens\":1}}}\n\n",
+        b"event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+        b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n",
+        b"event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":3}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+    ];
+    let request = &post(
+        "/v1/messages",
+        r#"{"model":"m","max_tokens":9,"stream":true}"#,
+    );
+    let body = chunked(&events);
+    let mut script: Vec<(Direction, u64, &[u8])> = vec![(IN, 10, request), (OUT, 20, head)];
+    for (i, c) in body.iter().enumerate() {
+        script.push((OUT, 30 + i as u64 * 10, c));
+    }
+    let ex = only(run(&script).0);
+    assert!(!ex.llm.error, "message_stop ends the stream");
+    // The empty text of content_block_start is not the first token; the first delta is.
+    assert_eq!(ex.ts.first_chunk, Some(50));
+    assert_eq!(
+        (ex.llm.prompt_tokens, ex.llm.completion_tokens),
+        (Some(7), Some(3))
+    );
+}
