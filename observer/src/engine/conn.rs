@@ -404,29 +404,19 @@ fn finish(
         ts.first_chunk = first_chunk;
     }
     let RequestScan { model, stream, .. } = request;
-    if !super::llm::is_model_call(&path) {
+    if super::llm::is_model_call(&path) {
+        llm.model = model;
+        llm.stream = stream
+            .or(streamed)
+            .or(Some(matches!(path.as_str(), "/api/chat" | "/api/generate")));
+        if outcome != Outcome::Complete && llm.model.is_some() && llm.done_reason.is_none() {
+            llm.done_reason = Some("incomplete".to_string());
+        }
+    } else {
         // Model management and listing (`/api/show`, `/v1/models` …): an HTTP exchange only,
         // whatever model its body names. No model output, so no first chunk either.
+        llm = Default::default();
         ts.first_chunk = None;
-        return Exchange {
-            conn,
-            method,
-            path,
-            status,
-            ts,
-            request_body_bytes,
-            response_body_bytes,
-            outcome,
-            exact,
-            llm: Default::default(),
-        };
-    }
-    llm.model = model;
-    llm.stream = stream
-        .or(streamed)
-        .or(Some(matches!(path.as_str(), "/api/chat" | "/api/generate")));
-    if outcome != Outcome::Complete && llm.model.is_some() && llm.done_reason.is_none() {
-        llm.done_reason = Some("incomplete".to_string());
     }
     Exchange {
         conn,

@@ -218,7 +218,6 @@ impl JsonKeys {
     }
 }
 
-/// The unescaped keys in `bytes` and what follows each one's colon.
 /// Ollama's and OpenAI's endpoints that manage or list models rather than run one: their
 /// exchanges are not model requests, whatever model the body names. Matched at the end of the
 /// path (a gateway may serve Ollama's API under a prefix, as `/ollama/api/show`); `/api/blobs/`
@@ -249,6 +248,7 @@ pub fn is_model_call(path: &str) -> bool {
             .any(|prefix| path.contains(prefix))
 }
 
+/// The unescaped keys in `bytes` and what follows each one's colon.
 fn keys(bytes: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
     let mut quotes = memchr::memchr_iter(b'"', bytes);
     std::iter::from_fn(move || {

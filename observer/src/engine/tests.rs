@@ -736,12 +736,23 @@ fn model_management_and_listing_are_not_model_requests() {
     assert_eq!(ex.ts.first_chunk, Some(2));
 }
 
+/// `request`, then a chunked `text/event-stream` response at 20 whose chunks (one per event
+/// string) are written at 30, 40, 50 ….
+fn sse_stream(request: &[u8], events: &[&[u8]]) -> (Vec<Exchange>, ErrorCounts) {
+    let head: &[u8] =
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let body = chunked(events);
+    let mut script: Vec<(Direction, u64, &[u8])> = vec![(IN, 10, request), (OUT, 20, head)];
+    for (i, c) in body.iter().enumerate() {
+        script.push((OUT, 30 + i as u64 * 10, c));
+    }
+    run(&script)
+}
+
 #[test]
 fn openai_responses_stream_first_delta_and_usage() {
     // `/v1/responses` with `stream: true`: lifecycle events (with `"error": null`, an object
     // under `text` and `response`), then text deltas, then the usage in `response.completed`.
-    let head: &[u8] =
-        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
     let events: Vec<&[u8]> = vec![
         b"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_1\",\"status\":\"in_progress\",\"error\":null,\"output\":[],\"text\":{\"format\":{\"type\":\"text\"}}}}\n\n",
         b"event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"item_id\":\"msg_1\",\"output_index\":0,\"content_index\":0,\"delta\":\"Hel\"}\n\n",
@@ -752,12 +763,7 @@ fn openai_responses_stream_first_delta_and_usage() {
         "/v1/responses",
         r#"{"model":"m","input":"x","stream":true}"#,
     );
-    let body = chunked(&events);
-    let mut script: Vec<(Direction, u64, &[u8])> = vec![(IN, 10, request), (OUT, 20, head)];
-    for (i, c) in body.iter().enumerate() {
-        script.push((OUT, 30 + i as u64 * 10, c));
-    }
-    let (out, errors) = run(&script);
+    let (out, errors) = sse_stream(request, &events);
     let ex = only(out);
     assert_eq!(errors.total(), 0);
     assert_eq!(ex.llm.model.as_deref(), Some("m"));
@@ -772,8 +778,6 @@ fn openai_responses_stream_first_delta_and_usage() {
 
 #[test]
 fn anthropic_messages_stream_first_text_and_usage() {
-    let head: &[u8] =
-        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
     let events: Vec<&[u8]> = vec![
         b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"role\":\"assistant\",\"content\":[],\"model\":\"m\",\"stop_reason\":null,\"usage\":{\"input_tokens\":7,\"output_tokens\":1}}}\n\n",
         b"event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
@@ -784,12 +788,7 @@ fn anthropic_messages_stream_first_text_and_usage() {
         "/v1/messages",
         r#"{"model":"m","max_tokens":9,"stream":true}"#,
     );
-    let body = chunked(&events);
-    let mut script: Vec<(Direction, u64, &[u8])> = vec![(IN, 10, request), (OUT, 20, head)];
-    for (i, c) in body.iter().enumerate() {
-        script.push((OUT, 30 + i as u64 * 10, c));
-    }
-    let ex = only(run(&script).0);
+    let ex = only(sse_stream(request, &events).0);
     assert!(!ex.llm.error, "message_stop ends the stream");
     // The empty text of content_block_start is not the first token; the first delta is.
     assert_eq!(ex.ts.first_chunk, Some(50));
