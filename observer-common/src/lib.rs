@@ -18,7 +18,6 @@ pub mod names {
     pub const WATCHED_PORTS: &str = "WATCHED_PORTS";
     pub const LISTENERS: &str = "LISTENERS";
     pub const CONNS: &str = "CONNS";
-    pub const WATCHED_TGIDS: &str = "WATCHED_TGIDS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const HEAD_BYTES: &str = "HEAD_BYTES";
     pub const TAIL_BYTES: &str = "TAIL_BYTES";

@@ -24,8 +24,7 @@ use observer_common::{
 };
 
 use crate::{
-    BPF_RB_NO_WAKEUP, CONNS, EVENTS, HEAD_BYTES, REGS_ARG1_SLOT, REGS_ARG2_SLOT, Regs, TAIL_BYTES,
-    comm, count,
+    BPF_RB_NO_WAKEUP, CONNS, EVENTS, HEAD_BYTES, Regs, TAIL_BYTES, comm, count,
     fds::{file_of, forget, same_file},
     wakeup_flags,
 };
@@ -81,10 +80,10 @@ pub fn exit_data(regs: &Regs, call: u32, len: u64, pid_tgid: u64, tgid: u32) -> 
     let scratch = SCRATCH.get_ptr_mut(0)?;
     // SAFETY: this CPU's scratch value, exclusively ours while the program runs.
     let (event, payload) = unsafe { (&raw mut (*scratch).event, (*scratch).payload.as_mut_ptr()) };
-    let arg1 = regs.read(REGS_ARG1_SLOT)?;
+    let arg1 = regs.arg1()?;
     let complete = match call {
         syscall::READV | syscall::WRITEV => {
-            let iovcnt = regs.read(REGS_ARG2_SLOT)?;
+            let iovcnt = regs.arg2()?;
             unsafe { capture_iovec(event, payload, arg1, iovcnt, len) }
         }
         syscall::RECVMSG | syscall::SENDMSG => {

@@ -29,9 +29,9 @@ use observer_common::{ConnInfo, SockKey, kind};
 
 use crate::{
     CONNS, FD_LAYOUT_KNOWN, FDT_FD_OFFSET, FDT_MAX_FDS_OFFSET, FILE_PRIVATE_DATA_OFFSET,
-    FILES_FDT_OFFSET, LISTENERS, NEWTASK_FLAGS_OFFSET, NEWTASK_PID_OFFSET, PARENTS, REFS,
-    REGS_ARG1_SLOT, REGS_ARG2_SLOT, Regs, SOCK_DPORT_OFFSET, SOCK_LAYOUT_KNOWN, SOCK_NUM_OFFSET,
-    SOCKET_SK_OFFSET, TASK_FILES_OFFSET, current, emit_conn, global, mark, read_kernel, watched,
+    FILES_FDT_OFFSET, LISTENERS, NEWTASK_FLAGS_OFFSET, NEWTASK_PID_OFFSET, PARENTS, REFS, Regs,
+    SOCK_DPORT_OFFSET, SOCK_LAYOUT_KNOWN, SOCK_NUM_OFFSET, SOCKET_SK_OFFSET, TASK_FILES_OFFSET,
+    current, emit_conn, global, mark, read_kernel, watched,
 };
 
 /// Most descriptors walked when a process forks, execs or calls close_range, and most
@@ -324,8 +324,8 @@ fn try_sched_process_exec() -> Option<()> {
 /// between stays).
 pub fn exit_close_range(regs: &Regs, pid_tgid: u64, tgid: u32) -> Option<()> {
     let first = regs.fd()?;
-    let last = regs.read(REGS_ARG1_SLOT)? as u32;
-    let flags = regs.read(REGS_ARG2_SLOT)?;
+    let last = regs.arg1()? as u32;
+    let flags = regs.arg2()?;
     if flags & CLOSE_RANGE_CLOEXEC != 0 || first > last {
         // Marked close-on-exec (exec forgets them), or nothing closed.
         return None;
@@ -339,7 +339,7 @@ pub fn exit_close_range(regs: &Regs, pid_tgid: u64, tgid: u32) -> Option<()> {
 /// and it becomes a key of `oldfd`'s connection or listener.
 pub fn exit_dup2(regs: &Regs, pid_tgid: u64, tgid: u32) -> Option<()> {
     let old_fd = regs.fd()?;
-    let new_fd = regs.read(REGS_ARG1_SLOT)? as u32;
+    let new_fd = regs.arg1()? as u32;
     if old_fd == new_fd {
         return None;
     }
@@ -374,7 +374,7 @@ pub fn exit_dup2(regs: &Regs, pid_tgid: u64, tgid: u32) -> Option<()> {
 /// fd's connection or listener.
 pub fn exit_dup(regs: &Regs, ret: i64, pid_tgid: u64, tgid: u32, fcntl: Option<()>) -> Option<()> {
     if fcntl.is_some() {
-        let cmd = regs.read(REGS_ARG1_SLOT)? as u32 as u64;
+        let cmd = regs.arg1()? as u32 as u64;
         if cmd != F_DUPFD && cmd != F_DUPFD_CLOEXEC {
             return None;
         }

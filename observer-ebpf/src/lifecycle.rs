@@ -23,7 +23,7 @@ use aya_log_ebpf::warn;
 use observer_common::{ConnInfo, Endpoint, ListenInfo, SockKey, counter, family, kind, side};
 
 use crate::{
-    CONNS, LISTENERS, PARENTS, REGS_ARG1_SLOT, Regs, STATE_DPORT_OFFSET, STATE_FAMILY_OFFSET,
+    CONNS, LISTENERS, PARENTS, Regs, STATE_DPORT_OFFSET, STATE_FAMILY_OFFSET,
     STATE_NEWSTATE_OFFSET, STATE_PROTOCOL_OFFSET, STATE_SADDR_OFFSET, STATE_SADDR_V6_OFFSET,
     STATE_SPORT_OFFSET, WATCHED_PORTS, count, current, emit_conn,
     fds::{self, file_of, ports_of, same_file},
@@ -131,7 +131,7 @@ fn read_endpoint(ptr: u64) -> Option<Endpoint> {
 
 /// The sockaddr of the call's second argument if it names a watched port, with the port's role.
 fn watched_endpoint(regs: &Regs) -> Option<(Endpoint, u32)> {
-    let endpoint = read_endpoint(regs.read(REGS_ARG1_SLOT)?)?;
+    let endpoint = read_endpoint(regs.arg1()?)?;
     let role = unsafe { WATCHED_PORTS.get(endpoint.port as u16) }?;
     Some((endpoint, *role))
 }
@@ -255,7 +255,7 @@ pub fn exit_accept(
     tgid: u32,
 ) -> Option<()> {
     let listener = find_listener(tgid, regs.fd()?)?;
-    let peer = regs.read(REGS_ARG1_SLOT)?;
+    let peer = regs.arg1()?;
     let file = file_of(ret as u32).unwrap_or(0);
     // A caller that did not ask for the peer's address (libuv, Node) still gets its port.
     let remote = match read_endpoint(peer) {

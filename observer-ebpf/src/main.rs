@@ -191,7 +191,7 @@ pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     let regs = Regs(ctx.arg(0));
-    let Some(nr) = regs.read(REGS_NR_OFFSET_SLOT) else {
+    let Some(nr) = regs.nr() else {
         return 0;
     };
     let Some(kind) = syscall_kind(nr) else {
@@ -328,29 +328,35 @@ fn add_mark(tgid: u32, clear: bool) {
 /// The saved user registers of the current system call.
 pub struct Regs(u64);
 
-/// Which of the loader's register offsets [`Regs::read`] reads.
-pub const REGS_ARG0_SLOT: u32 = 0;
-pub const REGS_ARG1_SLOT: u32 = 1;
-pub const REGS_ARG2_SLOT: u32 = 2;
-const REGS_NR_OFFSET_SLOT: u32 = 3;
-
 impl Regs {
-    /// One saved register: a system call argument (`REGS_ARG*_SLOT`) or its number.
+    /// The saved register at `offset` (one of the loader's `REGS_*_OFFSET` globals).
     #[inline(always)]
-    pub fn read(&self, slot: u32) -> Option<u64> {
-        let offset = match slot {
-            REGS_ARG0_SLOT => global(&REGS_ARG0_OFFSET),
-            REGS_ARG1_SLOT => global(&REGS_ARG1_OFFSET),
-            REGS_ARG2_SLOT => global(&REGS_ARG2_OFFSET),
-            _ => global(&REGS_NR_OFFSET),
-        };
-        read_kernel(self.0 + offset as u64)
+    fn at(&self, offset: &u32) -> Option<u64> {
+        read_kernel(self.0 + global(offset) as u64)
     }
 
     /// The first argument: an fd.
     #[inline(always)]
     pub fn fd(&self) -> Option<u32> {
-        self.read(REGS_ARG0_SLOT).map(|fd| fd as u32)
+        self.at(&REGS_ARG0_OFFSET).map(|fd| fd as u32)
+    }
+
+    /// The second argument.
+    #[inline(always)]
+    pub fn arg1(&self) -> Option<u64> {
+        self.at(&REGS_ARG1_OFFSET)
+    }
+
+    /// The third argument.
+    #[inline(always)]
+    pub fn arg2(&self) -> Option<u64> {
+        self.at(&REGS_ARG2_OFFSET)
+    }
+
+    /// The system call's number.
+    #[inline(always)]
+    fn nr(&self) -> Option<u64> {
+        self.at(&REGS_NR_OFFSET)
     }
 }
 

@@ -1,6 +1,6 @@
 //! Kernel capture: load the embedded kernel object, configure it, attach its programs (raw
-//! tracepoints on system call entry and exit, and two process tracepoints), seed it with what
-//! `/proc` shows, and hand out the ring buffer of events.
+//! tracepoints on system call exit and process exit, and the TCP state, process creation and
+//! exec tracepoints), seed it with what `/proc` shows, and hand out the ring buffer of events.
 //!
 //! Owns the `aya::Ebpf` instance and therefore the programs' lifetime: dropping a [`Capture`]
 //! (or calling [`Capture::detach`]) detaches every program. Configuration lives in [`config`],
