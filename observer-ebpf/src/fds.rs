@@ -343,7 +343,6 @@ pub fn exit_dup2(regs: &Regs, pid_tgid: u64, tgid: u32) -> Option<()> {
     if old_fd == new_fd {
         return None;
     }
-    let file = file_of(old_fd);
     let new_key = SockKey { tgid, fd: new_fd };
     let old_key = SockKey { tgid, fd: old_fd };
     let old = unsafe { CONNS.get(old_key) }.copied();
@@ -354,40 +353,42 @@ pub fn exit_dup2(regs: &Regs, pid_tgid: u64, tgid: u32) -> Option<()> {
         }
     }
     let _ = LISTENERS.remove(new_key);
-    if let Some(mut conn) = old {
-        if !same_file(conn.file, file) {
-            return None;
-        }
-        if let Some(file) = file {
-            conn.file = file;
-        }
-        add_holder(new_key, &conn, pid_tgid);
-    } else if let Some(listener) = unsafe { LISTENERS.get(old_key) } {
-        let listener = *listener;
-        let _ = LISTENERS.insert(new_key, listener, 0);
-    }
-    Some(())
+    copy_key(old_key, old, new_key, pid_tgid)
 }
 
-/// Exit of `dup(oldfd)`, and of `fcntl(oldfd, cmd, arg)` (`fcntl`: `Some`) when its command
+/// Exit of `dup(oldfd)`, and of `fcntl(oldfd, cmd, arg)` (`fcntl`) when its command
 /// duplicates, by a marked process: the new fd (the return value) is one more key of the old
 /// fd's connection or listener.
-pub fn exit_dup(regs: &Regs, ret: i64, pid_tgid: u64, tgid: u32, fcntl: Option<()>) -> Option<()> {
-    if fcntl.is_some() {
+pub fn exit_dup(regs: &Regs, ret: i64, pid_tgid: u64, tgid: u32, fcntl: bool) -> Option<()> {
+    if fcntl {
         let cmd = regs.arg1()? as u32 as u64;
         if cmd != F_DUPFD && cmd != F_DUPFD_CLOEXEC {
             return None;
         }
     }
-    let old_fd = regs.fd()?;
+    let old_key = SockKey {
+        tgid,
+        fd: regs.fd()?,
+    };
     let new_key = SockKey {
         tgid,
         fd: ret as u32,
     };
-    let old_key = SockKey { tgid, fd: old_fd };
-    if let Some(conn) = unsafe { CONNS.get(old_key) } {
-        let mut conn = *conn;
-        let file = file_of(old_fd);
+    let old = unsafe { CONNS.get(old_key) }.copied();
+    copy_key(old_key, old, new_key, pid_tgid)
+}
+
+/// `new_key` becomes one more key of what `old_key` holds: its connection (`old`, while the
+/// fd still refers to that connection's file) or its listener.
+#[inline(always)]
+fn copy_key(
+    old_key: SockKey,
+    old: Option<ConnInfo>,
+    new_key: SockKey,
+    pid_tgid: u64,
+) -> Option<()> {
+    if let Some(mut conn) = old {
+        let file = file_of(old_key.fd);
         if !same_file(conn.file, file) {
             return None;
         }
