@@ -12,9 +12,15 @@
 //! write and after the last read (building the request, JSON and pydantic parsing) is
 //! invisible to any server-side observer: it put the library-level figures 2.7–3.5 ms (duration)
 //! and 3.5–4.4 ms (time to first chunk) away from the observer's at worst, against 0.1–0.8 ms
-//! at the socket. Both are measured; the test prints the worst differences of each. The client
-//! and nginx's workers run at real-time priority so that other tests on a small machine do not
-//! delay one side of a comparison.
+//! at the socket. Both are measured; the test prints the worst differences of each.
+//!
+//! The client and nginx's workers run at real-time priority, on one CPU, nginx above the
+//! client, so that other tests on a small machine do not delay one side of a comparison. What
+//! no system call can show is time the request's bytes wait in nginx's socket because nginx
+//! was not running: on a virtual machine, a wake-up sent to another CPU waits for the host to
+//! run that virtual CPU (3–9 ms seen in CI, invisible to the guest's scheduler statistics).
+//! On one CPU that wait becomes time nginx is runnable and not running, which schedstat counts:
+//! each request's tolerance is 2 ms plus what the client and nginx waited for a CPU during it.
 
 mod support;
 
@@ -138,15 +144,18 @@ fn ollama_client_through_nginx_is_measured_exactly() {
         .stdout(Stdio::piped())
         .spawn()
         .expect("starting the Python driver (run scripts/setup.sh for .venv)");
-    // The client and nginx's workers preempt whatever else runs (other tests, builds): their
-    // wake-up latency would otherwise add milliseconds to one side of a comparison now and then.
+    // The client and nginx's workers preempt whatever else runs (other tests, builds), on one
+    // CPU, nginx above the client: their wake-up latency would otherwise add milliseconds to one
+    // side of a comparison now and then. nginx, woken by the client's request, reads it before the
+    // client goes on.
+    let workers = nginx.worker_pids();
     let measured: Vec<u32> = std::iter::once(driver.id())
-        .chain(nginx.worker_pids())
+        .chain(workers.iter().copied())
         .collect();
-    let normal: Vec<u32> = measured
-        .iter()
-        .copied()
-        .filter(|&pid| !support::daemon::realtime(pid))
+    let normal: Vec<u32> = std::iter::once((driver.id(), 1))
+        .chain(workers.iter().map(|&pid| (pid, 2)))
+        .filter(|&(pid, priority)| !support::daemon::realtime(pid, priority))
+        .map(|(pid, _)| pid)
         .collect();
     if !normal.is_empty() {
         eprintln!("note: no real-time priority for {normal:?}; a busy machine may upset timings");
@@ -182,9 +191,10 @@ fn ollama_client_through_nginx_is_measured_exactly() {
         sent += 1.0;
         let after = scrape_until(&daemon, sent);
         let delay_after = support::daemon::scheduling_delay(&measured);
+        let waited = delay_after.0.saturating_sub(delay_before.0) as f64 / 1e9;
         let what = format!(
-            "{command} -> {result} (the client and nginx waited {:.6} s for a CPU, steal {} ticks)",
-            delay_after.0.saturating_sub(delay_before.0) as f64 / 1e9,
+            "{command} -> {result} (the client and nginx waited {waited:.6} s for a CPU, steal {} \
+             ticks)",
             delay_after.1.saturating_sub(delay_before.1)
         );
 
@@ -259,10 +269,14 @@ fn ollama_client_through_nginx_is_measured_exactly() {
                 }) - sock("last_write"),
             ),
         ];
+        // Time the client or nginx spent runnable but not running (the host took their CPU)
+        // falls between a client's timestamp and nginx's system call, where no observer sees
+        // it: it widens the tolerance by exactly that much, nothing else does.
+        let tolerance = TOLERANCE_S + waited;
         for (name, observer, client) in checks {
             worst.note(name, observer - client);
             assert!(
-                (observer - client).abs() <= TOLERANCE_S,
+                (observer - client).abs() <= tolerance,
                 "{name}: observer {observer:.6} s, client socket {client:.6} s (upstream {:.6} s): \
                  {what}",
                 delta(

@@ -283,18 +283,29 @@ pub fn scheduling_delay(pids: &[u32]) -> (u64, u64) {
     (waited, steal)
 }
 
-/// Puts every thread of `pid` in `SCHED_FIFO` at the lowest real-time priority, so that on a
-/// machine busy with other tests it runs as soon as it is woken: a timing test then compares
-/// the observer with the client, not with the scheduler's latency. Returns whether it worked
-/// for every thread (it needs `CAP_SYS_NICE`; callers go on without it).
-pub fn realtime(pid: u32) -> bool {
+/// Puts every thread of `pid` in `SCHED_FIFO` at `priority` (1 is the lowest real-time one) on
+/// CPU 0 only, so that on a machine busy with other tests it runs as soon as it is woken, and
+/// is woken on the CPU of whoever woke it: a timing test then compares the observer with the
+/// client, not with the scheduler's latency. On a virtual machine a wake-up sent to another
+/// CPU waits for that virtual CPU to run again, milliseconds where the host steals time, and
+/// the bytes then wait in the socket, unseen by any system call. Returns whether it worked for
+/// every thread (it needs `CAP_SYS_NICE`; callers go on without it).
+pub fn realtime(pid: u32, priority: i32) -> bool {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return false;
     };
-    let param = libc::sched_param { sched_priority: 1 };
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
     tasks.flatten().all(|task| {
         let tid: i32 = task.file_name().to_string_lossy().parse().unwrap();
-        // SAFETY: sched_setscheduler reads `param`, which outlives the call.
-        unsafe { libc::sched_setscheduler(tid, libc::SCHED_FIFO, &param) == 0 }
+        // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes inside it.
+        let mut cpus: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        unsafe { libc::CPU_SET(0, &mut cpus) };
+        // SAFETY: both calls read what they are given, which outlives them.
+        unsafe {
+            libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &cpus) == 0
+                && libc::sched_setscheduler(tid, libc::SCHED_FIFO, &param) == 0
+        }
     })
 }
