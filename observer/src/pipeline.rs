@@ -24,7 +24,8 @@ use crate::capture::{
     own_ports::OwnPorts,
 };
 use crate::engine::{
-    ConnMeta, Engine, EngineConfig, ErrorCounts, ErrorReason, Exchange,
+    Call, ConnMeta, Engine, EngineConfig, ErrorCounts, ErrorReason, Exchange, MessageKind, Unread,
+    WsCounts,
     correlate::{Correlator, Resolved},
 };
 use crate::metrics::{EbpfEventKind, Metrics, handles::Handles};
@@ -102,6 +103,8 @@ pub struct Pipeline {
     reported_in_flight: [i64; 2],
     /// Engine errors already added to the metrics.
     reported_errors: ErrorCounts,
+    /// WebSocket counts already exported, by role (on the side counted for it).
+    reported_ws: [WsCounts; 2],
     reported_kernel: KernelCounters,
     reported_undecodable: u64,
     totals: Totals,
@@ -134,6 +137,7 @@ impl Pipeline {
             last_publish_ns: 0,
             reported_in_flight: [0; 2],
             reported_errors: ErrorCounts::default(),
+            reported_ws: Default::default(),
             reported_kernel: KernelCounters::default(),
             reported_undecodable: 0,
             totals: Totals::default(),
@@ -641,6 +645,13 @@ impl Pipeline {
                 self.correlator.add(ex);
             }
         }
+        let calls: Vec<Call> = self.engine.drain_calls().collect();
+        for call in calls {
+            if self.counts(&call.conn) {
+                self.metrics.record_call(&call);
+            }
+        }
+        self.report_websocket();
         self.closing.clear();
         let resolved = &mut self.resolved;
         self.correlator.resolve_into(now_ns, resolved);
@@ -680,6 +691,37 @@ impl Pipeline {
         if now_ns.saturating_sub(self.last_publish_ns) >= self.publish_every_ns {
             self.publish();
             self.last_publish_ns = now_ns;
+        }
+    }
+
+    /// New WebSocket message and unread counts into metrics, once: from the side counted for
+    /// each role, as errors are.
+    fn report_websocket(&mut self) {
+        for role in [Role::Gateway, Role::Upstream] {
+            let side = self.counted_side(role);
+            let now = self.engine.ws_counts(role, side);
+            let before = &self.reported_ws[role.index()];
+            if now == before {
+                continue;
+            }
+            for direction in [Direction::Ingress, Direction::Egress] {
+                for kind in MessageKind::ALL {
+                    let new = now
+                        .message(direction, kind)
+                        .saturating_sub(before.message(direction, kind));
+                    if new > 0 {
+                        self.metrics
+                            .add_websocket_messages(role, direction, kind, new);
+                    }
+                }
+            }
+            for reason in Unread::ALL {
+                let new = now.unread(reason).saturating_sub(before.unread(reason));
+                if new > 0 {
+                    self.metrics.add_websocket_unread(role, reason, new);
+                }
+            }
+            self.reported_ws[role.index()] = now.clone();
         }
     }
 
@@ -935,6 +977,73 @@ mod tests {
         assert!(
             text.contains("observer_tcp_connections_active{role=\"upstream\"} 0"),
             "{text}"
+        );
+    }
+
+    /// The value of one series in the text exposition (0 when absent).
+    fn series(metrics: &Metrics, series: &str) -> u64 {
+        let (_, text) = metrics.encode(ExpositionFormat::Text);
+        String::from_utf8(text)
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn a_websocket_call_seen_from_both_ends_is_counted_once() {
+        let (metrics, mut p) = pipeline();
+        let server = meta(1, Role::Gateway, Side::Server, 18789);
+        let client = meta(2, Role::Gateway, Side::Client, 18789);
+        let upgrade =
+            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+        let switched = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n";
+        let req = br#"{"type":"req","id":"1","method":"agent","params":{}}"#;
+        let res = br#"{"type":"res","id":"1","ok":false,"error":{"code":"UNAVAILABLE"}}"#;
+        // The client's request masked with a zero key (the bytes are the same either way).
+        let mut req_frame = vec![0x81, 0x80 | req.len() as u8, 0, 0, 0, 0];
+        req_frame.extend_from_slice(req);
+        let mut res_frame = vec![0x81, res.len() as u8];
+        res_frame.extend_from_slice(res);
+        for (conn, from_client, from_server) in [
+            (server, Direction::Ingress, Direction::Egress),
+            (client, Direction::Egress, Direction::Ingress),
+        ] {
+            p.on_open(conn, 1, false);
+            let mut data = |dir, ts, bytes: &[u8]| {
+                p.on_data(conn, dir, ts, bytes.len() as u64, bytes, &[]);
+            };
+            data(from_client, 10, upgrade);
+            data(from_server, 20, switched);
+            data(from_client, 30, &req_frame);
+            data(from_server, 90, &res_frame);
+        }
+        p.flush(100, |_| {});
+        let labels = r#"{method="agent",outcome="UNAVAILABLE",role="gateway"}"#;
+        assert_eq!(
+            series(&metrics, &format!("observer_rpc_calls_total{labels}")),
+            1
+        );
+        assert_eq!(
+            series(
+                &metrics,
+                &format!("observer_rpc_call_duration_seconds_count{labels}")
+            ),
+            1
+        );
+        assert_eq!(
+            series(
+                &metrics,
+                r#"observer_websocket_messages_total{direction="ingress",kind="text",role="gateway"}"#
+            ),
+            1
+        );
+        assert_eq!(
+            series(
+                &metrics,
+                r#"observer_websocket_messages_total{direction="egress",kind="text",role="gateway"}"#
+            ),
+            1
         );
     }
 

@@ -8,6 +8,8 @@ use super::ErrorReason;
 use super::exchange::{ConnMeta, Exchange, Method, Outcome, Timestamps};
 use super::http::{BodyRule, Head, Kind, MessageParser, Sink};
 use super::llm::{RequestScan, ResponseScan};
+use super::rpc::{Call, CallOutcome};
+use super::ws::{Session, SessionOutput, WsCounts};
 use crate::capture::decode::{Direction, Side};
 
 /// Requests kept waiting for responses on one connection; more are counted and not tracked.
@@ -62,12 +64,16 @@ struct Exchanges {
     /// Boxed: most connections are idle between exchanges most of the time.
     response: Option<Box<Response>>,
     upgraded: bool,
+    /// After a `101` to WebSocket: its frames and calls.
+    ws: Option<Box<Session>>,
 }
 
 /// Where a connection's findings go: finished exchanges and errors by reason.
 pub struct Output<'a> {
     pub exchanges: &'a mut Vec<Exchange>,
     pub errors: &'a mut [u64; ErrorReason::COUNT],
+    pub calls: &'a mut Vec<Call>,
+    pub ws: &'a mut WsCounts,
 }
 
 impl Conn {
@@ -123,6 +129,14 @@ impl Conn {
     ) {
         self.last_ts = self.last_ts.max(ts);
         let is_request = self.is_request(direction);
+        if let Some(ws) = &mut self.state.ws {
+            let out = SessionOutput {
+                counts: out.ws,
+                calls: out.calls,
+            };
+            ws.segment(self.meta, is_request, ts, len, head, tail, out);
+            return;
+        }
         let mut sink = ConnSink {
             meta: self.meta,
             state: &mut self.state,
@@ -169,6 +183,13 @@ impl Conn {
         let ConnSink {
             meta, state, out, ..
         } = sink;
+        if let Some(ws) = &mut state.ws {
+            let outcome = match outcome {
+                Outcome::Evicted => CallOutcome::Evicted,
+                _ => CallOutcome::Aborted,
+            };
+            ws.close(outcome, out.calls);
+        }
         // What was seen last, not the close, is the last byte of a cut-short exchange.
         let last = self.last_ts;
         if let Some(response) = state.response.take()
@@ -256,7 +277,17 @@ impl ConnSink<'_, '_> {
             exact: head.complete,
             interim,
         }));
-        if head.status == 101 || (method == Some(Method::Connect) && head.status / 100 == 2) {
+        if head.status == 101 {
+            // The exchange is the handshake: it ends with this head. What follows is another
+            // protocol; WebSocket is read on.
+            self.state.upgraded = true;
+            if head.websocket {
+                self.state.ws = Some(Box::new(Session::new(head.deflate)));
+            }
+            self.response_end(ts);
+            return BodyRule::Opaque;
+        }
+        if method == Some(Method::Connect) && head.status / 100 == 2 {
             self.state.upgraded = true;
             return BodyRule::Opaque;
         }
@@ -345,6 +376,26 @@ impl Sink for ConnSink<'_, '_> {
                 self.state.receiving = None;
             }
             Kind::Response => self.response_end(ts),
+        }
+    }
+
+    fn upgraded(&mut self, bytes: &[u8], ts: u64) {
+        if let Some(ws) = &mut self.state.ws {
+            let out = SessionOutput {
+                counts: self.out.ws,
+                calls: self.out.calls,
+            };
+            ws.bytes(self.meta, self.kind == Kind::Request, ts, bytes, out);
+        }
+    }
+
+    fn upgraded_gap(&mut self, n: u64) {
+        if let Some(ws) = &mut self.state.ws {
+            let out = SessionOutput {
+                counts: self.out.ws,
+                calls: self.out.calls,
+            };
+            ws.gap(self.meta, self.kind == Kind::Request, n, out);
         }
     }
 

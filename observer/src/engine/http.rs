@@ -57,6 +57,10 @@ pub struct Head {
     pub chunked: bool,
     pub expect_continue: bool,
     pub body_type: BodyType,
+    /// `Upgrade: websocket`.
+    pub websocket: bool,
+    /// `Sec-WebSocket-Extensions` names `permessage-deflate` (in a `101`: it was negotiated).
+    pub deflate: bool,
     /// False when the head was cut by a capture gap and only its first lines were read.
     pub complete: bool,
 }
@@ -72,6 +76,8 @@ impl Head {
             chunked: false,
             expect_continue: false,
             body_type: BodyType::Other,
+            websocket: false,
+            deflate: false,
             complete,
         }
     }
@@ -86,6 +92,10 @@ pub trait Sink {
     fn body_gap(&mut self, n: u64);
     fn end(&mut self, ts: u64);
     fn error(&mut self, reason: ErrorReason);
+    /// Bytes after an upgrade (`101`), captured: they belong to the new protocol.
+    fn upgraded(&mut self, _bytes: &[u8], _ts: u64) {}
+    /// `n` bytes after an upgrade that were not captured.
+    fn upgraded_gap(&mut self, _n: u64) {}
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -273,7 +283,8 @@ impl MessageParser {
                 self.unframe(true);
             }
             State::UntilClose | State::Unframed => sink.body_gap(n),
-            State::Resync | State::Opaque => {}
+            State::Opaque => sink.upgraded_gap(n),
+            State::Resync => {}
         }
         self.recent = [0; 5];
     }
@@ -332,7 +343,10 @@ impl MessageParser {
                         None => bytes.len(),
                     }
                 }
-                State::Opaque => bytes.len(),
+                State::Opaque => {
+                    sink.upgraded(bytes, ts);
+                    bytes.len()
+                }
             };
             at_boundary = false;
             bytes = &bytes[used..];
@@ -625,8 +639,21 @@ fn apply_header(head: &mut Head, name: &str, value: &[u8]) -> Result<(), ()> {
         head.expect_continue = text()?.eq_ignore_ascii_case("100-continue");
     } else if name.eq_ignore_ascii_case("content-type") {
         head.body_type = body_type(text()?);
+    } else if name.eq_ignore_ascii_case("upgrade") {
+        head.websocket |= contains_token(value, b"websocket");
+    } else if name.eq_ignore_ascii_case("sec-websocket-extensions") {
+        head.deflate |= contains_token(value, b"permessage-deflate");
     }
     Ok(())
+}
+
+/// Whether a comma-separated header value holds `token` (ASCII case-insensitive, parameters
+/// after `;` ignored).
+fn contains_token(value: &[u8], token: &[u8]) -> bool {
+    value.split(|&b| b == b',').any(|item| {
+        let name = item.split(|&b| b == b';').next().unwrap_or(item);
+        name.trim_ascii().eq_ignore_ascii_case(token)
+    })
 }
 
 fn body_type(content_type: &str) -> BodyType {

@@ -249,7 +249,7 @@ pub fn is_model_call(path: &str) -> bool {
 }
 
 /// The unescaped keys in `bytes` and what follows each one's colon.
-fn keys(bytes: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+pub(super) fn keys(bytes: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
     let mut quotes = memchr::memchr_iter(b'"', bytes);
     std::iter::from_fn(move || {
         loop {
@@ -281,7 +281,7 @@ fn trim_start(bytes: &[u8]) -> &[u8] {
     &bytes[skip..]
 }
 
-fn string_value(value: &[u8], limit: usize) -> Option<String> {
+pub(super) fn string_value(value: &[u8], limit: usize) -> Option<String> {
     let body = value.strip_prefix(b"\"")?;
     let mut out = Vec::new();
     let mut escaped = false;
@@ -302,7 +302,7 @@ fn string_value(value: &[u8], limit: usize) -> Option<String> {
     None
 }
 
-fn bool_value(value: &[u8]) -> Option<bool> {
+pub(super) fn bool_value(value: &[u8]) -> Option<bool> {
     if value.starts_with(b"true") {
         Some(true)
     } else if value.starts_with(b"false") {
@@ -312,7 +312,7 @@ fn bool_value(value: &[u8]) -> Option<bool> {
     }
 }
 
-fn number_value(value: &[u8]) -> Option<u64> {
+pub(super) fn number_value(value: &[u8]) -> Option<u64> {
     let digits = value.iter().take_while(|b| b.is_ascii_digit()).count();
     if digits == 0 || digits == value.len() {
         // No digits, or the number may continue past the captured bytes.

@@ -6,6 +6,8 @@
 //! - `conn`: one connection: requests paired with responses, pipelining.
 //! - `llm`: model, stream flag, tokens and chunk timing from the bodies.
 //! - [`correlate`]: gateway exchanges paired with the upstream exchanges they caused.
+//! - [`ws`]: WebSocket frames and messages after a `101`; [`rpc`]: the calls made with them
+//!   (OpenClaw's gateway protocol).
 //!
 //! Memory is bounded: connections (`max_conns`, the least recently active is evicted), a
 //! head buffer per direction, [`conn::MAX_PIPELINE`] waiting requests, one line buffer per
@@ -16,11 +18,15 @@ pub mod correlate;
 mod exchange;
 pub mod http;
 mod llm;
+pub mod rpc;
+pub mod ws;
 
 use foldhash::{HashMap, HashMapExt as _};
 
 pub use conn::MAX_PIPELINE;
 pub use exchange::{ConnMeta, Exchange, LlmFields, MAX_PATH, Method, Outcome, Timestamps};
+pub use rpc::{Call, CallOutcome};
+pub use ws::{MessageKind, Unread, WsCounts};
 
 use crate::capture::{Role, decode::Direction};
 use conn::{Conn, Output};
@@ -156,7 +162,10 @@ pub struct Engine {
     config: EngineConfig,
     conns: HashMap<u64, Conn>,
     finished: Vec<Exchange>,
+    calls: Vec<Call>,
     errors: ErrorCounts,
+    /// WebSocket messages and unread bytes by role and bucket.
+    ws: [[WsCounts; BUCKETS]; 2],
     /// Requests in flight by role and bucket (side, or relay hop).
     in_flight: [[usize; BUCKETS]; 2],
 }
@@ -167,7 +176,9 @@ impl Engine {
             config,
             conns: HashMap::new(),
             finished: Vec::new(),
+            calls: Vec::new(),
             errors: ErrorCounts::default(),
+            ws: Default::default(),
             in_flight: [[0; BUCKETS]; 2],
         }
     }
@@ -213,6 +224,8 @@ impl Engine {
             Output {
                 exchanges: &mut self.finished,
                 errors,
+                calls: &mut self.calls,
+                ws: &mut self.ws[conn.meta.role.index()][bucket],
             },
         );
         let after = conn.in_flight();
@@ -278,11 +291,14 @@ impl Engine {
         let slot = &mut self.in_flight[conn.meta.role.index()][conn.bucket()];
         *slot = slot.saturating_sub(conn.in_flight());
         let errors = self.errors.slot(conn.meta.role, conn.bucket());
+        let ws = &mut self.ws[conn.meta.role.index()][conn.bucket()];
         conn.close(
             outcome,
             Output {
                 exchanges: &mut self.finished,
                 errors,
+                calls: &mut self.calls,
+                ws,
             },
         );
     }
@@ -312,6 +328,17 @@ impl Engine {
 
     pub fn errors(&self) -> &ErrorCounts {
         &self.errors
+    }
+
+    /// Calls over WebSocket finished since the last call, in the order they finished.
+    pub fn drain_calls(&mut self) -> std::vec::Drain<'_, Call> {
+        self.calls.drain(..)
+    }
+
+    /// WebSocket messages and unread bytes on connections of this role and side (relay hops'
+    /// apart).
+    pub fn ws_counts(&self, role: Role, side: crate::capture::decode::Side) -> &WsCounts {
+        &self.ws[role.index()][side_index_of(side)]
     }
 
     /// Requests seen whose responses have not finished, on connections of this role and side.
@@ -349,3 +376,6 @@ fn side_index_of(side: crate::capture::decode::Side) -> usize {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod ws_tests;

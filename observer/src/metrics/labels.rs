@@ -169,6 +169,17 @@ impl ModelLabels {
     }
 }
 
+/// The `method` label of a call over WebSocket: the methods that carry turns and the
+/// handshake, else [`OTHER`].
+pub fn rpc_method(method: &str) -> &'static str {
+    match method {
+        "agent" => "agent",
+        "chat.send" => "chat.send",
+        "connect" => "connect",
+        _ => OTHER,
+    }
+}
+
 /// The `done_reason` label: `error` for an exchange that carried an error, a known reason, or
 /// [`OTHER`]; [`NONE`] when the body said nothing.
 pub fn done_reason(llm: &LlmFields) -> &'static str {

@@ -27,7 +27,7 @@ use self::{
 };
 use crate::{
     capture::{Role, decode::Direction},
-    engine::Exchange,
+    engine::{Call, CallOutcome, Exchange, MessageKind, Unread},
 };
 
 /// What the metrics are named and labelled with.
@@ -81,6 +81,8 @@ pub struct Metrics {
     families: Families,
     routes: Routes,
     models: ModelLabels,
+    /// Error codes of calls over WebSocket admitted as `outcome` values (bounded like models).
+    rpc_errors: ModelLabels,
     llm_role: Role,
     /// Run before each scrape: they publish what pipelines gathered (see [`handles`]).
     before_gather: GatherHooks,
@@ -137,6 +139,7 @@ impl Metrics {
             families,
             routes,
             models: ModelLabels::default(),
+            rpc_errors: ModelLabels::default(),
             llm_role: config.llm_role,
             before_gather: GatherHooks::default(),
             publishing: std::sync::RwLock::new(()),
@@ -404,6 +407,62 @@ impl Metrics {
                     .with_label_values(&[role.as_str(), direction])
                     .local()
             })
+            .inc_by(n);
+    }
+
+    /// One finished call over WebSocket: `rpc_*`.
+    pub fn record_call(&self, call: &Call) {
+        let f = &self.families;
+        let role = call.conn.role.as_str();
+        let method = labels::rpc_method(&call.method);
+        let outcome = match &call.outcome {
+            CallOutcome::Error(code) => self.rpc_errors.label(code),
+            other => other.as_str(),
+        };
+        f.rpc_calls
+            .with_label_values(&[role, method, outcome])
+            .inc();
+        f.rpc_duration
+            .with_label_values(&[role, method, outcome])
+            .observe(seconds(call.duration_ns()));
+        if let Some(ns) = call.time_to_first_delta_ns() {
+            f.rpc_first_delta
+                .with_label_values(&[role, method])
+                .observe(seconds(ns));
+        }
+        for (kind, tokens) in [
+            ("prompt", call.input_tokens),
+            ("completion", call.output_tokens),
+        ] {
+            if let Some(tokens) = tokens {
+                f.rpc_tokens
+                    .with_label_values(&[role, method, kind])
+                    .inc_by(tokens);
+            }
+        }
+    }
+
+    pub fn add_websocket_messages(
+        &self,
+        role: Role,
+        direction: Direction,
+        kind: MessageKind,
+        n: u64,
+    ) {
+        let direction = match direction {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        };
+        self.families
+            .websocket_messages
+            .with_label_values(&[role.as_str(), direction, kind.as_str()])
+            .inc_by(n);
+    }
+
+    pub fn add_websocket_unread(&self, role: Role, reason: Unread, n: u64) {
+        self.families
+            .websocket_unread
+            .with_label_values(&[role.as_str(), reason.as_str()])
             .inc_by(n);
     }
 

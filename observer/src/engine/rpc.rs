@@ -1,0 +1,350 @@
+//! Calls over WebSocket: OpenClaw's gateway protocol (v4), JSON text messages of three types.
+//!
+//! - `{"type":"req","id":…,"method":…,"params":…}` from the client starts a call;
+//! - `{"type":"res","id":…,"ok":…,"payload"|"error":…}` from the server answers it. A `res`
+//!   whose `payload.status` is `"accepted"` is an acknowledgement (an `agent` turn gets one at
+//!   once, and its result later under the same id): the call goes on;
+//! - `{"type":"event","event":…,"payload":…}` from the server: `agent` events whose
+//!   `payload.stream` is `"assistant"` and `chat` events whose `payload.state` is `"delta"`
+//!   carry the model's text, and the first of them after a call began is its first delta. An
+//!   event names its run (`payload.runId`, given in the acceptance); one that names none goes
+//!   to the oldest call still waiting for its first delta.
+//!
+//! A call ends with its final `res`: outcome `ok`, or the error's `code`; tokens from the
+//! `usage` object (`input`, `output`) where the captured bytes hold it. Calls still open when
+//! the connection closes end `aborted`. Messages are read from their captured head and tail
+//! (see [`super::ws`]); one whose type cannot be read is not a call.
+
+use std::collections::VecDeque;
+
+use super::exchange::ConnMeta;
+use super::llm::{bool_value, keys, number_value, string_value};
+use super::ws::{Message, MessageKind};
+
+/// Calls kept waiting for their results on one connection; older ones are dropped (counted).
+pub const MAX_PENDING_CALLS: usize = 64;
+/// Longest method name or error code kept.
+const MAX_NAME: usize = 48;
+/// Longest id or run id kept (OpenClaw's are UUIDs).
+const MAX_ID: usize = 64;
+
+/// How a call ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallOutcome {
+    Ok,
+    /// `ok:false`: the error's `code` (`error` when it has none).
+    Error(String),
+    /// The connection closed first.
+    Aborted,
+    /// The engine dropped the connection (its limit) or stopped.
+    Evicted,
+}
+
+impl CallOutcome {
+    pub fn as_str(&self) -> &str {
+        match self {
+            CallOutcome::Ok => "ok",
+            CallOutcome::Error(code) => code,
+            CallOutcome::Aborted => "aborted",
+            CallOutcome::Evicted => "evicted",
+        }
+    }
+}
+
+/// One finished call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Call {
+    pub conn: ConnMeta,
+    pub method: String,
+    pub outcome: CallOutcome,
+    /// The request's first and last bytes.
+    pub request_first: u64,
+    pub request_last: u64,
+    /// The acknowledgement (`payload.status:"accepted"`), if one came.
+    pub accepted: Option<u64>,
+    /// The first event carrying model text.
+    pub first_delta: Option<u64>,
+    /// The final answer's last bytes (for an aborted call, the last bytes seen).
+    pub end: u64,
+    pub input_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
+}
+
+impl Call {
+    pub fn duration_ns(&self) -> u64 {
+        self.end.saturating_sub(self.request_first)
+    }
+
+    pub fn time_to_first_delta_ns(&self) -> Option<u64> {
+        Some(self.first_delta?.saturating_sub(self.request_last))
+    }
+}
+
+#[derive(Debug)]
+struct Pending {
+    id: String,
+    run_id: Option<String>,
+    call: Call,
+}
+
+/// The calls of one WebSocket connection.
+#[derive(Debug, Default)]
+pub struct Calls {
+    pending: VecDeque<Pending>,
+    last_ts: u64,
+    /// Calls dropped because more than [`MAX_PENDING_CALLS`] waited.
+    pub dropped: u64,
+}
+
+/// The top-level fields of a message that decide what it is.
+#[derive(Debug, Default)]
+struct Fields<'a> {
+    kind: Option<&'a [u8]>,
+    id: Option<String>,
+    method: Option<String>,
+    event: Option<String>,
+    ok: Option<bool>,
+}
+
+impl Calls {
+    /// A text message from the client (`from_client`) or the server.
+    pub fn message(
+        &mut self,
+        conn: ConnMeta,
+        from_client: bool,
+        message: &Message,
+        out: &mut Vec<Call>,
+    ) {
+        if message.kind != MessageKind::Text || message.compressed {
+            return;
+        }
+        self.last_ts = self.last_ts.max(message.last_ts);
+        let fields = top_level(&message.head);
+        match (fields.kind, from_client) {
+            (Some(b"req"), true) => self.request(conn, fields, message),
+            (Some(b"res"), false) => self.response(fields, message, out),
+            (Some(b"event"), false) => self.event(fields, message),
+            _ => {}
+        }
+    }
+
+    /// The connection is gone: calls still open end with `outcome`.
+    pub fn close(&mut self, outcome: CallOutcome, out: &mut Vec<Call>) {
+        for mut pending in self.pending.drain(..) {
+            pending.call.outcome = outcome.clone();
+            pending.call.end = self.last_ts.max(pending.call.request_last);
+            out.push(pending.call);
+        }
+    }
+
+    /// Calls waiting for their results.
+    pub fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+
+    fn request(&mut self, conn: ConnMeta, fields: Fields<'_>, message: &Message) {
+        let (Some(id), Some(method)) = (fields.id, fields.method) else {
+            return;
+        };
+        if self.pending.len() >= MAX_PENDING_CALLS {
+            self.pending.pop_front();
+            self.dropped += 1;
+        }
+        self.pending.push_back(Pending {
+            id,
+            run_id: None,
+            call: Call {
+                conn,
+                method,
+                outcome: CallOutcome::Ok,
+                request_first: message.first_ts,
+                request_last: message.last_ts,
+                accepted: None,
+                first_delta: None,
+                end: message.last_ts,
+                input_tokens: None,
+                output_tokens: None,
+            },
+        });
+    }
+
+    fn response(&mut self, fields: Fields<'_>, message: &Message, out: &mut Vec<Call>) {
+        let Some(id) = fields.id else { return };
+        let Some(at) = self.pending.iter().position(|p| p.id == id) else {
+            return;
+        };
+        let payload = after_key(&message.head, b"payload");
+        let status = payload.and_then(|p| first_string(p, b"status", MAX_NAME));
+        if fields.ok == Some(true) && status.as_deref() == Some("accepted") {
+            let pending = &mut self.pending[at];
+            pending.call.accepted.get_or_insert(message.first_ts);
+            if pending.run_id.is_none() {
+                pending.run_id = payload.and_then(|p| first_string(p, b"runId", MAX_ID));
+            }
+            return;
+        }
+        let Some(mut pending) = self.pending.remove(at) else {
+            return;
+        };
+        let call = &mut pending.call;
+        call.end = message.last_ts;
+        call.outcome = match fields.ok {
+            Some(false) => CallOutcome::Error(
+                after_key(&message.head, b"error")
+                    .and_then(|e| first_string(e, b"code", MAX_NAME))
+                    .unwrap_or_else(|| "error".to_string()),
+            ),
+            _ => CallOutcome::Ok,
+        };
+        // Usage sits near the end of a long result: the tail first, then the head.
+        let usage = [&message.tail[..], &message.head[..]]
+            .into_iter()
+            .find_map(|bytes| last_after_key(bytes, b"usage"));
+        if let Some(usage) = usage {
+            call.input_tokens = first_number(usage, b"input");
+            call.output_tokens = first_number(usage, b"output");
+        }
+        out.push(pending.call);
+    }
+
+    fn event(&mut self, fields: Fields<'_>, message: &Message) {
+        let Some(payload) = after_key(&message.head, b"payload") else {
+            return;
+        };
+        let delta = match fields.event.as_deref() {
+            Some("agent") => {
+                first_string(payload, b"stream", MAX_NAME).as_deref() == Some("assistant")
+            }
+            Some("chat") => first_string(payload, b"state", MAX_NAME).as_deref() == Some("delta"),
+            _ => false,
+        };
+        if !delta {
+            return;
+        }
+        let run_id = first_string(payload, b"runId", MAX_ID);
+        let by_run = run_id.as_ref().and_then(|run| {
+            self.pending
+                .iter()
+                .position(|p| p.run_id.as_ref() == Some(run))
+        });
+        let at = by_run.or_else(|| {
+            self.pending
+                .iter()
+                .position(|p| p.call.first_delta.is_none() && takes_deltas(&p.call.method))
+        });
+        if let Some(at) = at {
+            self.pending[at]
+                .call
+                .first_delta
+                .get_or_insert(message.first_ts);
+        }
+    }
+}
+
+/// Methods whose results stream model text as events.
+fn takes_deltas(method: &str) -> bool {
+    matches!(method, "agent" | "chat.send")
+}
+
+/// The top-level `type`, `id`, `method`, `event` and `ok` of a JSON object (keys inside
+/// nested values are skipped).
+fn top_level(bytes: &[u8]) -> Fields<'_> {
+    let mut fields = Fields::default();
+    let mut depth = 0u32;
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            i += 1;
+            continue;
+        }
+        match b {
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            b'"' if depth == 1 => {
+                // A string at depth 1: a key when a colon follows it.
+                let rest = &bytes[i + 1..];
+                let Some(close) = memchr::memchr(b'"', rest) else {
+                    break;
+                };
+                let key = &rest[..close];
+                let after = trim_start(&rest[close + 1..]);
+                if let Some(value) = after.strip_prefix(b":").map(trim_start) {
+                    match key {
+                        b"type" => fields.kind = string_slice(value),
+                        b"id" => fields.id = id_value(value),
+                        b"method" => fields.method = string_value(value, MAX_NAME),
+                        b"event" => fields.event = string_value(value, MAX_NAME),
+                        b"ok" => fields.ok = bool_value(value),
+                        _ => {}
+                    }
+                    i = bytes.len() - value.len();
+                    continue;
+                }
+                // A string value: skip it whole.
+                i += close + 2;
+                continue;
+            }
+            b'"' => in_string = true,
+            _ => {}
+        }
+        i += 1;
+    }
+    fields
+}
+
+/// An id: a string or a number, as text.
+fn id_value(value: &[u8]) -> Option<String> {
+    if value.first() == Some(&b'"') {
+        return string_value(value, MAX_ID);
+    }
+    number_value(value).map(|n| n.to_string())
+}
+
+/// A string value's raw bytes (no escapes in the short type names this reads).
+fn string_slice(value: &[u8]) -> Option<&[u8]> {
+    let body = value.strip_prefix(b"\"")?;
+    let close = memchr::memchr(b'"', body)?;
+    Some(&body[..close])
+}
+
+fn trim_start(bytes: &[u8]) -> &[u8] {
+    let skip = bytes
+        .iter()
+        .take_while(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
+        .count();
+    &bytes[skip..]
+}
+
+/// What follows the first `"key":` anywhere in `bytes`.
+fn after_key<'a>(bytes: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    keys(bytes).find(|(k, _)| *k == key).map(|(_, v)| v)
+}
+
+/// What follows the last `"key":` anywhere in `bytes`.
+fn last_after_key<'a>(bytes: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    keys(bytes)
+        .filter(|(k, _)| *k == key)
+        .last()
+        .map(|(_, v)| v)
+}
+
+fn first_string(bytes: &[u8], key: &[u8], limit: usize) -> Option<String> {
+    after_key(bytes, key).and_then(|v| string_value(v, limit))
+}
+
+fn first_number(bytes: &[u8], key: &[u8]) -> Option<u64> {
+    after_key(bytes, key).and_then(number_value)
+}
+
+#[cfg(test)]
+mod tests;
