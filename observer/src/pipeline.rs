@@ -650,6 +650,9 @@ impl Pipeline {
             if self.counts(&call.conn) {
                 self.metrics.record_call(&call);
             }
+            if !self.is_relay(call.conn.conn_id) {
+                self.correlator.add_call(&call);
+            }
         }
         self.report_websocket();
         self.closing.clear();
@@ -662,6 +665,13 @@ impl Pipeline {
                 Some(o.first_byte_overhead_s),
                 &mut self.handles,
             );
+        }
+        for turn in resolved.turns.drain(..) {
+            self.metrics
+                .record_turn_overhead(&turn.method, turn.overhead_s);
+        }
+        for method in resolved.unpaired_turns.drain(..) {
+            self.metrics.count_unpaired_turn(&method);
         }
         if resolved.unmatched_gateway > 0 {
             self.metrics
@@ -1042,6 +1052,15 @@ mod tests {
             series(
                 &metrics,
                 r#"observer_websocket_messages_total{direction="egress",kind="text",role="gateway"}"#
+            ),
+            1
+        );
+        // The turn made no upstream request: unpaired once its wait is over.
+        p.flush(91 + crate::engine::correlate::GATEWAY_WAIT_NS, |_| {});
+        assert_eq!(
+            series(
+                &metrics,
+                r#"observer_rpc_unpaired_calls_total{method="agent"}"#
             ),
             1
         );

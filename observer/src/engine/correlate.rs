@@ -10,6 +10,11 @@
 //! counted unmatched, as are gateway exchanges that find none. Bounded: at most
 //! [`MAX_WAITING`] exchanges wait on each side.
 //!
+//! Turns over WebSocket (an `agent` or `chat.send` call, see [`super::rpc`]) are paired the
+//! same way, but with every upstream exchange of the gateway process inside the turn (a turn
+//! may call the model several times: tools, retries): the gateway's own time in a turn is its
+//! duration minus the time covered by those calls.
+//!
 //! Upstream exchanges wait by gateway process, ordered by the time they ended: a gateway
 //! exchange looks only at those of its own process that ended while it was open (a binary
 //! search bounds them), not at every waiting one (under load hundreds wait at each resolve).
@@ -17,6 +22,7 @@
 use std::collections::VecDeque;
 
 use super::exchange::Exchange;
+use super::rpc::Call;
 use crate::capture::{Role, decode::Side};
 
 /// How long a finished gateway exchange waits for its upstream exchange.
@@ -65,17 +71,40 @@ pub struct Overhead {
     pub first_byte_overhead_s: f64,
 }
 
+/// What the gateway added to one turn over WebSocket.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TurnOverhead {
+    pub method: String,
+    /// The turn's duration minus the time covered by the upstream exchanges inside it.
+    pub overhead_s: f64,
+    /// Upstream exchanges inside the turn.
+    pub upstream: u32,
+}
+
 /// Results of one [`Correlator::resolve`].
 #[derive(Debug, Default, PartialEq)]
 pub struct Resolved {
     pub overheads: Vec<Overhead>,
     pub unmatched_gateway: u64,
     pub unmatched_upstream: u64,
+    pub turns: Vec<TurnOverhead>,
+    /// Methods of turns in which no upstream exchange fell.
+    pub unpaired_turns: Vec<String>,
+}
+
+/// A turn waiting for its upstream exchanges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Turn {
+    tgid: u32,
+    method: String,
+    start: u64,
+    end: u64,
 }
 
 #[derive(Debug, Default)]
 pub struct Correlator {
     gateway: VecDeque<Span>,
+    turns: VecDeque<Turn>,
     /// Upstream exchanges by the gateway process that sent them, each queue ordered by
     /// `response_last`.
     upstream: foldhash::HashMap<u32, VecDeque<Span>>,
@@ -83,6 +112,7 @@ pub struct Correlator {
     upstream_len: usize,
     unmatched_gateway: u64,
     unmatched_upstream: u64,
+    unpaired_turns: Vec<String>,
 }
 
 impl Correlator {
@@ -128,6 +158,30 @@ impl Correlator {
         self.upstream_len += 1;
     }
 
+    /// Takes note of a finished call over WebSocket if it is a turn on the gateway's server
+    /// side (`agent`, `chat.send`) that got its result.
+    pub fn add_call(&mut self, call: &Call) {
+        let turn = matches!(call.method.as_str(), "agent" | "chat.send");
+        let answered = matches!(
+            call.outcome,
+            super::rpc::CallOutcome::Ok | super::rpc::CallOutcome::Error(_)
+        );
+        if !turn || !answered || (call.conn.role, call.conn.side) != (Role::Gateway, Side::Server) {
+            return;
+        }
+        if self.turns.len() >= MAX_WAITING
+            && let Some(old) = self.turns.pop_front()
+        {
+            self.unpaired_turns.push(old.method);
+        }
+        self.turns.push_back(Turn {
+            tgid: call.conn.tgid,
+            method: call.method.clone(),
+            start: call.request_first,
+            end: call.end,
+        });
+    }
+
     /// Counts unmatched the upstream exchange that ended first, of all processes.
     fn drop_oldest_upstream(&mut self) {
         let oldest = self
@@ -170,6 +224,19 @@ impl Correlator {
                 None => self.gateway.push_back(gateway),
             }
         }
+        for _ in 0..self.turns.len() {
+            let Some(turn) = self.turns.pop_front() else {
+                break;
+            };
+            match self.claim_turn(&turn) {
+                Some(overhead) => out.turns.push(overhead),
+                None if now_ns.saturating_sub(turn.end) > GATEWAY_WAIT_NS => {
+                    out.unpaired_turns.push(turn.method);
+                }
+                None => self.turns.push_back(turn),
+            }
+        }
+        out.unpaired_turns.append(&mut self.unpaired_turns);
         let mut expired = 0;
         self.upstream.retain(|_, queue| {
             while let Some(front) = queue.front() {
@@ -209,9 +276,60 @@ impl Correlator {
         Some(span)
     }
 
+    /// Every upstream exchange of the turn's process inside the turn, taken; `None` when
+    /// there is none (yet).
+    fn claim_turn(&mut self, turn: &Turn) -> Option<TurnOverhead> {
+        let queue = self.upstream.get_mut(&turn.tgid)?;
+        let from = queue.partition_point(|up| up.response_last < turn.start);
+        let to = queue.partition_point(|up| up.response_last <= turn.end);
+        let inside: Vec<Span> = {
+            let mut taken = Vec::new();
+            let mut at = from;
+            let mut end = to.max(from);
+            while at < end {
+                if queue[at].request_first >= turn.start {
+                    taken.extend(queue.remove(at));
+                    end -= 1;
+                } else {
+                    at += 1;
+                }
+            }
+            taken
+        };
+        if queue.is_empty() {
+            self.upstream.remove(&turn.tgid);
+        }
+        if inside.is_empty() {
+            return None;
+        }
+        self.upstream_len -= inside.len();
+        // The time covered by the upstream exchanges (their union: they may overlap); `inside`
+        // is ordered by end, so sort by start for the union.
+        let mut spans: Vec<(u64, u64)> = inside
+            .iter()
+            .map(|up| (up.request_first, up.response_last))
+            .collect();
+        spans.sort_unstable();
+        let mut covered = 0u64;
+        let mut reach = 0u64;
+        for (start, end) in spans {
+            let start = start.max(reach);
+            if end > start {
+                covered += end - start;
+            }
+            reach = reach.max(end);
+        }
+        let duration = turn.end.saturating_sub(turn.start);
+        Some(TurnOverhead {
+            method: turn.method.clone(),
+            overhead_s: duration.saturating_sub(covered) as f64 / 1e9,
+            upstream: inside.len() as u32,
+        })
+    }
+
     /// Exchanges waiting (gateway, upstream).
     pub fn waiting(&self) -> (usize, usize) {
-        (self.gateway.len(), self.upstream_len)
+        (self.gateway.len() + self.turns.len(), self.upstream_len)
     }
 }
 
@@ -370,6 +488,78 @@ mod tests {
             (0, 1),
             "the upstream call stays for its real caller"
         );
+    }
+
+    fn turn(tgid: u32, method: &str, start: u64, end: u64) -> Call {
+        Call {
+            conn: ConnMeta {
+                conn_id: 2,
+                role: Role::Gateway,
+                side: Side::Server,
+                port: 18789,
+                tgid,
+            },
+            method: method.into(),
+            outcome: crate::engine::CallOutcome::Ok,
+            request_first: start,
+            request_last: start,
+            accepted: None,
+            first_delta: None,
+            end,
+            input_tokens: None,
+            output_tokens: None,
+        }
+    }
+
+    #[test]
+    fn a_turn_takes_every_upstream_exchange_inside_it() {
+        let mut c = Correlator::new();
+        // Two model calls (a tool round) overlapping a little, one of another process, one
+        // after the turn.
+        c.add(exchange(
+            Role::Upstream,
+            Side::Client,
+            7,
+            [100, 110, 200, 400],
+        ));
+        c.add(exchange(
+            Role::Upstream,
+            Side::Client,
+            7,
+            [350, 360, 500, 700],
+        ));
+        c.add(exchange(
+            Role::Upstream,
+            Side::Client,
+            8,
+            [150, 160, 200, 300],
+        ));
+        c.add(exchange(
+            Role::Upstream,
+            Side::Client,
+            7,
+            [1_100, 1_110, 1_200, 1_300],
+        ));
+        c.add_call(&turn(7, "agent", 50, 1_000));
+        // A connect is no turn; a turn with nothing inside waits, then is unpaired.
+        c.add_call(&turn(7, "connect", 0, 2_000));
+        c.add_call(&turn(9, "chat.send", 0, 2_000));
+        let r = c.resolve(2_000);
+        assert_eq!(
+            r.turns,
+            [TurnOverhead {
+                method: "agent".into(),
+                // 950 long, 100..700 covered: 350 ns the gateway's own.
+                overhead_s: 350e-9,
+                upstream: 2,
+            }]
+        );
+        assert!(r.unpaired_turns.is_empty());
+        assert_eq!(c.waiting(), (1, 2));
+        let r = c.resolve(2_001 + GATEWAY_WAIT_NS);
+        assert_eq!(r.unpaired_turns, ["chat.send"]);
+        // The other process's call and the one after the turn wait for their own callers.
+        assert_eq!(c.waiting(), (0, 2));
     }
 
     #[test]

@@ -52,6 +52,12 @@ pub const OVERHEAD_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
+/// The gateway's own time in a turn: 1 ms to 60 s (an agent's first turn after start spends
+/// seconds before it calls the model).
+pub const TURN_OVERHEAD_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+];
+
 /// Every family the daemon exports besides `process_*`.
 #[derive(Debug)]
 pub struct Families {
@@ -81,6 +87,8 @@ pub struct Families {
     pub rpc_duration: HistogramVec,
     pub rpc_first_delta: HistogramVec,
     pub rpc_tokens: IntCounterVec,
+    pub rpc_gateway_overhead: HistogramVec,
+    pub rpc_unpaired: IntCounterVec,
     pub ebpf_events: IntCounterVec,
     pub ebpf_lost: IntCounterVec,
     pub build_info: IntGaugeVec,
@@ -283,6 +291,17 @@ impl Families {
                 "rpc_tokens_total",
                 "Tokens a call's final response reported, prompt (input) and completion (output).",
                 &["role", "method", "type"],
+            )?,
+            rpc_gateway_overhead: b.histogram(
+                "rpc_gateway_overhead_seconds",
+                "A turn's duration minus the time covered by the upstream requests the gateway made inside it.",
+                &["method"],
+                TURN_OVERHEAD_BUCKETS,
+            )?,
+            rpc_unpaired: b.counter(
+                "rpc_unpaired_calls_total",
+                "Turns (agent, chat.send) inside which the gateway made no upstream request.",
+                &["method"],
             )?,
             ebpf_events: b.counter(
                 "ebpf_events_total",

@@ -442,6 +442,22 @@ impl Metrics {
         }
     }
 
+    /// The gateway's own time in one turn over WebSocket.
+    pub fn record_turn_overhead(&self, method: &str, overhead_s: f64) {
+        self.families
+            .rpc_gateway_overhead
+            .with_label_values(&[labels::rpc_method(method)])
+            .observe(overhead_s);
+    }
+
+    /// A turn over WebSocket in which no upstream request fell.
+    pub fn count_unpaired_turn(&self, method: &str) {
+        self.families
+            .rpc_unpaired
+            .with_label_values(&[labels::rpc_method(method)])
+            .inc();
+    }
+
     pub fn add_websocket_messages(
         &self,
         role: Role,
