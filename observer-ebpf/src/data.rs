@@ -7,9 +7,11 @@
 //! first `HEAD_BYTES` of what moved, then its last `TAIL_BYTES` — and copied into the ring
 //! buffer at its exact size.
 //!
-//! For iovec calls (`readv`, `writev`, `recvmsg`, `sendmsg`) the head is gathered across up to
-//! [`MAX_IOV`] segments; the tail comes from the last segment that holds data (so it can be
-//! shorter than `TAIL_BYTES` when that segment is short).
+//! For iovec calls (`readv`, `writev`, `recvmsg`, `sendmsg`) the head is gathered across the
+//! first [`HEAD_IOV`] segments and the tail across the last [`TAIL_IOV`] that hold data, found
+//! by walking up to [`MAX_IOV`] segments (Node writes an HTTP chunk as size line, data and CRLF,
+//! three segments, and several chunks in one `writev`). A tail that would reach back past
+//! those four segments is cut there; a call with more segments than [`MAX_IOV`] has no tail.
 
 use aya_ebpf::{
     helpers::{
@@ -32,8 +34,12 @@ use crate::{
 /// Bounds every copy's size for the verifier (a power of two above HEAD_MAX and TAIL_MAX).
 const COPY_MASK: u64 = 2 * HEAD_MAX as u64 - 1;
 
-/// Most iovec segments walked per syscall.
-const MAX_IOV: u64 = 8;
+/// Iovec segments whose bytes may go into the head.
+const HEAD_IOV: u64 = 16;
+/// Most iovec segments walked per syscall (past [`HEAD_IOV`], their lengths only).
+const MAX_IOV: u64 = 32;
+/// Segments the tail may be gathered from: the last ones that hold data.
+const TAIL_IOV: usize = 4;
 /// Offset of `msg_iov` (then `msg_iovlen`) in the user ABI's `struct user_msghdr`.
 const MSGHDR_IOV: u64 = 16;
 const HEADER: usize = core::mem::size_of::<DataEvent>();
@@ -51,6 +57,23 @@ struct Scratch {
     /// Records this CPU has output: the ring's fill is queried (for the reader's wake-up) on
     /// every [`WAKEUP_EVERY`]th only.
     outputs: u64,
+    /// An iovec call's walk: the last segments holding data, how far it got, the head taken.
+    /// Kept here, not on the stack, so that the verifier reads them back as plain numbers and
+    /// checks the tail's copies once, not once per way through the walk.
+    walk: Walk,
+}
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Walk {
+    last: [Held; TAIL_IOV],
+    seen: u64,
+    head_len: u64,
+    ok: u64,
+    /// The call's bytes moved, its iovec array and count, for the lengths-only walk.
+    len: u64,
+    iov: u64,
+    iovcnt: u64,
 }
 
 /// How often a CPU asks how full the ring is: the reader is woken at most this many of the
@@ -84,16 +107,14 @@ pub fn exit_data(regs: &Regs, call: u32, len: u64, pid_tgid: u64, tgid: u32) -> 
     let complete = match call {
         syscall::READV | syscall::WRITEV => {
             let iovcnt = regs.arg2()?;
-            unsafe { capture_iovec(event, payload, arg1, iovcnt, len) }
+            unsafe { capture_iovec(scratch, arg1, iovcnt, len) }
         }
         syscall::RECVMSG | syscall::SENDMSG => {
             if arg1 == 0 {
                 return None;
             }
             match unsafe { bpf_probe_read_user((arg1 + MSGHDR_IOV) as *const [u64; 2]) } {
-                Ok([iov, iovcnt]) => unsafe {
-                    capture_iovec(event, payload, iov, iovcnt.max(1), len)
-                },
+                Ok([iov, iovcnt]) => unsafe { capture_iovec(scratch, iov, iovcnt.max(1), len) },
                 Err(_) => {
                     count(counter::READ_USER_FAILED);
                     return None;
@@ -178,25 +199,139 @@ unsafe fn capture_plain(event: *mut DataEvent, payload: *mut u8, buf: u64, len: 
     }
 }
 
-/// Head gathered across the first segments of an iovec array, tail from the last segment
-/// that holds data, into `payload`. False when a user read failed (that part is empty).
-unsafe fn capture_iovec(
-    event: *mut DataEvent,
-    payload: *mut u8,
-    iov: u64,
-    iovcnt: u64,
+/// A segment of an iovec array that holds moved bytes: its address, how many of the moved
+/// bytes it holds, and the offset of its first one among them.
+#[derive(Clone, Copy, Default)]
+#[repr(C)]
+struct Held {
+    base: u64,
     len: u64,
-) -> bool {
+    at: u64,
+}
+
+/// Remembers `held` as the newest of the last [`TAIL_IOV`] segments holding data: a shift,
+/// with constant indexes only.
+#[inline(always)]
+unsafe fn remember(walk: *mut Walk, held: Held) {
+    unsafe {
+        (*walk).last[0] = (*walk).last[1];
+        (*walk).last[1] = (*walk).last[2];
+        (*walk).last[2] = (*walk).last[3];
+        (*walk).last[3] = held;
+    }
+}
+
+/// Head gathered across the first [`HEAD_IOV`] segments of an iovec array, tail gathered
+/// across the last [`TAIL_IOV`] segments that hold data (found by walking up to [`MAX_IOV`]
+/// segments' lengths), into `payload`. False when a user read failed (that part is empty).
+///
+/// Not inlined: its many ways through join at its return, so the verifier follows the rest of
+/// the record once (it would otherwise follow it once per way through the walk).
+#[inline(never)]
+unsafe fn capture_iovec(scratch: *mut Scratch, iov: u64, iovcnt: u64, len: u64) -> bool {
+    // SAFETY: this CPU's scratch value, exclusively ours while the program runs.
+    let (event, payload, walk) = unsafe {
+        (
+            &raw mut (*scratch).event,
+            (*scratch).payload.as_mut_ptr(),
+            &raw mut (*scratch).walk,
+        )
+    };
+    // Three steps that are not inlined: each one's ways through join at its return, and the
+    // verifier follows the next step once (inlined, it followed every combination).
+    unsafe {
+        (*walk).len = len;
+        (*walk).iov = iov;
+        (*walk).iovcnt = iovcnt;
+        walk_head(scratch);
+        walk_lengths(scratch);
+    }
+    // Read back from memory the verifier does not follow: one check of what comes next.
+    let (seen, head_len, ok) = unsafe {
+        (
+            core::ptr::read_volatile(&(*walk).seen),
+            core::ptr::read_volatile(&(*walk).head_len),
+            core::ptr::read_volatile(&(*walk).ok) != 0,
+        )
+    };
+    let head_len = if ok {
+        if head_len > HEAD_MAX as u64 {
+            HEAD_MAX as u64
+        } else {
+            head_len
+        }
+    } else {
+        0
+    };
+    unsafe { (*event).head_len = head_len as u32 };
+    // The tail is known only when every moved byte was in the segments walked, and reaches
+    // back no further than the oldest segment remembered.
+    if !ok || seen != len || len < head_len {
+        unsafe { (*event).tail_len = 0 };
+        return ok;
+    }
+    let mut tail_len = capture_len(
+        len - head_len,
+        unsafe { core::ptr::read_volatile(&TAIL_BYTES) },
+        TAIL_MAX,
+    );
+    let last = unsafe { (*walk).last };
+    let mut oldest = len;
+    for held in last {
+        if held.len > 0 && held.at < oldest {
+            oldest = held.at;
+        }
+    }
+    if len - tail_len < oldest {
+        tail_len = len - oldest;
+    }
+    let tail_at = len - tail_len;
+    let mut tail_ok = true;
+    for held in last {
+        let end = held.at + held.len;
+        if held.len == 0 || end <= tail_at || end > len {
+            continue;
+        }
+        let from = if held.at > tail_at { held.at } else { tail_at };
+        let Some(offset) = bounded_tail(head_len + (from - tail_at)) else {
+            tail_ok = false;
+            continue;
+        };
+        tail_ok &= unsafe {
+            read_user_into(
+                payload.add(offset as usize),
+                held.base + (from - held.at),
+                end - from,
+                TAIL_MAX,
+            )
+        };
+    }
+    unsafe { (*event).tail_len = if tail_ok { tail_len as u32 } else { 0 } };
+    tail_ok
+}
+
+/// The first [`HEAD_IOV`] segments of the walk of [`capture_iovec`] (its call's `len`, `iov`
+/// and `iovcnt` in `walk`): the head copied into the payload, and how far the walk got.
+#[inline(never)]
+unsafe fn walk_head(scratch: *mut Scratch) -> u64 {
+    let (payload, walk) = unsafe { ((*scratch).payload.as_mut_ptr(), &raw mut (*scratch).walk) };
+    let (len, iov, iovcnt) = unsafe {
+        (
+            core::ptr::read_volatile(&(*walk).len),
+            core::ptr::read_volatile(&(*walk).iov),
+            core::ptr::read_volatile(&(*walk).iovcnt),
+        )
+    };
     let head_want = capture_len(
         len,
         unsafe { core::ptr::read_volatile(&HEAD_BYTES) },
         HEAD_MAX,
     );
+    unsafe { (*walk).last = [Held::default(); TAIL_IOV] };
     let mut head_len: u64 = 0;
     let mut seen: u64 = 0;
-    let (mut last_base, mut last_len) = (0u64, 0u64);
     let mut ok = true;
-    for i in 0..MAX_IOV {
+    for i in 0..HEAD_IOV {
         if i >= iovcnt || seen >= len {
             break;
         }
@@ -226,49 +361,88 @@ unsafe fn capture_iovec(
             ok &= unsafe { read_user_into(payload.add(offset as usize), base, take, HEAD_MAX) };
             head_len += take;
         }
-        last_base = base;
-        last_len = seg;
+        unsafe {
+            remember(
+                walk,
+                Held {
+                    base,
+                    len: seg,
+                    at: seen,
+                },
+            )
+        };
         seen += seg;
     }
-    let head_len = if ok {
-        let head_len = unsafe { core::ptr::read_volatile(&head_len) };
-        if head_len > HEAD_MAX as u64 {
-            HEAD_MAX as u64
-        } else {
-            head_len
-        }
-    } else {
-        0
-    };
-    unsafe { (*event).head_len = head_len as u32 };
-    // The tail is known only when every moved byte was in the segments walked.
-    let tail_len = if ok && seen == len {
-        let rest = if len - head_len < last_len {
-            len - head_len
-        } else {
-            last_len
-        };
-        capture_len(
-            rest,
-            unsafe { core::ptr::read_volatile(&TAIL_BYTES) },
-            TAIL_MAX,
-        )
-    } else {
-        0
-    };
-    let tail_ok = match bounded_head(head_len) {
-        Some(offset) => unsafe {
-            read_user_into(
-                payload.add(offset as usize),
-                last_base + last_len - tail_len,
-                tail_len,
-                TAIL_MAX,
+    unsafe {
+        (*walk).seen = seen;
+        (*walk).head_len = head_len;
+        (*walk).ok = u64::from(ok);
+    }
+    0
+}
+
+/// Past the head's segments of the walk, only lengths are read, to find the last ones holding
+/// data (a writev of many small pieces: HTTP chunk framing, WebSocket frame headers). How far
+/// the walk got lives in `walk` between iterations, read back each time.
+#[inline(never)]
+unsafe fn walk_lengths(scratch: *mut Scratch) -> u64 {
+    let walk = unsafe { &raw mut (*scratch).walk };
+    if unsafe { core::ptr::read_volatile(&(*walk).ok) } == 0 {
+        return 0;
+    }
+    for i in HEAD_IOV..MAX_IOV {
+        // Everything an iteration compares is read back: no range learnt in one iteration
+        // tells one way through it from another.
+        let (seen, len, iov, iovcnt) = unsafe {
+            (
+                core::ptr::read_volatile(&(*walk).seen),
+                core::ptr::read_volatile(&(*walk).len),
+                core::ptr::read_volatile(&(*walk).iov),
+                core::ptr::read_volatile(&(*walk).iovcnt),
             )
-        },
-        None => false,
-    };
-    unsafe { (*event).tail_len = if tail_ok { tail_len as u32 } else { 0 } };
-    ok && tail_ok
+        };
+        if i >= iovcnt || seen >= len {
+            break;
+        }
+        let Ok([base, seg_len]) =
+            (unsafe { bpf_probe_read_user((iov + i * 16) as *const [u64; 2]) })
+        else {
+            unsafe { (*walk).ok = 0 };
+            break;
+        };
+        let seg = if seg_len < len - seen {
+            seg_len
+        } else {
+            len - seen
+        };
+        if seg == 0 {
+            continue;
+        }
+        unsafe {
+            remember(
+                walk,
+                Held {
+                    base,
+                    len: seg,
+                    at: seen,
+                },
+            );
+            (*walk).seen = seen + seg;
+        }
+    }
+    0
+}
+
+/// Where a piece of the tail goes (at most the head and the tail's length after the
+/// payload's start), bounded for the verifier.
+#[inline(always)]
+fn bounded_tail(offset: u64) -> Option<u64> {
+    let offset = unsafe { core::ptr::read_volatile(&offset) } & COPY_MASK;
+    if offset > (HEAD_MAX + TAIL_MAX) as u64 {
+        None
+    } else {
+        Some(offset)
+    }
 }
 
 /// Where the tail goes (right after the head), bounded for the verifier.

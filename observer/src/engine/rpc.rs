@@ -11,7 +11,9 @@
 //!   to the oldest call still waiting for its first delta.
 //!
 //! A call ends with its final `res`: outcome `ok`, or the error's `code`; tokens from the
-//! `usage` object (`input`, `output`) where the captured bytes hold it. Calls still open when
+//! `usage` object (`input`, `output`) where the captured bytes hold it, else output tokens
+//! from the last `agent` event of the run whose `payload.stream` is `"usage"`
+//! (`data.outputTokens`). Calls still open when
 //! the connection closes end `aborted`. Messages are read from their captured head and tail
 //! (see [`super::ws`]); one whose type cannot be read is not a call.
 
@@ -84,6 +86,9 @@ impl Call {
 struct Pending {
     id: String,
     run_id: Option<String>,
+    /// Output tokens an `agent` `usage` event reported, for a result whose usage was not
+    /// captured.
+    usage_event_output: Option<u64>,
     call: Call,
 }
 
@@ -153,6 +158,7 @@ impl Calls {
         self.pending.push_back(Pending {
             id,
             run_id: None,
+            usage_event_output: None,
             call: Call {
                 conn,
                 method,
@@ -204,6 +210,9 @@ impl Calls {
             call.input_tokens = first_number(usage, b"input");
             call.output_tokens = first_number(usage, b"output");
         }
+        if call.output_tokens.is_none() {
+            call.output_tokens = pending.usage_event_output;
+        }
         out.push(pending.call);
     }
 
@@ -211,17 +220,35 @@ impl Calls {
         let Some(payload) = after_key(&message.head, b"payload") else {
             return;
         };
-        let delta = match fields.event.as_deref() {
-            Some("agent") => {
-                first_string(payload, b"stream", MAX_NAME).as_deref() == Some("assistant")
-            }
-            Some("chat") => first_string(payload, b"state", MAX_NAME).as_deref() == Some("delta"),
-            _ => false,
+        let (delta, usage) = match fields.event.as_deref() {
+            Some("agent") => match first_string(payload, b"stream", MAX_NAME).as_deref() {
+                Some("assistant") => (true, false),
+                Some("usage") => (false, true),
+                _ => (false, false),
+            },
+            Some("chat") => (
+                first_string(payload, b"state", MAX_NAME).as_deref() == Some("delta"),
+                false,
+            ),
+            _ => (false, false),
         };
+        let run_id = first_string(payload, b"runId", MAX_ID);
+        if usage {
+            // `{"stream":"usage","data":{"outputTokens":N}}`: the run's output so far.
+            if let Some(run) = &run_id
+                && let Some(pending) = self
+                    .pending
+                    .iter_mut()
+                    .find(|p| p.run_id.as_ref() == Some(run))
+                && let Some(n) = first_number(payload, b"outputTokens")
+            {
+                pending.usage_event_output = Some(n);
+            }
+            return;
+        }
         if !delta {
             return;
         }
-        let run_id = first_string(payload, b"runId", MAX_ID);
         let by_run = run_id.as_ref().and_then(|run| {
             self.pending
                 .iter()

@@ -23,7 +23,7 @@ pub const NONE: &str = "none";
 
 /// Ollama's and OpenAI's routes (SPEC §5); the `route` label is one of these, an operator's
 /// `--route` addition, or [`OTHER`].
-pub const KNOWN_ROUTES: [&str; 14] = [
+pub const KNOWN_ROUTES: [&str; 15] = [
     "/api/chat",
     "/api/generate",
     "/api/embed",
@@ -37,6 +37,7 @@ pub const KNOWN_ROUTES: [&str; 14] = [
     "/v1/completions",
     "/v1/embeddings",
     "/v1/models",
+    "/v1/responses",
     "/",
 ];
 

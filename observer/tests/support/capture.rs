@@ -277,14 +277,13 @@ pub fn pattern(len: usize, seed: u32) -> Vec<u8> {
 /// Checks every data event of `view` in `direction` against `stream`, the bytes that
 /// direction carried, at an offset accumulated from each event's `len`: the head holds the
 /// first min(len, `head_bytes`) bytes of the syscall's bytes, the tail the last bytes not in
-/// the head, `tail_bytes` of them at most (exactly that many when `exact_tail`), and the
-/// lengths add up to the whole stream.
+/// the head, exactly `tail_bytes` of them or all there are (for iovec calls too: the tail is
+/// gathered across segments), and the lengths add up to the whole stream.
 pub fn assert_payload(
     view: &ConnView,
     direction: Direction,
     stream: &[u8],
     (head_bytes, tail_bytes): (usize, usize),
-    exact_tail: bool,
 ) {
     let mut offset = 0usize;
     for (i, data) in view
@@ -311,19 +310,11 @@ pub fn assert_payload(
             "{direction:?} event {i} (len {len}, offset {offset}): head bytes differ"
         );
         let tail_max = tail_bytes.min(len - head_len);
-        if exact_tail {
-            assert_eq!(
-                data.tail.len(),
-                tail_max,
-                "{direction:?} event {i} (len {len}, offset {offset}): tail length"
-            );
-        } else {
-            assert!(
-                data.tail.len() <= tail_max,
-                "{direction:?} event {i} (len {len}, offset {offset}): tail of {} bytes, at most {tail_max} expected",
-                data.tail.len()
-            );
-        }
+        assert_eq!(
+            data.tail.len(),
+            tail_max,
+            "{direction:?} event {i} (len {len}, offset {offset}): tail length"
+        );
         assert!(
             *data.tail == moved[len - data.tail.len()..],
             "{direction:?} event {i} (len {len}, offset {offset}): tail bytes differ"

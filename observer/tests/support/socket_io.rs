@@ -1,6 +1,7 @@
 //! One send or receive through a chosen system call, so that tests drive each syscall the
 //! capture hooks: `write`/`read`, `sendto`/`recvfrom` (Rust's std), `writev`/`readv` and
-//! `sendmsg`/`recvmsg` (two iovec segments each).
+//! `sendmsg`/`recvmsg` (two iovec segments), and `writev`/`readv` over twelve segments, the last
+//! ones a few bytes long (as Node writes an HTTP chunk: size line, data, CRLF).
 
 use std::{
     io::{Read as _, Write as _},
@@ -15,7 +16,7 @@ pub enum Api {
     ReadWrite,
     /// Rust's std: `sendto(2)` / `recvfrom(2)`.
     Std,
-    /// `writev(2)` / `readv(2)` with two segments.
+    /// `writev(2)` / `readv(2)` with twelve segments, the last three of 100, 5 and 2 bytes.
     Vectored,
     /// `sendmsg(2)` / `recvmsg(2)` with two segments.
     Msg,
@@ -23,12 +24,39 @@ pub enum Api {
 
 impl Api {
     pub const ALL: [Api; 4] = [Api::ReadWrite, Api::Std, Api::Vectored, Api::Msg];
+}
 
-    /// Whether the tail of a capture is always the last bytes of the whole buffer (for iovec
-    /// syscalls it may be shorter: it comes from the last segment only).
-    pub fn exact_tail(self) -> bool {
-        matches!(self, Api::ReadWrite | Api::Std)
+/// `len` bytes cut into the segments [`Api::Vectored`] uses: nine even ones, then 100, 5 and
+/// 2 bytes (fewer, even, for a short buffer). Sizes only; they add up to `len`.
+fn scattered(len: usize) -> Vec<usize> {
+    const LAST: [usize; 3] = [100, 5, 2];
+    let small: usize = LAST.iter().sum();
+    if len < small + 9 {
+        return vec![len / 2, len - len / 2];
     }
+    let rest = len - small;
+    let mut sizes: Vec<usize> = (0..9)
+        .map(|i| rest / 9 + usize::from(i < rest % 9))
+        .collect();
+    sizes.extend(LAST);
+    sizes
+}
+
+/// Iovecs over `base` with the given segment sizes.
+fn iovecs(base: *mut u8, sizes: &[usize]) -> Vec<libc::iovec> {
+    let mut at = 0;
+    sizes
+        .iter()
+        .map(|&n| {
+            // SAFETY: the sizes add up to the buffer's length, so every segment is inside it.
+            let iov = libc::iovec {
+                iov_base: unsafe { base.add(at) }.cast(),
+                iov_len: n,
+            };
+            at += n;
+            iov
+        })
+        .collect()
 }
 
 /// One send syscall; the bytes it moved.
@@ -49,7 +77,10 @@ pub fn send_once(stream: &mut TcpStream, api: Api, buf: &[u8]) -> usize {
     let n = match api {
         Api::Std => return stream.write(buf).unwrap(),
         Api::ReadWrite => unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) },
-        Api::Vectored => unsafe { libc::writev(fd, iov.as_ptr(), 2) },
+        Api::Vectored => {
+            let many = iovecs(buf.as_ptr().cast_mut(), &scattered(buf.len()));
+            unsafe { libc::writev(fd, many.as_ptr(), many.len() as i32) }
+        }
         Api::Msg => unsafe {
             let mut msg: libc::msghdr = std::mem::zeroed();
             msg.msg_iov = iov.as_ptr() as *mut _;
@@ -80,7 +111,10 @@ pub fn recv_once(stream: &mut TcpStream, api: Api, buf: &mut [u8]) -> usize {
     let n = match api {
         Api::Std => return stream.read(buf).unwrap(),
         Api::ReadWrite => unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) },
-        Api::Vectored => unsafe { libc::readv(fd, iov.as_ptr(), 2) },
+        Api::Vectored => {
+            let many = iovecs(buf.as_mut_ptr(), &scattered(buf.len()));
+            unsafe { libc::readv(fd, many.as_ptr(), many.len() as i32) }
+        }
         Api::Msg => unsafe {
             let mut msg: libc::msghdr = std::mem::zeroed();
             msg.msg_iov = iov.as_ptr() as *mut _;

@@ -243,3 +243,27 @@ fn pending_calls_are_bounded() {
     assert_eq!(s.calls.in_flight(), MAX_PENDING_CALLS);
     assert_eq!(s.calls.dropped, 3);
 }
+
+#[test]
+fn output_tokens_from_the_usage_event_when_the_result_hides_them() {
+    let mut s = Session::new();
+    s.client(1, r#"{"type":"req","id":"a","method":"agent","params":{}}"#);
+    s.server(
+        2,
+        r#"{"type":"res","id":"a","ok":true,"payload":{"runId":"r","status":"accepted"}}"#,
+    );
+    s.server(
+        3,
+        r#"{"type":"event","event":"agent","payload":{"runId":"r","stream":"usage","data":{"outputTokens":41}},"seq":9}"#,
+    );
+    // A long result whose middle (the usage) was not captured.
+    let mut result = text(
+        4,
+        r#"{"type":"res","id":"a","ok":true,"payload":{"runId":"r","status":"ok","result":{"payloads":[{"text":"..."#,
+    );
+    result.whole = false;
+    result.tail = br#"..."stopReason":"stop"}}}"#.to_vec();
+    s.calls.message(meta(), false, &result, &mut s.out);
+    assert_eq!(s.out[0].output_tokens, Some(41));
+    assert_eq!(s.out[0].input_tokens, None);
+}
