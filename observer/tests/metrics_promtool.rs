@@ -53,6 +53,7 @@ fn exchange(role: Role, method: Method, path: &str, status: Option<u16>) -> Exch
         },
         exact: true,
         llm: LlmFields::default(),
+        trace_id: None,
     }
 }
 

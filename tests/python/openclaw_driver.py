@@ -238,10 +238,13 @@ class WebSocket:
             if b0 & 0x80:
                 return 1, parts, at
 
-    def call(self, method: str, params: dict, sock: dict) -> dict:
+    def call(self, method: str, params: dict, sock: dict, traceparent: str | None = None) -> dict:
         rid = str(self.next_id)
         self.next_id += 1
-        self.send({"type": "req", "id": rid, "method": method, "params": params}, sock)
+        req = {"type": "req", "id": rid, "method": method, "params": params}
+        if traceparent:
+            req["traceparent"] = traceparent
+        self.send(req, sock)
         while True:
             opcode, payload, at = self.receive()
             if opcode != 1:
@@ -304,8 +307,11 @@ def main() -> None:
                 out = {"ok": res.get("ok"), "sock": sock}
             elif kind == "agent":
                 sock = {}
+                # A trace of its own, as a traced client sends it: the gateway runs the turn in a
+                # child of it, and its model calls carry that trace upstream.
                 res = ws.call("agent", {"message": cmd["message"], "agentId": "main",
-                                        "idempotencyKey": f"k-{time.time_ns()}"}, sock)
+                                        "idempotencyKey": f"k-{time.time_ns()}"}, sock,
+                              traceparent=f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01")
                 u = (((res.get("payload") or {}).get("result") or {}).get("meta") or {})
                 u = (u.get("agentMeta") or {}).get("usage") or {}
                 out = {"ok": res.get("ok"), "error": res.get("error"), "sock": sock,

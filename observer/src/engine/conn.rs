@@ -26,6 +26,7 @@ struct Pending {
     request_body_bytes: u64,
     scan: RequestScan,
     exact: bool,
+    trace_id: Option<u128>,
 }
 
 /// The final response being read.
@@ -245,6 +246,7 @@ impl ConnSink<'_, '_> {
             request_body_bytes: 0,
             scan: RequestScan::default(),
             exact: head.complete,
+            trace_id: head.trace_id,
         });
         if head.method == Method::Connect {
             BodyRule::Opaque
@@ -433,6 +435,7 @@ fn finish(
         request_body_bytes,
         scan: request,
         mut exact,
+        trace_id,
         ..
     } = pending;
     let mut status = None;
@@ -480,5 +483,6 @@ fn finish(
         outcome,
         exact,
         llm,
+        trace_id,
     }
 }

@@ -41,6 +41,7 @@ struct Span {
     request_last: u64,
     response_first: u64,
     response_last: u64,
+    trace_id: Option<u128>,
 }
 
 impl Span {
@@ -52,6 +53,7 @@ impl Span {
             request_last: ex.ts.request_last,
             response_first: ex.ts.response_first?,
             response_last: ex.ts.response_last?,
+            trace_id: ex.trace_id,
         })
     }
 
@@ -99,6 +101,7 @@ struct Turn {
     method: String,
     start: u64,
     end: u64,
+    trace_id: Option<u128>,
 }
 
 #[derive(Debug, Default)]
@@ -179,6 +182,7 @@ impl Correlator {
             method: call.method.clone(),
             start: call.request_first,
             end: call.end,
+            trace_id: call.trace_id,
         });
     }
 
@@ -254,8 +258,9 @@ impl Correlator {
         out.unmatched_upstream = std::mem::take(&mut self.unmatched_upstream);
     }
 
-    /// The upstream exchange a gateway exchange relayed: of those it contains, the same path
-    /// first, then the one that ended last (a retry's final attempt).
+    /// The upstream exchange a gateway exchange relayed: of those it contains, the one in the
+    /// same trace (`traceparent`, where the gateway passes it on) first, then the same path,
+    /// then the one that ended last (a retry's final attempt).
     fn claim(&mut self, gateway: &Span) -> Option<Span> {
         let queue = self.upstream.get_mut(&gateway.tgid)?;
         // Only those that ended while the gateway exchange was open can be inside it (an
@@ -266,7 +271,13 @@ impl Correlator {
             .range(from..to.max(from))
             .enumerate()
             .filter(|(_, up)| gateway.contains(up))
-            .max_by_key(|(_, up)| (up.path == gateway.path, up.response_last))
+            .max_by_key(|(_, up)| {
+                (
+                    gateway.trace_id.is_some() && up.trace_id == gateway.trace_id,
+                    up.path == gateway.path,
+                    up.response_last,
+                )
+            })
             .map(|(at, _)| from + at)?;
         let span = queue.remove(best)?;
         self.upstream_len -= 1;
@@ -276,18 +287,25 @@ impl Correlator {
         Some(span)
     }
 
-    /// Every upstream exchange of the turn's process inside the turn, taken; `None` when
-    /// there is none (yet).
+    /// Every upstream exchange of the turn's process inside the turn, taken: those in the
+    /// turn's trace where the turn has one and any of them does (concurrent turns of one
+    /// process are told apart), else all; `None` when there is none (yet).
     fn claim_turn(&mut self, turn: &Turn) -> Option<TurnOverhead> {
         let queue = self.upstream.get_mut(&turn.tgid)?;
         let from = queue.partition_point(|up| up.response_last < turn.start);
         let to = queue.partition_point(|up| up.response_last <= turn.end);
+        let window = from..to.max(from);
+        let by_trace = turn.trace_id.is_some()
+            && queue
+                .range(window.clone())
+                .any(|up| up.trace_id == turn.trace_id && up.request_first >= turn.start);
         let inside: Vec<Span> = {
             let mut taken = Vec::new();
-            let mut at = from;
-            let mut end = to.max(from);
+            let mut at = window.start;
+            let mut end = window.end;
             while at < end {
-                if queue[at].request_first >= turn.start {
+                let up = &queue[at];
+                if up.request_first >= turn.start && (!by_trace || up.trace_id == turn.trace_id) {
                     taken.extend(queue.remove(at));
                     end -= 1;
                 } else {
@@ -373,6 +391,7 @@ mod tests {
             outcome: Outcome::Complete,
             exact: true,
             llm: LlmFields::default(),
+            trace_id: None,
         }
     }
 
@@ -508,6 +527,7 @@ mod tests {
             end,
             input_tokens: None,
             output_tokens: None,
+            trace_id: None,
         }
     }
 
@@ -560,6 +580,35 @@ mod tests {
         assert_eq!(r.unpaired_turns, ["chat.send"]);
         // The other process's call and the one after the turn wait for their own callers.
         assert_eq!(c.waiting(), (0, 2));
+    }
+
+    #[test]
+    fn concurrent_turns_of_one_process_are_told_apart_by_trace() {
+        let mut c = Correlator::new();
+        let traced = |times, trace| {
+            let mut up = exchange(Role::Upstream, Side::Client, 7, times);
+            up.trace_id = Some(trace);
+            up
+        };
+        // Two overlapping turns, each calling the model once in its own trace.
+        c.add(traced([100, 110, 200, 300], 0xa));
+        c.add(traced([150, 160, 250, 400], 0xb));
+        let mut a = turn(7, "agent", 50, 500);
+        a.trace_id = Some(0xa);
+        let mut b = turn(7, "agent", 60, 600);
+        b.trace_id = Some(0xb);
+        c.add_call(&a);
+        c.add_call(&b);
+        let r = c.resolve(1_000);
+        let got: Vec<(u32, f64)> = r
+            .turns
+            .iter()
+            .map(|t| (t.upstream, t.overhead_s * 1e9))
+            .collect();
+        // a: 450 long, 100..300 its call: 250; b: 540 long, 150..400: 290.
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!((got[0].1 - 250.0).abs() < 1e-6 && got[0].0 == 1, "{got:?}");
+        assert!((got[1].1 - 290.0).abs() < 1e-6 && got[1].0 == 1, "{got:?}");
     }
 
     #[test]

@@ -191,6 +191,8 @@ pub struct Exchange {
     /// False when framing had to fall back (partial capture hid a length or terminator).
     pub exact: bool,
     pub llm: LlmFields,
+    /// The trace id of the request's `traceparent` header.
+    pub trace_id: Option<u128>,
 }
 
 /// Longest request path kept in an exchange.

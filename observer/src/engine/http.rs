@@ -61,6 +61,8 @@ pub struct Head {
     pub websocket: bool,
     /// `Sec-WebSocket-Extensions` names `permessage-deflate` (in a `101`: it was negotiated).
     pub deflate: bool,
+    /// The trace id of a W3C `traceparent` header.
+    pub trace_id: Option<u128>,
     /// False when the head was cut by a capture gap and only its first lines were read.
     pub complete: bool,
 }
@@ -78,6 +80,7 @@ impl Head {
             body_type: BodyType::Other,
             websocket: false,
             deflate: false,
+            trace_id: None,
             complete,
         }
     }
@@ -643,8 +646,23 @@ fn apply_header(head: &mut Head, name: &str, value: &[u8]) -> Result<(), ()> {
         head.websocket |= contains_token(value, b"websocket");
     } else if name.eq_ignore_ascii_case("sec-websocket-extensions") {
         head.deflate |= contains_token(value, b"permessage-deflate");
+    } else if name.eq_ignore_ascii_case("traceparent") {
+        head.trace_id = trace_id(value);
     }
     Ok(())
+}
+
+/// The trace id of a W3C `traceparent` value (`00-<32 hex>-<16 hex>-<2 hex>`); `None` for any
+/// other form or the invalid all-zero id.
+pub fn trace_id(value: &[u8]) -> Option<u128> {
+    let value = value.trim_ascii();
+    let mut parts = value.split(|&b| b == b'-');
+    let (version, id, parent, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if version.len() != 2 || id.len() != 32 || parent.len() != 16 || flags.len() != 2 {
+        return None;
+    }
+    let id = u128::from_str_radix(std::str::from_utf8(id).ok()?, 16).ok()?;
+    (id != 0).then_some(id)
 }
 
 /// Whether a comma-separated header value holds `token` (ASCII case-insensitive, parameters

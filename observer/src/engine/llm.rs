@@ -218,11 +218,12 @@ impl JsonKeys {
     }
 }
 
-/// Ollama's and OpenAI's endpoints that manage or list models rather than run one: their
-/// exchanges are not model requests, whatever model the body names. Matched at the end of the
-/// path (a gateway may serve Ollama's API under a prefix, as `/ollama/api/show`); `/api/blobs/`
-/// and `/v1/models/` take an argument.
-const NOT_MODEL_CALLS: [&str; 10] = [
+/// Ollama's and OpenAI's endpoints that manage or list models rather than run one, and a
+/// gateway's health checks and direct tool calls (OpenClaw's `/health`, `/healthz`, `/readyz`,
+/// `/tools/invoke`): their exchanges are not model requests, whatever model the body names.
+/// Matched at the end of the path (a gateway may serve Ollama's API under a prefix, as
+/// `/ollama/api/show`); `/api/blobs/` and `/v1/models/` take an argument.
+const NOT_MODEL_CALLS: [&str; 14] = [
     "/api/show",
     "/api/tags",
     "/api/ps",
@@ -233,6 +234,10 @@ const NOT_MODEL_CALLS: [&str; 10] = [
     "/api/copy",
     "/api/delete",
     "/v1/models",
+    "/health",
+    "/healthz",
+    "/readyz",
+    "/tools/invoke",
 ];
 const NOT_MODEL_CALL_PREFIXES: [&str; 2] = ["/api/blobs/", "/v1/models/"];
 

@@ -70,6 +70,9 @@ pub struct Call {
     pub end: u64,
     pub input_tokens: Option<u64>,
     pub output_tokens: Option<u64>,
+    /// The trace id of the request's `traceparent` (OpenClaw runs the call in a child trace
+    /// of it, and its model calls carry that trace in their `traceparent` header).
+    pub trace_id: Option<u128>,
 }
 
 impl Call {
@@ -109,6 +112,7 @@ struct Fields<'a> {
     method: Option<String>,
     event: Option<String>,
     ok: Option<bool>,
+    trace_id: Option<u128>,
 }
 
 impl Calls {
@@ -170,6 +174,7 @@ impl Calls {
                 end: message.last_ts,
                 input_tokens: None,
                 output_tokens: None,
+                trace_id: fields.trace_id,
             },
         });
     }
@@ -312,6 +317,9 @@ fn top_level(bytes: &[u8]) -> Fields<'_> {
                         b"method" => fields.method = string_value(value, MAX_NAME),
                         b"event" => fields.event = string_value(value, MAX_NAME),
                         b"ok" => fields.ok = bool_value(value),
+                        b"traceparent" => {
+                            fields.trace_id = string_slice(value).and_then(super::http::trace_id)
+                        }
                         _ => {}
                     }
                     i = bytes.len() - value.len();

@@ -44,6 +44,7 @@ fn exchange(role: Role, path: &str, status: Option<u16>) -> Exchange {
         outcome: Outcome::Complete,
         exact: true,
         llm: LlmFields::default(),
+        trace_id: None,
     }
 }
 

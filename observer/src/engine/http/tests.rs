@@ -120,3 +120,27 @@ fn message_starts_are_recognised() {
     assert!(looks_like_start(Kind::Response, b"HTTP/1.1 200"));
     assert!(!looks_like_start(Kind::Response, b"HTTP/2 200"));
 }
+
+#[test]
+fn traceparent_trace_ids() {
+    assert_eq!(
+        trace_id(b" 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        Some(0x0af7651916cd43dd8448eb211c80319c)
+    );
+    for bad in [
+        &b"00-00000000000000000000000000000000-b7ad6b7169203331-01"[..],
+        b"00-0af7651916cd43dd8448eb211c80319-b7ad6b7169203331-01",
+        b"00-0af7651916cd43dd8448eb211c80319g-b7ad6b7169203331-01",
+        b"0af7651916cd43dd8448eb211c80319c",
+        b"",
+    ] {
+        assert_eq!(trace_id(bad), None, "{}", String::from_utf8_lossy(bad));
+    }
+    let head = b"POST /api/chat HTTP/1.1\r\nHost: x\r\ntraceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\nContent-Length: 0\r\n\r\n";
+    match parse_head(Kind::Request, head) {
+        Parsed::Complete(head, _) => {
+            assert_eq!(head.trace_id, Some(0x0af7651916cd43dd8448eb211c80319c))
+        }
+        _ => panic!("not parsed"),
+    }
+}

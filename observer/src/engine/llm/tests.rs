@@ -120,6 +120,10 @@ fn model_calls_are_every_path_but_management_and_listing() {
         "/v1/models",
         "/v1/models/llama3",
         "/ollama/api/show",
+        "/health",
+        "/healthz",
+        "/readyz",
+        "/tools/invoke",
     ] {
         assert!(!is_model_call(path), "{path}");
     }

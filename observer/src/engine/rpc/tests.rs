@@ -267,3 +267,26 @@ fn output_tokens_from_the_usage_event_when_the_result_hides_them() {
     assert_eq!(s.out[0].output_tokens, Some(41));
     assert_eq!(s.out[0].input_tokens, None);
 }
+
+#[test]
+fn a_request_s_traceparent_gives_its_trace_id() {
+    let mut s = Session::new();
+    s.client(
+        1,
+        r#"{"type":"req","id":"a","method":"agent","params":{"traceparent":"00-11111111111111111111111111111111-2222222222222222-01"},"traceparent":"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}"#,
+    );
+    s.client(
+        2,
+        r#"{"type":"req","id":"b","method":"agent","traceparent":"not a traceparent"}"#,
+    );
+    s.server(
+        3,
+        r#"{"type":"res","id":"a","ok":true,"payload":{"status":"ok"}}"#,
+    );
+    s.server(
+        4,
+        r#"{"type":"res","id":"b","ok":true,"payload":{"status":"ok"}}"#,
+    );
+    assert_eq!(s.out[0].trace_id, Some(0x0af7651916cd43dd8448eb211c80319c));
+    assert_eq!(s.out[1].trace_id, None);
+}
