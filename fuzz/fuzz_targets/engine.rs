@@ -7,7 +7,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use observer::capture::{Role, decode::Side};
-use observer::engine::{Engine, EngineConfig, Exchange, MAX_PATH, MAX_PIPELINE, Outcome};
+use observer::engine::{Call, Engine, EngineConfig, Exchange, MAX_PATH, MAX_PIPELINE, Outcome};
 use observer_fuzz::{Op, replay};
 
 const MAX_CONNS: usize = 4;
@@ -25,6 +25,7 @@ fuzz_target!(|input: &[u8]| {
             engine
                 .drain_finished()
                 .for_each(|exchange| check(&exchange));
+            engine.drain_calls().for_each(|call| check_call(&call));
         }
         assert!(engine.connections() <= MAX_CONNS);
         assert!(in_flight(engine) <= engine.connections() * MAX_PIPELINE);
@@ -34,7 +35,17 @@ fuzz_target!(|input: &[u8]| {
     engine
         .drain_finished()
         .for_each(|exchange| check(&exchange));
+    engine.drain_calls().for_each(|call| check_call(&call));
 });
+
+/// A call over WebSocket: its times in order.
+fn check_call(call: &Call) {
+    assert!(call.request_first <= call.request_last, "{call:?}");
+    assert!(call.request_last <= call.end, "{call:?}");
+    if let Some(first) = call.first_delta {
+        assert!(first >= call.request_first, "{call:?}");
+    }
+}
 
 /// Requests in flight over every role and side.
 fn in_flight(engine: &Engine) -> usize {

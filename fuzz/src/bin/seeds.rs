@@ -40,6 +40,7 @@ fn main() {
         ("mid-stream-and-garbage", mid_stream_and_garbage),
         ("eviction", eviction),
         ("upgrade-and-abort", upgrade_and_abort),
+        ("websocket-turn", websocket_turn),
         ("response-before-request", response_before_request),
     ];
     for (name, build) in seeds {
@@ -539,6 +540,78 @@ fn upgrade_and_abort() -> Script {
         write(&mut s, OLLAMA, OUT, 20, &chunk(&ollama_line(i)));
     }
     close(&mut s, OLLAMA);
+    drain(&mut s);
+    s
+}
+
+/// A WebSocket frame: FIN and `opcode`, masked with a fixed key when `masked` (a client's).
+fn ws_frame(opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    let mut out = vec![0x80 | opcode];
+    let m = if masked { 0x80 } else { 0 };
+    if payload.len() < 126 {
+        out.push(m | payload.len() as u8);
+    } else {
+        out.push(m | 126);
+        out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    }
+    let key = [0x12, 0x34, 0x56, 0x78];
+    if masked {
+        out.extend_from_slice(&key);
+    }
+    out.extend(
+        payload
+            .iter()
+            .enumerate()
+            .map(|(i, b)| if masked { b ^ key[i % 4] } else { *b }),
+    );
+    out
+}
+
+/// An OpenClaw agent turn over a WebSocket: the upgrade, the challenge and `connect`, an
+/// `agent` request, its acceptance, a delta event with a ping between, the result with its
+/// usage, and the close.
+fn websocket_turn() -> Script {
+    let mut s = Script::new();
+    open(&mut s, GATEWAY);
+    write(
+        &mut s,
+        GATEWAY,
+        IN,
+        1,
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    );
+    let mut switched =
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+            .to_vec();
+    switched.extend(ws_frame(
+        1,
+        br#"{"type":"event","event":"connect.challenge","payload":{"nonce":"n","ts":1}}"#,
+        false,
+    ));
+    write(&mut s, GATEWAY, OUT, 1, &switched);
+    let client: [&[u8]; 2] = [
+        br#"{"type":"req","id":"1","method":"connect","params":{"minProtocol":4}}"#,
+        br#"{"type":"req","id":"2","method":"agent","params":{"message":"hi"},"traceparent":"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}"#,
+    ];
+    write(&mut s, GATEWAY, IN, 1, &ws_frame(1, client[0], true));
+    write(
+        &mut s,
+        GATEWAY,
+        OUT,
+        1,
+        &ws_frame(1, br#"{"type":"res","id":"1","ok":true,"payload":{"type":"hello-ok"}}"#, false),
+    );
+    write(&mut s, GATEWAY, IN, 1, &ws_frame(1, client[1], true));
+    for (gap, message) in [
+        (1, &br#"{"type":"res","id":"2","ok":true,"payload":{"runId":"r","status":"accepted"}}"#[..]),
+        (30, br#"{"type":"event","event":"agent","payload":{"runId":"r","stream":"assistant","data":{"delta":"Hi"}}}"#),
+        (5, br#"{"type":"res","id":"2","ok":true,"payload":{"runId":"r","status":"ok","result":{"meta":{"agentMeta":{"usage":{"input":900,"output":2}}}}}}"#),
+    ] {
+        write(&mut s, GATEWAY, OUT, gap, &ws_frame(1, message, false));
+        write(&mut s, GATEWAY, IN, 1, &ws_frame(9, b"", true));
+    }
+    write(&mut s, GATEWAY, IN, 1, &ws_frame(8, &[0x03, 0xe8], true));
+    close(&mut s, GATEWAY);
     drain(&mut s);
     s
 }

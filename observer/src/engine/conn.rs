@@ -285,6 +285,8 @@ impl ConnSink<'_, '_> {
             self.state.upgraded = true;
             if head.websocket {
                 self.state.ws = Some(Box::new(Session::new(head.deflate)));
+            } else {
+                self.out.ws.unread[super::ws::Unread::OtherProtocol as usize] += 1;
             }
             self.response_end(ts);
             return BodyRule::Opaque;

@@ -198,7 +198,8 @@ impl Calls {
             return;
         };
         let call = &mut pending.call;
-        call.end = message.last_ts;
+        // Never before its request (timestamps of two threads' system calls can cross).
+        call.end = message.last_ts.max(call.request_last);
         call.outcome = match fields.ok {
             Some(false) => CallOutcome::Error(
                 after_key(&message.head, b"error")
@@ -264,7 +265,9 @@ impl Calls {
                 .iter()
                 .position(|p| p.call.first_delta.is_none() && takes_deltas(&p.call.method))
         });
-        if let Some(at) = at {
+        if let Some(at) = at
+            && message.first_ts >= self.pending[at].call.request_first
+        {
             self.pending[at]
                 .call
                 .first_delta

@@ -33,15 +33,19 @@ pub enum Unread {
     Compressed,
     /// A data message whose start was not captured (after framing was found again).
     Partial,
+    /// A connection upgraded (`101`) to a protocol other than WebSocket (`h2c`, …): counted
+    /// once, nothing after the `101` is read.
+    OtherProtocol,
 }
 
 impl Unread {
-    pub const COUNT: usize = 4;
+    pub const COUNT: usize = 5;
     pub const ALL: [Unread; Unread::COUNT] = [
         Unread::FramingLost,
         Unread::BadFrame,
         Unread::Compressed,
         Unread::Partial,
+        Unread::OtherProtocol,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -50,6 +54,7 @@ impl Unread {
             Unread::BadFrame => "bad_frame",
             Unread::Compressed => "compressed",
             Unread::Partial => "partial",
+            Unread::OtherProtocol => "other_protocol",
         }
     }
 }
@@ -203,8 +208,10 @@ pub struct FrameParser {
     /// Timestamp of the call that carried the first byte of the header in `hdr`.
     hdr_ts: u64,
     frame: Frame,
-    /// A control frame's payload (its close code).
+    /// A control frame's payload (its close code), and the timestamps of the calls that
+    /// carried its first and last bytes.
     control: Vec<u8>,
+    control_ts: (u64, u64),
     /// The data message in progress; `None` between messages.
     message: Option<Assembly>,
     /// After framing was found again, until a message starts: continuation frames belong to
@@ -224,6 +231,7 @@ impl FrameParser {
             hdr_ts: 0,
             frame: Frame::default(),
             control: Vec::new(),
+            control_ts: (0, 0),
             message: None,
             orphan: false,
         }
@@ -415,6 +423,7 @@ impl FrameParser {
             }
         } else {
             self.control.clear();
+            self.control_ts = (ts, ts);
         }
         self.state = State::Payload;
         if frame.len == 0 {
@@ -438,6 +447,7 @@ impl FrameParser {
             self.frame.done += n as u64;
             if self.frame.opcode >= 8 {
                 self.control.extend_from_slice(piece);
+                self.control_ts.1 = ts;
             } else if let Some(message) = &mut self.message {
                 message.len += n as u64;
                 message.last_ts = ts;
@@ -459,8 +469,8 @@ impl FrameParser {
                 kind,
                 compressed: false,
                 len: frame.len,
-                first_ts: 0,
-                last_ts: 0,
+                first_ts: self.control_ts.0,
+                last_ts: self.control_ts.1,
                 head: std::mem::take(&mut self.control),
                 tail: Vec::new(),
                 whole,

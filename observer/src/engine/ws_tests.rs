@@ -216,4 +216,8 @@ fn an_upgrade_to_something_else_stays_opaque() {
     assert_eq!(exchanges[0].ts.duration_ns(), Some(1));
     assert_eq!(engine.errors().total(), 0);
     assert_eq!(engine.drain_calls().count(), 0);
+    // Opaque from here on, and said why.
+    let counts = engine.ws_counts(Role::Gateway, Side::Server);
+    assert_eq!(counts.unread(Unread::OtherProtocol), 1);
+    assert_eq!(counts.messages, [[0; MessageKind::COUNT]; 2]);
 }
