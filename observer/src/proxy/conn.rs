@@ -420,20 +420,76 @@ impl Connection {
         }
     }
 
-    /// After a protocol upgrade: bytes both ways until either side closes. The engine stops
-    /// reading an upgraded connection, so they are not fed.
+    /// After a protocol upgrade: bytes both ways until both sides have closed, each fed to the
+    /// engine as it is moved (it reads WebSocket frames and the calls made with them; other
+    /// protocols it counts and leaves alone). A side that closes its half is half-closed on
+    /// the other side, as `copy_bidirectional` does.
     async fn tunnel(&mut self) {
         let Some(upstream) = self.upstream.as_mut() else {
             return;
         };
+        let (tap, pair) = (&self.tap, self.pair);
+        let (mut ur, mut uw) = upstream.split();
+        let (mut cr, mut cw) = self.client.split();
         if !self.buf.is_empty() {
+            // Read (and fed as the client's) before the upgrade was answered.
             let early = self.buf.split().freeze();
-            if upstream.write_all(&early).await.is_err() {
+            if write_upstream(&mut uw, tap, pair.upstream, &early)
+                .await
+                .is_err()
+            {
                 return;
             }
         }
-        let _ = tokio::io::copy_bidirectional(&mut self.client, upstream).await;
+        let mut from_client = take_relay_buf();
+        let mut from_upstream = take_relay_buf();
+        let (mut client_open, mut upstream_open) = (true, true);
+        while client_open || upstream_open {
+            tokio::select! {
+                read = cr.read(&mut from_client), if client_open => {
+                    client_open = copy_tapped(read, &from_client, &mut uw, tap, [
+                        (pair.client, Direction::Ingress),
+                        (pair.upstream, Direction::Egress),
+                    ]).await;
+                }
+                read = ur.read(&mut from_upstream), if upstream_open => {
+                    upstream_open = copy_tapped(read, &from_upstream, &mut cw, tap, [
+                        (pair.upstream, Direction::Ingress),
+                        (pair.client, Direction::Egress),
+                    ]).await;
+                }
+            }
+        }
+        give_back_relay_buf(from_client);
+        give_back_relay_buf(from_upstream);
     }
+}
+
+/// One read of a tunnel moved to the other side and fed: as read by the first end, as written
+/// by the second. False once the reading side is done (closed, or an error on either side):
+/// the writing side is then shut down for writes.
+async fn copy_tapped(
+    read: std::io::Result<usize>,
+    buf: &[u8],
+    to: &mut WriteHalf<'_>,
+    tap: &Tap,
+    [(from_meta, from_dir), (to_meta, to_dir)]: [(ConnMeta, Direction); 2],
+) -> bool {
+    let n = match read {
+        Ok(n) if n > 0 => n,
+        _ => {
+            let _ = to.shutdown().await;
+            return false;
+        }
+    };
+    let read_at = monotonic_ns();
+    if to.write_all(&buf[..n]).await.is_err() {
+        return false;
+    }
+    tap.data_at(from_meta, from_dir, read_at, &buf[..n]);
+    tap.data_at(to_meta, to_dir, monotonic_ns(), &buf[..n]);
+    tap.flush();
+    true
 }
 
 /// Reads what the client sent next into `buf`, feeding it as the gateway's ingress.
