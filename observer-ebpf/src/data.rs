@@ -335,17 +335,9 @@ unsafe fn walk_head(scratch: *mut Scratch) -> u64 {
         if i >= iovcnt || seen >= len {
             break;
         }
-        let Ok([base, seg_len]) =
-            (unsafe { bpf_probe_read_user((iov + i * 16) as *const [u64; 2]) })
-        else {
+        let Some((base, seg)) = segment(iov, i, len - seen) else {
             ok = false;
             break;
-        };
-        // Only the first `len` bytes of the segments were moved.
-        let seg = if seg_len < len - seen {
-            seg_len
-        } else {
-            len - seen
         };
         if seg == 0 {
             continue;
@@ -381,6 +373,15 @@ unsafe fn walk_head(scratch: *mut Scratch) -> u64 {
     0
 }
 
+/// Segment `i` of the iovec array at `iov`: its address and how many of the `left` bytes still
+/// to be located it holds (only the first `len` bytes of the segments were moved); `None` when
+/// it cannot be read.
+#[inline(always)]
+fn segment(iov: u64, i: u64, left: u64) -> Option<(u64, u64)> {
+    let [base, seg_len] = unsafe { bpf_probe_read_user((iov + i * 16) as *const [u64; 2]) }.ok()?;
+    Some((base, if seg_len < left { seg_len } else { left }))
+}
+
 /// Past the head's segments of the walk, only lengths are read, to find the last ones holding
 /// data (a writev of many small pieces: HTTP chunk framing, WebSocket frame headers). How far
 /// the walk got lives in `walk` between iterations, read back each time.
@@ -404,16 +405,9 @@ unsafe fn walk_lengths(scratch: *mut Scratch) -> u64 {
         if i >= iovcnt || seen >= len {
             break;
         }
-        let Ok([base, seg_len]) =
-            (unsafe { bpf_probe_read_user((iov + i * 16) as *const [u64; 2]) })
-        else {
+        let Some((base, seg)) = segment(iov, i, len - seen) else {
             unsafe { (*walk).ok = 0 };
             break;
-        };
-        let seg = if seg_len < len - seen {
-            seg_len
-        } else {
-            len - seen
         };
         if seg == 0 {
             continue;

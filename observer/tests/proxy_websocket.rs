@@ -8,29 +8,18 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+use observer::engine::ws::encode_frame;
 use support::proxy::{METRICS_WAIT, Proxy};
 
 /// A frame with FIN set: masked with a fixed key for a client's, plain for a server's.
 fn frame(opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
-    let mut out = vec![0x80 | opcode];
-    let m = if masked { 0x80 } else { 0 };
-    if payload.len() < 126 {
-        out.push(m | payload.len() as u8);
-    } else {
-        out.push(m | 126);
-        out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-    }
-    let key = [0x0a, 0x0b, 0x0c, 0x0d];
-    if masked {
-        out.extend_from_slice(&key);
-    }
-    out.extend(
-        payload
-            .iter()
-            .enumerate()
-            .map(|(i, b)| if masked { b ^ key[i % 4] } else { *b }),
-    );
-    out
+    encode_frame(
+        true,
+        false,
+        opcode,
+        payload,
+        masked.then_some([0x0a, 0x0b, 0x0c, 0x0d]),
+    )
 }
 
 /// Reads one frame's payload (and checks its mask bit), opcode first.

@@ -29,7 +29,7 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus/engine"));
     std::fs::create_dir_all(&dir).expect("creating the corpus directory");
-    let seeds: [(&str, Seed); 11] = [
+    let seeds: [(&str, Seed); 12] = [
         ("ollama-chat", ollama_chat),
         ("gateway-relay", gateway_relay),
         ("openai-sse", openai_sse),
@@ -546,25 +546,8 @@ fn upgrade_and_abort() -> Script {
 
 /// A WebSocket frame: FIN and `opcode`, masked with a fixed key when `masked` (a client's).
 fn ws_frame(opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
-    let mut out = vec![0x80 | opcode];
-    let m = if masked { 0x80 } else { 0 };
-    if payload.len() < 126 {
-        out.push(m | payload.len() as u8);
-    } else {
-        out.push(m | 126);
-        out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-    }
-    let key = [0x12, 0x34, 0x56, 0x78];
-    if masked {
-        out.extend_from_slice(&key);
-    }
-    out.extend(
-        payload
-            .iter()
-            .enumerate()
-            .map(|(i, b)| if masked { b ^ key[i % 4] } else { *b }),
-    );
-    out
+    let mask = masked.then_some([0x12, 0x34, 0x56, 0x78]);
+    observer::engine::ws::encode_frame(true, false, opcode, payload, mask)
 }
 
 /// An OpenClaw agent turn over a WebSocket: the upgrade, the challenge and `connect`, an

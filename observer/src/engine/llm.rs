@@ -278,7 +278,7 @@ pub(super) fn keys(bytes: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
     })
 }
 
-fn trim_start(bytes: &[u8]) -> &[u8] {
+pub(super) fn trim_start(bytes: &[u8]) -> &[u8] {
     let skip = bytes
         .iter()
         .take_while(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n'))

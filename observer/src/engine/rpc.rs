@@ -20,7 +20,7 @@
 use std::collections::VecDeque;
 
 use super::exchange::ConnMeta;
-use super::llm::{bool_value, keys, number_value, string_value};
+use super::llm::{bool_value, keys, number_value, string_value, trim_start};
 use super::ws::{Message, MessageKind};
 
 /// Calls kept waiting for their results on one connection; older ones are dropped (counted).
@@ -353,14 +353,6 @@ fn string_slice(value: &[u8]) -> Option<&[u8]> {
     let body = value.strip_prefix(b"\"")?;
     let close = memchr::memchr(b'"', body)?;
     Some(&body[..close])
-}
-
-fn trim_start(bytes: &[u8]) -> &[u8] {
-    let skip = bytes
-        .iter()
-        .take_while(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
-        .count();
-    &bytes[skip..]
 }
 
 /// What follows the first `"key":` anywhere in `bytes`.

@@ -653,6 +653,39 @@ impl Session {
     }
 }
 
+/// One frame as a peer writes it: FIN, RSV1 (a compressed message's first frame), `opcode`,
+/// the payload's length in its shortest form, and the payload masked with `mask` (a
+/// client's) or not (a server's). For tests, fuzz seeds and tools that speak WebSocket.
+pub fn encode_frame(
+    fin: bool,
+    rsv1: bool,
+    opcode: u8,
+    payload: &[u8],
+    mask: Option<[u8; 4]>,
+) -> Vec<u8> {
+    let mut out = vec![(u8::from(fin) << 7) | (u8::from(rsv1) << 6) | (opcode & 0x0f)];
+    let m = if mask.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => out.push(m | n as u8),
+        n if n <= 0xffff => {
+            out.push(m | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(m | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    match mask {
+        Some(key) => {
+            out.extend_from_slice(&key);
+            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        }
+        None => out.extend_from_slice(payload),
+    }
+    out
+}
+
 /// How many header bytes a frame needs, from what is known of it (at least 2).
 fn header_len_needed(known: &[u8]) -> usize {
     if known.len() < 2 {

@@ -25,25 +25,10 @@ fn switching(extensions: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// A frame as a server writes it (unmasked) or a client (masked).
+/// A text frame as a server writes it (unmasked) or a client (masked).
 fn frame(payload: &str, masked: bool) -> Vec<u8> {
-    let payload = payload.as_bytes();
-    let mut out = vec![0x81];
-    let m = if masked { 0x80 } else { 0 };
-    if payload.len() < 126 {
-        out.push(m | payload.len() as u8);
-    } else {
-        out.push(m | 126);
-        out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-    }
-    if masked {
-        let key = [0x11, 0x22, 0x33, 0x44];
-        out.extend_from_slice(&key);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-    } else {
-        out.extend_from_slice(payload);
-    }
-    out
+    let mask = masked.then_some([0x11, 0x22, 0x33, 0x44]);
+    ws::encode_frame(true, false, 1, payload.as_bytes(), mask)
 }
 
 fn data(engine: &mut Engine, dir: Direction, ts: u64, bytes: &[u8]) {
