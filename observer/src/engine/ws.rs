@@ -462,9 +462,10 @@ impl FrameParser {
         let frame = self.frame;
         if frame.opcode >= 8 {
             let kind = MessageKind::of_opcode(frame.opcode).unwrap_or(MessageKind::Close);
-            let close_code = (kind == MessageKind::Close && self.control.len() >= 2)
-                .then(|| u16::from_be_bytes([self.control[0], self.control[1]]));
+            // A gap may have taken the payload's start: the code is read only from a whole one.
             let whole = self.control.len() as u64 == frame.len;
+            let close_code = (kind == MessageKind::Close && whole && self.control.len() >= 2)
+                .then(|| u16::from_be_bytes([self.control[0], self.control[1]]));
             sink.message(Message {
                 kind,
                 compressed: false,

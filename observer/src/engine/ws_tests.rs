@@ -206,3 +206,37 @@ fn an_upgrade_to_something_else_stays_opaque() {
     assert_eq!(counts.unread(Unread::OtherProtocol), 1);
     assert_eq!(counts.messages, [[0; MessageKind::COUNT]; 2]);
 }
+
+#[test]
+fn a_101_head_cut_by_the_capture_loses_framing_instead_of_misreading() {
+    let mut engine = Engine::new(EngineConfig::default());
+    engine.open(GATEWAY, 0, false);
+    data(&mut engine, IN, 1, UPGRADE);
+    // A 101 longer than the head capture, with frames after it in the same write: the tail
+    // holds the middle of a frame, which must not be read as one.
+    let mut write = switching(&format!("X-Pad: {}\r\n", "p".repeat(1500)));
+    let text = format!(
+        r#"{{"type":"event","event":"tick","payload":{{"pad":"{}"}}}}"#,
+        "q".repeat(600)
+    );
+    write.extend(frame(&text, false));
+    engine.data(
+        GATEWAY,
+        OUT,
+        2,
+        write.len() as u64,
+        &write[..1024],
+        &write[write.len() - 256..],
+    );
+    // Framing is found again at the next write that is one frame.
+    data(
+        &mut engine,
+        OUT,
+        3,
+        &frame(r#"{"type":"event","event":"tick","payload":{}}"#, false),
+    );
+    let counts = engine.ws_counts(Role::Gateway, Side::Server);
+    assert_eq!(counts.unread(Unread::FramingLost), 1);
+    assert_eq!(counts.unread(Unread::BadFrame), 0);
+    assert_eq!(counts.message(OUT, MessageKind::Text), 1);
+}

@@ -441,55 +441,60 @@ impl Connection {
                 return;
             }
         }
-        let mut from_client = take_relay_buf();
-        let mut from_upstream = take_relay_buf();
-        let (mut client_open, mut upstream_open) = (true, true);
-        while client_open || upstream_open {
-            tokio::select! {
-                read = cr.read(&mut from_client), if client_open => {
-                    client_open = copy_tapped(read, &from_client, &mut uw, tap, [
-                        (pair.client, Direction::Ingress),
-                        (pair.upstream, Direction::Egress),
-                    ]).await;
-                }
-                read = ur.read(&mut from_upstream), if upstream_open => {
-                    upstream_open = copy_tapped(read, &from_upstream, &mut cw, tap, [
-                        (pair.upstream, Direction::Ingress),
-                        (pair.client, Direction::Egress),
-                    ]).await;
-                }
-            }
-        }
+        let (mut from_client, mut from_upstream) = (take_relay_buf(), take_relay_buf());
+        // The two ways move at once: a write waiting for one peer to read never keeps the
+        // other way from moving (both peers may write much before they read).
+        tokio::join!(
+            pump(
+                &mut cr,
+                &mut uw,
+                &mut from_client,
+                tap,
+                [
+                    (pair.client, Direction::Ingress),
+                    (pair.upstream, Direction::Egress)
+                ]
+            ),
+            pump(
+                &mut ur,
+                &mut cw,
+                &mut from_upstream,
+                tap,
+                [
+                    (pair.upstream, Direction::Ingress),
+                    (pair.client, Direction::Egress)
+                ]
+            ),
+        );
         give_back_relay_buf(from_client);
         give_back_relay_buf(from_upstream);
     }
 }
 
-/// One read of a tunnel moved to the other side and fed: as read by the first end, as written
-/// by the second. False once the reading side is done (closed, or an error on either side):
-/// the writing side is then shut down for writes.
-async fn copy_tapped(
-    read: std::io::Result<usize>,
-    buf: &[u8],
+/// One way of a tunnel, until its reader is done (closed, or an error on either side): each
+/// read written on and fed, as read by the first end and as written by the second. The
+/// writing side is then shut down for writes (a half-close passes on).
+async fn pump(
+    from: &mut ReadHalf<'_>,
     to: &mut WriteHalf<'_>,
+    buf: &mut [u8],
     tap: &Tap,
     [(from_meta, from_dir), (to_meta, to_dir)]: [(ConnMeta, Direction); 2],
-) -> bool {
-    let n = match read {
-        Ok(n) if n > 0 => n,
-        _ => {
-            let _ = to.shutdown().await;
-            return false;
+) {
+    loop {
+        let n = match from.read(buf).await {
+            Ok(n) if n > 0 => n,
+            _ => break,
+        };
+        let read_at = monotonic_ns();
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
         }
-    };
-    let read_at = monotonic_ns();
-    if to.write_all(&buf[..n]).await.is_err() {
-        return false;
+        tap.data_at(from_meta, from_dir, read_at, &buf[..n]);
+        tap.data_at(to_meta, to_dir, monotonic_ns(), &buf[..n]);
+        tap.flush();
     }
-    tap.data_at(from_meta, from_dir, read_at, &buf[..n]);
-    tap.data_at(to_meta, to_dir, monotonic_ns(), &buf[..n]);
-    tap.flush();
-    true
+    let _ = to.shutdown().await;
 }
 
 /// Reads what the client sent next into `buf`, feeding it as the gateway's ingress.

@@ -290,3 +290,32 @@ fn a_request_s_traceparent_gives_its_trace_id() {
     assert_eq!(s.out[0].trace_id, Some(0x0af7651916cd43dd8448eb211c80319c));
     assert_eq!(s.out[1].trace_id, None);
 }
+
+#[test]
+fn escaped_quotes_and_runs_of_others() {
+    let mut s = Session::new();
+    // An escaped quote in a top-level string before the keys that decide.
+    s.client(
+        1,
+        r#"{"note":"a\"b","type":"req","id":"1","method":"agent","params":{}}"#,
+    );
+    s.server(
+        2,
+        r#"{"type":"res","id":"1","ok":true,"payload":{"runId":"r1","status":"accepted"}}"#,
+    );
+    // A delta of another run is not this turn's; its own is.
+    s.server(
+        3,
+        r#"{"type":"event","event":"chat","payload":{"runId":"r2","state":"delta"}}"#,
+    );
+    s.server(
+        4,
+        r#"{"type":"event","event":"agent","payload":{"runId":"r1","stream":"assistant"}}"#,
+    );
+    s.server(
+        5,
+        r#"{"type":"res","id":"1","ok":true,"payload":{"status":"ok"}}"#,
+    );
+    assert_eq!(s.out.len(), 1, "{:?}", s.out);
+    assert_eq!(s.out[0].first_delta, Some(4));
+}
