@@ -383,25 +383,23 @@ fn segment(iov: u64, i: u64, left: u64) -> Option<(u64, u64)> {
 }
 
 /// Past the head's segments of the walk, only lengths are read, to find the last ones holding
-/// data (a writev of many small pieces: HTTP chunk framing, WebSocket frame headers). How far
-/// the walk got lives in `walk` between iterations, read back each time.
+/// data (a writev of many small pieces: HTTP chunk framing, WebSocket frame headers).
 #[inline(never)]
 unsafe fn walk_lengths(scratch: *mut Scratch) -> u64 {
     let walk = unsafe { &raw mut (*scratch).walk };
-    if unsafe { core::ptr::read_volatile(&(*walk).ok) } == 0 {
+    let (ok, mut seen, len, iov, iovcnt) = unsafe {
+        (
+            core::ptr::read_volatile(&(*walk).ok),
+            core::ptr::read_volatile(&(*walk).seen),
+            core::ptr::read_volatile(&(*walk).len),
+            core::ptr::read_volatile(&(*walk).iov),
+            core::ptr::read_volatile(&(*walk).iovcnt),
+        )
+    };
+    if ok == 0 {
         return 0;
     }
     for i in HEAD_IOV..MAX_IOV {
-        // Everything an iteration compares is read back: no range learnt in one iteration
-        // tells one way through it from another.
-        let (seen, len, iov, iovcnt) = unsafe {
-            (
-                core::ptr::read_volatile(&(*walk).seen),
-                core::ptr::read_volatile(&(*walk).len),
-                core::ptr::read_volatile(&(*walk).iov),
-                core::ptr::read_volatile(&(*walk).iovcnt),
-            )
-        };
         if i >= iovcnt || seen >= len {
             break;
         }
@@ -420,10 +418,11 @@ unsafe fn walk_lengths(scratch: *mut Scratch) -> u64 {
                     len: seg,
                     at: seen,
                 },
-            );
-            (*walk).seen = seen + seg;
-        }
+            )
+        };
+        seen += seg;
     }
+    unsafe { (*walk).seen = seen };
     0
 }
 
