@@ -77,6 +77,16 @@ pub struct Output<'a> {
     pub ws: &'a mut WsCounts,
 }
 
+impl Output<'_> {
+    /// Where a WebSocket session's findings go.
+    fn session(&mut self) -> SessionOutput<'_> {
+        SessionOutput {
+            counts: self.ws,
+            calls: self.calls,
+        }
+    }
+}
+
 impl Conn {
     /// `mid_stream`: the connection existed before it was seen (seeded, or its open was
     /// missed), so its first bytes may be anywhere in a message.
@@ -126,16 +136,12 @@ impl Conn {
         len: u64,
         head: &[u8],
         tail: &[u8],
-        out: Output<'_>,
+        mut out: Output<'_>,
     ) {
         self.last_ts = self.last_ts.max(ts);
         let is_request = self.is_request(direction);
         if let Some(ws) = &mut self.state.ws {
-            let out = SessionOutput {
-                counts: out.ws,
-                calls: out.calls,
-            };
-            ws.segment(self.meta, is_request, ts, len, head, tail, out);
+            ws.segment(self.meta, is_request, ts, len, head, tail, out.session());
             return;
         }
         let mut sink = ConnSink {
@@ -385,21 +391,19 @@ impl Sink for ConnSink<'_, '_> {
 
     fn upgraded(&mut self, bytes: &[u8], ts: u64) {
         if let Some(ws) = &mut self.state.ws {
-            let out = SessionOutput {
-                counts: self.out.ws,
-                calls: self.out.calls,
-            };
-            ws.bytes(self.meta, self.kind == Kind::Request, ts, bytes, out);
+            ws.bytes(
+                self.meta,
+                self.kind == Kind::Request,
+                ts,
+                bytes,
+                self.out.session(),
+            );
         }
     }
 
     fn upgraded_gap(&mut self, n: u64) {
         if let Some(ws) = &mut self.state.ws {
-            let out = SessionOutput {
-                counts: self.out.ws,
-                calls: self.out.calls,
-            };
-            ws.gap(self.meta, self.kind == Kind::Request, n, out);
+            ws.gap(self.meta, self.kind == Kind::Request, n, self.out.session());
         }
     }
 

@@ -24,7 +24,7 @@ use super::exchange::ConnMeta;
 use super::llm::{bool_value, keys, number_value, string_value, trim_start};
 use super::ws::{Message, MessageKind};
 
-/// Calls kept waiting for their results on one connection; older ones are dropped (counted).
+/// Calls kept waiting for their results on one connection; beyond, the oldest ends `evicted`.
 pub const MAX_PENDING_CALLS: usize = 64;
 /// Longest method name or error code kept.
 const MAX_NAME: usize = 48;
@@ -39,7 +39,8 @@ pub enum CallOutcome {
     Error(String),
     /// The connection closed first.
     Aborted,
-    /// The engine dropped the connection (its limit) or stopped.
+    /// The engine dropped the connection (its limit) or stopped, or more than
+    /// [`MAX_PENDING_CALLS`] calls waited on it and this was the oldest.
     Evicted,
 }
 
@@ -101,8 +102,6 @@ struct Pending {
 pub struct Calls {
     pending: VecDeque<Pending>,
     last_ts: u64,
-    /// Calls dropped because more than [`MAX_PENDING_CALLS`] waited.
-    pub dropped: u64,
 }
 
 /// The top-level fields of a message that decide what it is.
@@ -131,7 +130,7 @@ impl Calls {
         self.last_ts = self.last_ts.max(message.last_ts);
         let fields = top_level(&message.head);
         match (fields.kind, from_client) {
-            (Some(b"req"), true) => self.request(conn, fields, message),
+            (Some(b"req"), true) => self.request(conn, fields, message, out),
             (Some(b"res"), false) => self.response(fields, message, out),
             (Some(b"event"), false) => self.event(fields, message),
             _ => {}
@@ -140,10 +139,8 @@ impl Calls {
 
     /// The connection is gone: calls still open end with `outcome`.
     pub fn close(&mut self, outcome: CallOutcome, out: &mut Vec<Call>) {
-        for mut pending in self.pending.drain(..) {
-            pending.call.outcome = outcome.clone();
-            pending.call.end = self.last_ts.max(pending.call.request_last);
-            out.push(pending.call);
+        for pending in self.pending.drain(..) {
+            out.push(ended(pending, outcome.clone(), self.last_ts));
         }
     }
 
@@ -152,13 +149,20 @@ impl Calls {
         self.pending.len()
     }
 
-    fn request(&mut self, conn: ConnMeta, fields: Fields<'_>, message: &Message) {
+    fn request(
+        &mut self,
+        conn: ConnMeta,
+        fields: Fields<'_>,
+        message: &Message,
+        out: &mut Vec<Call>,
+    ) {
         let (Some(id), Some(method)) = (fields.id, fields.method) else {
             return;
         };
-        if self.pending.len() >= MAX_PENDING_CALLS {
-            self.pending.pop_front();
-            self.dropped += 1;
+        if self.pending.len() >= MAX_PENDING_CALLS
+            && let Some(oldest) = self.pending.pop_front()
+        {
+            out.push(ended(oldest, CallOutcome::Evicted, self.last_ts));
         }
         self.pending.push_back(Pending {
             id,
@@ -278,6 +282,14 @@ impl Calls {
                 .get_or_insert(message.first_ts);
         }
     }
+}
+
+/// A call that ends without its result: with `outcome`, at the last bytes seen.
+fn ended(pending: Pending, outcome: CallOutcome, last_ts: u64) -> Call {
+    let mut call = pending.call;
+    call.outcome = outcome;
+    call.end = last_ts.max(call.request_last);
+    call
 }
 
 /// Methods whose results stream model text as events.

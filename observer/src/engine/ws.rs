@@ -248,27 +248,12 @@ impl FrameParser {
         if self.state == State::Lost && !self.resync(len, head) {
             return;
         }
-        self.continue_segment(ts, len, head, tail, sink);
-    }
-
-    /// Bytes that continue a system call already begun (the rest of the one that carried the
-    /// `101` head): no resynchronisation at their start.
-    pub fn continue_segment(
-        &mut self,
-        ts: u64,
-        len: u64,
-        head: &[u8],
-        tail: &[u8],
-        sink: &mut impl WsSink,
-    ) {
         let captured = (head.len() + tail.len()) as u64;
         self.feed(ts, head, sink);
         if len > captured {
             self.skip(len - captured, sink);
-            self.feed(ts, tail, sink);
-        } else {
-            self.feed(ts, tail, sink);
         }
+        self.feed(ts, tail, sink);
     }
 
     /// Framing is lost (counted once, with the message in progress).
@@ -557,9 +542,12 @@ struct Route<'a> {
 impl WsSink for Route<'_> {
     fn message(&mut self, message: Message) {
         // Ingress for the server when the client sent it, and the other way round.
-        let ingress = (self.meta.side == Side::Server) == self.from_client;
-        let direction = if ingress { 0 } else { 1 };
-        self.counts.messages[direction][message.kind as usize] += 1;
+        let direction = if (self.meta.side == Side::Server) == self.from_client {
+            Direction::Ingress
+        } else {
+            Direction::Egress
+        };
+        self.counts.messages[direction_index(direction)][message.kind as usize] += 1;
         self.calls
             .message(self.meta, self.from_client, &message, self.out);
     }
@@ -583,11 +571,6 @@ impl Session {
             from_server: FrameParser::new(false, deflate),
             calls: Calls::default(),
         }
-    }
-
-    /// Calls waiting for their results.
-    pub fn in_flight(&self) -> usize {
-        self.calls.in_flight()
     }
 
     fn route<'a>(

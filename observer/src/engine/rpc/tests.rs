@@ -241,7 +241,14 @@ fn pending_calls_are_bounded() {
         );
     }
     assert_eq!(s.calls.in_flight(), MAX_PENDING_CALLS);
-    assert_eq!(s.calls.dropped, 3);
+    // The 3 oldest ended evicted, each counted as such.
+    let evicted: Vec<&str> = s.out.iter().map(|c| c.method.as_str()).collect();
+    assert_eq!(evicted, ["health"; 3]);
+    assert!(s.out.iter().all(|c| c.outcome == CallOutcome::Evicted));
+    assert_eq!(
+        s.out.iter().map(|c| c.request_first).collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
 }
 
 #[test]
