@@ -295,42 +295,37 @@ impl Correlator {
         let from = queue.partition_point(|up| up.response_last < turn.start);
         let to = queue.partition_point(|up| up.response_last <= turn.end);
         let window = from..to.max(from);
+        let inside_turn = |up: &Span| up.request_first >= turn.start;
         let by_trace = turn.trace_id.is_some()
             && queue
                 .range(window.clone())
-                .any(|up| up.trace_id == turn.trace_id && up.request_first >= turn.start);
-        let inside: Vec<Span> = {
-            let mut taken = Vec::new();
-            let mut at = window.start;
-            let mut end = window.end;
-            while at < end {
-                let up = &queue[at];
-                if up.request_first >= turn.start && (!by_trace || up.trace_id == turn.trace_id) {
-                    taken.extend(queue.remove(at));
-                    end -= 1;
-                } else {
-                    at += 1;
-                }
+                .any(|up| inside_turn(up) && up.trace_id == turn.trace_id);
+        // The taken exchanges' (first, last) byte times.
+        let mut spans: Vec<(u64, u64)> = Vec::new();
+        let (mut at, mut end) = (window.start, window.end);
+        while at < end {
+            let up = &queue[at];
+            if inside_turn(up) && (!by_trace || up.trace_id == turn.trace_id) {
+                spans.push((up.request_first, up.response_last));
+                queue.remove(at);
+                end -= 1;
+            } else {
+                at += 1;
             }
-            taken
-        };
+        }
         if queue.is_empty() {
             self.upstream.remove(&turn.tgid);
         }
-        if inside.is_empty() {
+        if spans.is_empty() {
             return None;
         }
-        self.upstream_len -= inside.len();
-        // The time covered by the upstream exchanges (their union: they may overlap); `inside`
-        // is ordered by end, so sort by start for the union.
-        let mut spans: Vec<(u64, u64)> = inside
-            .iter()
-            .map(|up| (up.request_first, up.response_last))
-            .collect();
+        self.upstream_len -= spans.len();
+        // The time they cover (their union: they may overlap); taken in order of their ends,
+        // sorted by their starts for the union.
         spans.sort_unstable();
         let mut covered = 0u64;
         let mut reach = 0u64;
-        for (start, end) in spans {
+        for &(start, end) in &spans {
             let start = start.max(reach);
             if end > start {
                 covered += end - start;
@@ -341,7 +336,7 @@ impl Correlator {
         Some(TurnOverhead {
             method: turn.method.clone(),
             overhead_s: duration.saturating_sub(covered) as f64 / 1e9,
-            upstream: inside.len() as u32,
+            upstream: spans.len() as u32,
         })
     }
 
