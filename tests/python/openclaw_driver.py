@@ -116,71 +116,62 @@ def sse_events(text: str):
                 yield line[6:]
 
 
-def chat(host, port, token, stream: bool) -> dict:
+def post(host, port, token, path: str, body: dict, on_json) -> dict:
+    """POST `body`; `on_json(obj, at, sock, usage)` for the JSON body, or for each event of an
+    SSE stream (`at`: when the read that completed it returned)."""
     sock: dict = {}
+    usage: dict = {}
     conn = Conn(host, port)
-    body = {"model": "openclaw/default", "stream": stream,
-            "messages": [{"role": "user", "content": "Why is the sky blue?"}]}
-    if stream:
-        body["stream_options"] = {"include_usage": True}
-    http_request(conn, "/v1/chat/completions", body, token, sock)
+    http_request(conn, path, body, token, sock)
     status, headers = read_head(conn)
-    usage = {}
+    streamed = headers.get("content-type", "").startswith("text/event-stream")
     pending = [""]
 
     def on_data(data: bytes, at: float) -> None:
         sock["end"] = at
-        if not stream:
-            sock.setdefault("first_delta", at)
-            u = json.loads(data).get("usage") or {}
-            usage.update(input=u.get("prompt_tokens"), output=u.get("completion_tokens"))
+        if not streamed:
+            on_json(json.loads(data), at, sock, usage)
             return
         pending[0] += data.decode()
         # Only whole events: the text after the last blank line waits for the next piece.
         whole, _, pending[0] = pending[0].rpartition("\n\n")
         for event in sse_events(whole):
-            if event == "[DONE]":
-                continue
-            chunk = json.loads(event)
-            for choice in chunk.get("choices") or []:
-                if (choice.get("delta") or {}).get("content"):
-                    sock.setdefault("first_delta", at)
-            if chunk.get("usage"):
-                u = chunk["usage"]
-                usage.update(input=u.get("prompt_tokens"), output=u.get("completion_tokens"))
+            if event != "[DONE]":
+                on_json(json.loads(event), at, sock, usage)
 
     read_body(conn, headers, on_data)
     conn.sock.close()
     return {"status": status, "sock": sock, "usage": usage}
+
+
+def chat(host, port, token, stream: bool) -> dict:
+    body = {"model": "openclaw/default", "stream": stream,
+            "messages": [{"role": "user", "content": "Why is the sky blue?"}]}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+
+    def on_json(chunk: dict, at: float, sock: dict, usage: dict) -> None:
+        for choice in chunk.get("choices") or []:
+            # A whole answer's message, or a streamed chunk with content (not the role-only one).
+            if choice.get("message") or (choice.get("delta") or {}).get("content"):
+                sock.setdefault("first_delta", at)
+        if chunk.get("usage"):
+            u = chunk["usage"]
+            usage.update(input=u.get("prompt_tokens"), output=u.get("completion_tokens"))
+
+    return post(host, port, token, "/v1/chat/completions", body, on_json)
 
 
 def responses(host, port, token) -> dict:
-    sock: dict = {}
-    conn = Conn(host, port)
-    http_request(conn, "/v1/responses",
-                 {"model": "openclaw/default", "stream": True, "input": "Why is the sky blue?"},
-                 token, sock)
-    status, headers = read_head(conn)
-    usage = {}
-    pending = [""]
+    def on_json(event: dict, at: float, sock: dict, usage: dict) -> None:
+        if event.get("type") == "response.output_text.delta" and event.get("delta"):
+            sock.setdefault("first_delta", at)
+        if event.get("type") == "response.completed":
+            u = event["response"].get("usage") or {}
+            usage.update(input=u.get("input_tokens"), output=u.get("output_tokens"))
 
-    def on_data(data: bytes, at: float) -> None:
-        sock["end"] = at
-        pending[0] += data.decode()
-        whole, _, pending[0] = pending[0].rpartition("\n\n")
-        for event in sse_events(whole):
-            if event == "[DONE]":
-                continue
-            ev = json.loads(event)
-            if ev.get("type") == "response.output_text.delta" and ev.get("delta"):
-                sock.setdefault("first_delta", at)
-            if ev.get("type") == "response.completed":
-                u = ev["response"].get("usage") or {}
-                usage.update(input=u.get("input_tokens"), output=u.get("output_tokens"))
-
-    read_body(conn, headers, on_data)
-    conn.sock.close()
-    return {"status": status, "sock": sock, "usage": usage}
+    body = {"model": "openclaw/default", "stream": True, "input": "Why is the sky blue?"}
+    return post(host, port, token, "/v1/responses", body, on_json)
 
 
 class WebSocket:
