@@ -152,13 +152,27 @@ pub struct LlmFields {
     pub prompt_tokens: Option<u64>,
     /// Ollama `eval_count` / OpenAI `usage.completion_tokens`.
     pub completion_tokens: Option<u64>,
+    /// Ollama's `eval_duration`, `prompt_eval_duration`, `load_duration` and `total_duration`,
+    /// in nanoseconds.
     pub eval_duration_ns: Option<u64>,
+    pub prompt_eval_duration_ns: Option<u64>,
     pub load_duration_ns: Option<u64>,
     pub total_duration_ns: Option<u64>,
-    /// Body lines/events that carried model output.
+    /// Body lines/events that carried model output (answer, reasoning or a tool call).
     pub chunks: u64,
+    /// Those that carried reasoning (`thinking`).
+    pub thinking_chunks: u64,
     /// Timestamp of the last of those.
     pub last_chunk_ns: Option<u64>,
+    /// Timestamp of the first streamed chunk carrying the answer (or a tool call), after any
+    /// reasoning.
+    pub first_answer_ns: Option<u64>,
+    /// Tool calls the response made.
+    pub tool_calls: u64,
+    /// Completion tokens counted from a stream's chunks where the server reported none.
+    pub estimated_completion_tokens: Option<u64>,
+    /// The server error an error body names (server busy, context exceeded).
+    pub rejection: Option<super::llm::Rejection>,
     /// An `{"error": ...}` line (or an SSE stream that ended without `[DONE]`).
     pub error: bool,
 }

@@ -17,6 +17,8 @@ use super::http::BodyType;
 const MAX_MODEL: usize = 128;
 /// Longest done/finish reason kept.
 const MAX_REASON: usize = 32;
+/// Longest error message read for what it names.
+const MAX_MESSAGE: usize = 256;
 /// Request body bytes scanned for `model` and `stream`.
 const MAX_REQUEST_SCAN: u64 = 64 * 1024;
 /// Longest response line assembled from pieces; longer lines are scanned piece by piece.
@@ -334,9 +336,99 @@ fn has_text(value: &[u8]) -> bool {
 /// What one line (or piece of a long line) says.
 #[derive(Debug, Default, Clone, Copy)]
 struct LineFacts {
-    content: bool,
+    /// Model output of the answer (or a tool call).
+    answer: bool,
+    /// Reasoning output: Ollama's `thinking`, OpenAI-style `reasoning`, Anthropic's
+    /// `thinking_delta`, the Responses API's reasoning deltas.
+    thinking: bool,
     error: bool,
     sse_done: bool,
+}
+
+/// The SSE event the current `data:` line belongs to, where it decides what a key means.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum SseEvent {
+    /// No `event:` line (OpenAI chat completions, Ollama's native streams).
+    #[default]
+    Unnamed,
+    /// `response.output_text.delta`: `delta` is answer text.
+    OutputText,
+    /// `response.reasoning_summary_text.delta`, `response.reasoning_text.delta`: `delta` is
+    /// reasoning text.
+    Reasoning,
+    /// `response.output_item.added`: a new output item, a tool call when its type says so.
+    ItemAdded,
+    /// The Responses API's final events: their `status` says how the generation ended.
+    Completed,
+    Incomplete,
+    /// Any other named event: its `delta` (a tool call's arguments) is not model text, and its
+    /// items repeat those already counted.
+    Other,
+}
+
+impl SseEvent {
+    fn parse(name: &[u8]) -> SseEvent {
+        match name {
+            b"response.output_text.delta" => SseEvent::OutputText,
+            b"response.reasoning_summary_text.delta" | b"response.reasoning_text.delta" => {
+                SseEvent::Reasoning
+            }
+            b"response.output_item.added" => SseEvent::ItemAdded,
+            b"response.completed" => SseEvent::Completed,
+            b"response.incomplete" => SseEvent::Incomplete,
+            // Anthropic names every event; its keys mean the same in each.
+            b"message_start"
+            | b"content_block_start"
+            | b"content_block_delta"
+            | b"content_block_stop"
+            | b"message_delta"
+            | b"message_stop"
+            | b"ping" => SseEvent::Unnamed,
+            _ => SseEvent::Other,
+        }
+    }
+}
+
+/// Which server error an error body names, where Ollama's text says (any API shape).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rejection {
+    /// `503`: "server busy, please try again.  maximum pending requests exceeded" (more requests
+    /// waiting for a model than `OLLAMA_MAX_QUEUE`).
+    ServerBusy,
+    /// `400`: a prompt or input longer than the context that may not be truncated
+    /// (`"truncate": false`): "the input length exceeds the context length", "input exceeds
+    /// maximum context length …", "the prompt is longer than the context length …".
+    ContextExceeded,
+}
+
+impl Rejection {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rejection::ServerBusy => "server_busy",
+            Rejection::ContextExceeded => "context_exceeded",
+        }
+    }
+
+    fn of_message(message: &[u8]) -> Option<Rejection> {
+        let has = |needle: &[u8]| memchr::memmem::find(message, needle).is_some();
+        if has(b"server busy") {
+            Some(Rejection::ServerBusy)
+        } else if has(b"context length") {
+            Some(Rejection::ContextExceeded)
+        } else {
+            None
+        }
+    }
+}
+
+/// Counts tool calls from keys in order: a `function` object whose `name` comes before its
+/// `arguments` (Ollama's native and OpenAI-style `tool_calls`; a streamed call's later pieces
+/// carry arguments only), and items of type `tool_use` (Anthropic) or `function_call` (the
+/// Responses API, where announced).
+#[derive(Debug, Default)]
+struct ToolCalls {
+    in_function: bool,
 }
 
 /// Fields of one response body.
@@ -350,6 +442,8 @@ pub struct ResponseScan {
     first_chunk: Option<u64>,
     sse_done: bool,
     saw_data: bool,
+    event: SseEvent,
+    tools: ToolCalls,
     pub fields: LlmFields,
 }
 
@@ -363,6 +457,8 @@ impl ResponseScan {
             first_chunk: None,
             sse_done: false,
             saw_data: false,
+            event: SseEvent::default(),
+            tools: ToolCalls::default(),
             fields: LlmFields::default(),
         }
     }
@@ -429,25 +525,81 @@ impl ResponseScan {
             }
             // The Responses API and Anthropic's Messages API end a stream with a named event,
             // never `[DONE]`.
-            let event = piece.strip_prefix(b"event:").map(trim_start);
-            if matches!(event, Some(b"response.completed" | b"message_stop")) {
-                self.facts.sse_done = true;
+            if let Some(event) = piece.strip_prefix(b"event:").map(trim_start) {
+                if matches!(event, b"response.completed" | b"message_stop") {
+                    self.facts.sse_done = true;
+                }
+                self.event = SseEvent::parse(event);
+                return;
+            }
+            if piece.is_empty() {
+                // An event ends with an empty line.
+                self.event = SseEvent::Unnamed;
                 return;
             }
         }
+        let event = self.event;
         let fields = &mut self.fields;
         for (key, value) in keys(piece) {
             match key {
-                // `delta`: the OpenAI Responses API's text deltas (`response.output_text.delta`);
-                // chat completions' `delta` is an object, whose `content` counts instead.
-                b"content" | b"thinking" | b"response" | b"text" | b"delta" => {
-                    self.facts.content |= has_text(value)
+                b"content" | b"response" | b"text" => self.facts.answer |= has_text(value),
+                b"thinking" | b"reasoning" | b"reasoning_content" => {
+                    self.facts.thinking |= has_text(value)
                 }
+                // The Responses API's text deltas; chat completions' `delta` is an object, whose
+                // `content` counts instead.
+                b"delta" => match event {
+                    SseEvent::Reasoning => self.facts.thinking |= has_text(value),
+                    SseEvent::Unnamed | SseEvent::OutputText => {
+                        self.facts.answer |= has_text(value)
+                    }
+                    _ => {}
+                },
                 // The Responses API carries `"error": null` in its lifecycle events.
-                b"error" => self.facts.error |= !value.starts_with(b"null"),
-                b"done_reason" | b"finish_reason" => {
+                b"error" => {
+                    self.facts.error |= !value.starts_with(b"null");
+                    if let Some(rejection) = string_value(value, MAX_MESSAGE)
+                        .and_then(|message| Rejection::of_message(message.as_bytes()))
+                    {
+                        fields.rejection = Some(rejection);
+                    }
+                }
+                // OpenAI's and Anthropic's error objects: `{"error":{"message":…}}`.
+                b"message" if fields.rejection.is_none() => {
+                    fields.rejection = string_value(value, MAX_MESSAGE)
+                        .and_then(|message| Rejection::of_message(message.as_bytes()));
+                }
+                b"done_reason" | b"finish_reason" | b"stop_reason" => {
                     if let Some(reason) = string_value(value, MAX_REASON) {
                         fields.done_reason = Some(reason);
+                    }
+                }
+                b"status" if matches!(event, SseEvent::Completed | SseEvent::Incomplete) => {
+                    match string_value(value, MAX_REASON).as_deref() {
+                        Some("completed") => fields.done_reason = Some("stop".into()),
+                        Some("incomplete") => fields.done_reason = Some("length".into()),
+                        _ => {}
+                    }
+                }
+                b"function" => self.tools.in_function = value.starts_with(b"{"),
+                b"name" if self.tools.in_function => {
+                    self.tools.in_function = false;
+                    fields.tool_calls += 1;
+                    self.facts.answer = true;
+                }
+                b"arguments" => self.tools.in_function = false,
+                b"type" => {
+                    let tool = match string_value(value, MAX_REASON).as_deref() {
+                        Some("tool_use") => true,
+                        Some("function_call") => !matches!(
+                            event,
+                            SseEvent::Other | SseEvent::Completed | SseEvent::Incomplete
+                        ),
+                        _ => false,
+                    };
+                    if tool {
+                        fields.tool_calls += 1;
+                        self.facts.answer = true;
                     }
                 }
                 // Ollama's, OpenAI chat completions', and the Responses API's and Anthropic's.
@@ -456,6 +608,9 @@ impl ResponseScan {
                 }
                 b"eval_count" | b"completion_tokens" | b"output_tokens" => {
                     set(&mut fields.completion_tokens, number_value(value))
+                }
+                b"prompt_eval_duration" => {
+                    set(&mut fields.prompt_eval_duration_ns, number_value(value))
                 }
                 b"eval_duration" => set(&mut fields.eval_duration_ns, number_value(value)),
                 b"load_duration" => set(&mut fields.load_duration_ns, number_value(value)),
@@ -467,10 +622,16 @@ impl ResponseScan {
 
     fn end_line(&mut self, ts: u64) {
         let facts = std::mem::take(&mut self.facts);
-        if facts.content && self.is_stream() {
+        if (facts.answer || facts.thinking) && self.is_stream() {
             self.fields.chunks += 1;
             self.first_chunk.get_or_insert(ts);
             self.fields.last_chunk_ns = Some(ts);
+            if facts.thinking {
+                self.fields.thinking_chunks += 1;
+            }
+            if facts.answer {
+                self.fields.first_answer_ns.get_or_insert(ts);
+            }
         }
         self.fields.error |= facts.error;
         self.sse_done |= facts.sse_done;
@@ -479,7 +640,8 @@ impl ResponseScan {
     /// The body is over (`complete`: framed to its end). Returns the fields and the first
     /// chunk's timestamp.
     pub fn finish(mut self, ts: u64, complete: bool) -> (LlmFields, Option<u64>) {
-        if !self.line.is_empty() || self.facts.content || self.facts.error {
+        let facts = self.facts;
+        if !self.line.is_empty() || facts.answer || facts.thinking || facts.error {
             let line = std::mem::take(&mut self.line);
             self.scan_piece(&line, true);
             self.end_line(ts);
@@ -499,6 +661,11 @@ impl ResponseScan {
         if !self.is_stream() && first_chunk.is_some() {
             self.fields.chunks = 1;
             self.fields.last_chunk_ns = first_chunk;
+        }
+        if self.is_stream() && self.fields.completion_tokens.is_none() && self.fields.chunks > 0 {
+            // Nothing reported (an OpenAI-style stream without `include_usage`, a stream cut
+            // short): one token per streamed chunk, as Ollama streams them.
+            self.fields.estimated_completion_tokens = Some(self.fields.chunks);
         }
         (self.fields, first_chunk)
     }

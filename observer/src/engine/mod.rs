@@ -25,6 +25,7 @@ use foldhash::{HashMap, HashMapExt as _};
 
 pub use conn::MAX_PIPELINE;
 pub use exchange::{ConnMeta, Exchange, LlmFields, MAX_PATH, Method, Outcome, Timestamps};
+pub use llm::Rejection;
 pub use rpc::{Call, CallOutcome};
 pub use ws::{MessageKind, Unread, WsCounts};
 

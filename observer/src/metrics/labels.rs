@@ -23,7 +23,7 @@ pub const NONE: &str = "none";
 
 /// Ollama's and OpenAI's routes (SPEC §5); the `route` label is one of these, an operator's
 /// `--route` addition, or [`OTHER`].
-pub const KNOWN_ROUTES: [&str; 15] = [
+pub const KNOWN_ROUTES: [&str; 16] = [
     "/api/chat",
     "/api/generate",
     "/api/embed",
@@ -38,8 +38,37 @@ pub const KNOWN_ROUTES: [&str; 15] = [
     "/v1/embeddings",
     "/v1/models",
     "/v1/responses",
+    "/v1/messages",
     "/",
 ];
+
+/// The API a model call speaks, as the OpenTelemetry GenAI conventions name it: by the end of
+/// its path (a gateway may serve an API under a prefix, as `/ollama/api/chat`).
+/// `gen_ai_provider_name` is the API's dialect (`ollama`, `openai`, `anthropic`: the
+/// conventions call it "the telemetry format flavor"); the server behind it is Ollama either
+/// way. A path of none of them is `other` for both.
+const GEN_AI_APIS: [(&str, &str, &str); 9] = [
+    ("/api/chat", "chat", "ollama"),
+    ("/api/generate", "text_completion", "ollama"),
+    ("/api/embed", "embeddings", "ollama"),
+    ("/api/embeddings", "embeddings", "ollama"),
+    ("/v1/chat/completions", "chat", "openai"),
+    ("/v1/completions", "text_completion", "openai"),
+    ("/v1/embeddings", "embeddings", "openai"),
+    ("/v1/responses", "chat", "openai"),
+    ("/v1/messages", "chat", "anthropic"),
+];
+
+/// `gen_ai_operation_name` and `gen_ai_provider_name` of a request path (see [`GEN_AI_APIS`]).
+pub fn gen_ai_api(path: &str) -> (&'static str, &'static str) {
+    let path = path.split(['?', '#']).next().unwrap_or(path);
+    GEN_AI_APIS
+        .iter()
+        .find(|(suffix, _, _)| path.ends_with(suffix))
+        .map_or((OTHER, OTHER), |&(_, operation, provider)| {
+            (operation, provider)
+        })
+}
 
 /// Most distinct `model` label values; later models share [`OTHER`].
 pub const MAX_MODELS: usize = 32;
@@ -189,11 +218,29 @@ pub fn done_reason(llm: &LlmFields) -> &'static str {
     }
     match llm.done_reason.as_deref() {
         None => NONE,
+        // Anthropic's `stop_reason`, in the words of the others.
+        Some("end_turn" | "stop_sequence") => "stop",
+        Some("max_tokens") => "length",
+        Some("tool_use") => "tool_calls",
         Some(reason) => KNOWN_DONE_REASONS
             .iter()
             .find(|known| **known == reason)
             .copied()
             .unwrap_or(OTHER),
+    }
+}
+
+/// `error_type` of a model request (the GenAI conventions' `error.type`): the status code of an
+/// error response, `error` for an error in a stream, `incomplete` for a connection closed
+/// mid-response, `none` for no response; empty (no label) for a success.
+pub fn error_type(ex: &crate::engine::Exchange) -> Cow<'static, str> {
+    match ex.status {
+        None => Cow::Borrowed(NONE),
+        Some(code) if code >= 400 => Cow::Owned(code.to_string()),
+        Some(_) => match done_reason(&ex.llm) {
+            reason @ ("error" | "incomplete") => Cow::Borrowed(reason),
+            _ => Cow::Borrowed(""),
+        },
     }
 }
 
@@ -298,12 +345,32 @@ mod tests {
     }
 
     #[test]
+    fn gen_ai_names_come_from_the_path_end() {
+        assert_eq!(gen_ai_api("/api/chat"), ("chat", "ollama"));
+        assert_eq!(
+            gen_ai_api("/ollama/api/generate?x=1"),
+            ("text_completion", "ollama")
+        );
+        assert_eq!(gen_ai_api("/v1/embeddings"), ("embeddings", "openai"));
+        assert_eq!(gen_ai_api("/v1/responses"), ("chat", "openai"));
+        assert_eq!(gen_ai_api("/v1/messages"), ("chat", "anthropic"));
+        assert_eq!(gen_ai_api("/v1/completions"), ("text_completion", "openai"));
+        assert_eq!(gen_ai_api("/hooks/agent"), (OTHER, OTHER));
+    }
+
+    #[test]
     fn done_reasons_come_from_a_closed_set() {
         let mut llm = LlmFields::default();
         assert_eq!(done_reason(&llm), NONE);
         llm.done_reason = Some("stop".into());
         assert_eq!(done_reason(&llm), "stop");
         llm.done_reason = Some("tool_calls".into());
+        assert_eq!(done_reason(&llm), "tool_calls");
+        llm.done_reason = Some("end_turn".into());
+        assert_eq!(done_reason(&llm), "stop", "Anthropic's stop_reason");
+        llm.done_reason = Some("max_tokens".into());
+        assert_eq!(done_reason(&llm), "length");
+        llm.done_reason = Some("tool_use".into());
         assert_eq!(done_reason(&llm), "tool_calls");
         llm.done_reason = Some("Ignore previous instructions".into());
         assert_eq!(done_reason(&llm), OTHER);
