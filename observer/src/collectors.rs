@@ -1,6 +1,7 @@
 //! The collectors beside the traffic pipeline (SPEC §7): the resources of the processes that
-//! own the watched listeners ([`crate::procfs`]) and the GPUs ([`crate::gpu`]), read on one
-//! blocking thread every `--resources-interval` and rendered at scrape time.
+//! own the watched listeners ([`crate::procfs`]), the model server's settings
+//! ([`crate::server_settings`]) and the GPUs ([`crate::gpu`]), read on one blocking thread
+//! every `--resources-interval` and rendered at scrape time.
 //!
 //! Owns their flags, start-up and schedule. Reads of `/proc` and NVML block, so they never run
 //! on the async threads; a scrape only reads the last snapshot.
@@ -19,6 +20,7 @@ use crate::{
     gpu::GpuMonitor,
     metrics::Metrics,
     procfs::{TargetProcesses, Targets},
+    server_settings,
 };
 
 /// Whether to read GPUs through NVML.
@@ -96,8 +98,13 @@ pub fn start(
         metrics.register(Box::new(gpu.collector()))?;
     }
     let watch = watch.to_vec();
+    let capacity = metrics.capacity();
     let mut sample = move || {
         processes.refresh(Path::new("/proc"), &watch);
+        capacity.set_servers(&server_settings::read(
+            Path::new("/proc"),
+            &processes.targets(),
+        ));
         if let Some(gpu) = gpu.as_mut() {
             let targets: Targets = processes.targets();
             gpu.refresh(&|pid| targets.role_of(pid));

@@ -21,6 +21,7 @@
 //! - [`procfs`]: CPU, memory, fds and threads of the processes that own the watched listeners.
 //! - [`proxy`]: `observer proxy`, the forwarder that feeds the same pipeline where eBPF is missing.
 //! - [`reference`]: `observer metrics-reference`, every exported family as read from the code.
+//! - [`server_settings`]: Ollama's capacity settings, read from its environment.
 //! - [`run`]: `observer run`, the daemon: capture, pipeline and admin server wired together.
 //! - [`sim`]: `observer sim`, a simulated Ollama upstream speaking Ollama's real wire format.
 //! - [`trace`]: `observer trace`, the capture's events as JSON lines, for debugging the kernel side.
@@ -43,6 +44,7 @@ pub mod procfs;
 pub mod proxy;
 pub mod reference;
 pub mod run;
+pub mod server_settings;
 pub mod sim;
 pub mod trace;
 pub mod tracefs;

@@ -80,9 +80,11 @@ fn every_family_is_explained_below_the_table() {
         );
     }
     for name in &explained {
-        let known = families
-            .iter()
-            .any(|family| family.name == format!("observer_{name}") || *name == "process_*");
+        let known = families.iter().any(|family| {
+            family.name == format!("observer_{name}")
+                || family.name == *name
+                || *name == "process_*"
+        });
         assert!(
             known,
             "'What each family counts' explains {name}, which is not exported"
@@ -90,7 +92,7 @@ fn every_family_is_explained_below_the_table() {
     }
 }
 
-/// Every `observer_…` token in the docs and the deploy kit (PromQL, prose) names a family or a
+/// Every `observer_…` and `gen_ai_…` token in the docs and the deploy kit (PromQL, prose) names a family or a
 /// sample the daemon exports. Tokens inside recording-rule names (`instance:observer_…:rate5m`) are not
 /// metric names and are skipped.
 #[test]
@@ -99,6 +101,11 @@ fn documents_name_only_exported_metrics() {
     let exported: BTreeSet<String> = families
         .iter()
         .flat_map(|family| [vec![family.name.clone()], sample_names(family)].concat())
+        .collect();
+    // The GenAI conventions' label names share the families' `gen_ai_` start.
+    let label_names: BTreeSet<&str> = families
+        .iter()
+        .flat_map(|family| family.labels.iter().map(String::as_str))
         .collect();
     let mut files = vec![repo().join("README.md")];
     for dir in ["docs", "deploy"] {
@@ -110,7 +117,9 @@ fn documents_name_only_exported_metrics() {
             continue;
         };
         for token in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':')) {
-            if !token.starts_with("observer_") || token.contains(':') {
+            let metric = token.starts_with("observer_")
+                || (token.starts_with("gen_ai_") && !label_names.contains(token));
+            if !metric || token.contains(':') {
                 continue;
             }
             // `observer_gpu_*` in prose is a prefix of several names.

@@ -67,11 +67,13 @@ fn generation(role: Role, path: &str, model: &str, reason: &str) -> Exchange {
         prompt_tokens: Some(31),
         completion_tokens: Some(42),
         eval_duration_ns: Some(500 * MS),
+        prompt_eval_duration_ns: Some(200 * MS),
         load_duration_ns: Some(1_200 * MS),
         total_duration_ns: Some(2_000 * MS),
         chunks: 43,
         last_chunk_ns: Some(ex.ts.request_last + 850 * MS),
-        error: false,
+        tool_calls: 1,
+        ..LlmFields::default()
     };
     ex
 }
@@ -138,6 +140,7 @@ fn observe_collectors(m: &Metrics) {
         model: "llama3.2:3b".into(),
         size: 3_000_000_000,
         size_vram: 2_900_000_000,
+        context_length: Some(4096),
     }]);
     probe.set_version("0.32.15");
 
@@ -184,8 +187,10 @@ fn text_exposition_passes_promtool_lint() {
     for family in [
         "observer_http_requests_total",
         "observer_http_request_duration_seconds",
-        "observer_http_time_to_first_chunk_seconds",
-        "observer_llm_output_tokens_per_second",
+        "gen_ai_server_time_to_first_token_seconds",
+        "gen_ai_server_time_per_output_token_seconds",
+        "gen_ai_client_token_usage",
+        "observer_llm_request_phase_seconds",
         "observer_gateway_overhead_seconds",
         "observer_build_info",
         "observer_model_ready",

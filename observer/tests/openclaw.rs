@@ -360,19 +360,19 @@ fn openclaw_turns_over_http_and_websocket_are_measured() {
                 "{what}: paired with its upstream call"
             );
             let observed = d(
-                "observer_http_time_to_first_chunk_seconds_sum",
-                &[("role", "gateway"), ("route", *route)],
+                "gen_ai_server_time_to_first_token_seconds_sum",
+                &[("role", "gateway"), ("gen_ai_operation_name", "chat")],
             );
             let client = sock(&answer, "first_delta") - sock(&answer, "last_write");
             assert!(
                 (observed - client).abs() <= tolerance,
                 "{what}: time to first chunk: observer {observed:.6} s, client {client:.6} s"
             );
-            for (kind, field) in [("prompt", "input"), ("completion", "output")] {
+            for (kind, field) in [("input", "input"), ("output", "output")] {
                 assert_eq!(
                     d(
-                        "observer_llm_tokens_total",
-                        &[("role", "gateway"), ("type", kind)]
+                        "gen_ai_client_token_usage_sum",
+                        &[("role", "gateway"), ("gen_ai_token_type", kind)]
                     ),
                     usage(&answer, field),
                     "{what}: {kind} tokens"

@@ -102,12 +102,16 @@ fn counted(s: &Samples) -> Vec<(String, f64)> {
                 ),
             ));
         }
-        for kind in ["prompt", "completion"] {
+        for kind in ["input", "output"] {
             out.push((
                 format!("tokens {role} {kind}"),
                 s.value(
-                    "observer_llm_tokens_total",
-                    &[("role", role), ("model", MODEL), ("type", kind)],
+                    "gen_ai_client_token_usage_sum",
+                    &[
+                        ("role", role),
+                        ("gen_ai_request_model", MODEL),
+                        ("gen_ai_token_type", kind),
+                    ],
                 ),
             ));
         }
@@ -116,7 +120,7 @@ fn counted(s: &Samples) -> Vec<(String, f64)> {
         for family in [
             "observer_http_request_size_bytes_sum",
             "observer_http_response_size_bytes_count",
-            "observer_http_time_to_first_chunk_seconds_count",
+            "gen_ai_server_time_to_first_token_seconds_count",
         ] {
             out.push((
                 format!("{family} {role}"),

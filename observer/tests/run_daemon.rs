@@ -45,7 +45,7 @@ const PER_EXCHANGE: [&str; 5] = [
     "observer_http_requests_total",
     "observer_http_request_duration_seconds_count",
     "observer_http_time_to_first_byte_seconds_count",
-    "observer_http_time_to_first_chunk_seconds_count",
+    "gen_ai_server_time_to_first_token_seconds_count",
     "observer_llm_requests_total",
 ];
 
@@ -54,10 +54,10 @@ fn compared(s: &Samples) -> Vec<f64> {
     ["gateway", "upstream"]
         .into_iter()
         .flat_map(|role| {
-            ["prompt", "completion"].map(|kind| {
+            ["input", "output"].map(|kind| {
                 s.value(
-                    "observer_llm_tokens_total",
-                    &[("role", role), ("type", kind)],
+                    "gen_ai_client_token_usage_sum",
+                    &[("role", role), ("gen_ai_token_type", kind)],
                 )
             })
         })
@@ -229,7 +229,7 @@ fn ollama_client_through_nginx_is_measured_exactly() {
             for histogram in [
                 "observer_http_request_duration_seconds_count",
                 "observer_http_time_to_first_byte_seconds_count",
-                "observer_http_time_to_first_chunk_seconds_count",
+                "gen_ai_server_time_to_first_token_seconds_count",
             ] {
                 assert_eq!(
                     delta(histogram, &[("role", role)]),
@@ -260,7 +260,7 @@ fn ollama_client_through_nginx_is_measured_exactly() {
             ),
             (
                 "time to first chunk",
-                observed("observer_http_time_to_first_chunk_seconds"),
+                observed("gen_ai_server_time_to_first_token_seconds"),
                 // SPEC §4: the first content line of a stream, the first body byte otherwise.
                 sock(if streamed {
                     "first_chunk"
@@ -298,13 +298,10 @@ fn ollama_client_through_nginx_is_measured_exactly() {
 
         // Token counts equal the final line's, and errors are errors, on both roles.
         for role in ["gateway", "upstream"] {
-            for (kind, field) in [
-                ("prompt", "prompt_eval_count"),
-                ("completion", "eval_count"),
-            ] {
-                let labels = [("role", role), ("type", kind)];
+            for (kind, field) in [("input", "prompt_eval_count"), ("output", "eval_count")] {
+                let labels = [("role", role), ("gen_ai_token_type", kind)];
                 assert_eq!(
-                    delta("observer_llm_tokens_total", &labels),
+                    delta("gen_ai_client_token_usage_sum", &labels),
                     result[field].as_f64().unwrap_or(0.0),
                     "{role} {kind}: {what}"
                 );

@@ -134,13 +134,14 @@ impl Demo {
             .await?;
         println!(
             "observer demo: {} mode ({})\n  \
-             simulated Ollama  http://{}   (observer sim)\n  \
+             simulated Ollama  http://{}   (observer sim, {})\n  \
              gateway           http://{}   ({})\n  \
              metrics           {}\n  \
              {} simulated chat users; {}",
             setup.mode,
             setup.why,
             setup.upstream_addr,
+            SIM_SETTINGS.map(|(k, v)| format!("{k}={v}")).join(" "),
             setup.gateway_addr,
             setup.gateway,
             setup.metrics_url,
@@ -210,6 +211,8 @@ impl Demo {
 
         let mut sim = observer(&exe, ["sim", "--listen", &upstream.to_string()]);
         sim.args(models.clone());
+        // Set the way an operator sets Ollama's: the observer reads them from its environment.
+        sim.envs(SIM_SETTINGS);
         let sim = self.spawn("observer sim", sim, Stdout::Piped)?;
         tokio::task::block_in_place(|| sim.ready_line("observer sim listening on ", SIM_START))?;
 
@@ -367,6 +370,13 @@ impl Demo {
         }
     }
 }
+
+/// The simulated Ollama's capacity: fewer slots than users, so that requests queue.
+const SIM_SETTINGS: [(&str, &str); 3] = [
+    ("OLLAMA_NUM_PARALLEL", "4"),
+    ("OLLAMA_MAX_QUEUE", "64"),
+    ("OLLAMA_CONTEXT_LENGTH", "4096"),
+];
 
 /// How long the simulator may take to print its address.
 const SIM_START: Duration = Duration::from_secs(10);

@@ -15,9 +15,16 @@ const LATENCY_WINDOW: Duration = Duration::from_secs(30);
 
 const REQUESTS: &str = "observer_http_requests_total";
 const DURATION: &str = "observer_http_request_duration_seconds";
-const FIRST_CHUNK: &str = "observer_http_time_to_first_chunk_seconds";
-const TOKENS: &str = "observer_llm_tokens_total";
+const FIRST_CHUNK: &str = "gen_ai_server_time_to_first_token_seconds";
+const TOKENS: &str = "gen_ai_client_token_usage_sum";
 const IN_FLIGHT: &str = "observer_http_requests_in_flight";
+const PHASE: &str = "observer_llm_request_phase_seconds";
+const SLOTS: &str = "observer_llm_slots";
+const WAITING: &str = "observer_llm_requests_waiting";
+const REJECTED: &str = "observer_llm_rejected_requests_total";
+/// The phases of a request in the model server, in the order they happen.
+const PHASES: [&str; 5] = ["queue", "load", "prefill", "decode", "outside"];
+const UPSTREAM: (&str, &str) = ("role", "upstream");
 const READY: &str = "observer_model_ready";
 const LOST: &str = "observer_ebpf_events_lost_total";
 const GATEWAY: (&str, &str) = ("role", "gateway");
@@ -38,6 +45,16 @@ pub struct View {
     pub first_chunk_p95_seconds: Option<f64>,
     pub completion_tokens_per_second: f64,
     pub in_flight: u64,
+    /// Mean seconds per request in each phase (queue, load, prefill, decode, outside Ollama),
+    /// over the requests of the view that reported Ollama's timings.
+    pub phases: Vec<(&'static str, f64)>,
+    /// The model server's slots (`None` before its settings were read), its requests in
+    /// flight and those waiting for a slot now.
+    pub slots: Option<u64>,
+    pub upstream_in_flight: u64,
+    pub waiting: u64,
+    /// Requests the model server refused (queue full, prompt too long) in the view.
+    pub rejected: u64,
     /// Each probed model and whether it is ready now.
     pub models_ready: Vec<(String, bool)>,
     /// Kernel events lost since the observer started.
@@ -93,7 +110,23 @@ fn since(now_at: Duration, (at, scrape): &(Duration, Scrape)) -> (&Scrape, Durat
 }
 
 fn completion_tokens(scrape: &Scrape) -> f64 {
-    scrape.sum(TOKENS, &[GATEWAY, ("type", "completion")])
+    scrape.sum(TOKENS, &[GATEWAY, ("gen_ai_token_type", "output")])
+}
+
+/// Mean seconds per phase between two scrapes; phases without requests are left out.
+fn phases(now: &Scrape, base: &Scrape) -> Vec<(&'static str, f64)> {
+    PHASES
+        .into_iter()
+        .filter_map(|phase| {
+            let want = [("phase", phase)];
+            let delta = |suffix: &str| {
+                let name = format!("{PHASE}{suffix}");
+                now.sum(&name, &want) - base.sum(&name, &want)
+            };
+            let count = delta("_count");
+            (count > 0.0).then(|| (phase, delta("_sum") / count))
+        })
+        .collect()
 }
 
 /// `now` against two earlier scrapes, each with how long before `now` it was taken: counts,
@@ -136,6 +169,12 @@ fn view(now: &Scrape, window: (&Scrape, Duration), rate: (&Scrape, Duration)) ->
             completion_tokens(now) - completion_tokens(rate_base),
         ),
         in_flight: now.sum(IN_FLIGHT, &[GATEWAY]).max(0.0) as u64,
+        phases: phases(now, base),
+        slots: now.has(SLOTS).then(|| now.sum(SLOTS, &[]) as u64),
+        upstream_in_flight: now.sum(IN_FLIGHT, &[UPSTREAM]).max(0.0) as u64,
+        waiting: now.sum(WAITING, &[]).max(0.0) as u64,
+        rejected: (now.sum(REJECTED, &[UPSTREAM]) - base.sum(REJECTED, &[UPSTREAM])).max(0.0)
+            as u64,
         models_ready: now
             .by_label(READY, "model")
             .into_iter()
@@ -155,6 +194,29 @@ fn seconds(value: Option<f64>) -> String {
 
 fn percent(value: Option<f64>) -> String {
     value.map_or("-".into(), |r| format!("{:.1} %", r * 100.0))
+}
+
+/// `queue 12 ms  load 0 ms  prefill 80 ms  decode 1.20 s  outside 1 ms`, or `-` before any.
+fn time_split(view: &View) -> String {
+    if view.phases.is_empty() {
+        return "-".into();
+    }
+    view.phases
+        .iter()
+        .map(|(phase, s)| format!("{phase} {}", seconds(Some(*s))))
+        .collect::<Vec<_>>()
+        .join("  ")
+}
+
+/// `5 in flight / 4 slots, 1 waiting, 0 refused`.
+fn capacity(view: &View) -> String {
+    let slots = view
+        .slots
+        .map_or("? slots".into(), |n| format!("{n} slots"));
+    format!(
+        "{} in flight / {slots}, {} waiting, {} refused",
+        view.upstream_in_flight, view.waiting, view.rejected
+    )
 }
 
 /// Whether every probed model is ready (false when none is probed yet).
@@ -192,6 +254,8 @@ pub fn render_live(view: &View, elapsed: Duration, client_sent: u64) -> Vec<Stri
             seconds(view.first_chunk_p95_seconds),
             view.seconds,
         ),
+        format!("          time split  {}", time_split(view)),
+        format!("          Ollama      {}", capacity(view)),
         format!(
             "          model {}   events lost {}   client sent {client_sent}",
             readiness(view),
@@ -227,6 +291,12 @@ pub fn render_total(view: &View, client_sent: u64, client_succeeded: u64) -> Str
         "  tokens/s      {:.1} (completion tokens, all users)",
         view.completion_tokens_per_second
     );
+    let _ = writeln!(
+        out,
+        "  time split    {} (mean per request)",
+        time_split(view)
+    );
+    let _ = writeln!(out, "  Ollama        {}", capacity(view));
     let _ = writeln!(out, "  model         {}", readiness(view));
     let _ = writeln!(out, "  events lost   {}", view.events_lost);
     out
@@ -241,13 +311,22 @@ mod tests {
             "{REQUESTS}{{role=\"gateway\",code=\"200\"}} {requests_ok}\n\
              {REQUESTS}{{role=\"gateway\",code=\"500\"}} {requests_err}\n\
              {REQUESTS}{{role=\"upstream\",code=\"200\"}} 999\n\
-             {TOKENS}{{role=\"gateway\",type=\"completion\",model=\"m\"}} {tokens}\n\
-             {TOKENS}{{role=\"gateway\",type=\"prompt\",model=\"m\"}} 5000\n\
+             {TOKENS}{{role=\"gateway\",gen_ai_token_type=\"output\",gen_ai_request_model=\"m\"}} {tokens}\n\
+             {TOKENS}{{role=\"gateway\",gen_ai_token_type=\"input\",gen_ai_request_model=\"m\"}} 5000\n\
+             {PHASE}_sum{{model=\"m\",phase=\"queue\"}} {queue}\n\
+             {PHASE}_count{{model=\"m\",phase=\"queue\"}} {requests_ok}\n\
+             {PHASE}_sum{{model=\"m\",phase=\"decode\"}} {requests_ok}\n\
+             {PHASE}_count{{model=\"m\",phase=\"decode\"}} {requests_ok}\n\
+             {SLOTS} 4\n\
+             {WAITING} 2\n\
+             {IN_FLIGHT}{{role=\"upstream\"}} 6\n\
+             {REJECTED}{{role=\"upstream\",model=\"m\",reason=\"server_busy\"}} {requests_err}\n\
              {DURATION}_bucket{{role=\"gateway\",le=\"1\"}} {requests_ok}\n\
              {DURATION}_bucket{{role=\"gateway\",le=\"+Inf\"}} {}\n\
              {READY}{{model=\"m\"}} {ready}\n\
              {IN_FLIGHT}{{role=\"gateway\"}} 3\n",
-            requests_ok + requests_err
+            requests_ok + requests_err,
+            queue = requests_ok as f64 * 0.1,
         ))
     }
 
@@ -273,6 +352,16 @@ mod tests {
         assert!(text.contains("100 counted by the observer"), "{text}");
         assert!(text.contains("events lost   0"), "{text}");
         assert!(text.contains("m ready"), "{text}");
+        // 100 requests waited 0.1 s each and decoded for 1 s each.
+        assert_eq!(total.phases, vec![("queue", 0.1), ("decode", 1.0)]);
+        assert!(
+            text.contains("time split    queue 100 ms  decode 1.00 s"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Ollama        6 in flight / 4 slots, 2 waiting, 10 refused"),
+            "{text}"
+        );
     }
 
     #[test]

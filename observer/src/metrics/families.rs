@@ -35,18 +35,57 @@ pub const SIZE_BUCKETS: &[f64] = &[
     16_777_216.0,
     67_108_864.0,
 ];
-/// Generation speed: 1 to 1000 tokens/s.
-pub const TOKENS_PER_SECOND_BUCKETS: &[f64] = &[
-    1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 75.0, 100.0, 150.0, 200.0, 300.0, 500.0, 1000.0,
-];
 /// Time between streamed chunks: 1 ms to 5 s.
 pub const INTER_CHUNK_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
-/// Model load time: 10 ms to 5 minutes.
-pub const LOAD_DURATION_BUCKETS: &[f64] = &[
-    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
+/// The OpenTelemetry GenAI conventions' bucket advice for `gen_ai.server.time_to_first_token`.
+pub const GEN_AI_TTFT_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
 ];
+/// … for `gen_ai.server.request.duration` and `gen_ai.client.operation.duration`.
+pub const GEN_AI_DURATION_BUCKETS: &[f64] = &[
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+];
+/// … for `gen_ai.server.time_per_output_token`.
+pub const GEN_AI_TPOT_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+];
+/// … for `gen_ai.client.token.usage`.
+pub const GEN_AI_TOKEN_BUCKETS: &[f64] = &[
+    1.0,
+    4.0,
+    16.0,
+    64.0,
+    256.0,
+    1024.0,
+    4096.0,
+    16384.0,
+    65536.0,
+    262_144.0,
+    1_048_576.0,
+    4_194_304.0,
+    16_777_216.0,
+    67_108_864.0,
+];
+/// Phases of a request in the model server (queue, load, prompt, generation): 1 ms to 5 min.
+pub const PHASE_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0,
+];
+/// Prompt processing speed: 10 to 100 000 tokens/s (prefill runs far faster than generation).
+pub const PROMPT_TOKENS_PER_SECOND_BUCKETS: &[f64] = &[
+    10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 25000.0, 50000.0,
+    100_000.0,
+];
+
+/// The GenAI conventions' attributes as Prometheus labels, before a family's own.
+pub const GEN_AI_LABELS: [&str; 3] = [
+    "gen_ai_operation_name",
+    "gen_ai_provider_name",
+    "gen_ai_request_model",
+];
+
 /// Time the gateway adds: 100 µs to 5 s.
 pub const OVERHEAD_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -64,7 +103,6 @@ pub struct Families {
     pub http_requests: IntCounterVec,
     pub http_duration: HistogramVec,
     pub http_first_byte: HistogramVec,
-    pub http_first_chunk: HistogramVec,
     pub http_request_size: HistogramVec,
     pub http_response_size: HistogramVec,
     pub http_in_flight: IntGaugeVec,
@@ -76,11 +114,23 @@ pub struct Families {
     pub gateway_overhead: HistogramVec,
     pub gateway_first_byte_overhead: HistogramVec,
     pub gateway_unmatched: IntCounterVec,
+    pub gen_ai_first_token: HistogramVec,
+    pub gen_ai_duration: HistogramVec,
+    pub gen_ai_tokens: HistogramVec,
+    pub gen_ai_time_per_output_token: HistogramVec,
     pub llm_requests: IntCounterVec,
-    pub llm_tokens: IntCounterVec,
-    pub llm_tokens_per_second: HistogramVec,
     pub llm_inter_chunk: HistogramVec,
-    pub llm_load_duration: HistogramVec,
+    pub llm_phase: HistogramVec,
+    pub llm_prompt_tokens_per_second: HistogramVec,
+    pub llm_first_answer: HistogramVec,
+    pub llm_tool_calls: IntCounterVec,
+    pub llm_estimated_tokens: IntCounterVec,
+    pub llm_rejected: IntCounterVec,
+    pub llm_prompts_at_context: IntCounterVec,
+    pub llm_wait_after_cancel: HistogramVec,
+    pub llm_server_info: IntGaugeVec,
+    pub llm_slots: IntGaugeVec,
+    pub llm_waiting: IntGaugeVec,
     pub websocket_messages: IntCounterVec,
     pub websocket_unread: IntCounterVec,
     pub rpc_calls: IntCounterVec,
@@ -110,6 +160,19 @@ impl Builder<'_> {
 
     fn opts(&self, name: &str, help: &str) -> Opts {
         Opts::new(name, help).namespace(self.prefix)
+    }
+
+    /// A family named by the OpenTelemetry GenAI conventions (as Prometheus writes them),
+    /// without the prefix, so that dashboards made for those conventions read it.
+    fn gen_ai_histogram(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+        buckets: &[f64],
+    ) -> prometheus::Result<HistogramVec> {
+        let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+        self.register(HistogramVec::new(opts, labels)?)
     }
 
     fn counter(
@@ -165,12 +228,6 @@ impl Families {
                 "http_time_to_first_byte_seconds",
                 "Request last byte to response status line.",
                 &["role", "route"],
-                FIRST_BYTE_BUCKETS,
-            )?,
-            http_first_chunk: b.histogram(
-                "http_time_to_first_chunk_seconds",
-                "Request last byte to the first body bytes carrying model output.",
-                &["role", "route", "model"],
                 FIRST_BYTE_BUCKETS,
             )?,
             http_request_size: b.histogram(
@@ -232,21 +289,46 @@ impl Families {
                 "Gateway or upstream exchanges that could not be paired with their counterpart.",
                 &["role"],
             )?,
+            gen_ai_first_token: b.gen_ai_histogram(
+                "gen_ai_server_time_to_first_token_seconds",
+                "Request last byte to the first body bytes carrying model output (reasoning included).",
+                &["role", GEN_AI_LABELS[0], GEN_AI_LABELS[1], GEN_AI_LABELS[2]],
+                GEN_AI_TTFT_BUCKETS,
+            )?,
+            gen_ai_duration: b.gen_ai_histogram(
+                "gen_ai_server_request_duration_seconds",
+                "Model request first byte to response last byte, by model; error_type names a failure.",
+                &[
+                    "role",
+                    GEN_AI_LABELS[0],
+                    GEN_AI_LABELS[1],
+                    GEN_AI_LABELS[2],
+                    "error_type",
+                ],
+                GEN_AI_DURATION_BUCKETS,
+            )?,
+            gen_ai_tokens: b.gen_ai_histogram(
+                "gen_ai_client_token_usage",
+                "Tokens per model request the server reported: input (prompt) and output (completion).",
+                &[
+                    "role",
+                    GEN_AI_LABELS[0],
+                    GEN_AI_LABELS[1],
+                    GEN_AI_LABELS[2],
+                    "gen_ai_token_type",
+                ],
+                GEN_AI_TOKEN_BUCKETS,
+            )?,
+            gen_ai_time_per_output_token: b.gen_ai_histogram(
+                "gen_ai_server_time_per_output_token_seconds",
+                "Generation time per output token after the first (Ollama's eval_duration / eval_count).",
+                &GEN_AI_LABELS,
+                GEN_AI_TPOT_BUCKETS,
+            )?,
             llm_requests: b.counter(
                 "llm_requests_total",
                 "Model requests, by how the generation ended.",
                 &["role", "model", "done_reason"],
-            )?,
-            llm_tokens: b.counter(
-                "llm_tokens_total",
-                "Tokens the model server reported, prompt and completion.",
-                &["role", "model", "type"],
-            )?,
-            llm_tokens_per_second: b.histogram(
-                "llm_output_tokens_per_second",
-                "Completion tokens per second of generation.",
-                &["model"],
-                TOKENS_PER_SECOND_BUCKETS,
             )?,
             llm_inter_chunk: b.histogram(
                 "llm_inter_chunk_seconds",
@@ -254,11 +336,71 @@ impl Families {
                 &["model"],
                 INTER_CHUNK_BUCKETS,
             )?,
-            llm_load_duration: b.histogram(
-                "llm_load_duration_seconds",
-                "Time the model server spent loading the model for a request.",
+            llm_phase: b.histogram(
+                "llm_request_phase_seconds",
+                "Where a request's time went: queue (waiting for a slot), load, prefill, decode (Ollama's own timings), outside (the rest of the wire duration).",
+                &["model", "phase"],
+                PHASE_BUCKETS,
+            )?,
+            llm_prompt_tokens_per_second: b.histogram(
+                "llm_prompt_tokens_per_second",
+                "Prompt tokens per second of prompt processing (prefill).",
                 &["model"],
-                LOAD_DURATION_BUCKETS,
+                PROMPT_TOKENS_PER_SECOND_BUCKETS,
+            )?,
+            llm_first_answer: b.histogram(
+                "llm_time_to_first_answer_seconds",
+                "Request last byte to the first answer chunk, for responses that reasoned (thinking) first.",
+                &["model"],
+                FIRST_BYTE_BUCKETS,
+            )?,
+            llm_tool_calls: b.counter(
+                "llm_tool_calls_total",
+                "Tool calls in model responses.",
+                &["role", "model"],
+            )?,
+            llm_estimated_tokens: b.counter(
+                "llm_estimated_completion_tokens_total",
+                "Completion tokens counted from streamed chunks where the server reported none (one per chunk).",
+                &["role", "model"],
+            )?,
+            llm_rejected: b.counter(
+                "llm_rejected_requests_total",
+                "Model requests the server refused: server_busy (503, queue full) or context_exceeded (400, prompt too long with truncate false).",
+                &["role", "model", "reason"],
+            )?,
+            llm_prompts_at_context: b.counter(
+                "llm_prompts_at_context_total",
+                "Requests whose prompt filled 95 % or more of the model's context (truncated by the server, or about to be).",
+                &["model"],
+            )?,
+            llm_wait_after_cancel: b.histogram(
+                "llm_wait_after_cancel_seconds",
+                "Queue wait of the first request of a model to finish after a request of it was cancelled.",
+                &["model"],
+                PHASE_BUCKETS,
+            )?,
+            llm_server_info: b.gauge(
+                "llm_server_info",
+                "Always 1: the model server's settings, read from its environment (Ollama's defaults where unset).",
+                &[
+                    "pid",
+                    "num_parallel",
+                    "max_queue",
+                    "max_loaded_models",
+                    "context_length",
+                    "keep_alive",
+                ],
+            )?,
+            llm_slots: b.gauge(
+                "llm_slots",
+                "Requests the model servers run at once: OLLAMA_NUM_PARALLEL times the models loaded (at least one), summed over servers.",
+                &[],
+            )?,
+            llm_waiting: b.gauge(
+                "llm_requests_waiting",
+                "Upstream requests in flight beyond the server's slots: waiting for a slot now.",
+                &[],
             )?,
             websocket_messages: b.counter(
                 "websocket_messages_total",

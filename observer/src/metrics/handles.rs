@@ -80,8 +80,6 @@ pub(super) struct Http {
     pub first_byte: Option<LocalHistogram>,
     pub request_size: Option<LocalHistogram>,
     pub response_size: Option<LocalHistogram>,
-    /// `http_time_to_first_chunk_seconds` of exchanges without a model.
-    pub first_chunk: Option<LocalHistogram>,
 }
 
 /// Series handles that gather observations until published.
@@ -99,7 +97,6 @@ impl Publish for Http {
             &self.first_byte,
             &self.request_size,
             &self.response_size,
-            &self.first_chunk,
         ]
         .into_iter()
         .flatten()

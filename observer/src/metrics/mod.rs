@@ -6,6 +6,7 @@
 //! becomes a label is a model name, capped at 32 distinct values. Nothing here parses traffic
 //! or decides what an exchange is; it must not log or label request paths, prompts or bodies.
 
+pub mod capacity;
 pub mod families;
 pub mod handles;
 pub mod labels;
@@ -20,6 +21,7 @@ use prometheus::{Encoder as _, Registry, TextEncoder, process_collector::Process
 
 pub use self::openmetrics::ExpositionFormat;
 use self::{
+    capacity::CapacityBoard,
     families::Families,
     handles::{Handles, HttpKey},
     labels::{ModelLabels, NONE, Routes},
@@ -84,6 +86,7 @@ pub struct Metrics {
     /// Error codes of calls over WebSocket admitted as `outcome` values (bounded like models).
     rpc_errors: ModelLabels,
     llm_role: Role,
+    capacity: CapacityBoard,
     /// Run before each scrape: they publish what pipelines gathered (see [`handles`]).
     before_gather: GatherHooks,
     /// Held shared by each publish and exclusively by each gather, so that a scrape sees a
@@ -133,6 +136,7 @@ impl Metrics {
             .build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION"), config.mode])
             .set(1);
+        let capacity = CapacityBoard::new(&families);
         Ok(Metrics {
             registry,
             prefix: config.prefix,
@@ -141,6 +145,7 @@ impl Metrics {
             models: ModelLabels::default(),
             rpc_errors: ModelLabels::default(),
             llm_role: config.llm_role,
+            capacity,
             before_gather: GatherHooks::default(),
             publishing: std::sync::RwLock::new(()),
             schema: std::sync::Mutex::new(schema),
@@ -247,61 +252,123 @@ impl Metrics {
             .observe(ex.response_body_bytes as f64);
 
         let model = self.models.label_or_none(ex.llm.model.as_deref());
-        if let Some(ns) = ex.ts.time_to_first_chunk_ns() {
-            if model == NONE {
-                http.first_chunk
-                    .get_or_insert_with(|| {
-                        f.http_first_chunk
-                            .with_label_values(&[role, route, NONE])
-                            .local()
-                    })
-                    .observe(seconds(ns));
-            } else {
-                f.http_first_chunk
-                    .with_label_values(&[role, route, model])
-                    .observe(seconds(ns));
-            }
-        }
         if model != NONE {
             self.observe_llm(ex, model);
         }
     }
 
+    /// The model families of one exchange whose request named `model`: the GenAI conventions'
+    /// (`gen_ai_*`) and the project's (`llm_*`).
     fn observe_llm(&self, ex: &Exchange, model: &str) {
         let f = &self.families;
         let llm = &ex.llm;
         let role = ex.conn.role.as_str();
+        let (operation, provider) = labels::gen_ai_api(&ex.path);
         f.llm_requests
             .with_label_values(&[role, model, labels::done_reason(llm)])
             .inc();
-        if let Some(tokens) = llm.prompt_tokens {
-            f.llm_tokens
-                .with_label_values(&[role, model, "prompt"])
+        if let Some(ns) = ex.ts.duration_ns() {
+            let error_type = labels::error_type(ex);
+            f.gen_ai_duration
+                .with_label_values(&[role, operation, provider, model, &error_type])
+                .observe(seconds(ns));
+        }
+        if operation != "embeddings"
+            && let Some(ns) = ex.ts.time_to_first_chunk_ns()
+        {
+            f.gen_ai_first_token
+                .with_label_values(&[role, operation, provider, model])
+                .observe(seconds(ns));
+        }
+        for (kind, tokens) in [
+            ("input", llm.prompt_tokens),
+            ("output", llm.completion_tokens),
+        ] {
+            if let Some(tokens) = tokens {
+                f.gen_ai_tokens
+                    .with_label_values(&[role, operation, provider, model, kind])
+                    .observe(tokens as f64);
+            }
+        }
+        if let Some(tokens) = llm.estimated_completion_tokens {
+            f.llm_estimated_tokens
+                .with_label_values(&[role, model])
                 .inc_by(tokens);
         }
-        if let Some(tokens) = llm.completion_tokens {
-            f.llm_tokens
-                .with_label_values(&[role, model, "completion"])
-                .inc_by(tokens);
+        if llm.tool_calls > 0 {
+            f.llm_tool_calls
+                .with_label_values(&[role, model])
+                .inc_by(llm.tool_calls);
         }
-        if ex.conn.role != self.llm_role {
-            return;
+        if let Some(rejection) = llm.rejection
+            && matches!(ex.status, Some(400 | 503))
+        {
+            f.llm_rejected
+                .with_label_values(&[role, model, rejection.as_str()])
+                .inc();
         }
-        if let Some(rate) = output_tokens_per_second(ex) {
-            f.llm_tokens_per_second
-                .with_label_values(&[model])
-                .observe(rate);
+        if ex.conn.role == self.llm_role {
+            self.observe_generation(ex, [operation, provider, model]);
+        }
+    }
+
+    /// The families observed once per generation, from the role [`MetricsConfig::llm_role`]
+    /// names: speeds, the time split, the context, what followed a cancellation.
+    fn observe_generation(&self, ex: &Exchange, gen_ai: [&str; 3]) {
+        let f = &self.families;
+        let llm = &ex.llm;
+        let model = gen_ai[2];
+        if let Some(ns) = time_per_output_token_ns(ex) {
+            f.gen_ai_time_per_output_token
+                .with_label_values(&gen_ai)
+                .observe(seconds(ns));
         }
         if let Some(ns) = llm.inter_chunk_ns(ex.ts.first_chunk) {
             f.llm_inter_chunk
                 .with_label_values(&[model])
                 .observe(seconds(ns));
         }
-        if let Some(ns) = llm.load_duration_ns.filter(|&ns| ns > 0) {
-            f.llm_load_duration
+        if llm.thinking_chunks > 0
+            && let Some(answer) = llm.first_answer_ns
+        {
+            f.llm_first_answer
                 .with_label_values(&[model])
-                .observe(seconds(ns));
+                .observe(seconds(answer.saturating_sub(ex.ts.request_last)));
         }
+        if let (Some(tokens), Some(ns)) = (llm.prompt_tokens, llm.prompt_eval_duration_ns)
+            && tokens > 0
+            && ns > 0
+        {
+            f.llm_prompt_tokens_per_second
+                .with_label_values(&[model])
+                .observe(tokens as f64 / seconds(ns));
+        }
+        let cancelled = labels::done_reason(llm) == "incomplete" && ex.status == Some(200);
+        let after_cancel = self.capacity.note_cancel(model, cancelled);
+        if let Some(split) = TimeSplit::of(ex) {
+            for (phase, ns) in split.phases() {
+                f.llm_phase
+                    .with_label_values(&[model, phase])
+                    .observe(seconds(ns));
+            }
+            if after_cancel {
+                self.capacity.clear_cancel(model);
+                f.llm_wait_after_cancel
+                    .with_label_values(&[model])
+                    .observe(seconds(split.queue_ns));
+            }
+        }
+        if let (Some(tokens), Some(context)) =
+            (llm.prompt_tokens, self.capacity.context_length(model))
+            && tokens * 100 >= context * 95
+        {
+            f.llm_prompts_at_context.with_label_values(&[model]).inc();
+        }
+    }
+
+    /// The model servers' capacity, for the collectors and the probe to fill in.
+    pub fn capacity(&self) -> CapacityBoard {
+        self.capacity.clone()
     }
 
     /// Records what the gateway added to one request; negative overheads (clock order, partial
@@ -518,12 +585,29 @@ impl Metrics {
         self.before_gather.lock().push(hook);
     }
 
+    /// `llm_requests_waiting`: upstream requests in flight beyond the slots, where known.
+    fn publish_waiting(&self) {
+        let f = &self.families;
+        let Some(slots) = self.capacity.slots() else {
+            return;
+        };
+        let in_flight = f
+            .http_in_flight
+            .with_label_values(&[Role::Upstream.as_str()])
+            .get()
+            .max(0) as u64;
+        f.llm_waiting
+            .with_label_values(&[] as &[&str])
+            .set(in_flight.saturating_sub(slots) as i64);
+    }
+
     /// The exposition in `format`, with its content type.
     pub fn encode(&self, format: ExpositionFormat) -> (&'static str, Vec<u8>) {
         // The hooks publish, so they run before the gather takes its exclusive hold.
         for hook in self.before_gather.lock().iter() {
             hook();
         }
+        self.publish_waiting();
         let families = {
             let _gathering = self
                 .publishing
@@ -546,18 +630,63 @@ impl Metrics {
     }
 }
 
-/// Generation speed: the server's own eval timing when it reported one, else the completion
-/// tokens over the span from first chunk to the end of the response.
-fn output_tokens_per_second(ex: &Exchange) -> Option<f64> {
+/// Time per output token after the first: the server's own `eval_duration / eval_count` when it
+/// reported them, else the span from the first chunk to the end of the response over the
+/// completion tokens after the first.
+fn time_per_output_token_ns(ex: &Exchange) -> Option<u64> {
     let llm = &ex.llm;
     let tokens = llm.completion_tokens?;
     if let Some(eval_ns) = llm.eval_duration_ns.filter(|&ns| ns > 0) {
-        return Some(tokens as f64 / seconds(eval_ns));
+        return (tokens > 0).then(|| eval_ns / tokens);
     }
-    if tokens == 0 {
+    if tokens < 2 {
         return None;
     }
     let end = ex.ts.response_last.or(llm.last_chunk_ns)?;
     let span = end.checked_sub(ex.ts.first_chunk?).filter(|&ns| ns > 0)?;
-    Some(tokens as f64 / seconds(span))
+    Some(span / (tokens - 1))
+}
+
+/// Where one request's time went, from Ollama's final line (nanoseconds): `load_duration`
+/// (finding or loading the model), the wait for a parallel slot (which Ollama reports nowhere
+/// but in `total_duration`: what the other three leave of it), `prompt_eval_duration` (prefill),
+/// `eval_duration` (decode); `outside` is what the wire duration holds beyond `total_duration`
+/// (the network, HTTP, and on a gateway's side the gateway). queue + load + prefill + decode
+/// = total, unless Ollama's own timers disagree by more than that (then queue is 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeSplit {
+    pub queue_ns: u64,
+    pub load_ns: u64,
+    pub prefill_ns: u64,
+    pub decode_ns: u64,
+    pub outside_ns: Option<u64>,
+}
+
+impl TimeSplit {
+    pub fn of(ex: &Exchange) -> Option<TimeSplit> {
+        let llm = &ex.llm;
+        let total = llm.total_duration_ns?;
+        let load = llm.load_duration_ns.unwrap_or(0);
+        let prefill = llm.prompt_eval_duration_ns.unwrap_or(0);
+        let decode = llm.eval_duration_ns.unwrap_or(0);
+        Some(TimeSplit {
+            queue_ns: total.saturating_sub(load + prefill + decode),
+            load_ns: load,
+            prefill_ns: prefill,
+            decode_ns: decode,
+            outside_ns: ex.ts.duration_ns().map(|wire| wire.saturating_sub(total)),
+        })
+    }
+
+    fn phases(&self) -> impl Iterator<Item = (&'static str, u64)> {
+        [
+            ("queue", Some(self.queue_ns)),
+            ("load", Some(self.load_ns)),
+            ("prefill", Some(self.prefill_ns)),
+            ("decode", Some(self.decode_ns)),
+            ("outside", self.outside_ns),
+        ]
+        .into_iter()
+        .filter_map(|(phase, ns)| Some((phase, ns?)))
+    }
 }

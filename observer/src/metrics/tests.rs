@@ -48,8 +48,10 @@ fn exchange(role: Role, path: &str, status: Option<u16>) -> Exchange {
     }
 }
 
-/// A streamed `/api/chat` answered by llama3.2: 26 prompt tokens, 100 completion tokens in 2 s
-/// of eval, 1.5 s of load, 101 chunks from 0.5 s to 2.0 s after the request.
+/// A streamed `/api/chat` answered by llama3.2 in 2.01 s on the wire: 26 prompt tokens, 100
+/// completion tokens in 1.4 s of eval, 0.1 s of load, 0.3 s of prompt eval, 1.9 s in all (so
+/// 0.1 s waiting for a slot, 0.11 s outside Ollama), 101 chunks from 0.5 s to 2.0 s after the
+/// request.
 fn chat(role: Role, model: &str) -> Exchange {
     let mut ex = exchange(role, "/api/chat?trace=1", Some(200));
     ex.ts.first_chunk = Some(10 * S + 510 * MS);
@@ -59,12 +61,14 @@ fn chat(role: Role, model: &str) -> Exchange {
         done_reason: Some("stop".into()),
         prompt_tokens: Some(26),
         completion_tokens: Some(100),
-        eval_duration_ns: Some(2 * S),
-        load_duration_ns: Some(1500 * MS),
-        total_duration_ns: Some(4 * S),
+        eval_duration_ns: Some(1400 * MS),
+        prompt_eval_duration_ns: Some(300 * MS),
+        load_duration_ns: Some(100 * MS),
+        total_duration_ns: Some(1900 * MS),
         chunks: 101,
         last_chunk_ns: Some(12 * S + 10 * MS),
-        error: false,
+        first_answer_ns: Some(10 * S + 510 * MS),
+        ..LlmFields::default()
     };
     ex
 }
@@ -135,14 +139,27 @@ fn a_streamed_chat_fills_http_and_llm_families() {
     let role_route = [("role", "upstream"), ("route", "/api/chat")];
     let (_, ttfb) = hist(&m, "observer_http_time_to_first_byte_seconds", &role_route).unwrap();
     assert!(close(ttfb, 0.05), "{ttfb}");
-    let chunk_labels = [role_route[0], role_route[1], ("model", "llama3.2:3b")];
-    let (_, ttfc) = hist(
+    let gen_ai = [
+        ("role", "upstream"),
+        ("gen_ai_operation_name", "chat"),
+        ("gen_ai_provider_name", "ollama"),
+        ("gen_ai_request_model", "llama3.2:3b"),
+    ];
+    let (_, ttft) = hist(&m, "gen_ai_server_time_to_first_token_seconds", &gen_ai).unwrap();
+    assert!(close(ttft, 0.5), "{ttft}");
+    let (_, duration) = hist(
         &m,
-        "observer_http_time_to_first_chunk_seconds",
-        &chunk_labels,
+        "gen_ai_server_request_duration_seconds",
+        &[
+            gen_ai[0],
+            gen_ai[1],
+            gen_ai[2],
+            gen_ai[3],
+            ("error_type", ""),
+        ],
     )
     .unwrap();
-    assert!(close(ttfc, 0.5), "{ttfc}");
+    assert!(close(duration, 2.01), "{duration}");
     let sizes = |name| hist(&m, name, &role_route).unwrap();
     assert_eq!(sizes("observer_http_request_size_bytes"), (1, 300.0));
     assert_eq!(sizes("observer_http_response_size_bytes"), (1, 5000.0));
@@ -154,21 +171,68 @@ fn a_streamed_chat_fills_http_and_llm_families() {
         Some(1.0)
     );
     let tokens = |kind| {
-        value(
+        hist(
             &m,
-            "observer_llm_tokens_total",
-            &[llm[0], llm[1], ("type", kind)],
+            "gen_ai_client_token_usage",
+            &[
+                gen_ai[0],
+                gen_ai[1],
+                gen_ai[2],
+                gen_ai[3],
+                ("gen_ai_token_type", kind),
+            ],
         )
     };
-    assert_eq!(tokens("prompt"), Some(26.0));
-    assert_eq!(tokens("completion"), Some(100.0));
+    assert_eq!(tokens("input"), Some((1, 26.0)));
+    assert_eq!(tokens("output"), Some((1, 100.0)));
+    let (_, per_token) = hist(
+        &m,
+        "gen_ai_server_time_per_output_token_seconds",
+        &gen_ai[1..],
+    )
+    .unwrap();
+    assert!(close(per_token, 0.014), "{per_token}");
     let model = [("model", "llama3.2:3b")];
-    let (_, rate) = hist(&m, "observer_llm_output_tokens_per_second", &model).unwrap();
-    assert!(close(rate, 50.0), "{rate}");
     let (_, gap) = hist(&m, "observer_llm_inter_chunk_seconds", &model).unwrap();
     assert!(close(gap, 0.015), "{gap}");
-    let (_, load) = hist(&m, "observer_llm_load_duration_seconds", &model).unwrap();
-    assert!(close(load, 1.5), "{load}");
+    let (_, prefill) = hist(&m, "observer_llm_prompt_tokens_per_second", &model).unwrap();
+    assert!(close(prefill, 26.0 / 0.3), "{prefill}");
+    assert_eq!(
+        hist(&m, "observer_llm_estimated_completion_tokens_total", &llm),
+        None,
+        "reported tokens are not estimated"
+    );
+}
+
+#[test]
+fn the_time_split_adds_up_to_ollamas_total() {
+    let m = metrics();
+    m.observe_exchange(&chat(Role::Upstream, "llama3.2:3b"));
+    let phase = |phase| {
+        hist(
+            &m,
+            "observer_llm_request_phase_seconds",
+            &[("model", "llama3.2:3b"), ("phase", phase)],
+        )
+        .unwrap()
+        .1
+    };
+    let (queue, load, prefill, decode) = (
+        phase("queue"),
+        phase("load"),
+        phase("prefill"),
+        phase("decode"),
+    );
+    assert!(close(queue, 0.1), "{queue}");
+    assert!(close(load, 0.1), "{load}");
+    assert!(close(prefill, 0.3), "{prefill}");
+    assert!(close(decode, 1.4), "{decode}");
+    assert!(
+        close(queue + load + prefill + decode, 1.9),
+        "Ollama's total_duration"
+    );
+    let outside = phase("outside");
+    assert!(close(outside, 0.11), "wire 2.01 s − total 1.9 s: {outside}");
 }
 
 #[test]
@@ -208,14 +272,29 @@ fn role_less_llm_histograms_come_from_the_llm_role_only() {
         Some(1.0)
     );
     let model = [("model", "llama3.2:3b")];
+    let per_token = [
+        ("gen_ai_operation_name", "chat"),
+        ("gen_ai_provider_name", "ollama"),
+        ("gen_ai_request_model", "llama3.2:3b"),
+    ];
     assert_eq!(
-        hist(&m, "observer_llm_output_tokens_per_second", &model),
+        hist(
+            &m,
+            "gen_ai_server_time_per_output_token_seconds",
+            &per_token
+        ),
         None
     );
-    assert_eq!(hist(&m, "observer_llm_load_duration_seconds", &model), None);
+    let load = [model[0], ("phase", "load")];
+    assert_eq!(hist(&m, "observer_llm_request_phase_seconds", &load), None);
 
     m.observe_exchange(&chat(Role::Upstream, "llama3.2:3b"));
-    let (count, _) = hist(&m, "observer_llm_output_tokens_per_second", &model).unwrap();
+    let (count, _) = hist(
+        &m,
+        "gen_ai_server_time_per_output_token_seconds",
+        &per_token,
+    )
+    .unwrap();
     assert_eq!(count, 1);
 
     let gateway_fed = Metrics::new(MetricsConfig {
@@ -224,7 +303,7 @@ fn role_less_llm_histograms_come_from_the_llm_role_only() {
     })
     .unwrap();
     gateway_fed.observe_exchange(&chat(Role::Gateway, "llama3.2:3b"));
-    assert!(hist(&gateway_fed, "observer_llm_load_duration_seconds", &model).is_some());
+    assert!(hist(&gateway_fed, "observer_llm_request_phase_seconds", &load).is_some());
 }
 
 #[test]
@@ -260,24 +339,24 @@ fn an_exchange_without_response_is_counted_but_not_timed() {
 }
 
 #[test]
-fn a_non_llm_exchange_with_first_chunk_is_labelled_model_none() {
+fn an_exchange_without_a_model_feeds_no_model_family() {
     let m = metrics();
     let mut ex = exchange(Role::Upstream, "/api/tags", Some(200));
     ex.method = Method::Get;
     ex.ts.first_chunk = Some(10 * S + 70 * MS);
     m.observe_exchange(&ex);
-    let labels = [
-        ("role", "upstream"),
-        ("route", "/api/tags"),
-        ("model", "none"),
-    ];
-    let (count, _) = hist(&m, "observer_http_time_to_first_chunk_seconds", &labels).unwrap();
-    assert_eq!(count, 1);
+    let names: Vec<String> = m
+        .registry()
+        .gather()
+        .iter()
+        .map(|f| f.name().to_owned())
+        .collect();
+    assert!(names.contains(&"observer_http_requests_total".to_owned()));
     assert!(
-        !m.registry()
-            .gather()
+        !names
             .iter()
-            .any(|f| f.name().starts_with("observer_llm_"))
+            .any(|n| n.starts_with("observer_llm_") || n.starts_with("gen_ai_")),
+        "{names:?}"
     );
 }
 
@@ -308,26 +387,28 @@ fn errors_and_unknown_reasons_are_bounded() {
 }
 
 #[test]
-fn tokens_per_second_falls_back_to_the_chunk_span() {
+fn time_per_output_token_falls_back_to_the_chunk_span() {
     let mut ex = chat(Role::Upstream, "m");
+    assert_eq!(time_per_output_token_ns(&ex), Some(14 * MS), "1.4 s / 100");
     ex.llm.eval_duration_ns = None;
-    ex.llm.completion_tokens = Some(20);
-    // First chunk 10.51 s, response last 12.01 s: 1.5 s.
-    assert!(close(output_tokens_per_second(&ex).unwrap(), 20.0 / 1.5));
+    ex.llm.completion_tokens = Some(16);
+    // First chunk 10.51 s, response last 12.01 s: 1.5 s over the 15 tokens after the first.
+    assert_eq!(time_per_output_token_ns(&ex), Some(100 * MS));
     ex.ts.response_last = None;
-    ex.llm.last_chunk_ns = Some(11 * S + 10 * MS);
-    assert!(close(output_tokens_per_second(&ex).unwrap(), 40.0));
-    ex.llm.completion_tokens = Some(0);
-    assert_eq!(output_tokens_per_second(&ex), None);
+    ex.llm.last_chunk_ns = Some(11 * S + 260 * MS);
+    assert_eq!(time_per_output_token_ns(&ex), Some(50 * MS));
+    ex.llm.completion_tokens = Some(1);
+    assert_eq!(
+        time_per_output_token_ns(&ex),
+        None,
+        "no token after the first"
+    );
     ex.llm.completion_tokens = None;
     ex.llm.eval_duration_ns = Some(S);
-    assert_eq!(output_tokens_per_second(&ex), None);
+    assert_eq!(time_per_output_token_ns(&ex), None);
     let mut zero_eval = chat(Role::Upstream, "m");
     zero_eval.llm.eval_duration_ns = Some(0);
-    assert!(close(
-        output_tokens_per_second(&zero_eval).unwrap(),
-        100.0 / 1.5
-    ));
+    assert_eq!(time_per_output_token_ns(&zero_eval), Some(1500 * MS / 99));
 }
 
 #[test]
@@ -679,4 +760,177 @@ fn a_scrape_never_sees_half_a_publish() {
     done.store(true, Ordering::Relaxed);
     publisher.join().unwrap();
     assert!(last > 0.0, "the publisher never published");
+}
+
+#[test]
+fn rejections_tool_calls_estimates_and_thinking_have_families_of_their_own() {
+    let m = metrics();
+    let labels = [("role", "upstream"), ("model", "qwen3:0.6b")];
+    let mut busy = exchange(Role::Upstream, "/api/chat", Some(503));
+    busy.llm.model = Some("qwen3:0.6b".into());
+    busy.llm.error = true;
+    busy.llm.rejection = Some(crate::engine::Rejection::ServerBusy);
+    m.observe_exchange(&busy);
+    let mut long = exchange(Role::Upstream, "/api/embed", Some(400));
+    long.llm.model = Some("qwen3:0.6b".into());
+    long.llm.rejection = Some(crate::engine::Rejection::ContextExceeded);
+    m.observe_exchange(&long);
+    let rejected = |reason| {
+        value(
+            &m,
+            "observer_llm_rejected_requests_total",
+            &[labels[0], labels[1], ("reason", reason)],
+        )
+    };
+    assert_eq!(rejected("server_busy"), Some(1.0));
+    assert_eq!(rejected("context_exceeded"), Some(1.0));
+    let errors = |error_type| {
+        hist(
+            &m,
+            "gen_ai_server_request_duration_seconds",
+            &[
+                ("role", "upstream"),
+                ("gen_ai_operation_name", "chat"),
+                ("gen_ai_provider_name", "ollama"),
+                ("gen_ai_request_model", "qwen3:0.6b"),
+                ("error_type", error_type),
+            ],
+        )
+        .map(|(count, _)| count)
+    };
+    assert_eq!(errors("503"), Some(1));
+
+    // An OpenAI-style stream without usage that reasoned for 0.2 s and called a tool.
+    let mut streamed = chat(Role::Upstream, "qwen3:0.6b");
+    streamed.path = "/v1/chat/completions".into();
+    streamed.llm.completion_tokens = None;
+    streamed.llm.estimated_completion_tokens = Some(101);
+    streamed.llm.tool_calls = 2;
+    streamed.llm.thinking_chunks = 20;
+    streamed.llm.first_answer_ns = Some(10 * S + 710 * MS);
+    m.observe_exchange(&streamed);
+    assert_eq!(
+        value(
+            &m,
+            "observer_llm_estimated_completion_tokens_total",
+            &labels
+        ),
+        Some(101.0)
+    );
+    assert_eq!(
+        value(&m, "observer_llm_tool_calls_total", &labels),
+        Some(2.0)
+    );
+    let model = [labels[1]];
+    let (_, answer) = hist(&m, "observer_llm_time_to_first_answer_seconds", &model).unwrap();
+    assert!(
+        close(answer, 0.7),
+        "request last 10.01 s → answer 10.71 s: {answer}"
+    );
+    assert_eq!(
+        hist(
+            &m,
+            "gen_ai_client_token_usage",
+            &[
+                ("role", "upstream"),
+                ("gen_ai_operation_name", "chat"),
+                ("gen_ai_provider_name", "openai"),
+                ("gen_ai_request_model", "qwen3:0.6b"),
+                ("gen_ai_token_type", "output"),
+            ],
+        ),
+        None,
+        "estimates never mix with reported tokens"
+    );
+}
+
+#[test]
+fn capacity_comes_from_the_servers_settings_and_the_loaded_models() {
+    use crate::server_settings::ServerSettings;
+    let m = metrics();
+    let names = |m: &Metrics| -> Vec<String> {
+        m.registry()
+            .gather()
+            .iter()
+            .map(|f| f.name().to_owned())
+            .collect()
+    };
+    m.encode(ExpositionFormat::Text);
+    assert!(
+        !names(&m).contains(&"observer_llm_slots".to_owned()),
+        "unknown before a server's settings were read"
+    );
+    let settings = ServerSettings::from_environ(b"OLLAMA_NUM_PARALLEL=2\0OLLAMA_MAX_QUEUE=3\0");
+    m.capacity().set_servers(&[(4242, settings)]);
+    let info = [
+        ("pid", "4242"),
+        ("num_parallel", "2"),
+        ("max_queue", "3"),
+        ("max_loaded_models", "auto"),
+        ("context_length", "auto"),
+        ("keep_alive", "300s"),
+    ];
+    assert_eq!(value(&m, "observer_llm_server_info", &info), Some(1.0));
+    assert_eq!(value(&m, "observer_llm_slots", &[]), Some(2.0));
+    m.capacity()
+        .set_loaded(&[("a:latest".into(), Some(1000)), ("b".into(), None)]);
+    assert_eq!(
+        value(&m, "observer_llm_slots", &[]),
+        Some(4.0),
+        "2 per model"
+    );
+
+    // Five upstream requests in flight against four slots: one waits.
+    m.families
+        .http_in_flight
+        .with_label_values(&["upstream"])
+        .set(5);
+    m.encode(ExpositionFormat::Text);
+    assert_eq!(value(&m, "observer_llm_requests_waiting", &[]), Some(1.0));
+    m.families
+        .http_in_flight
+        .with_label_values(&["upstream"])
+        .set(3);
+    m.encode(ExpositionFormat::Text);
+    assert_eq!(value(&m, "observer_llm_requests_waiting", &[]), Some(0.0));
+
+    // `a` (listed as a:latest) has a context of 1000: a prompt of 950 reaches it, 949 not.
+    for prompt in [949, 950, 2000] {
+        let mut ex = chat(Role::Upstream, "a");
+        ex.llm.prompt_tokens = Some(prompt);
+        m.observe_exchange(&ex);
+    }
+    assert_eq!(
+        value(
+            &m,
+            "observer_llm_prompts_at_context_total",
+            &[("model", "a")]
+        ),
+        Some(2.0)
+    );
+}
+
+#[test]
+fn the_request_after_a_cancelled_one_reports_its_wait() {
+    let m = metrics();
+    let mut cancelled = chat(Role::Upstream, "m");
+    cancelled.outcome = Outcome::Aborted;
+    cancelled.llm = LlmFields {
+        model: Some("m".into()),
+        done_reason: Some("incomplete".into()),
+        ..LlmFields::default()
+    };
+    m.observe_exchange(&cancelled);
+    let model = [("model", "m")];
+    assert_eq!(
+        hist(&m, "observer_llm_wait_after_cancel_seconds", &model),
+        None
+    );
+    m.observe_exchange(&chat(Role::Upstream, "m"));
+    let (count, wait) = hist(&m, "observer_llm_wait_after_cancel_seconds", &model).unwrap();
+    assert_eq!(count, 1);
+    assert!(close(wait, 0.1), "the queue phase: {wait}");
+    m.observe_exchange(&chat(Role::Upstream, "m"));
+    let (count, _) = hist(&m, "observer_llm_wait_after_cancel_seconds", &model).unwrap();
+    assert_eq!(count, 1, "only the first request after the cancellation");
 }

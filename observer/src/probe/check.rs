@@ -335,6 +335,9 @@ pub struct ListedModel {
     /// `/api/ps` only: bytes of the model in GPU memory.
     #[serde(default)]
     pub size_vram: u64,
+    /// `/api/ps` only: the context length the model was loaded with (Ollama 0.6.6 and later).
+    #[serde(default)]
+    pub context_length: Option<u64>,
 }
 
 /// The body of `/api/tags` and `/api/ps`.
@@ -522,6 +525,7 @@ mod tests {
             model: "qwen3:latest".into(),
             size: 0,
             size_vram: 0,
+            context_length: None,
         };
         assert!(listed.is("qwen3"));
         assert!(listed.is("qwen3:latest"));

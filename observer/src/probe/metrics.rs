@@ -13,7 +13,7 @@ use super::{
     check::ListedModel,
     state::{CheckResult, Verdict},
 };
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, capacity::CapacityBoard};
 
 /// Most models `/api/ps` may add as label values beyond the `--model` ones.
 pub const MAX_LISTED_MODELS: usize = 32;
@@ -28,6 +28,8 @@ pub struct ProbeMetrics {
     model_vram: IntGaugeVec,
     model_size: IntGaugeVec,
     upstream_info: IntGaugeVec,
+    /// Where the loaded models and their contexts go for the capacity families.
+    capacity: CapacityBoard,
     /// The `--model` names: always exported by `model_loaded`, 0 when not loaded.
     configured: Vec<String>,
 }
@@ -90,6 +92,7 @@ impl ProbeMetrics {
                 ),
                 &["version"],
             )?,
+            capacity: metrics.capacity(),
             configured: configured.to_vec(),
         };
         for family in [
@@ -140,6 +143,12 @@ impl ProbeMetrics {
     /// What `/api/ps` lists now: loaded models get their sizes, models no longer listed lose
     /// theirs (and `--model` ones read 0).
     pub fn set_loaded(&self, listed: &[ListedModel]) {
+        self.capacity.set_loaded(
+            &listed
+                .iter()
+                .map(|entry| (entry.name.clone(), entry.context_length))
+                .collect::<Vec<_>>(),
+        );
         let mut names = BTreeSet::new();
         for entry in listed {
             let name = self

@@ -150,8 +150,8 @@ impl Counters {
             requests: get("observer_http_requests_total"),
             duration_sum: get("observer_http_request_duration_seconds_sum"),
             duration_count: get("observer_http_request_duration_seconds_count"),
-            first_chunk_sum: get("observer_http_time_to_first_chunk_seconds_sum"),
-            first_chunk_count: get("observer_http_time_to_first_chunk_seconds_count"),
+            first_chunk_sum: get("gen_ai_server_time_to_first_token_seconds_sum"),
+            first_chunk_count: get("gen_ai_server_time_to_first_token_seconds_count"),
         })
     }
 

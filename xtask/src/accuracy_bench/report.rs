@@ -41,7 +41,7 @@ pub fn markdown(
          `/metrics` until `observer_http_requests_total{{role=\"gateway\"}}` has grown by one \
          (requiring exactly one more observation in each histogram too), and takes the growth \
          of the gateway's `observer_http_request_duration_seconds_sum` and \
-         `observer_http_time_to_first_chunk_seconds_sum` as the observer's figures. {} requests \
+         `gen_ai_server_time_to_first_token_seconds_sum` as the observer's figures. {} requests \
          per round after {WARM_UP} warm-up requests, {} rounds; per round the median and p99 \
          (nearest rank) of |observer − client|, then their median (min–max) over the rounds. \
          The client and nginx's workers run at real-time priority (SCHED_FIFO 1){}, so that \
