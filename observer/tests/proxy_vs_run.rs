@@ -173,6 +173,6 @@ async fn the_proxy_counts_what_observer_run_counts() {
             .sum::<f64>()
     };
     assert_eq!(total("requests gateway"), REQUESTS);
-    assert!(total("tokens upstream completion") > 0.0);
+    assert!(total("tokens upstream output") > 0.0);
     assert!(total("generations upstream error") >= 1.0);
 }

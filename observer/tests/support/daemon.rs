@@ -192,9 +192,21 @@ impl Sim {
     /// [`Sim::start_on`] in network namespace `netns` (`None`: the host's), as a container
     /// would run it.
     pub fn start_in(netns: Option<&str>, listen: &str, flags: &[&str]) -> Sim {
+        Sim::start_with_env(netns, listen, flags, &[])
+    }
+
+    /// [`Sim::start_in`] with environment variables, as an operator sets Ollama's
+    /// (`OLLAMA_NUM_PARALLEL`, …).
+    pub fn start_with_env(
+        netns: Option<&str>,
+        listen: &str,
+        flags: &[&str],
+        env: &[(&str, &str)],
+    ) -> Sim {
         let mut child = super::netns::command(netns, OBSERVER)
             .args(["sim", "--listen", listen])
             .args(flags)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
