@@ -1,11 +1,14 @@
 """The Grafana dashboard and provisioning files in deploy/grafana.
 
-Three checks: the dashboard JSON has the shape Grafana provisions without a manual import (a
+Four checks: the dashboard JSON has the shape Grafana provisions without a manual import (a
 datasource variable used by every panel and query, unique ids, a position for every panel, the
 panels the spec asks for); every PromQL expression in it parses, asked of a real Prometheus
 (the Debian `prometheus` binary on an empty TSDB, where an instant query answers `success` when
-the expression parses and `bad_data` when not); and every metric name those expressions read is
-one the observer exports (`observer metrics-reference --list`, plus `up`).
+the expression parses and `bad_data` when not); every metric name those expressions read is
+one the observer exports (`observer metrics-reference --list`, plus `up`); and every label
+those expressions match on is one that metric has (`observer metrics-reference`), since a
+matcher on a label the family lacks (`model` on a `gen_ai_*` family, `route` on the time to
+first token) makes a panel silently empty.
 """
 
 import json
@@ -53,6 +56,16 @@ REQUIRED_TITLES = [
     "Observer memory",
     "Observer CPU",
     "Observer scrape status",
+    # Where a model request's time went, and the model server's capacity.
+    "Where the time went",
+    "Time per request by phase (mean), $model",
+    "Queue wait p95 (and after a cancel)",
+    "Cold loads (model loads over 1 s)",
+    "Capacity",
+    "Slots, in flight and waiting",
+    "Rejected requests by reason",
+    "Prompts at the context limit",
+    "Tool calls and estimated completion tokens",
 ]
 
 # What each dashboard variable stands for when the expressions are sent to Prometheus. `.*` is
@@ -205,6 +218,10 @@ def test_panels_have_ids_positions_and_descriptions():
 
     kinds = {panel["title"]: panel["type"] for panel in panels}
     assert kinds["Model readiness"] == "state-timeline"
+    phases = next(p for p in panels if p["title"].startswith("Time per request by phase"))
+    assert phases["fieldConfig"]["defaults"]["custom"]["stacking"]["mode"] == "normal", "stack the phases"
+    assert phases.get("repeat") == "model", "one phase panel per model"
+    assert all("by (phase)" in t["expr"] for t in phases["targets"])
     heatmap = next(p for p in panels if p["title"].startswith("Latency distribution"))
     assert heatmap["type"] == "heatmap"
     assert all(t.get("format") == "heatmap" and "by (le)" in t["expr"] for t in heatmap["targets"])
@@ -393,3 +410,79 @@ def test_every_metric_name_is_exported():
         for name in sorted(metric_names(expr) - exported):
             unknown.append(f"{where}: {name}")
     assert not unknown, "metric names the observer does not export:\n" + "\n".join(unknown)
+
+
+# Labels Prometheus adds to every series of a target (the dashboard filters on job and instance).
+TARGET_LABELS = {"instance", "job"}
+
+
+def selector_labels(expr: str) -> list[tuple[str, set[str]]]:
+    """(metric name, label names its matchers use) for every series selector of `expr`, found
+    as metric_names() finds the names."""
+    found: list[tuple[str, set[str]]] = []
+    toks = tokens(expr)
+    i = 0
+    while i < len(toks):
+        kind, text = toks[i]
+        following = toks[i + 1][1] if i + 1 < len(toks) else None
+        if text in ("{", "["):
+            close = "}" if text == "{" else "]"
+            while i < len(toks) and toks[i][1] != close:
+                i += 1
+        elif kind == "ident" and text in LABEL_LISTS:
+            if following == "(":
+                while i < len(toks) and toks[i][1] != ")":
+                    i += 1
+        elif kind == "ident" and (text in FUNCTIONS or text in AGGREGATIONS or text in KEYWORDS):
+            pass
+        elif kind == "ident":
+            labels: set[str] = set()
+            if following == "{":
+                i += 2
+                while toks[i][1] != "}":
+                    if toks[i][0] == "ident" and toks[i + 1][1] in ("=", "!=", "=~", "!~"):
+                        labels.add(toks[i][1])
+                    i += 1
+            found.append((text, labels))
+        i += 1
+    return found
+
+
+def test_selector_label_extraction():
+    expr = ('sum by (le, model) (rate(a_bucket{x=~"$y", z!="b{c}"}[5m])) / on (job) b_info '
+            'and c_total{d="e"} unless vector(1)')
+    assert selector_labels(expr) == [("a_bucket", {"x", "z"}), ("b_info", set()), ("c_total", {"d"})]
+
+
+def exported_labels() -> dict[str, set[str]]:
+    """Sample name → label names, from the Markdown table of `observer metrics-reference`
+    (`| `NAME` | TYPE | LABELS | HELP |`); a histogram's _bucket adds `le`."""
+    result = subprocess.run([observer_bin(), "metrics-reference"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, f"observer metrics-reference: {result.stderr.strip()}"
+    out: dict[str, set[str]] = {}
+    for match in re.finditer(r"^\|\s*`([^`]+)`\s*\|\s*(\w+)\s*\|([^|]*)\|", result.stdout, flags=re.M):
+        name, kind = match.group(1), match.group(2)
+        labels = {label.strip() for label in match.group(3).split(",") if label.strip()}
+        if kind == "histogram":
+            out[f"{name}_bucket"] = labels | {"le"}
+            out[f"{name}_sum"] = out[f"{name}_count"] = labels
+        elif kind == "counter" and not name.endswith("_total"):
+            out[name] = out[f"{name}_total"] = labels
+        else:
+            out[name] = labels
+    assert "observer_http_requests_total" in out, f"no table in: {result.stdout[:200]!r}"
+    out["up"] = set()
+    return out
+
+
+def test_every_label_matcher_exists():
+    exported = exported_labels()
+    problems = []
+    for where, expr in expressions(load_dashboard()):
+        for name, labels in selector_labels(expr):
+            if name not in exported:
+                continue  # test_every_metric_name_is_exported reports it
+            unknown = labels - exported[name] - TARGET_LABELS
+            if unknown:
+                problems.append(f"{where}: {name} has no label {sorted(unknown)}")
+    assert not problems, "label matchers on labels the metric does not have:\n" + "\n".join(problems)

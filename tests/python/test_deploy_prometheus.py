@@ -41,6 +41,9 @@ REQUIRED_ALERTS = {
     "ObserverFirstChunkP95High",
     "ObserverModelNotReady",
     "ObserverEbpfEventsLost",
+    "ObserverModelServerSaturated",
+    "ObserverModelServerRejecting",
+    "ObserverPromptsTruncated",
 }
 SEVERITIES = {"critical", "warning", "info"}
 # Labels Prometheus or the scrape config add to every series of a target.
@@ -112,8 +115,12 @@ MUTATIONS = [
     ("ObserverLatencyP95High", "        for: 2m\n        labels:\n          severity: warning",
      "        for: 1m\n        labels:\n          severity: warning"),
     ("ObserverFirstChunkP95High", "p95_5m > 5\n", "p95_5m > 4.9\n"),
-    ("ObserverFirstChunkP95High", "first_chunks:rate5m * 300 >= 10", "first_chunks:rate5m * 300 >= 5"),
-    ("ObserverFirstChunkP95High", "        for: 5m\n", "        for: 4m\n"),
+    ("ObserverFirstChunkP95High", "first_tokens:rate5m * 300 >= 10", "first_tokens:rate5m * 300 >= 5"),
+    ("ObserverFirstChunkP95High", "first_tokens:rate5m * 300 >= 10\n        for: 5m\n",
+     "first_tokens:rate5m * 300 >= 10\n        for: 4m\n"),
+    # The recorded series sum the operations and API dialects, and read the gateway's side only.
+    ("ObserverFirstChunkP95High", '(rate(gen_ai_server_time_to_first_token_seconds_bucket{role="gateway"}[5m]))',
+     '(rate(gen_ai_server_time_to_first_token_seconds_bucket[5m]))'),
     ("ObserverAgentTurnsFailing", "ratio_rate5m > 0.05", "ratio_rate5m > 0.04"),
     ("ObserverAgentTurnsFailing", "turn_failures:rate5m * 300 >= 3", "turn_failures:rate5m * 300 >= 2"),
     ("ObserverAgentTurnsFailing", "turn_failure_ratio:ratio_rate5m > 0.05\n          and instance:observer_gateway_turn_failures:rate5m * 300 >= 3\n        for: 3m\n",
@@ -133,6 +140,23 @@ MUTATIONS = [
      "observer_ebpf_events_lost_total offset 5m)", ""),
     ("ObserverEbpfEventsLost", "increase(observer_ebpf_events_lost_total[5m]) > 0",
      "increase(observer_ebpf_events_lost_total[5m]) > 5"),
+    ("ObserverModelServerSaturated", "observer_llm_requests_waiting > 0", "observer_llm_requests_waiting > 1"),
+    ("ObserverModelServerSaturated", "observer_llm_requests_waiting > 0", "observer_llm_requests_waiting >= 0"),
+    ("ObserverModelServerSaturated", "queue_wait_seconds:p95_5m > 1\n", "queue_wait_seconds:p95_5m > 0.9\n"),
+    ("ObserverModelServerSaturated", "queue_wait_seconds:p95_5m > 1\n", "queue_wait_seconds:p95_5m > 2\n"),
+    ("ObserverModelServerSaturated", "queue_waits:rate5m * 300 >= 10", "queue_waits:rate5m * 300 >= 5"),
+    ("ObserverModelServerSaturated", "queue_waits:rate5m * 300 >= 10\n          )\n        for: 5m\n",
+     "queue_waits:rate5m * 300 >= 10\n          )\n        for: 4m\n"),
+    ("ObserverModelServerSaturated", 'phase_seconds_bucket{phase="queue"}', "phase_seconds_bucket"),
+    ("ObserverModelServerRejecting", "max without (role) (\n", "sum without (role) (\n"),
+    ("ObserverModelServerRejecting", 'increase(observer_llm_rejected_requests_total{reason="server_busy"}[5m])',
+     "increase(observer_llm_rejected_requests_total[5m])"),
+    ("ObserverModelServerRejecting", '\n              or\n              (observer_llm_rejected_requests_total{reason="server_busy"} > 0 '
+     'unless observer_llm_rejected_requests_total{reason="server_busy"} offset 5m)', ""),
+    ("ObserverPromptsTruncated", "increase(observer_llm_prompts_at_context_total[5m]) > 0",
+     "increase(observer_llm_prompts_at_context_total[5m]) > 3"),
+    ("ObserverPromptsTruncated", "\n          or\n          (observer_llm_prompts_at_context_total > 0 unless "
+     "observer_llm_prompts_at_context_total offset 5m)", ""),
 ]
 
 
@@ -212,7 +236,8 @@ def test_alerts_are_actionable():
         assert notes["runbook_url"] == RUNBOOK_BASE + name.lower(), f"{name}: runbook_url"
     # Alerts on a measured value say what the value is.
     for name in ("ObserverErrorRatioHigh", "ObserverLatencyP95High", "ObserverFirstChunkP95High",
-                 "ObserverEbpfEventsLost"):
+                 "ObserverEbpfEventsLost", "ObserverModelServerSaturated", "ObserverModelServerRejecting",
+                 "ObserverPromptsTruncated"):
         assert "$value" in alerts()[name]["annotations"]["description"], name
 
 
