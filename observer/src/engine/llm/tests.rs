@@ -381,3 +381,41 @@ fn embeddings_report_prompt_tokens_and_durations() {
     assert_eq!(fields.completion_tokens, None);
     assert_eq!(fields.estimated_completion_tokens, None, "not a stream");
 }
+
+#[test]
+fn openai_completions_stream_is_text_with_a_finish_reason() {
+    // Ollama's /v1/completions stream (openai/openai.go, ToCompleteChunk), no usage asked for.
+    let body = concat!(
+        r#"data: {"id":"cmpl-7","object":"text_completion","created":1,"model":"m","system_fingerprint":"fp_ollama","choices":[{"text":"The","index":0,"finish_reason":null}]}"#,
+        "\n\n",
+        r#"data: {"id":"cmpl-7","object":"text_completion","created":1,"model":"m","system_fingerprint":"fp_ollama","choices":[{"text":" sky","index":0,"finish_reason":null}]}"#,
+        "\n\n",
+        r#"data: {"id":"cmpl-7","object":"text_completion","created":1,"model":"m","system_fingerprint":"fp_ollama","choices":[{"text":"","index":0,"finish_reason":"length"}]}"#,
+        "\n\n",
+        "data: [DONE]\n\n",
+    );
+    let (fields, first) = scan_lines(BodyType::EventStream, body);
+    assert_eq!(first, Some(10 * MS));
+    assert_eq!(fields.first_answer_ns, Some(10 * MS));
+    assert_eq!(
+        (fields.chunks, fields.thinking_chunks, fields.tool_calls),
+        (2, 0, 0)
+    );
+    assert_eq!(fields.estimated_completion_tokens, Some(2));
+    assert_eq!(fields.done_reason.as_deref(), Some("length"));
+    assert!(!fields.error);
+}
+
+#[test]
+fn a_native_stream_cut_short_gets_its_tokens_estimated() {
+    let mut scan = ResponseScan::new(BodyType::Ndjson);
+    for (i, word) in ["The", " sky", " is"].iter().enumerate() {
+        let line = format!(
+            r#"{{"model":"m","created_at":"t","message":{{"role":"assistant","content":"{word}"}},"done":false}}"#
+        ) + "\n";
+        scan.body(line.as_bytes(), 10 + i as u64);
+    }
+    let (fields, _) = scan.finish(20, false);
+    assert_eq!(fields.completion_tokens, None);
+    assert_eq!(fields.estimated_completion_tokens, Some(3));
+}
