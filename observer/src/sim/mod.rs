@@ -50,6 +50,7 @@
 
 mod chunked;
 mod config;
+mod environment;
 mod faults;
 mod generation;
 mod gojson;
@@ -91,6 +92,8 @@ pub struct SimArgs {
     #[command(flatten)]
     pub timing: Box<TimingArgs>,
     #[command(flatten)]
+    pub server: Box<ServerArgs>,
+    #[command(flatten)]
     pub faults: Box<FaultArgs>,
     #[command(flatten)]
     pub limits: Box<LimitArgs>,
@@ -113,8 +116,28 @@ pub struct TimingArgs {
     #[arg(long, value_name = "N", default_value_t = 32)]
     pub tokens: u32,
     /// Seconds a model stays loaded after its last use (0: unload after every request).
-    #[arg(long, value_name = "SECS", default_value_t = 300)]
-    pub keep_alive_secs: u64,
+    /// Default: OLLAMA_KEEP_ALIVE as Ollama reads it, else 300.
+    #[arg(long, value_name = "SECS")]
+    pub keep_alive_secs: Option<u64>,
+}
+
+/// Ollama's server settings; each defaults to its `OLLAMA_*` variable, read as Ollama reads it.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Server (default: Ollama's environment variables)")]
+pub struct ServerArgs {
+    /// Generations one loaded model runs at once (OLLAMA_NUM_PARALLEL, default 1).
+    #[arg(long, value_name = "N")]
+    pub num_parallel: Option<u32>,
+    /// Requests waiting for a model load before new ones get 503 (OLLAMA_MAX_QUEUE, default 512).
+    #[arg(long, value_name = "N")]
+    pub max_queue: Option<u32>,
+    /// Context length models load with unless a request sets num_ctx (OLLAMA_CONTEXT_LENGTH;
+    /// default 4096).
+    #[arg(long, value_name = "TOKENS")]
+    pub context_length: Option<u32>,
+    /// Models loaded at once (OLLAMA_MAX_LOADED_MODELS; default 3).
+    #[arg(long, value_name = "N")]
+    pub max_loaded_models: Option<u32>,
 }
 
 /// Injected faults; rates apply to inference requests. Any flag of a fault turns it on.
