@@ -1,10 +1,14 @@
 //! Simulated inference: what a reply says, when each token comes out, and the metrics Ollama
 //! reports for it, measured from the real delays so they agree with what a client observes.
 //!
-//! Timeline of one request: received → (model load, first use only) → prompt evaluation (the
-//! time to first token) → token 1 → token 2 after one token interval → … → token n → one more
-//! interval for the end-of-sequence step → done. So `eval_count` = n and `eval_duration` ≈ n ×
-//! the token interval. No HTTP or JSON here.
+//! Timeline of one request: received → (scheduler queue and model load, when not loaded) →
+//! loaded → (wait for a parallel slot) → slot → prompt evaluation (the time to first token) →
+//! token 1 → token 2 after one token interval → … → token n → one more interval for the
+//! end-of-sequence step → done. So `eval_count` = n and `eval_duration` ≈ n × the token
+//! interval; `load_duration` is received → loaded and `prompt_eval_duration` slot → first
+//! token, so the slot wait shows only in `total_duration`, as in Ollama (its runner takes the
+//! slot after `checkpointLoaded`, and llama-server times only the prompt and the tokens).
+//! The prompt is fitted to the context here too ([`fit_prompt`]). No HTTP or JSON here.
 
 use std::time::{Duration, Instant};
 
@@ -117,6 +121,113 @@ pub fn reply_text(tokens: u32) -> String {
     (0..tokens).map(token_text).collect()
 }
 
+/// When a request arrived, got its loaded model, and got a parallel slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Phases {
+    pub received_at: Instant,
+    pub loaded_at: Instant,
+    pub started_at: Instant,
+}
+
+/// One prompt text for the token estimate; system messages survive chat truncation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptText {
+    pub text: String,
+    pub system: bool,
+}
+
+/// How a request lets its prompt be fitted to the context (`truncate`, `shift`, `num_keep`;
+/// Ollama's defaults: true, true, 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PromptFit {
+    pub truncate: bool,
+    pub shift: bool,
+    pub num_keep: i64,
+}
+
+impl Default for PromptFit {
+    fn default() -> Self {
+        Self {
+            truncate: true,
+            shift: true,
+            num_keep: 4,
+        }
+    }
+}
+
+/// A prompt that cannot be evaluated in the context: answered 400 with [`PromptTooLong::message`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PromptTooLong {
+    /// `truncate: false`: llama-server refuses it (`exceed_context_size_error`).
+    Refused { tokens: u32, context: u32 },
+    /// `shift: false`: Ollama's runner will not cut it.
+    NoShift,
+}
+
+impl PromptTooLong {
+    /// Ollama's error text. For a refusal Ollama passes llama-server's whole error body on as
+    /// the message (`statusErrorMessage`, llm/llama_server.go).
+    pub fn message(&self) -> String {
+        match self {
+            Self::Refused { tokens, context } => format!(
+                "{{\"error\":{{\"code\":400,\"message\":\"request ({tokens} tokens) exceeds the available \
+                 context size ({context} tokens), try increasing it\",\"type\":\"exceed_context_size_error\",\
+                 \"n_prompt_tokens\":{tokens},\"n_ctx\":{context}}}}}"
+            ),
+            Self::NoShift => "the prompt is longer than the context length currently available to the \
+                 model; shorten the prompt, adjust the context length in settings, or use a model with a \
+                 longer context length"
+                .to_owned(),
+        }
+    }
+}
+
+/// The `prompt_eval_count` of `texts` in a context of `context` tokens, as Ollama fits a prompt
+/// (v0.32.15): `chatPrompt` (server/prompt.go) drops the oldest messages, keeping system
+/// messages and the last message, until the rest fits `context`; then the runner
+/// (`completionPromptForRequest`, llm/llama_server.go) cuts a prompt still over `context` − 1
+/// tokens to `context − max((context − keep) / 2, 1)`, `keep` being `num_keep` plus the BOS
+/// token. Without `truncate` nothing is cut and llama-server refuses a prompt of `context`
+/// tokens or more.
+pub fn fit_prompt(
+    texts: &[PromptText],
+    context: u32,
+    fit: PromptFit,
+) -> Result<u32, PromptTooLong> {
+    let count = |from: usize| {
+        let kept = texts[..from].iter().filter(|t| t.system);
+        prompt_tokens(kept.chain(&texts[from..]).map(|t| t.text.as_str()))
+    };
+    let last = texts.len().saturating_sub(1);
+    let from = if fit.truncate {
+        (0..=last).find(|&i| count(i) <= context).unwrap_or(last)
+    } else {
+        0
+    };
+    let tokens = count(from.min(texts.len()));
+    if !fit.truncate {
+        return if tokens >= context {
+            Err(PromptTooLong::Refused { tokens, context })
+        } else {
+            Ok(tokens)
+        };
+    }
+    let full_limit = context.saturating_sub(1);
+    if context <= 1 || tokens <= full_limit {
+        return Ok(tokens);
+    }
+    if !fit.shift {
+        return Err(PromptTooLong::NoShift);
+    }
+    let keep = if fit.num_keep < 0 {
+        tokens
+    } else {
+        u32::try_from(fit.num_keep).unwrap_or(u32::MAX)
+    };
+    let keep = keep.saturating_add(1).min(full_limit);
+    Ok(context - ((context - keep) / 2).max(1))
+}
+
 /// Durations Ollama reports in the final message, in nanoseconds on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Metrics {
@@ -137,29 +248,25 @@ pub struct Generation {
     prompt_eval_count: u32,
     received_at: Instant,
     loaded_at: Instant,
+    started_at: Instant,
     prompt_done_at: Option<Instant>,
     emitted: u32,
     done_at: Option<Instant>,
 }
 
 impl Generation {
-    /// A generation on a model that became ready at `loaded_at` for a request received at
-    /// `received_at`.
-    pub fn new(
-        timing: Timing,
-        limit: Option<i64>,
-        prompt_eval_count: u32,
-        received_at: Instant,
-        loaded_at: Instant,
-    ) -> Self {
+    /// A generation for a request received at `received_at`, whose model was ready at
+    /// `loaded_at` and which got its parallel slot at `started_at`.
+    pub fn new(timing: Timing, limit: Option<i64>, prompt_eval_count: u32, phases: Phases) -> Self {
         let (tokens, done_reason) = reply_length(timing.tokens_per_reply, limit);
         Self {
             timing,
             tokens,
             done_reason,
             prompt_eval_count,
-            received_at,
-            loaded_at,
+            received_at: phases.received_at,
+            loaded_at: phases.loaded_at,
+            started_at: phases.started_at,
             prompt_done_at: None,
             emitted: 0,
             done_at: None,
@@ -173,23 +280,6 @@ impl Generation {
     /// Content tokens emitted so far.
     pub fn emitted(&self) -> u32 {
         self.emitted
-    }
-
-    /// Generates the whole reply for a non-streamed response; `None` when a planned mid-stream
-    /// error interrupts it after `error_after` tokens.
-    pub async fn whole_reply(&mut self, error_after: Option<u32>) -> Option<String> {
-        let mut content = String::new();
-        loop {
-            let token = self.next_token().await;
-            let sent = self.emitted() - u32::from(token.is_some());
-            if error_after == Some(sent) {
-                return None;
-            }
-            match token {
-                Some(text) => content.push_str(text),
-                None => return Some(content),
-            }
-        }
     }
 
     /// Waits until the next token is due and returns it; `None` once the reply is complete.
@@ -221,6 +311,11 @@ impl Generation {
         }
     }
 
+    /// Time between the model being ready and the slot being free.
+    pub fn slot_wait(&self) -> Duration {
+        self.started_at - self.loaded_at
+    }
+
     /// The reported metrics; complete once `next_token` has returned `None`.
     pub fn metrics(&self) -> Metrics {
         let now = Instant::now();
@@ -230,7 +325,7 @@ impl Generation {
             total: done_at - self.received_at,
             load: self.loaded_at - self.received_at,
             prompt_eval_count: self.prompt_eval_count,
-            prompt_eval: prompt_done_at - self.loaded_at,
+            prompt_eval: prompt_done_at - self.started_at,
             eval_count: self.emitted,
             eval: done_at - prompt_done_at,
         }
@@ -259,6 +354,56 @@ mod tests {
         );
     }
 
+    fn texts(parts: &[(&str, bool)]) -> Vec<PromptText> {
+        parts
+            .iter()
+            .map(|&(text, system)| PromptText {
+                text: text.to_owned(),
+                system,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn prompts_are_fitted_like_ollama() {
+        let long = "x".repeat(400); // 4 + 100 tokens
+        let msgs = texts(&[("sys", true), (&long, false), (&long, false), ("hi", false)]);
+        let fit = PromptFit::default();
+        // Everything fits: 5 + 104 + 104 + 5.
+        assert_eq!(fit_prompt(&msgs, 4096, fit), Ok(218));
+        // chatPrompt drops the oldest user messages but keeps the system one.
+        assert_eq!(fit_prompt(&msgs, 150, fit), Ok(5 + 104 + 5));
+        assert_eq!(fit_prompt(&msgs, 100, fit), Ok(5 + 5));
+        // A last message alone over the context is cut by the runner.
+        let one = texts(&[(&"y".repeat(4000), false)]); // 1004 tokens
+        assert_eq!(fit_prompt(&one, 512, fit), Ok(512 - (512 - 5) / 2));
+        let no_shift = PromptFit {
+            shift: false,
+            ..fit
+        };
+        assert_eq!(fit_prompt(&one, 512, no_shift), Err(PromptTooLong::NoShift));
+        let refuse = PromptFit {
+            truncate: false,
+            ..fit
+        };
+        assert_eq!(
+            fit_prompt(&msgs, 150, refuse),
+            Err(PromptTooLong::Refused {
+                tokens: 218,
+                context: 150
+            })
+        );
+        assert_eq!(
+            PromptTooLong::Refused {
+                tokens: 218,
+                context: 150
+            }
+            .message(),
+            r#"{"error":{"code":400,"message":"request (218 tokens) exceeds the available context size (150 tokens), try increasing it","type":"exceed_context_size_error","n_prompt_tokens":218,"n_ctx":150}}"#
+        );
+        assert_eq!(fit_prompt(&[], 4096, fit), Ok(0));
+    }
+
     #[test]
     fn reply_text_is_the_tokens_in_order() {
         assert_eq!(reply_text(4), "The sky appears blue");
@@ -274,7 +419,12 @@ mod tests {
             tokens_per_reply: 4,
         };
         let received = Instant::now();
-        let mut generation = Generation::new(timing, None, 9, received, received);
+        let phases = Phases {
+            received_at: received,
+            loaded_at: received,
+            started_at: received,
+        };
+        let mut generation = Generation::new(timing, None, 9, phases);
         let mut tokens = Vec::new();
         while let Some(token) = generation.next_token().await {
             tokens.push(token);

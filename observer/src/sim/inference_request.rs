@@ -2,11 +2,14 @@
 //! `/v1/chat/completions` with Go's decoding rules (`api.ChatRequest`, `api.GenerateRequest`,
 //! `openai.ChatCompletionRequest`), so type mistakes get Ollama's 400 texts.
 //!
+//! `truncate` and `shift` are fields of the native requests only (`api.GenerateRequest`,
+//! `api.ChatRequest`); the OpenAI middleware sets neither, so those requests get the defaults.
 //! Only the fields the simulator acts on are read; the rest of the body is ignored like
 //! unknown JSON fields in Go.
 
 use serde_json::{Map, Value};
 
+use super::generation::{PromptFit, PromptText};
 use super::gojson::{self, DecodeError};
 
 /// One inference request, whichever API it came through.
@@ -19,7 +22,11 @@ pub struct InferenceRequest {
     /// Number of messages (a generate request counts its prompt as one).
     pub messages: usize,
     /// Prompt texts (messages, or system + prompt) for the prompt token estimate.
-    pub texts: Vec<String>,
+    pub texts: Vec<PromptText>,
+    /// `options.num_ctx`: the context the model must be loaded with.
+    pub num_ctx: Option<u32>,
+    /// `truncate`, `shift` and `options.num_keep`.
+    pub fit: PromptFit,
     /// No messages / empty prompt: Ollama only loads the model.
     pub load_only: bool,
     /// A `raw` generate request gets no `context`.
@@ -28,13 +35,51 @@ pub struct InferenceRequest {
     pub include_usage: bool,
 }
 
-fn num_predict(obj: &Map<String, Value>, path: &str) -> Result<Option<i64>, DecodeError> {
+/// The `options` the simulator acts on: `num_predict`, `num_ctx`, `num_keep`.
+struct Options {
+    num_predict: Option<i64>,
+    num_ctx: Option<u32>,
+    num_keep: Option<i64>,
+}
+
+fn options(obj: &Map<String, Value>, path: &str) -> Result<Options, DecodeError> {
     let options = gojson::opt_object(obj, "options", path, "map[string]interface {}")?;
     // Options.FromMap accepts any JSON number for an int option.
-    Ok(options
-        .and_then(|o| o.get("num_predict"))
-        .and_then(Value::as_f64)
-        .map(|n| n as i64))
+    let int = |key: &str| {
+        options
+            .and_then(|o| o.get(key))
+            .and_then(Value::as_f64)
+            .map(|n| n as i64)
+    };
+    Ok(Options {
+        num_predict: int("num_predict"),
+        // getRunner (server/sched.go) raises a context below 4 to 4.
+        num_ctx: int("num_ctx").map(|n| n.clamp(4, i64::from(u32::MAX)) as u32),
+        num_keep: int("num_keep"),
+    })
+}
+
+/// `truncate` and `shift` (both default true) of a native request, with its `num_keep`.
+fn prompt_fit(
+    obj: &Map<String, Value>,
+    go_type: &str,
+    num_keep: Option<i64>,
+) -> Result<PromptFit, DecodeError> {
+    let truncate = gojson::opt_bool(obj, "truncate", &format!("{go_type}.truncate"))?;
+    let shift = gojson::opt_bool(obj, "shift", &format!("{go_type}.shift"))?;
+    let default = PromptFit::default();
+    Ok(PromptFit {
+        truncate: truncate.unwrap_or(default.truncate),
+        shift: shift.unwrap_or(default.shift),
+        num_keep: num_keep.unwrap_or(default.num_keep),
+    })
+}
+
+fn prompt_text(text: &str, system: bool) -> PromptText {
+    PromptText {
+        text: text.to_owned(),
+        system,
+    }
 }
 
 fn model(obj: &Map<String, Value>, path: &str) -> Result<String, DecodeError> {
@@ -55,17 +100,21 @@ pub fn parse_chat(body: &[u8]) -> Result<InferenceRequest, DecodeError> {
                 "api.Message",
             ));
         };
-        gojson::opt_str(message, "role", "ChatRequest.messages.role")?;
+        let role = gojson::opt_str(message, "role", "ChatRequest.messages.role")?;
         let content = gojson::opt_str(message, "content", "ChatRequest.messages.content")?;
-        texts.push(content.unwrap_or_default().to_owned());
+        let system = role.is_some_and(|r| r.eq_ignore_ascii_case("system"));
+        texts.push(prompt_text(content.unwrap_or_default(), system));
     }
+    let options = options(&obj, "ChatRequest.options")?;
     Ok(InferenceRequest {
         model: model(&obj, "ChatRequest.model")?,
         stream: gojson::opt_bool(&obj, "stream", "ChatRequest.stream")?.unwrap_or(true),
-        limit: num_predict(&obj, "ChatRequest.options")?,
+        limit: options.num_predict,
         messages: texts.len(),
         load_only: texts.is_empty(),
         texts,
+        num_ctx: options.num_ctx,
+        fit: prompt_fit(&obj, "ChatRequest", options.num_keep)?,
         raw: false,
         include_usage: false,
     })
@@ -76,17 +125,20 @@ pub fn parse_generate(body: &[u8]) -> Result<InferenceRequest, DecodeError> {
     let obj = gojson::decode_object(body, "api.GenerateRequest")?;
     let prompt = gojson::opt_str(&obj, "prompt", "GenerateRequest.prompt")?.unwrap_or_default();
     let system = gojson::opt_str(&obj, "system", "GenerateRequest.system")?;
+    let options = options(&obj, "GenerateRequest.options")?;
     Ok(InferenceRequest {
         model: model(&obj, "GenerateRequest.model")?,
         stream: gojson::opt_bool(&obj, "stream", "GenerateRequest.stream")?.unwrap_or(true),
-        limit: num_predict(&obj, "GenerateRequest.options")?,
+        limit: options.num_predict,
         messages: 1,
         load_only: prompt.is_empty(),
         texts: system
+            .map(|s| prompt_text(s, true))
             .into_iter()
-            .chain([prompt])
-            .map(str::to_owned)
+            .chain([prompt_text(prompt, false)])
             .collect(),
+        num_ctx: options.num_ctx,
+        fit: prompt_fit(&obj, "GenerateRequest", options.num_keep)?,
         raw: gojson::opt_bool(&obj, "raw", "GenerateRequest.raw")?.unwrap_or(false),
         include_usage: false,
     })
@@ -112,15 +164,16 @@ pub fn parse_chat_completion(body: &[u8]) -> Result<InferenceRequest, DecodeErro
             ));
         };
         // Content is a string or a list of parts; only text parts count toward the prompt.
+        let system = message.get("role").and_then(Value::as_str) == Some("system");
         match message.get("content") {
-            Some(Value::String(text)) => texts.push(text.clone()),
+            Some(Value::String(text)) => texts.push(prompt_text(text, system)),
             Some(Value::Array(parts)) => texts.extend(
                 parts
                     .iter()
                     .filter_map(|p| p.get("text").and_then(Value::as_str))
-                    .map(str::to_owned),
+                    .map(|text| prompt_text(text, system)),
             ),
-            _ => texts.push(String::new()),
+            _ => texts.push(prompt_text("", system)),
         }
     }
     let stream_options = gojson::opt_object(
@@ -144,6 +197,8 @@ pub fn parse_chat_completion(body: &[u8]) -> Result<InferenceRequest, DecodeErro
         messages: messages.len(),
         load_only: false,
         texts,
+        num_ctx: None,
+        fit: PromptFit::default(),
         raw: false,
         include_usage: include_usage.unwrap_or(false),
     })
@@ -163,6 +218,18 @@ mod tests {
         );
         let req = parse_generate(br#"{"model":"m","prompt":"","stream":false}"#).unwrap();
         assert!(req.load_only && !req.stream);
+        let body =
+            br#"{"model":"m","prompt":"p","truncate":false,"options":{"num_ctx":2,"num_keep":-1}}"#;
+        let req = parse_generate(body).unwrap();
+        assert_eq!(req.num_ctx, Some(4));
+        assert_eq!(
+            req.fit,
+            PromptFit {
+                truncate: false,
+                shift: true,
+                num_keep: -1
+            }
+        );
         let body = br#"{"model":"m","messages":[{"role":"user","content":[1]}]}"#;
         assert_eq!(
             parse_chat(body).unwrap_err().to_string(),
@@ -186,7 +253,7 @@ mod tests {
             ),
             ("m", true, true, Some(4), 1)
         );
-        assert_eq!(req.texts, ["hi"]);
+        assert_eq!(req.texts, [prompt_text("hi", false)]);
         assert_eq!(
             parse_chat_completion(br#"{"model":"m","stream":"yes"}"#)
                 .unwrap_err()

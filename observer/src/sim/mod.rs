@@ -38,7 +38,33 @@
 //! A model's first use (and first use after `--keep-alive-secs`) waits `--load-ms`; then the
 //! prompt takes `--first-token-ms`; tokens follow every `--token-ms`, `--tokens` of them, capped
 //! by `options.num_predict` / `max_tokens` (`done_reason` `length`). The final message reports
-//! the measured durations; `prompt_eval_count` is Σ over prompt texts of 4 + ⌈bytes/4⌉.
+//! the measured durations; `prompt_eval_count` is Σ over prompt texts of 4 + ⌈bytes/4⌉, after
+//! the prompt is fitted to the context (below).
+//!
+//! # Capacity, as Ollama's scheduler and runner have it
+//!
+//! Server settings come from Ollama's variables, read as Ollama reads them, each overridden by
+//! its flag: `OLLAMA_NUM_PARALLEL` (`--num-parallel`, default 1), `OLLAMA_MAX_QUEUE`
+//! (`--max-queue`, 512), `OLLAMA_CONTEXT_LENGTH` (`--context-length`; 0 or unset: 4096),
+//! `OLLAMA_MAX_LOADED_MODELS` (`--max-loaded-models`; 0 or unset: 3), `OLLAMA_KEEP_ALIVE`
+//! (`--keep-alive-secs`; Go durations or seconds, negative: forever, default 5m).
+//!
+//! - A request for a model that is not loaded (or loaded with another context) waits in the
+//!   scheduler's queue while loads go on one at a time; when the queue already holds
+//!   MAX_QUEUE requests it gets 503 `server busy, please try again.  maximum pending requests
+//!   exceeded` at once (`/v1/*`: in the OpenAI error shape). Requests for a loaded model skip
+//!   the queue. The wait and the load are `load_duration`.
+//! - A loaded model runs NUM_PARALLEL generations at once; others wait, in order, for a slot.
+//!   The wait shows in `total_duration` only: total = load + slot wait + prompt eval + eval.
+//!   A client that disconnects (while waiting or streaming) frees its slot at once.
+//! - A model's context is the request's `options.num_ctx`, else the server's; `/api/ps` shows
+//!   it. A prompt over it is cut as Ollama does (oldest messages dropped, system messages and
+//!   the last one kept; then the runner keeps `num_keep`+1 tokens and half of the rest), or,
+//!   with `"truncate": false` on `/api/chat` or `/api/generate`, answered 400 with
+//!   llama-server's refusal as the message (`"shift": false`: Ollama's own 400).
+//!
+//! [`SimControl::timelines`] has each served request's phases (load, slot wait, prompt eval,
+//! eval) for tests; nothing of it goes on the wire.
 //!
 //! # Layout
 //!
@@ -47,6 +73,8 @@
 //! - `ollama`, `openai`: the two inference APIs; `inference_request`: their request bodies;
 //!   `listing`: tags, ps, version, models. `generation`, `models`: what the "model" does.
 //! - `faults`: fault decisions. `gojson`: Go's JSON (times: `crate::wallclock`).
+//! - `environment`: Ollama's `OLLAMA_*` variables. `runner`: one request through the scheduler
+//!   and a slot, with its timeline.
 
 mod chunked;
 mod config;
@@ -62,6 +90,7 @@ mod openai;
 mod request;
 mod response;
 mod routes;
+mod runner;
 mod server;
 
 use anyhow::Context as _;
@@ -74,6 +103,7 @@ pub use config::{ConfigError, DEFAULT_MODELS, DEFAULT_OLLAMA_VERSION, SimConfig}
 pub use faults::{Dice, FAULT_HEADER, FaultRates};
 pub use generation::{Timing, prompt_tokens, reply_text};
 pub use request::Limits;
+pub use runner::RequestTimeline;
 pub use server::{SimControl, SimServer, serve, serve_controlled, serve_with_shutdown, spawn};
 
 /// Flags of `observer sim`.

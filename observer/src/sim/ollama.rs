@@ -11,11 +11,12 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use super::generation::{Generation, Metrics, prompt_tokens};
+use super::generation::{Generation, Metrics};
 use super::gojson::{self, DecodeError};
 use super::inference_request::{InferenceRequest, parse_chat, parse_generate};
 use super::response::{ResponseWriter, WriteError};
 use super::routes::{Exchange, JSON_UTF8, MID_STREAM_ERROR, native_error};
+use super::runner::{self, Run};
 use crate::wallclock::rfc3339_nano;
 
 fn is_zero(n: &u64) -> bool {
@@ -170,25 +171,43 @@ async fn inference(
     let Some(model) = ex.sim.models.find(&req.model) else {
         return native_error(w, 404, &format!("model '{}' not found", req.model)).await;
     };
-    let timing = ex.timing();
-    let keep_alive = ex.sim.config.keep_alive;
-    let loaded_at = model.load(timing.load, keep_alive).await;
+    let loaded = match runner::schedule(ex, model, req.num_ctx).await {
+        Ok(loaded) => loaded,
+        // handleScheduleError: c.JSON(503, …).
+        Err(full) => return native_error(w, 503, &full.to_string()).await,
+    };
     if req.load_only {
+        loaded.finish_load_only(ex);
         let body = response_json(api, &req.model, "", "load", None, Vec::new());
         return w
             .send(200, &[("Content-Type", JSON_UTF8.to_owned())], &body)
             .await;
     }
-    let prompt_count = prompt_tokens(req.texts.iter().map(String::as_str));
-    let mut generation =
-        Generation::new(timing, req.limit, prompt_count, ex.received_at, loaded_at);
-    let result = if req.stream {
-        stream(ex, w, api, &req, &mut generation).await
-    } else {
-        whole(ex, w, api, &req, &mut generation).await
+    let mut run = match loaded.start(ex, w, &req).await? {
+        Ok(run) => run,
+        Err(too_long) if req.stream => return stream_error(w, 400, &too_long.message()).await,
+        Err(too_long) => return native_error(w, 400, &too_long.message()).await,
     };
-    model.touch(keep_alive);
+    let result = if req.stream {
+        stream(ex, w, api, &req, &mut run).await
+    } else {
+        whole(ex, w, api, &req, &mut run).await
+    };
+    run.finish(ex, &req.model, &result);
     result
+}
+
+/// An error before any streamed content: `streamResponse` answers it as a status, in one
+/// flushed chunk.
+async fn stream_error(
+    w: &mut ResponseWriter<'_>,
+    status: u16,
+    message: &str,
+) -> Result<(), WriteError> {
+    w.begin_stream(status, "application/json");
+    w.chunk(&gojson::marshal(&serde_json::json!({ "error": message })))
+        .await?;
+    w.finish().await
 }
 
 /// NDJSON over chunked coding, one flushed line per token, then the final line with metrics.
@@ -197,31 +216,25 @@ async fn stream(
     w: &mut ResponseWriter<'_>,
     api: Api,
     req: &InferenceRequest,
-    generation: &mut Generation,
+    run: &mut Run<'_>,
 ) -> Result<(), WriteError> {
     w.begin_stream(200, "application/x-ndjson");
     loop {
-        let token = generation.next_token().await;
-        let sent = generation.emitted() - u32::from(token.is_some());
+        let token = run.next_token(w).await?;
+        let sent = run.sent_before(token);
         if ex.plan.error_after == Some(sent) {
             if sent == 0 {
-                // Nothing written yet: streamResponse answers the error as a status instead.
-                w.begin_stream(500, "application/json");
-                w.chunk(&gojson::marshal(
-                    &serde_json::json!({ "error": MID_STREAM_ERROR }),
-                ))
-                .await?;
-            } else {
-                w.chunk(&gojson::encode_line(
-                    &serde_json::json!({ "error": MID_STREAM_ERROR }),
-                ))
-                .await?;
+                return stream_error(w, 500, MID_STREAM_ERROR).await;
             }
+            w.chunk(&gojson::encode_line(
+                &serde_json::json!({ "error": MID_STREAM_ERROR }),
+            ))
+            .await?;
             return w.finish().await;
         }
         let mut line = match token {
             Some(text) => response_json(api, &req.model, text, "", None, Vec::new()),
-            None => final_json(api, req, generation, ""),
+            None => final_json(api, req, &run.generation, ""),
         };
         line.push(b'\n');
         w.chunk(&line).await?;
@@ -254,12 +267,12 @@ async fn whole(
     w: &mut ResponseWriter<'_>,
     api: Api,
     req: &InferenceRequest,
-    generation: &mut Generation,
+    run: &mut Run<'_>,
 ) -> Result<(), WriteError> {
-    let Some(content) = generation.whole_reply(ex.plan.error_after).await else {
+    let Some(content) = run.whole_reply(w, ex.plan.error_after).await? else {
         return native_error(w, 500, MID_STREAM_ERROR).await;
     };
-    let body = final_json(api, req, generation, &content);
+    let body = final_json(api, req, &run.generation, &content);
     w.send(200, &[("Content-Type", JSON_UTF8.to_owned())], &body)
         .await
 }

@@ -12,11 +12,12 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use super::generation::{Generation, Metrics, prompt_tokens};
+use super::generation::Metrics;
 use super::gojson;
 use super::inference_request::{InferenceRequest, parse_chat_completion};
 use super::response::{ResponseWriter, WriteError};
 use super::routes::{Exchange, JSON_UTF8, MID_STREAM_ERROR};
+use super::runner::{self, Run};
 use crate::wallclock::unix_seconds;
 
 const FINGERPRINT: &str = "fp_ollama";
@@ -209,19 +210,35 @@ pub async fn chat_completions(
         return handler_error(w, 404, &format!("model '{}' not found", req.model)).await;
     };
     let id = format!("chatcmpl-{}", ex.sim.roll_below(999));
-    let timing = ex.timing();
-    let keep_alive = ex.sim.config.keep_alive;
-    let loaded_at = model.load(timing.load, keep_alive).await;
-    let prompt_count = prompt_tokens(req.texts.iter().map(String::as_str));
-    let mut generation =
-        Generation::new(timing, req.limit, prompt_count, ex.received_at, loaded_at);
-    let result = if req.stream {
-        stream(ex, w, &req, &id, &mut generation).await
-    } else {
-        whole(ex, w, &req, &id, &mut generation).await
+    let loaded = match runner::schedule(ex, model, req.num_ctx).await {
+        Ok(loaded) => loaded,
+        Err(full) => return handler_error(w, 503, &full.to_string()).await,
     };
-    model.touch(keep_alive);
+    let mut run = match loaded.start(ex, w, &req).await? {
+        Ok(run) => run,
+        Err(too_long) if req.stream => return stream_error(w, 400, &too_long.message()).await,
+        Err(too_long) => return handler_error(w, 400, &too_long.message()).await,
+    };
+    let result = if req.stream {
+        stream(ex, w, &req, &id, &mut run).await
+    } else {
+        whole(ex, w, &req, &id, &mut run).await
+    };
+    run.finish(ex, &req.model, &result);
     result
+}
+
+/// An error before any streamed content: the handler's error status goes out through the
+/// middleware's `writeError`, flushed by the handler's stream.
+async fn stream_error(
+    w: &mut ResponseWriter<'_>,
+    status: u16,
+    message: &str,
+) -> Result<(), WriteError> {
+    w.begin_stream(status, "application/json");
+    w.chunk(&gojson::encode_line(&error_json(status, message)))
+        .await?;
+    w.finish().await
 }
 
 async fn stream(
@@ -229,21 +246,19 @@ async fn stream(
     w: &mut ResponseWriter<'_>,
     req: &InferenceRequest,
     id: &str,
-    generation: &mut Generation,
+    run: &mut Run<'_>,
 ) -> Result<(), WriteError> {
     w.begin_stream(200, "text/event-stream");
     // Every chunk carries the timestamp of the first response.
     let mut created = None;
     loop {
-        let token = generation.next_token().await;
-        let sent = generation.emitted() - u32::from(token.is_some());
+        let token = run.next_token(w).await?;
+        let sent = run.sent_before(token);
         let created = *created.get_or_insert_with(|| unix_seconds(SystemTime::now()));
         if ex.plan.error_after == Some(sent) {
             if sent == 0 {
                 // Nothing written yet: the error goes out as a 500 through writeError.
-                w.begin_stream(500, "application/json");
-                w.chunk(&gojson::encode_line(&error_json(500, MID_STREAM_ERROR)))
-                    .await?;
+                return stream_error(w, 500, MID_STREAM_ERROR).await;
             } else {
                 w.chunk(&sse(&content_chunk(id, created, "", "", false)))
                     .await?;
@@ -262,6 +277,7 @@ async fn stream(
     }
     // The final Ollama message becomes the finish chunk, the usage chunk and [DONE], written
     // together and flushed once. An empty reply still opens with a role chunk.
+    let generation = &run.generation;
     let created = created.unwrap_or_default();
     let mut tail = Vec::new();
     if generation.emitted() == 0 {
@@ -299,11 +315,12 @@ async fn whole(
     w: &mut ResponseWriter<'_>,
     req: &InferenceRequest,
     id: &str,
-    generation: &mut Generation,
+    run: &mut Run<'_>,
 ) -> Result<(), WriteError> {
-    let Some(content) = generation.whole_reply(ex.plan.error_after).await else {
+    let Some(content) = run.whole_reply(w, ex.plan.error_after).await? else {
         return handler_error(w, 500, MID_STREAM_ERROR).await;
     };
+    let generation = &run.generation;
     let completion = CompletionJson {
         id,
         object: "chat.completion",

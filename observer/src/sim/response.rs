@@ -35,6 +35,16 @@ pub enum WriteError {
     Io(#[from] io::Error),
 }
 
+impl WriteError {
+    /// The client closed the connection while the response was being prepared.
+    pub fn client_gone() -> Self {
+        Self::Io(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "client closed the connection",
+        ))
+    }
+}
+
 /// Go's `http.StatusText`, for the codes the simulator can send.
 pub fn status_text(code: u16) -> Option<&'static str> {
     Some(match code {
@@ -130,6 +140,18 @@ impl<'s> ResponseWriter<'s> {
             reset_after: plan.reset_after,
             pending: None,
             chunks: 0,
+        }
+    }
+
+    /// Resolves when the client has closed its end of the connection, as Go's background read
+    /// sees it (EOF or an error) and cancels the request's context. Bytes of a pipelined next
+    /// request mean the client is still there: then it never resolves.
+    pub async fn client_gone(&self) {
+        let mut byte = [0u8; 1];
+        if let Ok(n) = self.stream.peek(&mut byte).await
+            && n > 0
+        {
+            std::future::pending::<()>().await;
         }
     }
 
