@@ -54,6 +54,26 @@ impl DoneReason {
     }
 }
 
+/// What a reply is made of besides its answer: thinking tokens first, then either tool calls
+/// (and no answer) or the answer's `tokens_per_reply` tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReplyShape {
+    pub thinking: u32,
+    pub tool_calls: u32,
+}
+
+/// Tokens a model spends on one tool call (its JSON), emitted as one piece when complete.
+pub const TOOL_CALL_TOKENS: u32 = 12;
+
+/// One emitted piece of a reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Piece {
+    Thinking(&'static str),
+    Content(&'static str),
+    /// The tool call with this index (0-based) is complete.
+    ToolCall(u32),
+}
+
 /// How many tokens a reply has and why it ends there. `limit` is the request's
 /// `num_predict`/`max_tokens`; zero or negative means no limit (Ollama: -1 infinite, -2 fill).
 pub fn reply_length(tokens_per_reply: u32, limit: Option<i64>) -> (u32, DoneReason) {
@@ -111,9 +131,38 @@ const WORDS: &[&str] = &[
     ".",
 ];
 
+const THOUGHTS: &[&str] = &[
+    "Okay",
+    ",",
+    " the",
+    " user",
+    " asks",
+    " about",
+    " the",
+    " sky",
+    ".",
+    " Let",
+    " me",
+    " explain",
+    " Rayleigh",
+    " scattering",
+    " simply",
+    ".",
+];
+
 /// Token `index` of every simulated reply (a fixed text, repeated as needed).
 pub fn token_text(index: u32) -> &'static str {
     WORDS[index as usize % WORDS.len()]
+}
+
+/// Thinking token `index` of every simulated reply.
+pub fn thinking_text(index: u32) -> &'static str {
+    THOUGHTS[index as usize % THOUGHTS.len()]
+}
+
+/// The whole thinking text of `tokens` tokens.
+pub fn thinking_reply(tokens: u32) -> String {
+    (0..tokens).map(thinking_text).collect()
 }
 
 /// The whole text of a reply of `tokens` tokens.
@@ -243,8 +292,12 @@ pub struct Metrics {
 #[derive(Debug)]
 pub struct Generation {
     timing: Timing,
+    shape: ReplyShape,
+    /// Tokens to generate in all (thinking, tool calls, answer), and why it ends there.
     tokens: u32,
     done_reason: DoneReason,
+    /// Tokens generated so far.
+    generated: u32,
     prompt_eval_count: u32,
     received_at: Instant,
     loaded_at: Instant,
@@ -255,14 +308,26 @@ pub struct Generation {
 }
 
 impl Generation {
-    /// A generation for a request received at `received_at`, whose model was ready at
-    /// `loaded_at` and which got its parallel slot at `started_at`.
-    pub fn new(timing: Timing, limit: Option<i64>, prompt_eval_count: u32, phases: Phases) -> Self {
-        let (tokens, done_reason) = reply_length(timing.tokens_per_reply, limit);
+    /// A generation of a reply of `shape` for a request with these `phases`.
+    pub fn new(
+        timing: Timing,
+        limit: Option<i64>,
+        prompt_eval_count: u32,
+        phases: Phases,
+        shape: ReplyShape,
+    ) -> Self {
+        let answer = if shape.tool_calls > 0 {
+            shape.tool_calls.saturating_mul(TOOL_CALL_TOKENS)
+        } else {
+            timing.tokens_per_reply
+        };
+        let (tokens, done_reason) = reply_length(shape.thinking.saturating_add(answer), limit);
         Self {
             timing,
+            shape,
             tokens,
             done_reason,
+            generated: 0,
             prompt_eval_count,
             received_at: phases.received_at,
             loaded_at: phases.loaded_at,
@@ -277,16 +342,48 @@ impl Generation {
         self.done_reason
     }
 
-    /// Content tokens emitted so far.
+    /// Pieces emitted so far.
     pub fn emitted(&self) -> u32 {
         self.emitted
     }
 
-    /// Waits until the next token is due and returns it; `None` once the reply is complete.
-    pub async fn next_token(&mut self) -> Option<&'static str> {
-        if self.done_at.is_some() {
-            return None;
+    /// What generated token `index` is: `None` for a token inside a tool call's JSON.
+    fn piece(&self, index: u32) -> Option<Piece> {
+        let thinking = self.shape.thinking;
+        if index < thinking {
+            return Some(Piece::Thinking(thinking_text(index)));
         }
+        let answer = index - thinking;
+        if self.shape.tool_calls == 0 {
+            return Some(Piece::Content(token_text(answer)));
+        }
+        (answer + 1)
+            .is_multiple_of(TOOL_CALL_TOKENS)
+            .then_some(Piece::ToolCall(answer / TOOL_CALL_TOKENS))
+    }
+
+    /// Waits until the next piece is due and returns it; `None` once the reply is complete.
+    pub async fn next_token(&mut self) -> Option<Piece> {
+        loop {
+            if self.done_at.is_some() {
+                return None;
+            }
+            self.next_step().await;
+            if self.generated < self.tokens {
+                let piece = self.piece(self.generated);
+                self.generated += 1;
+                if let Some(piece) = piece {
+                    self.emitted += 1;
+                    return Some(piece);
+                }
+            } else {
+                self.done_at = Some(Instant::now());
+            }
+        }
+    }
+
+    /// Waits for the next token step: the prompt first, then one interval per token.
+    async fn next_step(&mut self) {
         let prompt_done_at = match self.prompt_done_at {
             Some(at) => at,
             None => {
@@ -296,18 +393,10 @@ impl Generation {
         };
         // Deadlines from one origin keep the rate exact however late each wake-up is.
         // Absurd configured delays saturate (tokio treats an overlong sleep as "forever").
-        let offset = self.timing.token_interval.checked_mul(self.emitted);
+        let offset = self.timing.token_interval.checked_mul(self.generated);
         match offset.and_then(|o| prompt_done_at.checked_add(o)) {
             Some(due) => tokio::time::sleep_until(due.into()).await,
             None => tokio::time::sleep(Duration::MAX).await,
-        }
-        if self.emitted < self.tokens {
-            let token = token_text(self.emitted);
-            self.emitted += 1;
-            Some(token)
-        } else {
-            self.done_at = Some(Instant::now());
-            None
         }
     }
 
@@ -326,7 +415,7 @@ impl Generation {
             load: self.loaded_at - self.received_at,
             prompt_eval_count: self.prompt_eval_count,
             prompt_eval: prompt_done_at - self.started_at,
-            eval_count: self.emitted,
+            eval_count: self.generated,
             eval: done_at - prompt_done_at,
         }
     }
@@ -404,6 +493,50 @@ mod tests {
         assert_eq!(fit_prompt(&[], 4096, fit), Ok(0));
     }
 
+    #[tokio::test]
+    async fn thinking_comes_first_and_tool_calls_replace_the_answer() {
+        let timing = Timing {
+            load: Duration::ZERO,
+            first_token: Duration::ZERO,
+            token_interval: Duration::ZERO,
+            tokens_per_reply: 4,
+        };
+        let now = Instant::now();
+        let phases = Phases {
+            received_at: now,
+            loaded_at: now,
+            started_at: now,
+        };
+        let shape = ReplyShape {
+            thinking: 2,
+            tool_calls: 2,
+        };
+        let mut generation = Generation::new(timing, None, 1, phases, shape);
+        let mut pieces = Vec::new();
+        while let Some(piece) = generation.next_token().await {
+            pieces.push(piece);
+        }
+        assert_eq!(
+            pieces,
+            [
+                Piece::Thinking("Okay"),
+                Piece::Thinking(","),
+                Piece::ToolCall(0),
+                Piece::ToolCall(1)
+            ]
+        );
+        let m = generation.metrics();
+        assert_eq!(m.eval_count, 2 + 2 * TOOL_CALL_TOKENS);
+        assert_eq!(generation.done_reason(), DoneReason::Stop);
+        // num_predict counts thinking tokens too.
+        let mut cut = Generation::new(timing, Some(3), 1, phases, shape);
+        while cut.next_token().await.is_some() {}
+        assert_eq!(
+            (cut.metrics().eval_count, cut.done_reason()),
+            (3, DoneReason::Length)
+        );
+    }
+
     #[test]
     fn reply_text_is_the_tokens_in_order() {
         assert_eq!(reply_text(4), "The sky appears blue");
@@ -424,12 +557,12 @@ mod tests {
             loaded_at: received,
             started_at: received,
         };
-        let mut generation = Generation::new(timing, None, 9, phases);
-        let mut tokens = Vec::new();
-        while let Some(token) = generation.next_token().await {
-            tokens.push(token);
+        let mut generation = Generation::new(timing, None, 9, phases, ReplyShape::default());
+        let mut tokens = String::new();
+        while let Some(Piece::Content(token)) = generation.next_token().await {
+            tokens.push_str(token);
         }
-        assert_eq!(tokens.concat(), "The sky appears blue");
+        assert_eq!(tokens, "The sky appears blue");
         let m = generation.metrics();
         assert_eq!((m.eval_count, m.prompt_eval_count), (4, 9));
         assert!(m.prompt_eval >= Duration::from_millis(30), "{m:?}");

@@ -33,6 +33,90 @@ pub struct InferenceRequest {
     pub raw: bool,
     /// OpenAI `stream_options.include_usage`.
     pub include_usage: bool,
+    /// `think` (a level counts as true; OpenAI: `reasoning_effort`); `None`: the model's default.
+    pub think: Option<bool>,
+    /// The request's tools, for the calls a reply makes.
+    pub tools: Vec<ToolSpec>,
+    /// The last message is a tool's result: the model answers instead of calling again.
+    pub after_tool_result: bool,
+}
+
+/// A tool a request offers, with the arguments the simulated model calls it with: each
+/// required parameter (all when none is marked required) set to a value of its type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolSpec {
+    pub name: String,
+    pub arguments: Map<String, Value>,
+}
+
+/// `tools` of a native or OpenAI chat request (`[{"type":"function","function":{…}}]`).
+fn tools(obj: &Map<String, Value>, path: &str) -> Result<Vec<ToolSpec>, DecodeError> {
+    let tools = gojson::opt_array(obj, "tools", path, "api.Tools")?;
+    Ok(tools
+        .iter()
+        .filter_map(|tool| tool.get("function"))
+        .map(|function| {
+            let name = function.get("name").and_then(Value::as_str).unwrap_or("");
+            let parameters = function.get("parameters");
+            let properties = parameters
+                .and_then(|p| p.get("properties"))
+                .and_then(Value::as_object);
+            let required: Option<Vec<&str>> = parameters
+                .and_then(|p| p.get("required"))
+                .and_then(Value::as_array)
+                .map(|r| r.iter().filter_map(Value::as_str).collect());
+            let arguments = properties
+                .into_iter()
+                .flatten()
+                .filter(|(key, _)| required.as_ref().is_none_or(|r| r.contains(&key.as_str())))
+                .map(|(key, schema)| (key.clone(), argument_value(schema)))
+                .collect();
+            ToolSpec {
+                name: name.to_owned(),
+                arguments,
+            }
+        })
+        .collect())
+}
+
+/// A plausible value for a parameter of this JSON schema.
+fn argument_value(schema: &Value) -> Value {
+    match schema.get("type").and_then(Value::as_str) {
+        Some("integer" | "number") => Value::from(1),
+        Some("boolean") => Value::Bool(true),
+        Some("array") => Value::Array(Vec::new()),
+        Some("object") => Value::Object(Map::new()),
+        _ => match schema
+            .get("enum")
+            .and_then(Value::as_array)
+            .and_then(|e| e.first())
+        {
+            Some(first) => first.clone(),
+            None => Value::from("sim"),
+        },
+    }
+}
+
+/// `think` of a native request: a bool, or a level ("low", "medium", "high") meaning true.
+fn think(obj: &Map<String, Value>) -> Option<bool> {
+    match obj.get("think") {
+        Some(Value::Bool(b)) => Some(*b),
+        Some(Value::String(level)) => Some(!level.is_empty()),
+        _ => None,
+    }
+}
+
+/// `thinkFromReasoningEffort` (openai/openai.go): the think value of an OpenAI effort.
+pub fn think_from_effort(effort: &str) -> Result<Option<bool>, String> {
+    match effort {
+        "" => Ok(None),
+        "none" => Ok(Some(false)),
+        "minimal" | "low" | "medium" | "high" | "max" | "xhigh" | "ultra" => Ok(Some(true)),
+        other => Err(format!(
+            "invalid reasoning value: {other:?} (must be \"minimal\", \"low\", \"medium\", \"high\", \
+             \"xhigh\", \"ultra\", \"max\", or \"none\")"
+        )),
+    }
 }
 
 /// The `options` the simulator acts on: `num_predict`, `num_ctx`, `num_keep`.
@@ -92,6 +176,7 @@ fn model(obj: &Map<String, Value>, path: &str) -> Result<String, DecodeError> {
 pub fn parse_chat(body: &[u8]) -> Result<InferenceRequest, DecodeError> {
     let obj = gojson::decode_object(body, "api.ChatRequest")?;
     let mut texts = Vec::new();
+    let mut last_role = String::new();
     for message in gojson::opt_array(&obj, "messages", "ChatRequest.messages", "[]api.Message")? {
         let Value::Object(message) = message else {
             return Err(gojson::type_error(
@@ -102,8 +187,12 @@ pub fn parse_chat(body: &[u8]) -> Result<InferenceRequest, DecodeError> {
         };
         let role = gojson::opt_str(message, "role", "ChatRequest.messages.role")?;
         let content = gojson::opt_str(message, "content", "ChatRequest.messages.content")?;
-        let system = role.is_some_and(|r| r.eq_ignore_ascii_case("system"));
-        texts.push(prompt_text(content.unwrap_or_default(), system));
+        // api.Message's UnmarshalJSON lowercases the role.
+        last_role = role.unwrap_or_default().to_ascii_lowercase();
+        texts.push(prompt_text(
+            content.unwrap_or_default(),
+            last_role == "system",
+        ));
     }
     let options = options(&obj, "ChatRequest.options")?;
     Ok(InferenceRequest {
@@ -117,6 +206,9 @@ pub fn parse_chat(body: &[u8]) -> Result<InferenceRequest, DecodeError> {
         fit: prompt_fit(&obj, "ChatRequest", options.num_keep)?,
         raw: false,
         include_usage: false,
+        think: think(&obj),
+        tools: tools(&obj, "ChatRequest.tools")?,
+        after_tool_result: last_role == "tool",
     })
 }
 
@@ -141,11 +233,30 @@ pub fn parse_generate(body: &[u8]) -> Result<InferenceRequest, DecodeError> {
         fit: prompt_fit(&obj, "GenerateRequest", options.num_keep)?,
         raw: gojson::opt_bool(&obj, "raw", "GenerateRequest.raw")?.unwrap_or(false),
         include_usage: false,
+        think: think(&obj),
+        tools: Vec::new(),
+        after_tool_result: false,
     })
 }
 
-/// A `/v1/chat/completions` body (`openai.ChatCompletionRequest`; `stream` defaults to false).
-pub fn parse_chat_completion(body: &[u8]) -> Result<InferenceRequest, DecodeError> {
+/// A `/v1/chat/completions` body (`openai.ChatCompletionRequest`; `stream` defaults to false);
+/// the error is the middleware's 400 text.
+pub fn parse_chat_completion(body: &[u8]) -> Result<InferenceRequest, String> {
+    let mut req = decode_chat_completion(body).map_err(|e| e.to_string())?;
+    // FromChatRequest: `reasoning.effort`, else `reasoning_effort`.
+    let obj =
+        gojson::decode_object(body, "openai.ChatCompletionRequest").map_err(|e| e.to_string())?;
+    let effort = obj
+        .get("reasoning")
+        .and_then(|r| r.get("effort"))
+        .or_else(|| obj.get("reasoning_effort"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    req.think = think_from_effort(effort)?;
+    Ok(req)
+}
+
+fn decode_chat_completion(body: &[u8]) -> Result<InferenceRequest, DecodeError> {
     const T: &str = "ChatCompletionRequest";
     let obj = gojson::decode_object(body, "openai.ChatCompletionRequest")?;
     let mut texts = Vec::new();
@@ -201,6 +312,13 @@ pub fn parse_chat_completion(body: &[u8]) -> Result<InferenceRequest, DecodeErro
         fit: PromptFit::default(),
         raw: false,
         include_usage: include_usage.unwrap_or(false),
+        think: None,
+        tools: tools(&obj, &format!("{T}.tools"))?,
+        after_tool_result: messages
+            .last()
+            .and_then(|m| m.get("role"))
+            .and_then(Value::as_str)
+            == Some("tool"),
     })
 }
 

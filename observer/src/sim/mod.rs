@@ -24,6 +24,8 @@
 //! | `hang` | read the request, never answer |
 //! | `slow-head-ms=MS` | dribble the response head a line at a time over MS |
 //! | `load-ms=MS`, `first-token-ms=MS`, `token-ms=MS`, `tokens=N` | this request's timing |
+//! | `think=N` | N thinking tokens before the answer, whatever the model and `think` |
+//! | `tool-calls=N` | N tool calls instead of the answer (the request's tools in turn, else `sim_tool`) |
 //! | `none` | no fault (and no rolled fault) |
 //!
 //! Example: `X-Sim-Fault: first-token-ms=4000` or `X-Sim-Fault: reset-after=3, slow-head-ms=200`.
@@ -40,6 +42,18 @@
 //! by `options.num_predict` / `max_tokens` (`done_reason` `length`). The final message reports
 //! the measured durations; `prompt_eval_count` is Σ over prompt texts of 4 + ⌈bytes/4⌉, after
 //! the prompt is fitted to the context (below).
+//!
+//! # Thinking and tool calls
+//!
+//! Models named like Ollama's thinking models (`qwen3*`, `deepseek-r1*`, `gpt-oss*`,
+//! `magistral*`, `phi4-reasoning*`) think unless a request says `"think": false`; `"think":
+//! true` on another model is Ollama's 400 `"NAME" does not support thinking` (OpenAI:
+//! `reasoning_effort` / `reasoning.effort`, `none` being false). A thinking reply first streams
+//! ⌈tokens/2⌉ thinking tokens (`message.thinking`, generate's `thinking`, OpenAI's
+//! `reasoning`). A chat request with `tools` whose last message is not a `tool` result gets one
+//! tool call (each call is 12 tokens of `eval_count`) instead of an answer: one line with
+//! `message.tool_calls` (`call_` ids, each required parameter set to a value of its type),
+//! `done_reason` `stop` (OpenAI: a `tool_calls` delta, `finish_reason` `tool_calls`).
 //!
 //! # Capacity, as Ollama's scheduler and runner have it
 //!
@@ -101,7 +115,7 @@ use tracing::info;
 pub use chunked::{LAST_CHUNK, encode_chunk};
 pub use config::{ConfigError, DEFAULT_MODELS, DEFAULT_OLLAMA_VERSION, SimConfig};
 pub use faults::{Dice, FAULT_HEADER, FaultRates};
-pub use generation::{Timing, prompt_tokens, reply_text};
+pub use generation::{TOOL_CALL_TOKENS, Timing, prompt_tokens, reply_text, thinking_reply};
 pub use request::Limits;
 pub use runner::RequestTimeline;
 pub use server::{SimControl, SimServer, serve, serve_controlled, serve_with_shutdown, spawn};

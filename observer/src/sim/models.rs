@@ -27,7 +27,18 @@ pub struct ModelInfo {
     pub parameter_size: String,
     pub quantization_level: &'static str,
     pub modified_at: SystemTime,
+    /// Has Ollama's `thinking` capability (thinks unless a request says `think: false`).
+    pub thinks: bool,
 }
+
+/// Model names (without namespace) whose models think.
+const THINKING: &[&str] = &[
+    "qwen3",
+    "deepseek-r1",
+    "gpt-oss",
+    "magistral",
+    "phi4-reasoning",
+];
 
 /// Known models: (name, size on disk, digest, family, parameter size, quantization).
 const KNOWN: &[(&str, u64, &str, &str, &str, &str)] = &[
@@ -73,7 +84,6 @@ impl ModelInfo {
                 None => derived_facts(&canonical),
             };
         Self {
-            name: canonical,
             digest,
             size,
             loaded_size: size + size / 4 + 256 * 1024 * 1024,
@@ -82,6 +92,11 @@ impl ModelInfo {
             parameter_size,
             quantization_level,
             modified_at,
+            thinks: {
+                let base = canonical.rsplit('/').next().unwrap_or(&canonical);
+                THINKING.iter().any(|t| base.starts_with(t))
+            },
+            name: canonical,
         }
     }
 }

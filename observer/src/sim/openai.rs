@@ -12,12 +12,12 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use super::generation::Metrics;
+use super::generation::{DoneReason, Metrics, Piece};
 use super::gojson;
 use super::inference_request::{InferenceRequest, parse_chat_completion};
 use super::response::{ResponseWriter, WriteError};
 use super::routes::{Exchange, JSON_UTF8, MID_STREAM_ERROR};
-use super::runner::{self, Run};
+use super::runner::{self, Run, ToolCall};
 use crate::wallclock::unix_seconds;
 
 const FINGERPRINT: &str = "fp_ollama";
@@ -108,12 +108,48 @@ impl From<Metrics> for UsageJson {
     }
 }
 
-#[derive(Debug, Serialize)]
+/// `openai.Delta` (`content` is `any`: nil is dropped, `""` kept).
+#[derive(Debug, Default, Serialize)]
 struct DeltaJson<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     role: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     content: Option<&'a str>,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    reasoning: &'a str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<ToolCallJson>,
+}
+
+/// `openai.ToolCall`: the arguments as a JSON text (`ToToolCalls`).
+#[derive(Debug, Serialize)]
+pub struct ToolCallJson {
+    id: String,
+    index: u32,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: FunctionJson,
+}
+
+#[derive(Debug, Serialize)]
+struct FunctionJson {
+    name: String,
+    arguments: String,
+}
+
+impl From<ToolCall> for ToolCallJson {
+    fn from(call: ToolCall) -> Self {
+        let arguments = gojson::marshal(&call.arguments);
+        Self {
+            id: call.id,
+            index: call.index,
+            kind: "function",
+            function: FunctionJson {
+                name: call.name,
+                arguments: String::from_utf8_lossy(&arguments).into_owned(),
+            },
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -136,10 +172,15 @@ struct ChunkJson<'a> {
     usage: Option<UsageJson>,
 }
 
+/// `openai.Message` of a reply.
 #[derive(Debug, Serialize)]
 struct ChoiceMessageJson<'a> {
     role: &'a str,
     content: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    reasoning: &'a str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<ToolCallJson>,
 }
 
 #[derive(Debug, Serialize)]
@@ -161,6 +202,14 @@ struct CompletionJson<'a> {
     usage: UsageJson,
 }
 
+/// `FinishChunk` and `ToChatCompletion`: `stop` becomes `tool_calls` once a call was sent.
+fn finish_reason(reason: DoneReason, tool_called: bool) -> &'static str {
+    match reason {
+        DoneReason::Stop if tool_called => "tool_calls",
+        other => other.as_str(),
+    }
+}
+
 /// One SSE event as the middleware writes it.
 fn sse(chunk: &ChunkJson<'_>) -> Vec<u8> {
     [b"data: ".as_slice(), &gojson::marshal(chunk), b"\n\n"].concat()
@@ -174,6 +223,21 @@ fn content_chunk<'a>(
     content: &'a str,
     first: bool,
 ) -> ChunkJson<'a> {
+    let delta = DeltaJson {
+        content: Some(content),
+        ..DeltaJson::default()
+    };
+    delta_chunk(id, created, model, delta, first)
+}
+
+/// A chunk of one delta (`toChunk`); `role` only on the stream's first.
+fn delta_chunk<'a>(
+    id: &'a str,
+    created: u64,
+    model: &'a str,
+    delta: DeltaJson<'a>,
+    first: bool,
+) -> ChunkJson<'a> {
     ChunkJson {
         id,
         object: "chat.completion.chunk",
@@ -184,11 +248,32 @@ fn content_chunk<'a>(
             index: 0,
             delta: DeltaJson {
                 role: first.then_some("assistant"),
-                content: Some(content),
+                ..delta
             },
             finish_reason: None,
         }],
         usage: None,
+    }
+}
+
+/// The delta of one piece: thinking is `reasoning` (with `content: ""`), a tool call comes
+/// whole in `tool_calls`.
+fn piece_delta(ex: &Exchange<'_>, req: &InferenceRequest, piece: Piece) -> DeltaJson<'static> {
+    match piece {
+        Piece::Thinking(reasoning) => DeltaJson {
+            content: Some(""),
+            reasoning,
+            ..DeltaJson::default()
+        },
+        Piece::Content(content) => DeltaJson {
+            content: Some(content),
+            ..DeltaJson::default()
+        },
+        Piece::ToolCall(index) => DeltaJson {
+            content: Some(""),
+            tool_calls: vec![runner::tool_call(ex, req, index).into()],
+            ..DeltaJson::default()
+        },
     }
 }
 
@@ -210,11 +295,15 @@ pub async fn chat_completions(
         return handler_error(w, 404, &format!("model '{}' not found", req.model)).await;
     };
     let id = format!("chatcmpl-{}", ex.sim.roll_below(999));
+    let shape = match runner::reply_shape(ex, &req, model) {
+        Ok(shape) => shape,
+        Err(message) => return handler_error(w, 400, &message).await,
+    };
     let loaded = match runner::schedule(ex, model, req.num_ctx).await {
         Ok(loaded) => loaded,
         Err(full) => return handler_error(w, 503, &full.to_string()).await,
     };
-    let mut run = match loaded.start(ex, w, &req).await? {
+    let mut run = match loaded.start(ex, w, &req, shape).await? {
         Ok(run) => run,
         Err(too_long) if req.stream => return stream_error(w, 400, &too_long.message()).await,
         Err(too_long) => return handler_error(w, 400, &too_long.message()).await,
@@ -251,6 +340,7 @@ async fn stream(
     w.begin_stream(200, "text/event-stream");
     // Every chunk carries the timestamp of the first response.
     let mut created = None;
+    let mut tool_call_sent = false;
     loop {
         let token = run.next_token(w).await?;
         let sent = run.sent_before(token);
@@ -265,12 +355,14 @@ async fn stream(
             }
             return w.finish().await;
         }
-        let Some(text) = token else { break };
-        w.chunk(&sse(&content_chunk(
+        let Some(piece) = token else { break };
+        tool_call_sent |= matches!(piece, Piece::ToolCall(_));
+        let delta = piece_delta(ex, req, piece);
+        w.chunk(&sse(&delta_chunk(
             id,
             created,
             &req.model,
-            text,
+            delta,
             sent == 0,
         )))
         .await?;
@@ -291,11 +383,8 @@ async fn stream(
         system_fingerprint: FINGERPRINT,
         choices: vec![ChunkChoiceJson {
             index: 0,
-            delta: DeltaJson {
-                role: None,
-                content: None,
-            },
-            finish_reason: Some(generation.done_reason().as_str()),
+            delta: DeltaJson::default(),
+            finish_reason: Some(finish_reason(generation.done_reason(), tool_call_sent)),
         }],
         usage: None,
     };
@@ -317,10 +406,15 @@ async fn whole(
     id: &str,
     run: &mut Run<'_>,
 ) -> Result<(), WriteError> {
-    let Some(content) = run.whole_reply(w, ex.plan.error_after).await? else {
+    let Some(reply) = run.whole_reply(w, ex.plan.error_after).await? else {
         return handler_error(w, 500, MID_STREAM_ERROR).await;
     };
     let generation = &run.generation;
+    let tool_calls: Vec<ToolCallJson> = reply
+        .tool_calls
+        .iter()
+        .map(|&index| runner::tool_call(ex, req, index).into())
+        .collect();
     let completion = CompletionJson {
         id,
         object: "chat.completion",
@@ -329,11 +423,16 @@ async fn whole(
         system_fingerprint: FINGERPRINT,
         choices: [ChoiceJson {
             index: 0,
+            finish_reason: Some(finish_reason(
+                generation.done_reason(),
+                !tool_calls.is_empty(),
+            )),
             message: ChoiceMessageJson {
                 role: "assistant",
-                content: &content,
+                content: &reply.content,
+                reasoning: &reply.thinking,
+                tool_calls,
             },
-            finish_reason: Some(generation.done_reason().as_str()),
         }],
         usage: generation.metrics().into(),
     };

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::SemaphorePermit;
 
-use super::generation::{Generation, Phases, PromptTooLong, fit_prompt};
+use serde_json::{Map, Value};
+
+use super::generation::{Generation, Phases, Piece, PromptTooLong, ReplyShape, fit_prompt};
 use super::inference_request::InferenceRequest;
 use super::models::{Model, QueueFull};
 use super::response::{ResponseWriter, WriteError};
@@ -37,6 +39,64 @@ pub struct RequestTimeline {
     pub eval_count: u32,
     /// The client disconnected (or the connection failed) before the reply was done.
     pub client_gone: bool,
+}
+
+/// What the reply will hold: thinking tokens (`X-Sim-Fault: think=N`, else half the reply's
+/// tokens when the request's `think`, or the model's default, asks for thinking), then tool
+/// calls (`tool-calls=N`, else one when the request offers tools and its last message is not a
+/// tool's result) instead of the answer. `Err`: Ollama's 400 for `think` on a model that
+/// cannot think.
+pub fn reply_shape(
+    ex: &Exchange<'_>,
+    req: &InferenceRequest,
+    model: &Model,
+) -> Result<ReplyShape, String> {
+    let thinking = match ex.plan.think {
+        Some(forced) => forced,
+        None => {
+            let wanted = req.think.unwrap_or(model.info.thinks);
+            if wanted && !model.info.thinks {
+                return Err(format!("{:?} does not support thinking", req.model));
+            }
+            if wanted {
+                ex.timing().tokens_per_reply.div_ceil(2).max(1)
+            } else {
+                0
+            }
+        }
+    };
+    let tool_calls = ex
+        .plan
+        .tool_calls
+        .unwrap_or(u32::from(!req.tools.is_empty() && !req.after_tool_result));
+    Ok(ReplyShape {
+        thinking,
+        tool_calls,
+    })
+}
+
+/// One tool call of a reply: the request's tools in turn (`sim_tool` without any), with an id
+/// as Ollama makes them (`toolCallId`: `call_` and 8 of `[a-z0-9]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCall {
+    pub id: String,
+    pub index: u32,
+    pub name: String,
+    pub arguments: Map<String, Value>,
+}
+
+pub fn tool_call(ex: &Exchange<'_>, req: &InferenceRequest, index: u32) -> ToolCall {
+    const LETTERS: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let id: String = (0..8)
+        .map(|_| char::from(LETTERS[ex.sim.roll_below(LETTERS.len() as u64) as usize]))
+        .collect();
+    let spec = (!req.tools.is_empty()).then(|| &req.tools[index as usize % req.tools.len()]);
+    ToolCall {
+        id: format!("call_{id}"),
+        index,
+        name: spec.map_or("sim_tool", |s| s.name.as_str()).to_owned(),
+        arguments: spec.map(|s| s.arguments.clone()).unwrap_or_default(),
+    }
 }
 
 /// A request whose model is loaded with its context (Ollama's `checkpointLoaded`).
@@ -78,6 +138,7 @@ impl<'a> Loaded<'a> {
         ex: &Exchange<'_>,
         w: &ResponseWriter<'_>,
         req: &InferenceRequest,
+        shape: ReplyShape,
     ) -> Result<Result<Run<'a>, PromptTooLong>, WriteError> {
         let slot = tokio::select! {
             slot = self.model.slot() => slot,
@@ -95,7 +156,7 @@ impl<'a> Loaded<'a> {
         Ok(Ok(Run {
             model: self.model,
             slot,
-            generation: Generation::new(ex.timing(), req.limit, prompt_count, phases),
+            generation: Generation::new(ex.timing(), req.limit, prompt_count, phases, shape),
         }))
     }
 
@@ -103,6 +164,15 @@ impl<'a> Loaded<'a> {
     pub fn finish_load_only(self, ex: &Exchange<'_>) {
         self.model.touch(ex.sim.config.keep_alive);
     }
+}
+
+/// A non-streamed reply, gathered.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WholeReply {
+    pub thinking: String,
+    pub content: String,
+    /// Indexes of the tool calls.
+    pub tool_calls: Vec<u32>,
 }
 
 /// A generation holding its slot.
@@ -113,38 +183,40 @@ pub struct Run<'a> {
 }
 
 impl Run<'_> {
-    /// The next token (`None` once the reply is done), or the client's disconnect.
+    /// The next piece (`None` once the reply is done), or the client's disconnect.
     pub async fn next_token(
         &mut self,
         w: &ResponseWriter<'_>,
-    ) -> Result<Option<&'static str>, WriteError> {
+    ) -> Result<Option<Piece>, WriteError> {
         tokio::select! {
             token = self.generation.next_token() => Ok(token),
             () = w.client_gone() => Err(WriteError::client_gone()),
         }
     }
 
-    /// Content tokens already sent before the one just returned by `next_token`.
-    pub fn sent_before(&self, token: Option<&str>) -> u32 {
+    /// Pieces already sent before the one just returned by `next_token`.
+    pub fn sent_before(&self, token: Option<Piece>) -> u32 {
         self.generation.emitted() - u32::from(token.is_some())
     }
 
     /// The whole reply for a non-streamed response; `None` when a planned mid-stream error
-    /// interrupts it after `error_after` tokens.
+    /// interrupts it after `error_after` pieces.
     pub async fn whole_reply(
         &mut self,
         w: &ResponseWriter<'_>,
         error_after: Option<u32>,
-    ) -> Result<Option<String>, WriteError> {
-        let mut content = String::new();
+    ) -> Result<Option<WholeReply>, WriteError> {
+        let mut reply = WholeReply::default();
         loop {
             let token = self.next_token(w).await?;
             if error_after == Some(self.sent_before(token)) {
                 return Ok(None);
             }
             match token {
-                Some(text) => content.push_str(text),
-                None => return Ok(Some(content)),
+                Some(Piece::Thinking(text)) => reply.thinking.push_str(text),
+                Some(Piece::Content(text)) => reply.content.push_str(text),
+                Some(Piece::ToolCall(index)) => reply.tool_calls.push(index),
+                None => return Ok(Some(reply)),
             }
         }
     }
