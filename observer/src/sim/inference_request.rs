@@ -322,6 +322,43 @@ fn decode_chat_completion(body: &[u8]) -> Result<InferenceRequest, DecodeError> 
     })
 }
 
+/// A `/v1/completions` body (`openai.CompletionRequest`; `stream` defaults to false), as
+/// `FromCompleteRequest` makes it a generate request.
+pub fn parse_completion(body: &[u8]) -> Result<InferenceRequest, DecodeError> {
+    const T: &str = "CompletionRequest";
+    let obj = gojson::decode_object(body, "openai.CompletionRequest")?;
+    let prompt = gojson::opt_str(&obj, "prompt", &format!("{T}.prompt"))?.unwrap_or_default();
+    let stream_options = gojson::opt_object(
+        &obj,
+        "stream_options",
+        &format!("{T}.stream_options"),
+        "openai.StreamOptions",
+    )?;
+    let include_usage = match stream_options {
+        Some(options) => gojson::opt_bool(
+            options,
+            "include_usage",
+            &format!("{T}.stream_options.include_usage"),
+        )?,
+        None => None,
+    };
+    Ok(InferenceRequest {
+        model: model(&obj, &format!("{T}.model"))?,
+        stream: gojson::opt_bool(&obj, "stream", &format!("{T}.stream"))?.unwrap_or(false),
+        limit: gojson::opt_int(&obj, "max_tokens", &format!("{T}.max_tokens"))?,
+        messages: 1,
+        load_only: prompt.is_empty(),
+        texts: vec![prompt_text(prompt, false)],
+        num_ctx: None,
+        fit: PromptFit::default(),
+        raw: false,
+        include_usage: include_usage.unwrap_or(false),
+        think: None,
+        tools: Vec::new(),
+        after_tool_result: false,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

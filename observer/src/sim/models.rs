@@ -29,6 +29,8 @@ pub struct ModelInfo {
     pub modified_at: SystemTime,
     /// Has Ollama's `thinking` capability (thinks unless a request says `think: false`).
     pub thinks: bool,
+    /// Length of the model's embedding vectors (`embedding_length` of its GGUF).
+    pub embedding_length: usize,
 }
 
 /// Model names (without namespace) whose models think.
@@ -38,6 +40,13 @@ const THINKING: &[&str] = &[
     "gpt-oss",
     "magistral",
     "phi4-reasoning",
+];
+
+/// Embedding lengths of the known models; others get 768.
+const EMBEDDING_LENGTHS: &[(&str, usize)] = &[
+    ("llama3.2:1b", 2048),
+    ("qwen2.5:0.5b", 896),
+    ("llama3.2:3b", 3072),
 ];
 
 /// Known models: (name, size on disk, digest, family, parameter size, quantization).
@@ -96,6 +105,10 @@ impl ModelInfo {
                 let base = canonical.rsplit('/').next().unwrap_or(&canonical);
                 THINKING.iter().any(|t| base.starts_with(t))
             },
+            embedding_length: EMBEDDING_LENGTHS
+                .iter()
+                .find(|(n, _)| *n == canonical)
+                .map_or(768, |&(_, len)| len),
             name: canonical,
         }
     }

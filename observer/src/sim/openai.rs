@@ -20,7 +20,7 @@ use super::routes::{Exchange, JSON_UTF8, MID_STREAM_ERROR};
 use super::runner::{self, Run, ToolCall};
 use crate::wallclock::unix_seconds;
 
-const FINGERPRINT: &str = "fp_ollama";
+pub const FINGERPRINT: &str = "fp_ollama";
 
 /// `openai.Error`.
 #[derive(Debug, Serialize)]
@@ -81,7 +81,7 @@ pub async fn send_encoded<T: serde::Serialize>(
 }
 
 /// An error from the middleware itself (`c.AbortWithStatusJSON`): gin's JSON, no newline.
-async fn middleware_error(
+pub async fn middleware_error(
     w: &mut ResponseWriter<'_>,
     status: u16,
     message: &str,
@@ -91,8 +91,9 @@ async fn middleware_error(
         .await
 }
 
-#[derive(Debug, Clone, Copy, Serialize)]
-struct UsageJson {
+/// `openai.Usage`.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct UsageJson {
     prompt_tokens: u32,
     completion_tokens: u32,
     total_tokens: u32,
@@ -319,7 +320,7 @@ pub async fn chat_completions(
 
 /// An error before any streamed content: the handler's error status goes out through the
 /// middleware's `writeError`, flushed by the handler's stream.
-async fn stream_error(
+pub async fn stream_error(
     w: &mut ResponseWriter<'_>,
     status: u16,
     message: &str,

@@ -160,6 +160,20 @@ impl<'a> Loaded<'a> {
         }))
     }
 
+    /// When the model was ready (Ollama's `checkpointLoaded`).
+    pub fn loaded_at(&self) -> Instant {
+        self.loaded_at
+    }
+
+    /// A parallel slot for work without a generation (an embedding), or the client's
+    /// disconnect.
+    pub async fn slot(&self, w: &ResponseWriter<'_>) -> Result<SemaphorePermit<'a>, WriteError> {
+        tokio::select! {
+            slot = self.model.slot() => Ok(slot),
+            () = w.client_gone() => Err(WriteError::client_gone()),
+        }
+    }
+
     /// The model was only to be loaded (an empty prompt): restart its keep-alive clock.
     pub fn finish_load_only(self, ex: &Exchange<'_>) {
         self.model.touch(ex.sim.config.keep_alive);
