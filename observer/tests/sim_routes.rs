@@ -162,3 +162,85 @@ async fn openai_completions_stream_and_whole() {
     assert_eq!(json["choices"][0]["finish_reason"], "length");
     assert_eq!(json["usage"]["completion_tokens"], 2);
 }
+
+fn event_names(reply: &Reply) -> Vec<String> {
+    events(reply)
+        .iter()
+        .map(|e| {
+            e.lines()
+                .next()
+                .unwrap()
+                .trim_start_matches("event: ")
+                .to_owned()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn anthropic_messages_stream_events_with_usage() {
+    let sim = start(fast_config()).await;
+    let body = r#"{"model":"llama3.2:1b","max_tokens":100,"stream":true,"messages":[{"role":"user","content":"Why is the sky blue?"}]}"#;
+    let request = post_with("/v1/messages", "X-Sim-Fault: think=2\r\n", body);
+    let reply = exchange(sim.local_addr(), &request).await;
+    assert!(reply.head.contains("Cache-Control: no-cache\r\nConnection: keep-alive\r\nContent-Type: text/event-stream\r\n"), "{}", reply.head);
+    let names = event_names(&reply);
+    let mut expected = vec![
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "content_block_start",
+    ];
+    expected.extend(std::iter::repeat_n("content_block_delta", TOKENS as usize));
+    expected.extend(["content_block_stop", "message_delta", "message_stop"]);
+    assert_eq!(names, expected);
+    // Every event is its own flush.
+    assert_eq!(reply.chunks.len(), expected.len());
+    let events = events(&reply);
+    let start = data(&events[0]);
+    assert!(start["message"]["id"].as_str().unwrap().starts_with("msg_"));
+    assert_eq!(start["message"]["usage"]["input_tokens"], (4 + 20) / 4);
+    assert_eq!(
+        data(&events[1])["content_block"],
+        serde_json::json!({"type": "thinking", "thinking": ""})
+    );
+    assert_eq!(data(&events[2])["delta"]["type"], "thinking_delta");
+    assert_eq!(data(&events[5])["index"], 1);
+    assert_eq!(
+        data(&events[6])["delta"],
+        serde_json::json!({"type": "text_delta", "text": "The"})
+    );
+    let delta = data(&events[events.len() - 2]);
+    assert_eq!(delta["delta"]["stop_reason"], "end_turn");
+    assert_eq!(delta["usage"]["output_tokens"], 2 + TOKENS);
+}
+
+#[tokio::test]
+async fn anthropic_messages_whole_with_tool_use_and_errors() {
+    let sim = start(fast_config()).await;
+    let body = r#"{"model":"llama3.2:1b","max_tokens":100,"messages":[{"role":"user","content":"Weather?"}],"tools":[{"name":"get_weather","description":"d","input_schema":{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}}]}"#;
+    let reply = exchange(sim.local_addr(), &post("/v1/messages", body)).await;
+    assert_eq!(reply.header("Content-Type"), Some("application/json"));
+    let json = reply.json();
+    assert_eq!(json["type"], "message");
+    assert_eq!(json["stop_reason"], "tool_use");
+    let block = &json["content"][0];
+    assert_eq!(block["type"], "tool_use");
+    assert_eq!(block["input"], serde_json::json!({"city": "sim"}));
+    let body = r#"{"model":"llama3.2:1b","messages":[{"role":"user","content":"hi"}]}"#;
+    let bad = exchange(sim.local_addr(), &post("/v1/messages", body))
+        .await
+        .json();
+    assert_eq!(bad["type"], "error");
+    assert_eq!(bad["error"]["type"], "invalid_request_error");
+    assert_eq!(
+        bad["error"]["message"],
+        "max_tokens is required and must be positive"
+    );
+    let body = r#"{"model":"nope","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}"#;
+    let missing = exchange(sim.local_addr(), &post("/v1/messages", body))
+        .await
+        .json();
+    assert_eq!(missing["error"]["type"], "not_found_error");
+}

@@ -51,8 +51,17 @@ pub struct ToolSpec {
 
 /// `tools` of a native or OpenAI chat request (`[{"type":"function","function":{…}}]`).
 fn tools(obj: &Map<String, Value>, path: &str) -> Result<Vec<ToolSpec>, DecodeError> {
-    let tools = gojson::opt_array(obj, "tools", path, "api.Tools")?;
-    Ok(tools
+    Ok(tools_from(gojson::opt_array(
+        obj,
+        "tools",
+        path,
+        "api.Tools",
+    )?))
+}
+
+/// Tools of `[{"type":"function","function":{"name":…,"parameters":{…}}}]`.
+pub fn tools_from(tools: &[Value]) -> Vec<ToolSpec> {
+    tools
         .iter()
         .filter_map(|tool| tool.get("function"))
         .map(|function| {
@@ -76,7 +85,7 @@ fn tools(obj: &Map<String, Value>, path: &str) -> Result<Vec<ToolSpec>, DecodeEr
                 arguments,
             }
         })
-        .collect())
+        .collect()
 }
 
 /// A plausible value for a parameter of this JSON schema.

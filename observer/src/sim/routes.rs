@@ -15,7 +15,7 @@ use super::gojson;
 use super::request::Request;
 use super::response::{ResponseWriter, WriteError, status_text};
 use super::server::SimState;
-use super::{completions, embed, listing, ollama, openai};
+use super::{anthropic, completions, embed, listing, ollama, openai};
 
 /// The routes the simulator answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +32,7 @@ pub enum Route {
     Embeddings,
     OpenAiEmbeddings,
     Completions,
+    Messages,
 }
 
 /// Ollama's routes for these paths, in registration order (which orders `Allow`).
@@ -50,6 +51,7 @@ const TABLE: &[(&str, &str, Route)] = &[
     ("POST", "/v1/chat/completions", Route::ChatCompletions),
     ("POST", "/v1/completions", Route::Completions),
     ("POST", "/v1/embeddings", Route::OpenAiEmbeddings),
+    ("POST", "/v1/messages", Route::Messages),
     ("GET", "/v1/models", Route::Models),
 ];
 
@@ -92,6 +94,7 @@ impl Route {
                 | Self::Embeddings
                 | Self::OpenAiEmbeddings
                 | Self::Completions
+                | Self::Messages
         )
     }
 
@@ -177,6 +180,8 @@ pub async fn respond(ex: &Exchange<'_>, w: &mut ResponseWriter<'_>) -> Result<()
         let message = fault_message(status);
         return if route.is_openai() {
             openai::handler_error(w, status, &message).await
+        } else if route == Route::Messages {
+            anthropic::fault_error(ex, w, status, &message).await
         } else {
             native_error(w, status, &message).await
         };
@@ -197,6 +202,7 @@ pub async fn respond(ex: &Exchange<'_>, w: &mut ResponseWriter<'_>) -> Result<()
         Route::Embeddings => embed::embeddings(ex, w).await,
         Route::OpenAiEmbeddings => embed::openai_embeddings(ex, w).await,
         Route::Completions => completions::completions(ex, w).await,
+        Route::Messages => anthropic::messages(ex, w).await,
     }
 }
 
