@@ -244,3 +244,65 @@ async fn anthropic_messages_whole_with_tool_use_and_errors() {
         .json();
     assert_eq!(missing["error"]["type"], "not_found_error");
 }
+
+#[tokio::test]
+async fn openai_responses_stream_events_and_whole_response() {
+    let sim = start(fast_config()).await;
+    let body = r#"{"model":"llama3.2:1b","input":"Why is the sky blue?","stream":true}"#;
+    let request = post_with("/v1/responses", "X-Sim-Fault: think=2\r\n", body);
+    let reply = exchange(sim.local_addr(), &request).await;
+    assert_eq!(reply.header("Content-Type"), Some("text/event-stream"));
+    let names = event_names(&reply);
+    let mut expected = vec![
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.reasoning_summary_text.delta",
+        "response.reasoning_summary_text.delta",
+        "response.reasoning_summary_text.done",
+        "response.output_item.done",
+        "response.output_item.added",
+        "response.content_part.added",
+    ];
+    expected.extend(std::iter::repeat_n(
+        "response.output_text.delta",
+        TOKENS as usize,
+    ));
+    expected.extend([
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]);
+    assert_eq!(names, expected);
+    let events = events(&reply);
+    for (i, event) in events.iter().enumerate() {
+        assert_eq!(data(event)["sequence_number"], i, "{event}");
+    }
+    let completed = data(events.last().unwrap());
+    let response = &completed["response"];
+    assert_eq!(response["status"], "completed");
+    assert_eq!(response["output"][0]["type"], "reasoning");
+    assert_eq!(
+        response["output"][1]["content"][0]["text"],
+        reply_text(TOKENS)
+    );
+    assert_eq!(response["usage"]["output_tokens"], 2 + TOKENS);
+    // Go maps: keys sorted.
+    let raw = events.last().unwrap();
+    assert!(
+        raw.contains(r#"data: {"response":{"background":false,"completed_at":"#),
+        "{raw}"
+    );
+
+    let body =
+        r#"{"model":"llama3.2:1b","input":[{"role":"user","content":"hi"}],"max_output_tokens":2}"#;
+    let reply = exchange(sim.local_addr(), &post("/v1/responses", body)).await;
+    let text = reply.text();
+    assert!(text.starts_with(r#"{"id":"resp_"#), "{text}");
+    let json = reply.json();
+    assert_eq!(json["object"], "response");
+    assert_eq!(json["output"][0]["content"][0]["text"], reply_text(2));
+    assert_eq!(json["max_output_tokens"], 2);
+    assert_eq!(json["top_p"], 1);
+}

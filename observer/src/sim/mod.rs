@@ -9,7 +9,7 @@
 //! `GET|HEAD /`, `GET|HEAD /api/version`, `GET|HEAD /api/tags`, `GET /api/ps`,
 //! `POST /api/generate`, `POST /api/chat`, `POST /api/embed`, `POST /api/embeddings`,
 //! `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/embeddings`,
-//! `POST /v1/messages` (Anthropic), `GET /v1/models`.
+//! `POST /v1/responses`, `POST /v1/messages` (Anthropic), `GET /v1/models`.
 //! Other methods on these paths get gin's 405 (with `Allow`), other paths gin's 404.
 //!
 //! # Faults
@@ -86,7 +86,8 @@
 //!
 //! - `config`: [`SimConfig`] and the flags. `server`: listener and connection loop.
 //! - `request`, `chunked`, `response`: HTTP/1.x framing as Go does it. `routes`: gin's routing.
-//! - `ollama`, `openai`, `completions`, `anthropic`: the inference APIs; `embed`: embeddings;
+//! - `ollama`, `openai`, `completions`, `responses`, `anthropic`: the inference APIs;
+//!   `embed`: embeddings;
 //!   `inference_request`: the inference request bodies;
 //!   `listing`: tags, ps, version, models. `generation`, `models`: what the "model" does.
 //! - `faults`: fault decisions. `gojson`: Go's JSON (times: `crate::wallclock`).
@@ -109,6 +110,7 @@ mod ollama;
 mod openai;
 mod request;
 mod response;
+mod responses;
 mod routes;
 mod runner;
 mod server;

@@ -24,7 +24,7 @@ pub const FINGERPRINT: &str = "fp_ollama";
 
 /// `openai.Error`.
 #[derive(Debug, Serialize)]
-struct ErrorJson<'a> {
+pub struct ErrorJson<'a> {
     message: &'a str,
     #[serde(rename = "type")]
     kind: &'a str,
@@ -33,12 +33,12 @@ struct ErrorJson<'a> {
 }
 
 #[derive(Debug, Serialize)]
-struct ErrorResponseJson<'a> {
+pub struct ErrorResponseJson<'a> {
     error: ErrorJson<'a>,
 }
 
 /// `openai.NewError`.
-fn error_json(status: u16, message: &str) -> ErrorResponseJson<'_> {
+pub fn error_json(status: u16, message: &str) -> ErrorResponseJson<'_> {
     let kind = match status {
         400 => "invalid_request_error",
         404 => "not_found_error",
@@ -136,6 +136,13 @@ pub struct ToolCallJson {
 struct FunctionJson {
     name: String,
     arguments: String,
+}
+
+impl ToolCallJson {
+    /// The call's id, function name and arguments (JSON text).
+    pub fn parts(&self) -> (&str, &str, &str) {
+        (&self.id, &self.function.name, &self.function.arguments)
+    }
 }
 
 impl From<ToolCall> for ToolCallJson {

@@ -15,7 +15,7 @@ use super::gojson;
 use super::request::Request;
 use super::response::{ResponseWriter, WriteError, status_text};
 use super::server::SimState;
-use super::{anthropic, completions, embed, listing, ollama, openai};
+use super::{anthropic, completions, embed, listing, ollama, openai, responses};
 
 /// The routes the simulator answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +33,7 @@ pub enum Route {
     OpenAiEmbeddings,
     Completions,
     Messages,
+    Responses,
 }
 
 /// Ollama's routes for these paths, in registration order (which orders `Allow`).
@@ -51,6 +52,7 @@ const TABLE: &[(&str, &str, Route)] = &[
     ("POST", "/v1/chat/completions", Route::ChatCompletions),
     ("POST", "/v1/completions", Route::Completions),
     ("POST", "/v1/embeddings", Route::OpenAiEmbeddings),
+    ("POST", "/v1/responses", Route::Responses),
     ("POST", "/v1/messages", Route::Messages),
     ("GET", "/v1/models", Route::Models),
 ];
@@ -95,13 +97,18 @@ impl Route {
                 | Self::OpenAiEmbeddings
                 | Self::Completions
                 | Self::Messages
+                | Self::Responses
         )
     }
 
     fn is_openai(self) -> bool {
         matches!(
             self,
-            Self::ChatCompletions | Self::Models | Self::OpenAiEmbeddings | Self::Completions
+            Self::ChatCompletions
+                | Self::Models
+                | Self::OpenAiEmbeddings
+                | Self::Completions
+                | Self::Responses
         )
     }
 }
@@ -203,6 +210,7 @@ pub async fn respond(ex: &Exchange<'_>, w: &mut ResponseWriter<'_>) -> Result<()
         Route::OpenAiEmbeddings => embed::openai_embeddings(ex, w).await,
         Route::Completions => completions::completions(ex, w).await,
         Route::Messages => anthropic::messages(ex, w).await,
+        Route::Responses => responses::responses(ex, w).await,
     }
 }
 
