@@ -121,7 +121,7 @@ pub async fn completions(ex: &Exchange<'_>, w: &mut ResponseWriter<'_>) -> Resul
         Err(full) => return handler_error(w, 503, &full.to_string()).await,
     };
     if req.load_only {
-        loaded.finish_load_only(ex);
+        loaded.release(ex);
         return load_only(w, &req, &id).await;
     }
     let mut run = match loaded.start(ex, w, &req, shape).await? {

@@ -288,7 +288,7 @@ async fn answer(
             ns(loaded.loaded_at() - ex.received_at),
         )
     };
-    loaded.finish_load_only(ex);
+    loaded.release(ex);
     match api {
         Api::Embed => {
             let body = gojson::marshal(&EmbedResponseJson {
@@ -375,7 +375,7 @@ pub async fn embeddings(ex: &Exchange<'_>, w: &mut ResponseWriter<'_>) -> Result
             .map(f64::from)
             .collect();
     }
-    loaded.finish_load_only(ex);
+    loaded.release(ex);
     let body = gojson::marshal(&EmbeddingResponseJson { embedding: vector });
     w.send(200, &[("Content-Type", JSON_UTF8.to_owned())], &body)
         .await

@@ -55,7 +55,13 @@
 //! `reasoning`). A chat request with `tools` whose last message is not a `tool` result gets one
 //! tool call (each call is 12 tokens of `eval_count`) instead of an answer: one line with
 //! `message.tool_calls` (`call_` ids, each required parameter set to a value of its type),
-//! `done_reason` `stop` (OpenAI: a `tool_calls` delta, `finish_reason` `tool_calls`).
+//! `done_reason` `stop` (OpenAI: a `tool_calls` delta, `finish_reason` `tool_calls`; the
+//! Responses API: `function_call` items; Anthropic: `tool_use` blocks, `stop_reason`
+//! `tool_use`).
+//!
+//! Embeddings (`/api/embed`, `/api/embeddings`, `/v1/embeddings`) count ⌈bytes/4⌉ tokens per
+//! input, take `--first-token-ms` per input holding a slot, and return unit vectors of the
+//! model's embedding length derived from the text.
 //!
 //! # Capacity, as Ollama's scheduler and runner have it
 //!
@@ -73,23 +79,22 @@
 //! - A loaded model runs NUM_PARALLEL generations at once; others wait, in order, for a slot.
 //!   The wait shows in `total_duration` only: total = load + slot wait + prompt eval + eval.
 //!   A client that disconnects (while waiting or streaming) frees its slot at once.
-//! - A model's context is the request's `options.num_ctx`, else the server's; `/api/ps` shows
-//!   it. A prompt over it is cut as Ollama does (oldest messages dropped, system messages and
+//! - A model's context is the request's `options.num_ctx` (native and embed routes), else the
+//!   server's; `/api/ps` shows it. A prompt over it is cut as Ollama does (oldest messages dropped, system messages and
 //!   the last one kept; then the runner keeps `num_keep`+1 tokens and half of the rest), or,
 //!   with `"truncate": false` on `/api/chat` or `/api/generate`, answered 400 with
 //!   llama-server's refusal as the message (`"shift": false`: Ollama's own 400).
 //!
-//! [`SimControl::timelines`] has each served request's phases (load, slot wait, prompt eval,
-//! eval) for tests; nothing of it goes on the wire.
+//! [`SimControl::timelines`] has each generation's phases (load, slot wait, prompt eval, eval;
+//! not embeddings, not refused requests) for tests; nothing of it goes on the wire.
 //!
 //! # Layout
 //!
 //! - `config`: [`SimConfig`] and the flags. `server`: listener and connection loop.
 //! - `request`, `chunked`, `response`: HTTP/1.x framing as Go does it. `routes`: gin's routing.
 //! - `ollama`, `openai`, `completions`, `responses`, `anthropic`: the inference APIs;
-//!   `embed`: embeddings;
-//!   `inference_request`: the inference request bodies;
-//!   `listing`: tags, ps, version, models. `generation`, `models`: what the "model" does.
+//!   `embed`: embeddings; `inference_request`: the inference request bodies; `listing`: tags,
+//!   ps, version, models. `generation`, `models`: what the "model" does.
 //! - `faults`: fault decisions. `gojson`: Go's JSON (times: `crate::wallclock`).
 //! - `environment`: Ollama's `OLLAMA_*` variables. `runner`: one request through the scheduler
 //!   and a slot, with its timeline.

@@ -231,7 +231,7 @@ async fn inference(
         Err(full) => return native_error(w, 503, &full.to_string()).await,
     };
     if req.load_only {
-        loaded.finish_load_only(ex);
+        loaded.release(ex);
         let body = response_json(api, &req.model, &Parts::default(), "load", None, Vec::new());
         return w
             .send(200, &[("Content-Type", JSON_UTF8.to_owned())], &body)

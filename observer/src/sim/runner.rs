@@ -174,8 +174,9 @@ impl<'a> Loaded<'a> {
         }
     }
 
-    /// The model was only to be loaded (an empty prompt): restart its keep-alive clock.
-    pub fn finish_load_only(self, ex: &Exchange<'_>) {
+    /// Ends a request that ran no generation (a load, embeddings): restarts the model's
+    /// keep-alive clock.
+    pub fn release(self, ex: &Exchange<'_>) {
         self.model.touch(ex.sim.config.keep_alive);
     }
 }
