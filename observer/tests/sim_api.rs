@@ -151,7 +151,12 @@ async fn streamed_chat_is_ndjson_one_line_per_chunk_with_consistent_metrics() {
     );
     assert!(prompt >= Duration::from_millis(5), "{done}");
     assert!(eval >= Duration::from_millis(u64::from(TOKENS)), "{done}");
-    assert_eq!(total, load + prompt + eval);
+    // As in Ollama, the total also holds the (here instant) wait for a parallel slot.
+    let parts = load + prompt + eval;
+    assert!(
+        total >= parts && total - parts < Duration::from_millis(5),
+        "{done}"
+    );
 }
 
 #[tokio::test]

@@ -1,11 +1,15 @@
 //! The simulator's configuration as a library value ([`SimConfig`]), and its construction from
 //! the command line ([`SimArgs`](super::SimArgs)), including which flags switch a fault on.
 //!
-//! Validation lives here so that a bad flag is one clear error before anything listens.
+//! Ollama's own server settings (parallel slots, queue, context length, keep-alive, loaded
+//! models) come from the `OLLAMA_*` variables as Ollama reads them ([`super::environment`]),
+//! each overridden by its flag when given. Validation lives here so that a bad flag is one
+//! clear error before anything listens.
 
 use std::time::Duration;
 
 use super::SimArgs;
+use super::environment::{self, Lookup};
 use super::faults::FaultRates;
 use super::generation::Timing;
 use super::request::Limits;
@@ -23,8 +27,20 @@ pub struct SimConfig {
     /// Model names, newest first in `/api/tags`.
     pub models: Vec<String>,
     pub timing: Timing,
-    /// How long a model stays loaded after its last use (zero: unloaded after every request).
+    /// How long a model stays loaded after its last use (zero: unloaded after every request;
+    /// `Duration::MAX`: forever). `OLLAMA_KEEP_ALIVE`.
     pub keep_alive: Duration,
+    /// Generations a loaded model runs at once (`OLLAMA_NUM_PARALLEL`; 0 counts as 1).
+    pub num_parallel: u32,
+    /// Requests that may wait in the scheduler's queue for a model load before new ones get
+    /// 503 (`OLLAMA_MAX_QUEUE`).
+    pub max_queue: u32,
+    /// Context length a model is loaded with unless a request sets `options.num_ctx`
+    /// (`OLLAMA_CONTEXT_LENGTH`; 0 there means the VRAM-based default, 4096 here).
+    pub context_length: u32,
+    /// Models loaded at once; loading one more unloads the idle one expiring first
+    /// (`OLLAMA_MAX_LOADED_MODELS`; 0 there means 3 per GPU, 3 here).
+    pub max_loaded_models: u32,
     pub faults: FaultRates,
     pub limits: Limits,
     /// What `/api/version` reports.
@@ -38,7 +54,11 @@ impl Default for SimConfig {
         Self {
             models: DEFAULT_MODELS.iter().map(|m| (*m).to_owned()).collect(),
             timing: Timing::default(),
-            keep_alive: Duration::from_secs(300),
+            keep_alive: environment::DEFAULT_KEEP_ALIVE,
+            num_parallel: environment::DEFAULT_NUM_PARALLEL,
+            max_queue: environment::DEFAULT_MAX_QUEUE,
+            context_length: environment::DEFAULT_CONTEXT_LENGTH,
+            max_loaded_models: environment::DEFAULT_MAX_LOADED_MODELS,
             faults: FaultRates::default(),
             limits: Limits::default(),
             ollama_version: DEFAULT_OLLAMA_VERSION.to_owned(),
@@ -70,10 +90,17 @@ fn rate(flag: &'static str, value: Option<f64>, enabled: bool) -> Result<f64, Co
 }
 
 impl SimConfig {
-    /// Reads the flags. A fault is switched on by any of its flags; its rate defaults to 1
-    /// (every inference request) once it is on.
+    /// Reads the flags and this process's `OLLAMA_*` variables.
     pub fn from_args(sim: &SimArgs) -> Result<Self, ConfigError> {
+        Self::from_args_and_env(sim, &environment::process_env)
+    }
+
+    /// Reads the flags, and for settings without a flag, the `OLLAMA_*` variables of `env`. A
+    /// fault is switched on by any of its flags; its rate defaults to 1 (every inference
+    /// request) once it is on.
+    pub fn from_args_and_env(sim: &SimArgs, env: Lookup<'_>) -> Result<Self, ConfigError> {
         let (args, timing, limits) = (&sim.faults, &sim.timing, &sim.limits);
+        let server = &sim.server;
         let defaults = FaultRates::default();
         let status = args.fault_status.unwrap_or(defaults.status);
         if !(400..=599).contains(&status) {
@@ -121,7 +148,33 @@ impl SimConfig {
                 token_interval: Duration::from_millis(timing.token_ms),
                 tokens_per_reply: timing.tokens,
             },
-            keep_alive: Duration::from_secs(timing.keep_alive_secs),
+            keep_alive: timing
+                .keep_alive_secs
+                .map_or_else(|| environment::keep_alive(env), Duration::from_secs),
+            num_parallel: server.num_parallel.unwrap_or_else(|| {
+                environment::uint(
+                    env,
+                    "OLLAMA_NUM_PARALLEL",
+                    environment::DEFAULT_NUM_PARALLEL,
+                )
+            }),
+            max_queue: server.max_queue.unwrap_or_else(|| {
+                environment::uint(env, "OLLAMA_MAX_QUEUE", environment::DEFAULT_MAX_QUEUE)
+            }),
+            context_length: match server
+                .context_length
+                .unwrap_or_else(|| environment::uint(env, "OLLAMA_CONTEXT_LENGTH", 0))
+            {
+                0 => environment::DEFAULT_CONTEXT_LENGTH,
+                n => n,
+            },
+            max_loaded_models: match server
+                .max_loaded_models
+                .unwrap_or_else(|| environment::uint(env, "OLLAMA_MAX_LOADED_MODELS", 0))
+            {
+                0 => environment::DEFAULT_MAX_LOADED_MODELS,
+                n => n,
+            },
             faults,
             limits: Limits {
                 max_head_bytes: limits.max_head_bytes,
@@ -145,9 +198,70 @@ mod tests {
         sim: SimArgs,
     }
 
-    fn config(flags: &[&str]) -> Result<SimConfig, ConfigError> {
+    fn config_in(flags: &[&str], env: &[(&str, &str)]) -> Result<SimConfig, ConfigError> {
         let cli = Cli::try_parse_from(std::iter::once("sim").chain(flags.iter().copied())).unwrap();
-        SimConfig::from_args(&cli.sim)
+        let lookup = |key: &str| {
+            env.iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| (*v).to_owned())
+        };
+        SimConfig::from_args_and_env(&cli.sim, &lookup)
+    }
+
+    fn config(flags: &[&str]) -> Result<SimConfig, ConfigError> {
+        config_in(flags, &[])
+    }
+
+    #[test]
+    fn ollama_variables_set_the_server_and_flags_override_them() {
+        let env = [
+            ("OLLAMA_NUM_PARALLEL", "4"),
+            ("OLLAMA_MAX_QUEUE", "2"),
+            ("OLLAMA_CONTEXT_LENGTH", "8192"),
+            ("OLLAMA_KEEP_ALIVE", "10m"),
+            ("OLLAMA_MAX_LOADED_MODELS", "1"),
+        ];
+        let c = config_in(&[], &env).unwrap();
+        assert_eq!(
+            (
+                c.num_parallel,
+                c.max_queue,
+                c.context_length,
+                c.max_loaded_models
+            ),
+            (4, 2, 8192, 1)
+        );
+        assert_eq!(c.keep_alive, Duration::from_secs(600));
+        let flags = [
+            "--num-parallel",
+            "2",
+            "--max-queue",
+            "0",
+            "--context-length",
+            "2048",
+            "--keep-alive-secs",
+            "5",
+            "--max-loaded-models",
+            "2",
+        ];
+        let c = config_in(&flags, &env).unwrap();
+        assert_eq!(
+            (
+                c.num_parallel,
+                c.max_queue,
+                c.context_length,
+                c.max_loaded_models
+            ),
+            (2, 0, 2048, 2)
+        );
+        assert_eq!(c.keep_alive, Duration::from_secs(5));
+        // Ollama's zero means "choose": a VRAM-based context, 3 models per GPU.
+        let zero = [
+            ("OLLAMA_CONTEXT_LENGTH", "0"),
+            ("OLLAMA_MAX_LOADED_MODELS", "0"),
+        ];
+        let c = config_in(&[], &zero).unwrap();
+        assert_eq!((c.context_length, c.max_loaded_models), (4096, 3));
     }
 
     #[test]

@@ -58,6 +58,10 @@ pub struct FaultPlan {
     pub first_token: Option<Duration>,
     pub token_interval: Option<Duration>,
     pub tokens: Option<u32>,
+    /// Thinking tokens before the answer, whatever the model and the request's `think`.
+    pub think: Option<u32>,
+    /// Tool calls instead of the answer, whatever the request's tools.
+    pub tool_calls: Option<u32>,
 }
 
 /// A malformed `X-Sim-Fault` header (answered with a 400, so a typo in a test is loud).
@@ -109,6 +113,8 @@ impl FaultPlan {
                 "first-token-ms" => plan.first_token = millis(number(0, HOUR_MS)?),
                 "token-ms" => plan.token_interval = millis(number(0, HOUR_MS)?),
                 "tokens" => plan.tokens = Some(number(0, 100_000)? as u32),
+                "think" => plan.think = Some(number(0, 100_000)? as u32),
+                "tool-calls" => plan.tool_calls = Some(number(0, 1_000)? as u32),
                 _ => return Err(FaultHeaderError::Unknown(item.to_owned())),
             }
         }
@@ -195,6 +201,8 @@ mod tests {
             FaultPlan::default()
         );
         assert!(FaultPlan::from_header("HANG").unwrap().hang);
+        let shaped = FaultPlan::from_header("think=5, tool-calls=2").unwrap();
+        assert_eq!((shaped.think, shaped.tool_calls), (Some(5), Some(2)));
         assert_eq!(
             FaultPlan::from_header("status=503").unwrap().status,
             Some(503)

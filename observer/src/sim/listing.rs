@@ -96,7 +96,7 @@ pub async fn ps(ex: &Exchange<'_>, w: &mut ResponseWriter<'_>) -> Result<(), Wri
     let loaded = ex.sim.models.loaded();
     let models: Vec<ProcessModelJson> = loaded
         .iter()
-        .map(|&(m, expires)| ProcessModelJson {
+        .map(|&(m, expires, context_length)| ProcessModelJson {
             name: &m.name,
             model: &m.name,
             size: m.loaded_size,
@@ -104,7 +104,7 @@ pub async fn ps(ex: &Exchange<'_>, w: &mut ResponseWriter<'_>) -> Result<(), Wri
             details: m.into(),
             expires_at: rfc3339_nano(expires),
             size_vram: m.loaded_size,
-            context_length: m.context_length,
+            context_length,
         })
         .collect();
     send_json(w, &gojson::marshal(&ModelsJson { models })).await

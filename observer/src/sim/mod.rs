@@ -7,7 +7,9 @@
 //! # Routes
 //!
 //! `GET|HEAD /`, `GET|HEAD /api/version`, `GET|HEAD /api/tags`, `GET /api/ps`,
-//! `POST /api/generate`, `POST /api/chat`, `POST /v1/chat/completions`, `GET /v1/models`.
+//! `POST /api/generate`, `POST /api/chat`, `POST /api/embed`, `POST /api/embeddings`,
+//! `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/embeddings`,
+//! `POST /v1/responses`, `POST /v1/messages` (Anthropic), `GET /v1/models`.
 //! Other methods on these paths get gin's 405 (with `Allow`), other paths gin's 404.
 //!
 //! # Faults
@@ -24,6 +26,8 @@
 //! | `hang` | read the request, never answer |
 //! | `slow-head-ms=MS` | dribble the response head a line at a time over MS |
 //! | `load-ms=MS`, `first-token-ms=MS`, `token-ms=MS`, `tokens=N` | this request's timing |
+//! | `think=N` | N thinking tokens before the answer, whatever the model and `think` |
+//! | `tool-calls=N` | N tool calls instead of the answer (the request's tools in turn, else `sim_tool`) |
 //! | `none` | no fault (and no rolled fault) |
 //!
 //! Example: `X-Sim-Fault: first-token-ms=4000` or `X-Sim-Fault: reset-after=3, slow-head-ms=200`.
@@ -38,18 +42,69 @@
 //! A model's first use (and first use after `--keep-alive-secs`) waits `--load-ms`; then the
 //! prompt takes `--first-token-ms`; tokens follow every `--token-ms`, `--tokens` of them, capped
 //! by `options.num_predict` / `max_tokens` (`done_reason` `length`). The final message reports
-//! the measured durations; `prompt_eval_count` is Σ over prompt texts of 4 + ⌈bytes/4⌉.
+//! the measured durations; `prompt_eval_count` is Σ over prompt texts of 4 + ⌈bytes/4⌉, after
+//! the prompt is fitted to the context (below).
+//!
+//! # Thinking and tool calls
+//!
+//! Models named like Ollama's thinking models (`qwen3*`, `deepseek-r1*`, `gpt-oss*`,
+//! `magistral*`, `phi4-reasoning*`) think unless a request says `"think": false`; `"think":
+//! true` on another model is Ollama's 400 `"NAME" does not support thinking` (OpenAI:
+//! `reasoning_effort` / `reasoning.effort`, `none` being false). A thinking reply first streams
+//! ⌈tokens/2⌉ thinking tokens (`message.thinking`, generate's `thinking`, OpenAI's
+//! `reasoning`). A chat request with `tools` whose last message is not a `tool` result gets one
+//! tool call (each call is 12 tokens of `eval_count`) instead of an answer: one line with
+//! `message.tool_calls` (`call_` ids, each required parameter set to a value of its type),
+//! `done_reason` `stop` (OpenAI: a `tool_calls` delta, `finish_reason` `tool_calls`; the
+//! Responses API: `function_call` items; Anthropic: `tool_use` blocks, `stop_reason`
+//! `tool_use`).
+//!
+//! Embeddings (`/api/embed`, `/api/embeddings`, `/v1/embeddings`) count ⌈bytes/4⌉ tokens per
+//! input, take `--first-token-ms` per input holding a slot, and return unit vectors of the
+//! model's embedding length derived from the text.
+//!
+//! # Capacity, as Ollama's scheduler and runner have it
+//!
+//! Server settings come from Ollama's variables, read as Ollama reads them, each overridden by
+//! its flag: `OLLAMA_NUM_PARALLEL` (`--num-parallel`, default 1), `OLLAMA_MAX_QUEUE`
+//! (`--max-queue`, 512), `OLLAMA_CONTEXT_LENGTH` (`--context-length`; 0 or unset: 4096),
+//! `OLLAMA_MAX_LOADED_MODELS` (`--max-loaded-models`; 0 or unset: 3), `OLLAMA_KEEP_ALIVE`
+//! (`--keep-alive-secs`; Go durations or seconds, negative: forever, default 5m).
+//!
+//! - A request for a model that is not loaded (or loaded with another context) waits in the
+//!   scheduler's queue while loads go on one at a time; when the queue already holds
+//!   MAX_QUEUE requests it gets 503 `server busy, please try again.  maximum pending requests
+//!   exceeded` at once (`/v1/*`: in the OpenAI error shape). Requests for a loaded model skip
+//!   the queue. The wait and the load are `load_duration`.
+//! - A loaded model runs NUM_PARALLEL generations at once; others wait, in order, for a slot.
+//!   The wait shows in `total_duration` only: total = load + slot wait + prompt eval + eval.
+//!   A client that disconnects (while waiting or streaming) frees its slot at once.
+//! - A model's context is the request's `options.num_ctx` (native and embed routes), else the
+//!   server's; `/api/ps` shows it. A prompt over it is cut as Ollama does (oldest messages dropped, system messages and
+//!   the last one kept; then the runner keeps `num_keep`+1 tokens and half of the rest), or,
+//!   with `"truncate": false` on `/api/chat` or `/api/generate`, answered 400 with
+//!   llama-server's refusal as the message (`"shift": false`: Ollama's own 400).
+//!
+//! [`SimControl::timelines`] has each generation's phases (load, slot wait, prompt eval, eval;
+//! not embeddings, not refused requests) for tests; nothing of it goes on the wire.
 //!
 //! # Layout
 //!
 //! - `config`: [`SimConfig`] and the flags. `server`: listener and connection loop.
 //! - `request`, `chunked`, `response`: HTTP/1.x framing as Go does it. `routes`: gin's routing.
-//! - `ollama`, `openai`: the two inference APIs; `inference_request`: their request bodies;
-//!   `listing`: tags, ps, version, models. `generation`, `models`: what the "model" does.
+//! - `ollama`, `openai`, `completions`, `responses`, `anthropic`: the inference APIs;
+//!   `embed`: embeddings; `inference_request`: the inference request bodies; `listing`: tags,
+//!   ps, version, models. `generation`, `models`: what the "model" does.
 //! - `faults`: fault decisions. `gojson`: Go's JSON (times: `crate::wallclock`).
+//! - `environment`: Ollama's `OLLAMA_*` variables. `runner`: one request through the scheduler
+//!   and a slot, with its timeline.
 
+mod anthropic;
 mod chunked;
+mod completions;
 mod config;
+mod embed;
+mod environment;
 mod faults;
 mod generation;
 mod gojson;
@@ -60,7 +115,9 @@ mod ollama;
 mod openai;
 mod request;
 mod response;
+mod responses;
 mod routes;
+mod runner;
 mod server;
 
 use anyhow::Context as _;
@@ -71,8 +128,9 @@ use tracing::info;
 pub use chunked::{LAST_CHUNK, encode_chunk};
 pub use config::{ConfigError, DEFAULT_MODELS, DEFAULT_OLLAMA_VERSION, SimConfig};
 pub use faults::{Dice, FAULT_HEADER, FaultRates};
-pub use generation::{Timing, prompt_tokens, reply_text};
+pub use generation::{TOOL_CALL_TOKENS, Timing, prompt_tokens, reply_text, thinking_reply};
 pub use request::Limits;
+pub use runner::RequestTimeline;
 pub use server::{SimControl, SimServer, serve, serve_controlled, serve_with_shutdown, spawn};
 
 /// Flags of `observer sim`.
@@ -90,6 +148,8 @@ pub struct SimArgs {
     // Boxed so that the CLI's command enum stays small.
     #[command(flatten)]
     pub timing: Box<TimingArgs>,
+    #[command(flatten)]
+    pub server: Box<ServerArgs>,
     #[command(flatten)]
     pub faults: Box<FaultArgs>,
     #[command(flatten)]
@@ -113,8 +173,28 @@ pub struct TimingArgs {
     #[arg(long, value_name = "N", default_value_t = 32)]
     pub tokens: u32,
     /// Seconds a model stays loaded after its last use (0: unload after every request).
-    #[arg(long, value_name = "SECS", default_value_t = 300)]
-    pub keep_alive_secs: u64,
+    /// Default: OLLAMA_KEEP_ALIVE as Ollama reads it, else 300.
+    #[arg(long, value_name = "SECS")]
+    pub keep_alive_secs: Option<u64>,
+}
+
+/// Ollama's server settings; each defaults to its `OLLAMA_*` variable, read as Ollama reads it.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Server (default: Ollama's environment variables)")]
+pub struct ServerArgs {
+    /// Generations one loaded model runs at once (OLLAMA_NUM_PARALLEL, default 1).
+    #[arg(long, value_name = "N")]
+    pub num_parallel: Option<u32>,
+    /// Requests waiting for a model load before new ones get 503 (OLLAMA_MAX_QUEUE, default 512).
+    #[arg(long, value_name = "N")]
+    pub max_queue: Option<u32>,
+    /// Context length models load with unless a request sets num_ctx (OLLAMA_CONTEXT_LENGTH;
+    /// default 4096).
+    #[arg(long, value_name = "TOKENS")]
+    pub context_length: Option<u32>,
+    /// Models loaded at once (OLLAMA_MAX_LOADED_MODELS; default 3).
+    #[arg(long, value_name = "N")]
+    pub max_loaded_models: Option<u32>,
 }
 
 /// Injected faults; rates apply to inference requests. Any flag of a fault turns it on.

@@ -11,11 +11,12 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use super::generation::{Generation, Metrics, prompt_tokens};
+use super::generation::{Generation, Metrics, Piece};
 use super::gojson::{self, DecodeError};
 use super::inference_request::{InferenceRequest, parse_chat, parse_generate};
 use super::response::{ResponseWriter, WriteError};
 use super::routes::{Exchange, JSON_UTF8, MID_STREAM_ERROR, native_error};
+use super::runner::{self, Run, ToolCall};
 use crate::wallclock::rfc3339_nano;
 
 fn is_zero(n: &u64) -> bool {
@@ -53,10 +54,51 @@ impl From<Metrics> for MetricsJson {
     }
 }
 
+/// `api.Message` of a reply.
 #[derive(Debug, Serialize)]
 struct MessageJson<'a> {
     role: &'a str,
     content: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    thinking: &'a str,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    tool_calls: &'a [ToolCallJson<'a>],
+}
+
+/// `api.ToolCall`.
+#[derive(Debug, Serialize)]
+struct ToolCallJson<'a> {
+    id: &'a str,
+    function: FunctionJson<'a>,
+}
+
+/// `api.ToolCallFunction`.
+#[derive(Debug, Serialize)]
+struct FunctionJson<'a> {
+    index: u32,
+    name: &'a str,
+    arguments: &'a serde_json::Map<String, serde_json::Value>,
+}
+
+impl<'a> From<&'a ToolCall> for ToolCallJson<'a> {
+    fn from(call: &'a ToolCall) -> Self {
+        Self {
+            id: &call.id,
+            function: FunctionJson {
+                index: call.index,
+                name: &call.name,
+                arguments: &call.arguments,
+            },
+        }
+    }
+}
+
+/// What one line (or the whole object) carries of the reply.
+#[derive(Debug, Default)]
+struct Parts<'a> {
+    content: &'a str,
+    thinking: &'a str,
+    tool_calls: Vec<ToolCall>,
 }
 
 /// `api.ChatResponse`.
@@ -78,6 +120,8 @@ struct GenerateResponseJson<'a> {
     model: &'a str,
     created_at: String,
     response: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    thinking: &'a str,
     done: bool,
     #[serde(skip_serializing_if = "str::is_empty")]
     done_reason: &'a str,
@@ -85,6 +129,8 @@ struct GenerateResponseJson<'a> {
     context: Vec<u32>,
     #[serde(flatten)]
     metrics: MetricsJson,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    tool_calls: &'a [ToolCallJson<'a>],
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,7 +151,7 @@ pub async fn generate(ex: &Exchange<'_>, w: &mut ResponseWriter<'_>) -> Result<(
 fn response_json(
     api: Api,
     model: &str,
-    content: &str,
+    parts: &Parts<'_>,
     done_reason: &str,
     metrics: Option<Metrics>,
     context: Vec<u32>,
@@ -113,13 +159,16 @@ fn response_json(
     let created_at = rfc3339_nano(SystemTime::now());
     let metrics = metrics.map(MetricsJson::from).unwrap_or_default();
     let done = !done_reason.is_empty();
+    let tool_calls: Vec<ToolCallJson> = parts.tool_calls.iter().map(Into::into).collect();
     match api {
         Api::Chat => gojson::marshal(&ChatResponseJson {
             model,
             created_at,
             message: MessageJson {
                 role: "assistant",
-                content,
+                content: parts.content,
+                thinking: parts.thinking,
+                tool_calls: &tool_calls,
             },
             done,
             done_reason,
@@ -128,11 +177,13 @@ fn response_json(
         Api::Generate => gojson::marshal(&GenerateResponseJson {
             model,
             created_at,
-            response: content,
+            response: parts.content,
+            thinking: parts.thinking,
             done,
             done_reason,
             context,
             metrics,
+            tool_calls: &tool_calls,
         }),
     }
 }
@@ -170,25 +221,47 @@ async fn inference(
     let Some(model) = ex.sim.models.find(&req.model) else {
         return native_error(w, 404, &format!("model '{}' not found", req.model)).await;
     };
-    let timing = ex.timing();
-    let keep_alive = ex.sim.config.keep_alive;
-    let loaded_at = model.load(timing.load, keep_alive).await;
+    let shape = match runner::reply_shape(ex, &req, model) {
+        Ok(shape) => shape,
+        Err(message) => return native_error(w, 400, &message).await,
+    };
+    let loaded = match runner::schedule(ex, model, req.num_ctx).await {
+        Ok(loaded) => loaded,
+        // handleScheduleError: c.JSON(503, …).
+        Err(full) => return native_error(w, 503, &full.to_string()).await,
+    };
     if req.load_only {
-        let body = response_json(api, &req.model, "", "load", None, Vec::new());
+        loaded.release(ex);
+        let body = response_json(api, &req.model, &Parts::default(), "load", None, Vec::new());
         return w
             .send(200, &[("Content-Type", JSON_UTF8.to_owned())], &body)
             .await;
     }
-    let prompt_count = prompt_tokens(req.texts.iter().map(String::as_str));
-    let mut generation =
-        Generation::new(timing, req.limit, prompt_count, ex.received_at, loaded_at);
-    let result = if req.stream {
-        stream(ex, w, api, &req, &mut generation).await
-    } else {
-        whole(ex, w, api, &req, &mut generation).await
+    let mut run = match loaded.start(ex, w, &req, shape).await? {
+        Ok(run) => run,
+        Err(too_long) if req.stream => return stream_error(w, 400, &too_long.message()).await,
+        Err(too_long) => return native_error(w, 400, &too_long.message()).await,
     };
-    model.touch(keep_alive);
+    let result = if req.stream {
+        stream(ex, w, api, &req, &mut run).await
+    } else {
+        whole(ex, w, api, &req, &mut run).await
+    };
+    run.finish(ex, &req.model, &result);
     result
+}
+
+/// An error before any streamed content: `streamResponse` answers it as a status, in one
+/// flushed chunk.
+async fn stream_error(
+    w: &mut ResponseWriter<'_>,
+    status: u16,
+    message: &str,
+) -> Result<(), WriteError> {
+    w.begin_stream(status, "application/json");
+    w.chunk(&gojson::marshal(&serde_json::json!({ "error": message })))
+        .await?;
+    w.finish().await
 }
 
 /// NDJSON over chunked coding, one flushed line per token, then the final line with metrics.
@@ -197,31 +270,49 @@ async fn stream(
     w: &mut ResponseWriter<'_>,
     api: Api,
     req: &InferenceRequest,
-    generation: &mut Generation,
+    run: &mut Run<'_>,
 ) -> Result<(), WriteError> {
     w.begin_stream(200, "application/x-ndjson");
+    // A generate reply has no tool-call chunks: its calls come with the final line.
+    let mut generate_calls = Vec::new();
     loop {
-        let token = generation.next_token().await;
-        let sent = generation.emitted() - u32::from(token.is_some());
+        let token = run.next_token(w).await?;
+        let sent = run.sent_before(token);
         if ex.plan.error_after == Some(sent) {
             if sent == 0 {
-                // Nothing written yet: streamResponse answers the error as a status instead.
-                w.begin_stream(500, "application/json");
-                w.chunk(&gojson::marshal(
-                    &serde_json::json!({ "error": MID_STREAM_ERROR }),
-                ))
-                .await?;
-            } else {
-                w.chunk(&gojson::encode_line(
-                    &serde_json::json!({ "error": MID_STREAM_ERROR }),
-                ))
-                .await?;
+                return stream_error(w, 500, MID_STREAM_ERROR).await;
             }
+            w.chunk(&gojson::encode_line(
+                &serde_json::json!({ "error": MID_STREAM_ERROR }),
+            ))
+            .await?;
             return w.finish().await;
         }
+        let parts = match token {
+            Some(Piece::Thinking(thinking)) => Parts {
+                thinking,
+                ..Parts::default()
+            },
+            Some(Piece::Content(content)) => Parts {
+                content,
+                ..Parts::default()
+            },
+            Some(Piece::ToolCall(index)) if api == Api::Generate => {
+                generate_calls.push(runner::tool_call(ex, req, index));
+                continue;
+            }
+            Some(Piece::ToolCall(index)) => Parts {
+                tool_calls: vec![runner::tool_call(ex, req, index)],
+                ..Parts::default()
+            },
+            None => Parts {
+                tool_calls: std::mem::take(&mut generate_calls),
+                ..Parts::default()
+            },
+        };
         let mut line = match token {
-            Some(text) => response_json(api, &req.model, text, "", None, Vec::new()),
-            None => final_json(api, req, generation, ""),
+            Some(_) => response_json(api, &req.model, &parts, "", None, Vec::new()),
+            None => final_json(api, req, &run.generation, &parts),
         };
         line.push(b'\n');
         w.chunk(&line).await?;
@@ -231,7 +322,12 @@ async fn stream(
     }
 }
 
-fn final_json(api: Api, req: &InferenceRequest, generation: &Generation, content: &str) -> Vec<u8> {
+fn final_json(
+    api: Api,
+    req: &InferenceRequest,
+    generation: &Generation,
+    parts: &Parts<'_>,
+) -> Vec<u8> {
     let metrics = generation.metrics();
     let context = if api == Api::Generate && !req.raw {
         context_tokens(metrics.prompt_eval_count + metrics.eval_count)
@@ -241,7 +337,7 @@ fn final_json(api: Api, req: &InferenceRequest, generation: &Generation, content
     response_json(
         api,
         &req.model,
-        content,
+        parts,
         generation.done_reason().as_str(),
         Some(metrics),
         context,
@@ -254,12 +350,21 @@ async fn whole(
     w: &mut ResponseWriter<'_>,
     api: Api,
     req: &InferenceRequest,
-    generation: &mut Generation,
+    run: &mut Run<'_>,
 ) -> Result<(), WriteError> {
-    let Some(content) = generation.whole_reply(ex.plan.error_after).await else {
+    let Some(reply) = run.whole_reply(w, ex.plan.error_after).await? else {
         return native_error(w, 500, MID_STREAM_ERROR).await;
     };
-    let body = final_json(api, req, generation, &content);
+    let parts = Parts {
+        content: &reply.content,
+        thinking: &reply.thinking,
+        tool_calls: reply
+            .tool_calls
+            .iter()
+            .map(|&index| runner::tool_call(ex, req, index))
+            .collect(),
+    };
+    let body = final_json(api, req, &run.generation, &parts);
     w.send(200, &[("Content-Type", JSON_UTF8.to_owned())], &body)
         .await
 }
@@ -274,7 +379,11 @@ mod tests {
 
     #[test]
     fn chat_lines_have_go_field_order_and_omit_empty_fields() {
-        let line = text(response_json(Api::Chat, "m", "Hi", "", None, Vec::new()));
+        let hi = Parts {
+            content: "Hi",
+            ..Parts::default()
+        };
+        let line = text(response_json(Api::Chat, "m", &hi, "", None, Vec::new()));
         let created = line
             .split("\"created_at\":\"")
             .nth(1)
@@ -299,7 +408,7 @@ mod tests {
         let done = text(response_json(
             Api::Chat,
             "m",
-            "",
+            &Parts::default(),
             "stop",
             Some(metrics),
             Vec::new(),
@@ -307,6 +416,69 @@ mod tests {
         assert!(done.ends_with(
             r#""message":{"role":"assistant","content":""},"done":true,"done_reason":"stop","total_duration":10,"load_duration":1,"prompt_eval_count":9,"prompt_eval_duration":2,"eval_count":3,"eval_duration":7}"#
         ), "{done}");
+    }
+
+    #[test]
+    fn thinking_and_tool_calls_have_api_types_shapes() {
+        let thinking = Parts {
+            thinking: "Okay",
+            ..Parts::default()
+        };
+        let line = text(response_json(
+            Api::Chat,
+            "m",
+            &thinking,
+            "",
+            None,
+            Vec::new(),
+        ));
+        assert!(
+            line.ends_with(
+                r#""message":{"role":"assistant","content":"","thinking":"Okay"},"done":false}"#
+            ),
+            "{line}"
+        );
+        let line = text(response_json(
+            Api::Generate,
+            "m",
+            &thinking,
+            "",
+            None,
+            Vec::new(),
+        ));
+        assert!(
+            line.ends_with(r#""response":"","thinking":"Okay","done":false}"#),
+            "{line}"
+        );
+        let mut arguments = serde_json::Map::new();
+        arguments.insert("city".into(), "sim".into());
+        let call = Parts {
+            tool_calls: vec![ToolCall {
+                id: "call_ab12cd34".into(),
+                index: 0,
+                name: "get_weather".into(),
+                arguments,
+            }],
+            ..Parts::default()
+        };
+        let line = text(response_json(Api::Chat, "m", &call, "", None, Vec::new()));
+        assert!(
+            line.ends_with(r#""message":{"role":"assistant","content":"","tool_calls":[{"id":"call_ab12cd34","function":{"index":0,"name":"get_weather","arguments":{"city":"sim"}}}]},"done":false}"#),
+            "{line}"
+        );
+        let metrics = Metrics {
+            eval_count: 1,
+            ..Metrics::default()
+        };
+        let done = text(response_json(
+            Api::Generate,
+            "m",
+            &call,
+            "stop",
+            Some(metrics),
+            Vec::new(),
+        ));
+        assert!(done.ends_with(r#""done_reason":"stop","eval_count":1,"tool_calls":[{"id":"call_ab12cd34","function":{"index":0,"name":"get_weather","arguments":{"city":"sim"}}}]}"#), "{done}");
     }
 
     #[test]
@@ -318,7 +490,7 @@ mod tests {
         let done = text(response_json(
             Api::Generate,
             "m",
-            "",
+            &Parts::default(),
             "length",
             Some(metrics),
             vec![1, 2],

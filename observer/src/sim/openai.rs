@@ -12,18 +12,19 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use super::generation::{Generation, Metrics, prompt_tokens};
+use super::generation::{DoneReason, Metrics, Piece};
 use super::gojson;
 use super::inference_request::{InferenceRequest, parse_chat_completion};
 use super::response::{ResponseWriter, WriteError};
 use super::routes::{Exchange, JSON_UTF8, MID_STREAM_ERROR};
+use super::runner::{self, Run, ToolCall};
 use crate::wallclock::unix_seconds;
 
-const FINGERPRINT: &str = "fp_ollama";
+pub const FINGERPRINT: &str = "fp_ollama";
 
 /// `openai.Error`.
 #[derive(Debug, Serialize)]
-struct ErrorJson<'a> {
+pub struct ErrorJson<'a> {
     message: &'a str,
     #[serde(rename = "type")]
     kind: &'a str,
@@ -32,12 +33,12 @@ struct ErrorJson<'a> {
 }
 
 #[derive(Debug, Serialize)]
-struct ErrorResponseJson<'a> {
+pub struct ErrorResponseJson<'a> {
     error: ErrorJson<'a>,
 }
 
 /// `openai.NewError`.
-fn error_json(status: u16, message: &str) -> ErrorResponseJson<'_> {
+pub fn error_json(status: u16, message: &str) -> ErrorResponseJson<'_> {
     let kind = match status {
         400 => "invalid_request_error",
         404 => "not_found_error",
@@ -80,7 +81,7 @@ pub async fn send_encoded<T: serde::Serialize>(
 }
 
 /// An error from the middleware itself (`c.AbortWithStatusJSON`): gin's JSON, no newline.
-async fn middleware_error(
+pub async fn middleware_error(
     w: &mut ResponseWriter<'_>,
     status: u16,
     message: &str,
@@ -90,8 +91,9 @@ async fn middleware_error(
         .await
 }
 
-#[derive(Debug, Clone, Copy, Serialize)]
-struct UsageJson {
+/// `openai.Usage`.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct UsageJson {
     prompt_tokens: u32,
     completion_tokens: u32,
     total_tokens: u32,
@@ -107,12 +109,55 @@ impl From<Metrics> for UsageJson {
     }
 }
 
-#[derive(Debug, Serialize)]
+/// `openai.Delta` (`content` is `any`: nil is dropped, `""` kept).
+#[derive(Debug, Default, Serialize)]
 struct DeltaJson<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     role: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     content: Option<&'a str>,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    reasoning: &'a str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<ToolCallJson>,
+}
+
+/// `openai.ToolCall`: the arguments as a JSON text (`ToToolCalls`).
+#[derive(Debug, Serialize)]
+pub struct ToolCallJson {
+    id: String,
+    index: u32,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: FunctionJson,
+}
+
+#[derive(Debug, Serialize)]
+struct FunctionJson {
+    name: String,
+    arguments: String,
+}
+
+impl ToolCallJson {
+    /// The call's id, function name and arguments (JSON text).
+    pub fn parts(&self) -> (&str, &str, &str) {
+        (&self.id, &self.function.name, &self.function.arguments)
+    }
+}
+
+impl From<ToolCall> for ToolCallJson {
+    fn from(call: ToolCall) -> Self {
+        let arguments = gojson::marshal(&call.arguments);
+        Self {
+            id: call.id,
+            index: call.index,
+            kind: "function",
+            function: FunctionJson {
+                name: call.name,
+                arguments: String::from_utf8_lossy(&arguments).into_owned(),
+            },
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -135,10 +180,15 @@ struct ChunkJson<'a> {
     usage: Option<UsageJson>,
 }
 
+/// `openai.Message` of a reply.
 #[derive(Debug, Serialize)]
 struct ChoiceMessageJson<'a> {
     role: &'a str,
     content: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    reasoning: &'a str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<ToolCallJson>,
 }
 
 #[derive(Debug, Serialize)]
@@ -160,6 +210,14 @@ struct CompletionJson<'a> {
     usage: UsageJson,
 }
 
+/// `FinishChunk` and `ToChatCompletion`: `stop` becomes `tool_calls` once a call was sent.
+fn finish_reason(reason: DoneReason, tool_called: bool) -> &'static str {
+    match reason {
+        DoneReason::Stop if tool_called => "tool_calls",
+        other => other.as_str(),
+    }
+}
+
 /// One SSE event as the middleware writes it.
 fn sse(chunk: &ChunkJson<'_>) -> Vec<u8> {
     [b"data: ".as_slice(), &gojson::marshal(chunk), b"\n\n"].concat()
@@ -173,6 +231,21 @@ fn content_chunk<'a>(
     content: &'a str,
     first: bool,
 ) -> ChunkJson<'a> {
+    let delta = DeltaJson {
+        content: Some(content),
+        ..DeltaJson::default()
+    };
+    delta_chunk(id, created, model, delta, first)
+}
+
+/// A chunk of one delta (`toChunk`); `role` only on the stream's first.
+fn delta_chunk<'a>(
+    id: &'a str,
+    created: u64,
+    model: &'a str,
+    delta: DeltaJson<'a>,
+    first: bool,
+) -> ChunkJson<'a> {
     ChunkJson {
         id,
         object: "chat.completion.chunk",
@@ -183,11 +256,32 @@ fn content_chunk<'a>(
             index: 0,
             delta: DeltaJson {
                 role: first.then_some("assistant"),
-                content: Some(content),
+                ..delta
             },
             finish_reason: None,
         }],
         usage: None,
+    }
+}
+
+/// The delta of one piece: thinking is `reasoning` (with `content: ""`), a tool call comes
+/// whole in `tool_calls`.
+fn piece_delta(ex: &Exchange<'_>, req: &InferenceRequest, piece: Piece) -> DeltaJson<'static> {
+    match piece {
+        Piece::Thinking(reasoning) => DeltaJson {
+            content: Some(""),
+            reasoning,
+            ..DeltaJson::default()
+        },
+        Piece::Content(content) => DeltaJson {
+            content: Some(content),
+            ..DeltaJson::default()
+        },
+        Piece::ToolCall(index) => DeltaJson {
+            content: Some(""),
+            tool_calls: vec![runner::tool_call(ex, req, index).into()],
+            ..DeltaJson::default()
+        },
     }
 }
 
@@ -209,19 +303,39 @@ pub async fn chat_completions(
         return handler_error(w, 404, &format!("model '{}' not found", req.model)).await;
     };
     let id = format!("chatcmpl-{}", ex.sim.roll_below(999));
-    let timing = ex.timing();
-    let keep_alive = ex.sim.config.keep_alive;
-    let loaded_at = model.load(timing.load, keep_alive).await;
-    let prompt_count = prompt_tokens(req.texts.iter().map(String::as_str));
-    let mut generation =
-        Generation::new(timing, req.limit, prompt_count, ex.received_at, loaded_at);
-    let result = if req.stream {
-        stream(ex, w, &req, &id, &mut generation).await
-    } else {
-        whole(ex, w, &req, &id, &mut generation).await
+    let shape = match runner::reply_shape(ex, &req, model) {
+        Ok(shape) => shape,
+        Err(message) => return handler_error(w, 400, &message).await,
     };
-    model.touch(keep_alive);
+    let loaded = match runner::schedule(ex, model, req.num_ctx).await {
+        Ok(loaded) => loaded,
+        Err(full) => return handler_error(w, 503, &full.to_string()).await,
+    };
+    let mut run = match loaded.start(ex, w, &req, shape).await? {
+        Ok(run) => run,
+        Err(too_long) if req.stream => return stream_error(w, 400, &too_long.message()).await,
+        Err(too_long) => return handler_error(w, 400, &too_long.message()).await,
+    };
+    let result = if req.stream {
+        stream(ex, w, &req, &id, &mut run).await
+    } else {
+        whole(ex, w, &req, &id, &mut run).await
+    };
+    run.finish(ex, &req.model, &result);
     result
+}
+
+/// An error before any streamed content: the handler's error status goes out through the
+/// middleware's `writeError`, flushed by the handler's stream.
+pub async fn stream_error(
+    w: &mut ResponseWriter<'_>,
+    status: u16,
+    message: &str,
+) -> Result<(), WriteError> {
+    w.begin_stream(status, "application/json");
+    w.chunk(&gojson::encode_line(&error_json(status, message)))
+        .await?;
+    w.finish().await
 }
 
 async fn stream(
@@ -229,39 +343,41 @@ async fn stream(
     w: &mut ResponseWriter<'_>,
     req: &InferenceRequest,
     id: &str,
-    generation: &mut Generation,
+    run: &mut Run<'_>,
 ) -> Result<(), WriteError> {
     w.begin_stream(200, "text/event-stream");
     // Every chunk carries the timestamp of the first response.
     let mut created = None;
+    let mut tool_call_sent = false;
     loop {
-        let token = generation.next_token().await;
-        let sent = generation.emitted() - u32::from(token.is_some());
+        let token = run.next_token(w).await?;
+        let sent = run.sent_before(token);
         let created = *created.get_or_insert_with(|| unix_seconds(SystemTime::now()));
         if ex.plan.error_after == Some(sent) {
             if sent == 0 {
                 // Nothing written yet: the error goes out as a 500 through writeError.
-                w.begin_stream(500, "application/json");
-                w.chunk(&gojson::encode_line(&error_json(500, MID_STREAM_ERROR)))
-                    .await?;
+                return stream_error(w, 500, MID_STREAM_ERROR).await;
             } else {
                 w.chunk(&sse(&content_chunk(id, created, "", "", false)))
                     .await?;
             }
             return w.finish().await;
         }
-        let Some(text) = token else { break };
-        w.chunk(&sse(&content_chunk(
+        let Some(piece) = token else { break };
+        tool_call_sent |= matches!(piece, Piece::ToolCall(_));
+        let delta = piece_delta(ex, req, piece);
+        w.chunk(&sse(&delta_chunk(
             id,
             created,
             &req.model,
-            text,
+            delta,
             sent == 0,
         )))
         .await?;
     }
     // The final Ollama message becomes the finish chunk, the usage chunk and [DONE], written
     // together and flushed once. An empty reply still opens with a role chunk.
+    let generation = &run.generation;
     let created = created.unwrap_or_default();
     let mut tail = Vec::new();
     if generation.emitted() == 0 {
@@ -275,11 +391,8 @@ async fn stream(
         system_fingerprint: FINGERPRINT,
         choices: vec![ChunkChoiceJson {
             index: 0,
-            delta: DeltaJson {
-                role: None,
-                content: None,
-            },
-            finish_reason: Some(generation.done_reason().as_str()),
+            delta: DeltaJson::default(),
+            finish_reason: Some(finish_reason(generation.done_reason(), tool_call_sent)),
         }],
         usage: None,
     };
@@ -299,11 +412,17 @@ async fn whole(
     w: &mut ResponseWriter<'_>,
     req: &InferenceRequest,
     id: &str,
-    generation: &mut Generation,
+    run: &mut Run<'_>,
 ) -> Result<(), WriteError> {
-    let Some(content) = generation.whole_reply(ex.plan.error_after).await else {
+    let Some(reply) = run.whole_reply(w, ex.plan.error_after).await? else {
         return handler_error(w, 500, MID_STREAM_ERROR).await;
     };
+    let generation = &run.generation;
+    let tool_calls: Vec<ToolCallJson> = reply
+        .tool_calls
+        .iter()
+        .map(|&index| runner::tool_call(ex, req, index).into())
+        .collect();
     let completion = CompletionJson {
         id,
         object: "chat.completion",
@@ -312,11 +431,16 @@ async fn whole(
         system_fingerprint: FINGERPRINT,
         choices: [ChoiceJson {
             index: 0,
+            finish_reason: Some(finish_reason(
+                generation.done_reason(),
+                !tool_calls.is_empty(),
+            )),
             message: ChoiceMessageJson {
                 role: "assistant",
-                content: &content,
+                content: &reply.content,
+                reasoning: &reply.thinking,
+                tool_calls,
             },
-            finish_reason: Some(generation.done_reason().as_str()),
         }],
         usage: generation.metrics().into(),
     };

@@ -35,6 +35,16 @@ pub enum WriteError {
     Io(#[from] io::Error),
 }
 
+impl WriteError {
+    /// The client closed the connection while the response was being prepared.
+    pub fn client_gone() -> Self {
+        Self::Io(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "client closed the connection",
+        ))
+    }
+}
+
 /// Go's `http.StatusText`, for the codes the simulator can send.
 pub fn status_text(code: u16) -> Option<&'static str> {
     Some(match code {
@@ -82,7 +92,11 @@ pub fn head_bytes(
     let proto = if http11 { "HTTP/1.1" } else { "HTTP/1.0" };
     let text = status_text(status).map_or_else(|| format!("status code {status}"), str::to_owned);
     let mut head = format!("{proto} {status} {text}\r\n");
-    let mut sorted: Vec<&(&str, String)> = headers.iter().collect();
+    // A closing response drops the handler's own Connection header for `close`.
+    let mut sorted: Vec<&(&str, String)> = headers
+        .iter()
+        .filter(|(name, _)| !(close && name.eq_ignore_ascii_case("Connection")))
+        .collect();
     sorted.sort_by_key(|(name, _)| *name);
     for (name, value) in sorted {
         head.push_str(&format!("{name}: {value}\r\n"));
@@ -104,7 +118,7 @@ pub fn head_bytes(
 /// A streamed response whose head has not gone out yet.
 struct PendingHead {
     status: u16,
-    content_type: &'static str,
+    headers: Vec<(&'static str, String)>,
 }
 
 /// Writes the response to one request on its connection.
@@ -130,6 +144,18 @@ impl<'s> ResponseWriter<'s> {
             reset_after: plan.reset_after,
             pending: None,
             chunks: 0,
+        }
+    }
+
+    /// Resolves when the client has closed its end of the connection, as Go's background read
+    /// sees it (EOF or an error) and cancels the request's context. Bytes of a pipelined next
+    /// request mean the client is still there: then it never resolves.
+    pub async fn client_gone(&self) {
+        let mut byte = [0u8; 1];
+        if let Ok(n) = self.stream.peek(&mut byte).await
+            && n > 0
+        {
+            std::future::pending::<()>().await;
         }
     }
 
@@ -184,10 +210,12 @@ impl<'s> ResponseWriter<'s> {
 
     /// Starts a response whose body will be flushed piece by piece; nothing is written yet.
     pub fn begin_stream(&mut self, status: u16, content_type: &'static str) {
-        self.pending = Some(PendingHead {
-            status,
-            content_type,
-        });
+        self.begin_stream_with(status, vec![("Content-Type", content_type.to_owned())]);
+    }
+
+    /// Like [`Self::begin_stream`], with all of the handler's headers.
+    pub fn begin_stream_with(&mut self, status: u16, headers: Vec<(&'static str, String)>) {
+        self.pending = Some(PendingHead { status, headers });
     }
 
     /// One flushed write of a streamed body (gin's `c.Stream` step followed by `Flush`).
@@ -208,11 +236,10 @@ impl<'s> ResponseWriter<'s> {
                 self.close = true;
                 Framing::UntilClose
             };
-            let headers = [("Content-Type", head.content_type.to_owned())];
             wire = head_bytes(
                 self.http11,
                 head.status,
-                &headers,
+                &head.headers,
                 framing,
                 self.close,
                 SystemTime::now(),
@@ -238,8 +265,7 @@ impl<'s> ResponseWriter<'s> {
             return Err(self.reset());
         }
         if let Some(head) = self.pending.take() {
-            let headers = [("Content-Type", head.content_type.to_owned())];
-            return self.send(head.status, &headers, b"").await;
+            return self.send(head.status, &head.headers, b"").await;
         }
         if self.http11 && !self.head_only {
             self.stream.write_all(LAST_CHUNK).await?;

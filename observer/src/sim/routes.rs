@@ -4,7 +4,7 @@
 //! Known path with another method → 405 with `Allow` (Ollama sets `HandleMethodNotAllowed`);
 //! unknown path → gin's plain-text 404. Paths are matched exactly, without the query string.
 //! A forced or rolled status fault is answered here, in the error shape of the route's API.
-//! Routes Ollama has but the simulator does not implement (`/api/show`, `/api/embed`, …)
+//! Routes Ollama has but the simulator does not implement (`/api/show`, `/api/pull`, …)
 //! answer 404 like an unknown path.
 
 use std::time::Instant;
@@ -15,7 +15,7 @@ use super::gojson;
 use super::request::Request;
 use super::response::{ResponseWriter, WriteError, status_text};
 use super::server::SimState;
-use super::{listing, ollama, openai};
+use super::{anthropic, completions, embed, listing, ollama, openai, responses};
 
 /// The routes the simulator answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +28,12 @@ pub enum Route {
     Chat,
     ChatCompletions,
     Models,
+    Embed,
+    Embeddings,
+    OpenAiEmbeddings,
+    Completions,
+    Messages,
+    Responses,
 }
 
 /// Ollama's routes for these paths, in registration order (which orders `Allow`).
@@ -41,7 +47,13 @@ const TABLE: &[(&str, &str, Route)] = &[
     ("GET", "/api/ps", Route::Ps),
     ("POST", "/api/generate", Route::Generate),
     ("POST", "/api/chat", Route::Chat),
+    ("POST", "/api/embed", Route::Embed),
+    ("POST", "/api/embeddings", Route::Embeddings),
     ("POST", "/v1/chat/completions", Route::ChatCompletions),
+    ("POST", "/v1/completions", Route::Completions),
+    ("POST", "/v1/embeddings", Route::OpenAiEmbeddings),
+    ("POST", "/v1/responses", Route::Responses),
+    ("POST", "/v1/messages", Route::Messages),
     ("GET", "/v1/models", Route::Models),
 ];
 
@@ -75,11 +87,29 @@ pub fn resolve(method: &str, path: &str) -> Resolution {
 impl Route {
     /// Inference routes are the ones rolled faults and timing apply to.
     pub fn is_inference(self) -> bool {
-        matches!(self, Self::Generate | Self::Chat | Self::ChatCompletions)
+        matches!(
+            self,
+            Self::Generate
+                | Self::Chat
+                | Self::ChatCompletions
+                | Self::Embed
+                | Self::Embeddings
+                | Self::OpenAiEmbeddings
+                | Self::Completions
+                | Self::Messages
+                | Self::Responses
+        )
     }
 
     fn is_openai(self) -> bool {
-        matches!(self, Self::ChatCompletions | Self::Models)
+        matches!(
+            self,
+            Self::ChatCompletions
+                | Self::Models
+                | Self::OpenAiEmbeddings
+                | Self::Completions
+                | Self::Responses
+        )
     }
 }
 
@@ -157,6 +187,8 @@ pub async fn respond(ex: &Exchange<'_>, w: &mut ResponseWriter<'_>) -> Result<()
         let message = fault_message(status);
         return if route.is_openai() {
             openai::handler_error(w, status, &message).await
+        } else if route == Route::Messages {
+            anthropic::fault_error(ex, w, status, &message).await
         } else {
             native_error(w, status, &message).await
         };
@@ -173,6 +205,12 @@ pub async fn respond(ex: &Exchange<'_>, w: &mut ResponseWriter<'_>) -> Result<()
         Route::Chat => ollama::chat(ex, w).await,
         Route::ChatCompletions => openai::chat_completions(ex, w).await,
         Route::Models => listing::openai_models(ex, w).await,
+        Route::Embed => embed::embed(ex, w).await,
+        Route::Embeddings => embed::embeddings(ex, w).await,
+        Route::OpenAiEmbeddings => embed::openai_embeddings(ex, w).await,
+        Route::Completions => completions::completions(ex, w).await,
+        Route::Messages => anthropic::messages(ex, w).await,
+        Route::Responses => responses::responses(ex, w).await,
     }
 }
 

@@ -5,6 +5,7 @@
 //! sequential loop). Accepted sockets get `TCP_NODELAY` as Go sets it, so every flushed chunk
 //! leaves as its own segment. On shutdown the listener stops and open connections are dropped.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{
@@ -22,20 +23,45 @@ use tracing::{debug, info, warn};
 
 use super::config::SimConfig;
 use super::faults::{Dice, FAULT_HEADER, FaultPlan};
-use super::models::ModelCatalog;
+use super::models::{ModelCatalog, SchedulerSettings};
 use super::request::{Request, RequestError, RequestReader};
 use super::response::{ResponseWriter, WriteError};
 use super::routes::{self, Exchange, Resolution, native_error};
+use super::runner::RequestTimeline;
 
-/// Switches a running simulator between serving and stalling, from outside (a test, or
-/// `observer sim`'s SIGUSR1/SIGUSR2). While stalled, inference requests are read and never
-/// answered, as by an Ollama whose GPU hung; listing routes keep answering.
+/// A running simulator seen from outside (a test, or `observer sim`'s SIGUSR1/SIGUSR2): it
+/// switches it between serving and stalling, and keeps the timelines of its last inference
+/// requests. While stalled, inference requests are read and never answered, as by an Ollama
+/// whose GPU hung; listing routes keep answering.
 #[derive(Debug, Clone, Default)]
 pub struct SimControl {
     stalled: Arc<AtomicBool>,
+    timelines: Arc<Mutex<VecDeque<RequestTimeline>>>,
 }
 
+/// Timelines kept; older ones are dropped.
+const TIMELINES_KEPT: usize = 1024;
+
 impl SimControl {
+    /// The timelines of the last inference requests that got a model (not those refused or
+    /// rejected before), oldest first.
+    pub fn timelines(&self) -> Vec<RequestTimeline> {
+        self.lock_timelines().iter().cloned().collect()
+    }
+
+    pub(super) fn record(&self, timeline: RequestTimeline) {
+        let mut timelines = self.lock_timelines();
+        if timelines.len() == TIMELINES_KEPT {
+            timelines.pop_front();
+        }
+        timelines.push_back(timeline);
+    }
+
+    fn lock_timelines(&self) -> std::sync::MutexGuard<'_, VecDeque<RequestTimeline>> {
+        // Plain data: a poisoned lock still holds usable timelines.
+        self.timelines.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn stall(&self) {
         self.stalled.store(true, Ordering::Relaxed);
     }
@@ -55,7 +81,7 @@ pub struct SimState {
     pub config: SimConfig,
     pub models: ModelCatalog,
     dice: Mutex<Dice>,
-    control: SimControl,
+    pub control: SimControl,
 }
 
 impl SimState {
@@ -66,7 +92,15 @@ impl SimState {
                 .map_or(0, |d| d.as_nanos() as u64)
         });
         Self {
-            models: ModelCatalog::new(&config.models, SystemTime::now()),
+            models: ModelCatalog::new(
+                &config.models,
+                SystemTime::now(),
+                SchedulerSettings {
+                    num_parallel: config.num_parallel,
+                    max_queue: config.max_queue,
+                    max_loaded_models: config.max_loaded_models,
+                },
+            ),
             dice: Mutex::new(Dice::new(seed)),
             config,
             control,
