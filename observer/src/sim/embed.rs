@@ -59,12 +59,20 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
-/// `openai.Embedding`: the vector, or its little-endian bytes in base64.
+/// `openai.Embedding`: the vector (float32s, printed as Go prints them), or its
+/// little-endian bytes in base64.
 #[derive(Serialize)]
 struct OpenAiEmbeddingJson<'a> {
     object: &'a str,
-    embedding: Value,
+    embedding: EmbeddingValue<'a>,
     index: usize,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum EmbeddingValue<'a> {
+    Floats(&'a [f32]),
+    Base64(String),
 }
 
 /// `openai.EmbeddingList`.
@@ -308,9 +316,9 @@ async fn answer(
                 .map(|(index, vector)| OpenAiEmbeddingJson {
                     object: "embedding",
                     embedding: if base64 {
-                        Value::from(base64_floats(vector))
+                        EmbeddingValue::Base64(base64_floats(vector))
                     } else {
-                        serde_json::to_value(vector).unwrap_or_default()
+                        EmbeddingValue::Floats(vector)
                     },
                     index,
                 })
@@ -394,6 +402,20 @@ mod tests {
         assert!((norm - 1.0).abs() < 1e-4, "{norm}");
         let text = String::from_utf8(gojson::marshal(&v)).unwrap();
         assert!(!text.contains('e'), "{text}");
+    }
+
+    #[test]
+    fn openai_vectors_print_as_float32() {
+        let vector = [0.421_875_57_f32];
+        let item = OpenAiEmbeddingJson {
+            object: "embedding",
+            embedding: EmbeddingValue::Floats(&vector),
+            index: 0,
+        };
+        assert_eq!(
+            gojson::marshal(&item),
+            br#"{"object":"embedding","embedding":[0.42187557],"index":0}"#
+        );
     }
 
     #[test]
