@@ -398,7 +398,9 @@ pub enum Rejection {
     ServerBusy,
     /// `400`: a prompt or input longer than the context that may not be truncated
     /// (`"truncate": false`): "the input length exceeds the context length", "input exceeds
-    /// maximum context length …", "the prompt is longer than the context length …".
+    /// maximum context length …", "the prompt is longer than the context length …", and
+    /// llama-server's "request (N tokens) exceeds the available context size (M tokens) …",
+    /// which Ollama passes on (whole, as escaped JSON, in v0.32; its message in later ones).
     ContextExceeded,
 }
 
@@ -414,7 +416,7 @@ impl Rejection {
         let has = |needle: &[u8]| memchr::memmem::find(message, needle).is_some();
         if has(b"server busy") {
             Some(Rejection::ServerBusy)
-        } else if has(b"context length") {
+        } else if has(b"context length") || has(b"context size") {
             Some(Rejection::ContextExceeded)
         } else {
             None

@@ -371,7 +371,7 @@ impl Families {
             )?,
             llm_prompts_at_context: b.counter(
                 "llm_prompts_at_context_total",
-                "Requests whose prompt filled 95 % or more of the model's context (truncated by the server, or about to be).",
+                "Requests whose prompt took half or more of the model's context: where Ollama cuts a longer prompt to, silently.",
                 &["model"],
             )?,
             llm_wait_after_cancel: b.histogram(

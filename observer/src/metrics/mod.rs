@@ -360,7 +360,7 @@ impl Metrics {
         }
         if let (Some(tokens), Some(context)) =
             (llm.prompt_tokens, self.capacity.context_length(model))
-            && tokens * 100 >= context * 95
+            && tokens * 2 >= context
         {
             f.llm_prompts_at_context.with_label_values(&[model]).inc();
         }

@@ -894,8 +894,9 @@ fn capacity_comes_from_the_servers_settings_and_the_loaded_models() {
     m.encode(ExpositionFormat::Text);
     assert_eq!(value(&m, "observer_llm_requests_waiting", &[]), Some(0.0));
 
-    // `a` (listed as a:latest) has a context of 1000: a prompt of 950 reaches it, 949 not.
-    for prompt in [949, 950, 2000] {
+    // `a` (listed as a:latest) has a context of 1000: a prompt of 500 reaches the limit Ollama
+    // truncates to, 499 not.
+    for prompt in [499, 500, 1000] {
         let mut ex = chat(Role::Upstream, "a");
         ex.llm.prompt_tokens = Some(prompt);
         m.observe_exchange(&ex);

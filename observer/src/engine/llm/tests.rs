@@ -337,7 +337,15 @@ fn anthropic_messages_stream_reads_usage_thinking_and_tool_use() {
 
 #[test]
 fn error_bodies_name_busy_servers_and_prompts_too_long() {
-    let cases: [(&str, Option<Rejection>); 5] = [
+    let cases: [(&str, Option<Rejection>); 7] = [
+        (
+            r#"{"error":"{\"error\":{\"code\":400,\"message\":\"request (70 tokens) exceeds the available context size (64 tokens), try increasing it\",\"type\":\"exceed_context_size_error\",\"n_prompt_tokens\":70,\"n_ctx\":64}}"}"#,
+            Some(Rejection::ContextExceeded),
+        ),
+        (
+            r#"{"error":"request (70 tokens) exceeds the available context size (64 tokens), try increasing it"}"#,
+            Some(Rejection::ContextExceeded),
+        ),
         (
             r#"{"error":"server busy, please try again.  maximum pending requests exceeded"}"#,
             Some(Rejection::ServerBusy),
