@@ -373,7 +373,7 @@ impl Demo {
 
 /// The simulated Ollama's capacity: fewer slots than users, so that requests queue.
 const SIM_SETTINGS: [(&str, &str); 3] = [
-    ("OLLAMA_NUM_PARALLEL", "4"),
+    ("OLLAMA_NUM_PARALLEL", "2"),
     ("OLLAMA_MAX_QUEUE", "64"),
     ("OLLAMA_CONTEXT_LENGTH", "4096"),
 ];
