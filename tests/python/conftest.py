@@ -32,8 +32,10 @@ class Sim:
     """One `observer sim` process; `host` is its base URL."""
 
     def __init__(self, *flags: str):
+        # Requests sent at once run at once unless a test sets the slots (Ollama's default is 1).
+        parallel = () if "--num-parallel" in flags else ("--num-parallel", "64")
         self.process = subprocess.Popen(
-            [observer_bin(), "sim", "--listen", "127.0.0.1:0", *flags],
+            [observer_bin(), "sim", "--listen", "127.0.0.1:0", *flags, *parallel],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -178,6 +178,9 @@ pub struct Sim {
     pub addr: SocketAddr,
 }
 
+/// The simulators' parallel slots where a test does not set them.
+pub const PARALLEL: u32 = 64;
+
 impl Sim {
     pub fn start(flags: &[&str]) -> Sim {
         Sim::start_on("127.0.0.1:0", flags)
@@ -196,16 +199,26 @@ impl Sim {
     }
 
     /// [`Sim::start_in`] with environment variables, as an operator sets Ollama's
-    /// (`OLLAMA_NUM_PARALLEL`, …).
+    /// (`OLLAMA_NUM_PARALLEL`, …). Unless the test sets the parallel slots (flag or variable),
+    /// the simulator has [`PARALLEL`] of them: tests that send requests at once mean them to
+    /// run at once, where Ollama's default (one) would queue them.
     pub fn start_with_env(
         netns: Option<&str>,
         listen: &str,
         flags: &[&str],
         env: &[(&str, &str)],
     ) -> Sim {
+        let parallel_set = flags.contains(&"--num-parallel")
+            || env.iter().any(|(name, _)| *name == "OLLAMA_NUM_PARALLEL");
+        let parallel = if parallel_set {
+            Vec::new()
+        } else {
+            vec!["--num-parallel".to_owned(), PARALLEL.to_string()]
+        };
         let mut child = super::netns::command(netns, OBSERVER)
             .args(["sim", "--listen", listen])
             .args(flags)
+            .args(parallel)
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

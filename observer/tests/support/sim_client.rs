@@ -23,6 +23,8 @@ pub fn fast_config() -> SimConfig {
             tokens_per_reply: TOKENS,
         },
         seed: Some(7),
+        // Requests sent at once run at once (Ollama's default of one slot would queue them).
+        num_parallel: 64,
         ..SimConfig::default()
     }
 }

@@ -66,6 +66,13 @@ impl Sim {
         let mut child = Command::new(&self.binary)
             .args(["sim", "--listen", &self.addr.to_string()])
             .args(&self.flags)
+            // Load generators send requests at once and mean them to run at once (Ollama's
+            // default of one slot would queue them), unless the caller sets the slots.
+            .args(if self.flags.iter().any(|f| f == "--num-parallel") {
+                &[][..]
+            } else {
+                &["--num-parallel", "256"][..]
+            })
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
