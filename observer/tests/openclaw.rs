@@ -217,6 +217,14 @@ fn openclaw_turns_over_http_and_websocket_are_measured() {
             "5",
             "--tokens",
             "8",
+            // OpenClaw offers its agent tools in every model call; the turns here are answered
+            // in text, as a model that does not use tools answers them.
+            "--no-tool-calls",
+            // Its system prompt alone is 10,500 tokens, sent with `truncate: false`: Ollama's
+            // default context (4096 on a small GPU) refuses it, as the simulator does; operators
+            // set OLLAMA_CONTEXT_LENGTH for OpenClaw.
+            "--context-length",
+            "32768",
         ],
     );
     let openclaw = start_openclaw(&ns, &scratch);

@@ -45,6 +45,8 @@ pub struct SimConfig {
     pub limits: Limits,
     /// What `/api/version` reports.
     pub ollama_version: String,
+    /// Whether a chat that offers tools gets a tool call (`--no-tool-calls`: never).
+    pub tool_calls: bool,
     /// Seed of the fault dice and completion ids; `None` seeds from the clock.
     pub seed: Option<u64>,
 }
@@ -62,6 +64,7 @@ impl Default for SimConfig {
             faults: FaultRates::default(),
             limits: Limits::default(),
             ollama_version: DEFAULT_OLLAMA_VERSION.to_owned(),
+            tool_calls: true,
             seed: None,
         }
     }
@@ -181,6 +184,7 @@ impl SimConfig {
                 max_body_bytes: limits.max_body_bytes,
             },
             ollama_version: sim.ollama_version.clone(),
+            tool_calls: !sim.no_tool_calls,
             seed: args.seed,
         })
     }

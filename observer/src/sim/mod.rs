@@ -53,7 +53,8 @@
 //! `reasoning_effort` / `reasoning.effort`, `none` being false). A thinking reply first streams
 //! ⌈tokens/2⌉ thinking tokens (`message.thinking`, generate's `thinking`, OpenAI's
 //! `reasoning`). A chat request with `tools` whose last message is not a `tool` result gets one
-//! tool call (each call is 12 tokens of `eval_count`) instead of an answer: one line with
+//! tool call (never with `--no-tool-calls`; each call is 12 tokens of `eval_count`) instead of
+//! an answer: one line with
 //! `message.tool_calls` (`call_` ids, each required parameter set to a value of its type),
 //! `done_reason` `stop` (OpenAI: a `tool_calls` delta, `finish_reason` `tool_calls`; the
 //! Responses API: `function_call` items; Anthropic: `tool_use` blocks, `stop_reason`
@@ -145,6 +146,10 @@ pub struct SimArgs {
     /// Version reported by /api/version.
     #[arg(long, value_name = "VERSION", default_value = DEFAULT_OLLAMA_VERSION)]
     pub ollama_version: String,
+    /// Never answer with a tool call, even when the request offers tools (a model that does
+    /// not use them; `X-Sim-Fault: tool-calls=N` still forces calls).
+    #[arg(long)]
+    pub no_tool_calls: bool,
     // Boxed so that the CLI's command enum stays small.
     #[command(flatten)]
     pub timing: Box<TimingArgs>,
