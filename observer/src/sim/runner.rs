@@ -65,12 +65,9 @@ pub fn reply_shape(
             }
         }
     };
-    let tool_calls = ex
-        .plan
-        .tool_calls
-        .unwrap_or(u32::from(
-            ex.sim.config.tool_calls && !req.tools.is_empty() && !req.after_tool_result,
-        ));
+    let tool_calls = ex.plan.tool_calls.unwrap_or(u32::from(
+        ex.sim.config.tool_calls && !req.tools.is_empty() && !req.after_tool_result,
+    ));
     Ok(ReplyShape {
         thinking,
         tool_calls,
