@@ -296,20 +296,7 @@ fn decode_chat_completion(body: &[u8]) -> Result<InferenceRequest, DecodeError> 
             _ => texts.push(prompt_text("", system)),
         }
     }
-    let stream_options = gojson::opt_object(
-        &obj,
-        "stream_options",
-        &format!("{T}.stream_options"),
-        "openai.StreamOptions",
-    )?;
-    let include_usage = match stream_options {
-        Some(options) => gojson::opt_bool(
-            options,
-            "include_usage",
-            &format!("{T}.stream_options.include_usage"),
-        )?,
-        None => None,
-    };
+    let include_usage = include_usage(&obj, T)?;
     Ok(InferenceRequest {
         model: model(&obj, &format!("{T}.model"))?,
         stream: gojson::opt_bool(&obj, "stream", &format!("{T}.stream"))?.unwrap_or(false),
@@ -320,7 +307,7 @@ fn decode_chat_completion(body: &[u8]) -> Result<InferenceRequest, DecodeError> 
         num_ctx: None,
         fit: PromptFit::default(),
         raw: false,
-        include_usage: include_usage.unwrap_or(false),
+        include_usage,
         think: None,
         tools: tools(&obj, &format!("{T}.tools"))?,
         after_tool_result: messages
@@ -331,26 +318,32 @@ fn decode_chat_completion(body: &[u8]) -> Result<InferenceRequest, DecodeError> 
     })
 }
 
+/// `stream_options.include_usage` of an OpenAI request body of Go type `T` (false when absent).
+fn include_usage(obj: &Map<String, Value>, t: &str) -> Result<bool, DecodeError> {
+    let Some(options) = gojson::opt_object(
+        obj,
+        "stream_options",
+        &format!("{t}.stream_options"),
+        "openai.StreamOptions",
+    )?
+    else {
+        return Ok(false);
+    };
+    Ok(gojson::opt_bool(
+        options,
+        "include_usage",
+        &format!("{t}.stream_options.include_usage"),
+    )?
+    .unwrap_or(false))
+}
+
 /// A `/v1/completions` body (`openai.CompletionRequest`; `stream` defaults to false), as
 /// `FromCompleteRequest` makes it a generate request.
 pub fn parse_completion(body: &[u8]) -> Result<InferenceRequest, DecodeError> {
     const T: &str = "CompletionRequest";
     let obj = gojson::decode_object(body, "openai.CompletionRequest")?;
     let prompt = gojson::opt_str(&obj, "prompt", &format!("{T}.prompt"))?.unwrap_or_default();
-    let stream_options = gojson::opt_object(
-        &obj,
-        "stream_options",
-        &format!("{T}.stream_options"),
-        "openai.StreamOptions",
-    )?;
-    let include_usage = match stream_options {
-        Some(options) => gojson::opt_bool(
-            options,
-            "include_usage",
-            &format!("{T}.stream_options.include_usage"),
-        )?,
-        None => None,
-    };
+    let include_usage = include_usage(&obj, T)?;
     Ok(InferenceRequest {
         model: model(&obj, &format!("{T}.model"))?,
         stream: gojson::opt_bool(&obj, "stream", &format!("{T}.stream"))?.unwrap_or(false),
@@ -361,7 +354,7 @@ pub fn parse_completion(body: &[u8]) -> Result<InferenceRequest, DecodeError> {
         num_ctx: None,
         fit: PromptFit::default(),
         raw: false,
-        include_usage: include_usage.unwrap_or(false),
+        include_usage,
         think: None,
         tools: Vec::new(),
         after_tool_result: false,
