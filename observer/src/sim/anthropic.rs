@@ -22,6 +22,7 @@ use serde_json::{Map, Value};
 use super::generation::{Piece, PromptFit, PromptText};
 use super::gojson::{self, DecodeError};
 use super::inference_request::{InferenceRequest, tools_from};
+use super::openai::send_encoded;
 use super::response::{ResponseWriter, WriteError};
 use super::routes::{Exchange, JSON_UTF8, MID_STREAM_ERROR};
 use super::runner::{self, Run, ToolCall};
@@ -119,13 +120,7 @@ pub async fn fault_error(
     status: u16,
     message: &str,
 ) -> Result<(), WriteError> {
-    let body = gojson::encode_line(&error_json(ex, status, message));
-    w.send(
-        status,
-        &[("Content-Type", "application/json".to_owned())],
-        &body,
-    )
-    .await
+    send_encoded(w, status, &error_json(ex, status, message)).await
 }
 
 /// A `/v1/messages` request: the chat request it becomes, and the middleware's estimate.
@@ -412,28 +407,12 @@ pub async fn messages(ex: &Exchange<'_>, w: &mut ResponseWriter<'_>) -> Result<(
         Err(message) => return middleware_error(ex, w, 400, &message).await,
     };
     let inner = &req.inner;
-    let Some(model) = ex.sim.models.find(&inner.model) else {
-        let message = format!("model '{}' not found", inner.model);
-        return handler_error(ex, w, &req, 404, &message).await;
-    };
     // `relax_thinking`: thinking asked of a model that cannot think is dropped, not refused.
-    let relaxed;
-    let shaped = if inner.think == Some(true) && !model.info.thinks {
-        relaxed = InferenceRequest {
-            think: None,
-            ..inner.clone()
-        };
-        &relaxed
-    } else {
-        inner
-    };
-    let shape = match runner::reply_shape(ex, shaped, model) {
-        Ok(shape) => shape,
-        Err(message) => return handler_error(ex, w, &req, 400, &message).await,
-    };
-    let loaded = match runner::schedule(ex, model, inner.num_ctx).await {
-        Ok(loaded) => loaded,
-        Err(full) => return handler_error(ex, w, &req, 503, &full.to_string()).await,
+    let (loaded, shape) = match runner::admit(ex, inner, true).await {
+        Ok(admitted) => admitted,
+        Err(refusal) => {
+            return handler_error(ex, w, &req, refusal.status, &refusal.message).await;
+        }
     };
     let mut run = match loaded.start(ex, w, inner, shape).await? {
         Ok(run) => run,
@@ -676,13 +655,7 @@ async fn whole(
             output_tokens: metrics.eval_count,
         },
     };
-    let body = gojson::encode_line(&message);
-    w.send(
-        200,
-        &[("Content-Type", "application/json".to_owned())],
-        &body,
-    )
-    .await
+    send_encoded(w, 200, &message).await
 }
 
 #[cfg(test)]

@@ -108,18 +108,11 @@ pub async fn completions(ex: &Exchange<'_>, w: &mut ResponseWriter<'_>) -> Resul
         Ok(req) => req,
         Err(err) => return middleware_error(w, 400, &err.to_string()).await,
     };
-    let Some(model) = ex.sim.models.find(&req.model) else {
-        return handler_error(w, 404, &format!("model '{}' not found", req.model)).await;
+    let (loaded, shape) = match runner::admit(ex, &req, false).await {
+        Ok(admitted) => admitted,
+        Err(refusal) => return handler_error(w, refusal.status, &refusal.message).await,
     };
     let id = format!("cmpl-{}", ex.sim.roll_below(999));
-    let shape = match runner::reply_shape(ex, &req, model) {
-        Ok(shape) => shape,
-        Err(message) => return handler_error(w, 400, &message).await,
-    };
-    let loaded = match runner::schedule(ex, model, req.num_ctx).await {
-        Ok(loaded) => loaded,
-        Err(full) => return handler_error(w, 503, &full.to_string()).await,
-    };
     if req.load_only {
         loaded.release(ex);
         return load_only(w, &req, &id).await;

@@ -218,17 +218,9 @@ async fn inference(
             }
         };
     }
-    let Some(model) = ex.sim.models.find(&req.model) else {
-        return native_error(w, 404, &format!("model '{}' not found", req.model)).await;
-    };
-    let shape = match runner::reply_shape(ex, &req, model) {
-        Ok(shape) => shape,
-        Err(message) => return native_error(w, 400, &message).await,
-    };
-    let loaded = match runner::schedule(ex, model, req.num_ctx).await {
-        Ok(loaded) => loaded,
-        // handleScheduleError: c.JSON(503, …).
-        Err(full) => return native_error(w, 503, &full.to_string()).await,
+    let (loaded, shape) = match runner::admit(ex, &req, false).await {
+        Ok(admitted) => admitted,
+        Err(refusal) => return native_error(w, refusal.status, &refusal.message).await,
     };
     if req.load_only {
         loaded.release(ex);

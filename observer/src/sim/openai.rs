@@ -299,18 +299,11 @@ pub async fn chat_completions(
     if req.model.trim().is_empty() {
         return handler_error(w, 400, "model is required").await;
     }
-    let Some(model) = ex.sim.models.find(&req.model) else {
-        return handler_error(w, 404, &format!("model '{}' not found", req.model)).await;
+    let (loaded, shape) = match runner::admit(ex, &req, false).await {
+        Ok(admitted) => admitted,
+        Err(refusal) => return handler_error(w, refusal.status, &refusal.message).await,
     };
     let id = format!("chatcmpl-{}", ex.sim.roll_below(999));
-    let shape = match runner::reply_shape(ex, &req, model) {
-        Ok(shape) => shape,
-        Err(message) => return handler_error(w, 400, &message).await,
-    };
-    let loaded = match runner::schedule(ex, model, req.num_ctx).await {
-        Ok(loaded) => loaded,
-        Err(full) => return handler_error(w, 503, &full.to_string()).await,
-    };
     let mut run = match loaded.start(ex, w, &req, shape).await? {
         Ok(run) => run,
         Err(too_long) if req.stream => return stream_error(w, 400, &too_long.message()).await,

@@ -22,7 +22,7 @@ use serde_json::{Map, Value, json};
 use super::generation::{Piece, PromptFit, PromptText};
 use super::gojson::{self, DecodeError};
 use super::inference_request::{InferenceRequest, think_from_effort, tools_from};
-use super::openai::{ToolCallJson, error_json, handler_error, middleware_error};
+use super::openai::{ToolCallJson, error_json, handler_error, middleware_error, send_encoded};
 use super::response::{ResponseWriter, WriteError};
 use super::routes::{Exchange, MID_STREAM_ERROR};
 use super::runner::{self, Run};
@@ -407,17 +407,9 @@ pub async fn responses(ex: &Exchange<'_>, w: &mut ResponseWriter<'_>) -> Result<
     if inner.model.trim().is_empty() {
         return error(w, inner.stream, 400, "model is required").await;
     }
-    let Some(model) = ex.sim.models.find(&inner.model) else {
-        let message = format!("model '{}' not found", inner.model);
-        return error(w, inner.stream, 404, &message).await;
-    };
-    let shape = match runner::reply_shape(ex, inner, model) {
-        Ok(shape) => shape,
-        Err(message) => return error(w, inner.stream, 400, &message).await,
-    };
-    let loaded = match runner::schedule(ex, model, inner.num_ctx).await {
-        Ok(loaded) => loaded,
-        Err(full) => return error(w, inner.stream, 503, &full.to_string()).await,
+    let (loaded, shape) = match runner::admit(ex, inner, false).await {
+        Ok(admitted) => admitted,
+        Err(refusal) => return error(w, inner.stream, refusal.status, &refusal.message).await,
     };
     let mut run = match loaded.start(ex, w, inner, shape).await? {
         Ok(run) => run,
@@ -751,13 +743,7 @@ async fn whole(
         safety_identifier: None,
         prompt_cache_key: None,
     };
-    let body = gojson::encode_line(&response);
-    w.send(
-        200,
-        &[("Content-Type", "application/json".to_owned())],
-        &body,
-    )
-    .await
+    send_encoded(w, 200, &response).await
 }
 
 #[cfg(test)]

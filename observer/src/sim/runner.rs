@@ -1,5 +1,6 @@
 //! One inference request through Ollama's scheduler and runner, whichever API it came by:
-//! the scheduler's queue and the model load ([`schedule`], 503 when the queue is full), a
+//! what Ollama checks before it runs one ([`admit`]: the model, the reply's shape, the
+//! scheduler's queue and the model load, 503 when the queue is full), a
 //! parallel slot, the prompt fitted to the context ([`Loaded::start`], 400 when it cannot be),
 //! tokens until the reply is done or the client goes ([`Run`]), and the request's
 //! [`RequestTimeline`]. The API modules render what happens here in their own shapes.
@@ -46,7 +47,7 @@ pub struct RequestTimeline {
 /// calls (`tool-calls=N`, else one when the request offers tools and its last message is not a
 /// tool's result) instead of the answer. `Err`: Ollama's 400 for `think` on a model that
 /// cannot think.
-pub fn reply_shape(
+fn reply_shape(
     ex: &Exchange<'_>,
     req: &InferenceRequest,
     model: &Model,
@@ -96,6 +97,43 @@ pub fn tool_call(ex: &Exchange<'_>, req: &InferenceRequest, index: u32) -> ToolC
         name: spec.map_or("sim_tool", |s| s.name.as_str()).to_owned(),
         arguments: spec.map(|s| s.arguments.clone()).unwrap_or_default(),
     }
+}
+
+/// Why a request was refused before it ran: its status and Ollama's message, which each API
+/// renders in its own error shape.
+pub struct Refusal {
+    pub status: u16,
+    pub message: String,
+}
+
+/// Ollama's handlers before a generation runs, in their order: the model (404 when it is not
+/// there), the reply's shape (400 for thinking the model cannot do; with `relax_thinking`, as
+/// the Anthropic middleware's `relax_thinking`, such thinking is dropped instead), the
+/// scheduler (503 when its queue is full; else the model loaded).
+pub async fn admit<'a>(
+    ex: &Exchange<'a>,
+    req: &InferenceRequest,
+    relax_thinking: bool,
+) -> Result<(Loaded<'a>, ReplyShape), Refusal> {
+    let refuse = |status, message| Refusal { status, message };
+    let Some(model) = ex.sim.models.find(&req.model) else {
+        return Err(refuse(404, format!("model '{}' not found", req.model)));
+    };
+    let shape = if relax_thinking && req.think == Some(true) && !model.info.thinks {
+        let relaxed = InferenceRequest {
+            think: None,
+            ..req.clone()
+        };
+        reply_shape(ex, &relaxed, model)
+    } else {
+        reply_shape(ex, req, model)
+    }
+    .map_err(|message| refuse(400, message))?;
+    // handleScheduleError: c.JSON(503, …).
+    let loaded = schedule(ex, model, req.num_ctx)
+        .await
+        .map_err(|full| refuse(503, full.to_string()))?;
+    Ok((loaded, shape))
 }
 
 /// A request whose model is loaded with its context (Ollama's `checkpointLoaded`).
