@@ -412,11 +412,13 @@ impl Rejection {
         }
     }
 
-    fn of_message(message: &[u8]) -> Option<Rejection> {
-        let has = |needle: &[u8]| memchr::memmem::find(message, needle).is_some();
-        if has(b"server busy") {
+    /// What a string `value` (an error's text) names; `None` for any other value.
+    fn of_value(value: &[u8]) -> Option<Rejection> {
+        let message = string_value(value, MAX_MESSAGE)?;
+        let has = |needle: &str| message.contains(needle);
+        if has("server busy") {
             Some(Rejection::ServerBusy)
-        } else if has(b"context length") || has(b"context size") {
+        } else if has("context length") || has("context size") {
             Some(Rejection::ContextExceeded)
         } else {
             None
@@ -560,16 +562,11 @@ impl ResponseScan {
                 // The Responses API carries `"error": null` in its lifecycle events.
                 b"error" => {
                     self.facts.error |= !value.starts_with(b"null");
-                    if let Some(rejection) = string_value(value, MAX_MESSAGE)
-                        .and_then(|message| Rejection::of_message(message.as_bytes()))
-                    {
-                        fields.rejection = Some(rejection);
-                    }
+                    fields.rejection = Rejection::of_value(value).or(fields.rejection);
                 }
                 // OpenAI's and Anthropic's error objects: `{"error":{"message":…}}`.
-                b"message" if fields.rejection.is_none() => {
-                    fields.rejection = string_value(value, MAX_MESSAGE)
-                        .and_then(|message| Rejection::of_message(message.as_bytes()));
+                b"message" => {
+                    fields.rejection = fields.rejection.or_else(|| Rejection::of_value(value))
                 }
                 b"done_reason" | b"finish_reason" | b"stop_reason" => {
                     if let Some(reason) = string_value(value, MAX_REASON) {

@@ -118,19 +118,16 @@ impl CapacityBoard {
         }
     }
 
-    /// Marks `model` cancelled when `cancelled`; returns whether a cancellation of it was
-    /// marked before this request finished.
-    pub fn note_cancel(&self, model: &str, cancelled: bool) -> bool {
+    /// One finished request of `model`: a `cancelled` one marks the model; the first request
+    /// after it that reports its queue wait (`timed`) takes the mark, and `true` says its wait
+    /// is the one that followed a cancellation.
+    pub fn after_cancel(&self, model: &str, cancelled: bool, timed: bool) -> bool {
         let mut state = self.lock();
-        let before = state.cancelled.contains(model);
         if cancelled {
             state.cancelled.insert(model.to_owned());
+            false
+        } else {
+            timed && state.cancelled.remove(model)
         }
-        before && !cancelled
-    }
-
-    /// The request after a cancellation has been observed.
-    pub fn clear_cancel(&self, model: &str) {
-        self.lock().cancelled.remove(model);
     }
 }

@@ -344,15 +344,17 @@ impl Metrics {
                 .observe(tokens as f64 / seconds(ns));
         }
         let cancelled = labels::done_reason(llm) == "incomplete" && ex.status == Some(200);
-        let after_cancel = self.capacity.note_cancel(model, cancelled);
-        if let Some(split) = TimeSplit::of(ex) {
+        let split = TimeSplit::of(ex);
+        let after_cancel = self
+            .capacity
+            .after_cancel(model, cancelled, split.is_some());
+        if let Some(split) = split {
             for (phase, ns) in split.phases() {
                 f.llm_phase
                     .with_label_values(&[model, phase])
                     .observe(seconds(ns));
             }
             if after_cancel {
-                self.capacity.clear_cancel(model);
                 f.llm_wait_after_cancel
                     .with_label_values(&[model])
                     .observe(seconds(split.queue_ns));
