@@ -101,12 +101,9 @@ pub fn start(
     let capacity = metrics.capacity();
     let mut sample = move || {
         processes.refresh(Path::new("/proc"), &watch);
-        capacity.set_servers(&server_settings::read(
-            Path::new("/proc"),
-            &processes.targets(),
-        ));
+        let targets: Targets = processes.targets();
+        capacity.set_servers(&server_settings::read(Path::new("/proc"), &targets));
         if let Some(gpu) = gpu.as_mut() {
-            let targets: Targets = processes.targets();
             gpu.refresh(&|pid| targets.role_of(pid));
         }
     };
