@@ -1,14 +1,18 @@
 //! `observer check`: what this host supports and which mode will work.
 //!
-//! Gathers facts (kernel, BTF, tracefs, privileges, tracepoints, a real load and attach of the
-//! embedded object, NVML, listeners on the watched ports) into a [`CheckReport`], then prints
-//! it for a person or as JSON. Exit 0 only when eBPF mode can run. It changes nothing on the
+//! Gathers facts (kernel and its minimum, BTF, lockdown, the BPF features and helpers the
+//! capture uses, tracefs, privileges, tracepoints, a real load and attach of every program of
+//! the embedded object, NVML, listeners on the watched ports) into a [`CheckReport`], then
+//! prints it for a person or as JSON. Exit 0 only when eBPF mode can run. It changes nothing on the
 //! host except mounting tracefs when it is missing (as the daemon would).
 
 use std::{path::Path, process::ExitCode};
 
 use crate::{
-    capture::{self, Capture, CaptureConfig, REQUIRED_TRACEPOINTS, WatchedPort, seed},
+    capture::{
+        self, Capture, CaptureConfig, RAW_TRACEPOINTS, REQUIRED_TRACEPOINTS, TRACEPOINTS,
+        WatchedPort, kernel, seed,
+    },
     gpu::{self, GpuPresence},
     tracefs,
 };
@@ -24,24 +28,45 @@ pub struct CheckArgs {
 }
 
 const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
-/// The program `check` attaches to prove that attaching works: the raw tracepoint on every
-/// system call's exit (the kind of program, and the tracepoint, the capture depends on).
-const PROBE_PROGRAM: &str = "sys_exit";
+
+/// What the capture loses on a kernel without BTF (the layouts `capture::btf` reads).
+const WITHOUT_BTF: &str = "without BTF the capture runs with less: connections are not followed into forked children, a process's exit is taken from its first thread's, and a process calling its own watched port may be taken for a relay";
 
 #[derive(Debug, serde::Serialize)]
 pub struct CheckReport {
     pub kernel: String,
+    /// The oldest kernel the capture runs on (`5.8`).
+    pub minimum_kernel: String,
     pub btf: bool,
+    /// `none`, `integrity` or `confidentiality`; `None` where the kernel has no lockdown.
+    pub lockdown: Option<String>,
+    /// The map type, program types and helpers the capture uses, probed on this kernel.
+    pub features: Vec<kernel::Feature>,
     pub tracefs: Result<tracefs::Tracefs, String>,
     pub privileges: Privileges,
     pub tracepoints: Vec<TracepointCheck>,
-    pub program: Result<String, String>,
+    /// Every program of the embedded object, loaded and attached for real (then detached).
+    pub programs: Vec<ProgramCheck>,
     pub nvml: GpuPresence,
     pub listeners: Vec<PortListeners>,
     /// `ebpf` when `observer run` will work, else `proxy`.
     pub mode: &'static str,
     /// Why eBPF mode will not work (empty when it will).
     pub problems: Vec<String>,
+    /// What works less well on this kernel, though eBPF mode works.
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct ProgramCheck {
+    /// The program's name in the object (its tracepoint's name).
+    pub name: &'static str,
+    /// `raw_tracepoint` or `tracepoint`.
+    pub kind: &'static str,
+    /// Where it attaches: `sys_exit`, `sock:inet_sock_set_state`.
+    pub attach_to: String,
+    /// `Ok` when it loaded and attached; else why not.
+    pub result: Result<(), String>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -98,10 +123,13 @@ pub fn gather(watch: &[WatchedPort]) -> CheckReport {
         })
         .collect();
     // Attaching needs tracefs; without it the load would only repeat the tracefs problem.
-    let program = match &tracefs {
-        Ok(_) => try_load_and_attach(watch),
-        Err(_) => Err("not attempted: tracefs is unavailable".to_string()),
+    let programs = match &tracefs {
+        Ok(_) => load_and_attach_each(watch),
+        Err(_) => every_program(|_| Err("not attempted: tracefs is unavailable".to_string())),
     };
+    let features = kernel::probe_features();
+    let kernel = kernel::release();
+    let lockdown = kernel::lockdown();
     let listeners = watch
         .iter()
         .map(|w| PortListeners {
@@ -113,6 +141,31 @@ pub fn gather(watch: &[WatchedPort]) -> CheckReport {
 
     let btf = Path::new(BTF_PATH).is_file();
     let mut problems = Vec::new();
+    if kernel::older_than_minimum(&kernel) == Some(true) {
+        problems.push(format!(
+            "kernel {kernel} is older than {}.{}, the first with BPF ring buffers (a vendor kernel may carry them back-ported: see the features below)",
+            kernel::MINIMUM.0,
+            kernel::MINIMUM.1
+        ));
+    }
+    let lacking: Vec<String> = features
+        .iter()
+        .filter(|f| f.available == Some(false))
+        .map(|f| format!("{} (Linux {})", f.name, f.since))
+        .collect();
+    if !lacking.is_empty() {
+        let mut text = format!("this kernel lacks {}", lacking.join(", "));
+        if lockdown.as_deref() == Some("confidentiality") {
+            text.push_str(
+                "; the kernel is locked down (lockdown=confidentiality), which withholds the helpers that read kernel memory",
+            );
+        }
+        problems.push(text);
+    }
+    let mut warnings = Vec::new();
+    if !btf {
+        warnings.push(format!("{BTF_PATH} is missing: {WITHOUT_BTF}"));
+    }
     if let Err(err) = &tracefs {
         problems.push(format!("tracefs: {err}"));
     }
@@ -124,44 +177,81 @@ pub fn gather(watch: &[WatchedPort]) -> CheckReport {
     if !missing.is_empty() {
         problems.push(format!("missing tracepoints: {}", missing.join(", ")));
     }
-    if let (Ok(_), Err(err)) = (&tracefs, &program) {
-        problems.push(format!("eBPF program: {err}"));
+    if tracefs.is_ok() {
+        problems.extend(programs.iter().filter_map(|p| {
+            p.result
+                .as_ref()
+                .err()
+                .map(|err| format!("eBPF program {}: {err}", p.name))
+        }));
     }
     CheckReport {
-        kernel: kernel_release(),
+        kernel,
+        minimum_kernel: format!("{}.{}", kernel::MINIMUM.0, kernel::MINIMUM.1),
         btf,
+        lockdown,
+        features,
         tracefs,
         privileges: privileges(),
         tracepoints,
-        program,
+        programs,
         nvml: gpu::detect(),
         listeners,
         mode: if problems.is_empty() { "ebpf" } else { "proxy" },
         problems,
+        warnings,
     }
 }
 
-/// Loads the embedded object for real and attaches one program, then detaches it.
-fn try_load_and_attach(watch: &[WatchedPort]) -> Result<String, String> {
+/// A [`ProgramCheck`] for every program of the object, with `result` for each.
+fn every_program(mut result: impl FnMut(&str) -> Result<(), String>) -> Vec<ProgramCheck> {
+    let mut checks: Vec<ProgramCheck> = RAW_TRACEPOINTS
+        .iter()
+        .map(|&name| ProgramCheck {
+            name,
+            kind: "raw_tracepoint",
+            attach_to: name.to_string(),
+            result: result(name),
+        })
+        .collect();
+    checks.extend(TRACEPOINTS.iter().map(|&(category, name)| ProgramCheck {
+        name,
+        kind: "tracepoint",
+        attach_to: format!("{category}:{name}"),
+        result: result(name),
+    }));
+    checks
+}
+
+/// Loads the embedded object for real, loads and attaches each program, then detaches them
+/// all. One that fails does not stop the others: each is reported.
+fn load_and_attach_each(watch: &[WatchedPort]) -> Vec<ProgramCheck> {
     let config = CaptureConfig {
         watch: watch.to_vec(),
         ..CaptureConfig::default()
     };
-    let mut capture = Capture::load(&config).map_err(|err| format!("{err:#}"))?;
-    capture
-        .attach_raw(PROBE_PROGRAM)
-        .map_err(|err| format!("{err:#}"))?;
-    capture.detach().map_err(|err| format!("{err:#}"))?;
-    Ok(format!(
-        "loaded the embedded object, attached {PROBE_PROGRAM} to the raw tracepoint {PROBE_PROGRAM} and detached it; ring buffer {} MiB",
-        config.ring_bytes >> 20
-    ))
-}
-
-fn kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|err| format!("unknown ({err})"))
+    let mut capture = match Capture::load(&config) {
+        Ok(capture) => capture,
+        Err(err) => {
+            let err = format!("{err:#}");
+            return every_program(|_| Err(err.clone()));
+        }
+    };
+    let mut checks = every_program(|_| Ok(()));
+    for check in &mut checks {
+        let attached = match check.kind {
+            "raw_tracepoint" => capture.attach_raw(check.name),
+            _ => {
+                let (category, name) = check.attach_to.split_once(':').unwrap_or_default();
+                capture.attach(check.name, category, name)
+            }
+        };
+        check.result = attached.map_err(|err| format!("{err:#}"));
+    }
+    if let Err(err) = capture.detach() {
+        tracing::warn!("detaching the programs check attached: {err:#}");
+    }
+    checks
 }
 
 fn privileges() -> Privileges {
@@ -193,7 +283,13 @@ pub fn render(report: &CheckReport) -> String {
     let mut line = |label: &str, text: &str| {
         let _ = writeln!(out, "{label:<13} {text}");
     };
-    line("kernel", &report.kernel);
+    line(
+        "kernel",
+        &format!(
+            "{} (the capture needs {} or newer)",
+            report.kernel, report.minimum_kernel
+        ),
+    );
     line(
         "BTF",
         if report.btf {
@@ -202,6 +298,29 @@ pub fn render(report: &CheckReport) -> String {
             "no (/sys/kernel/btf/vmlinux missing)"
         },
     );
+    line(
+        "lockdown",
+        report
+            .lockdown
+            .as_deref()
+            .unwrap_or("not reported (no securityfs, or no lockdown in this kernel)"),
+    );
+    let available = report
+        .features
+        .iter()
+        .filter(|f| f.available == Some(true))
+        .count();
+    line(
+        "BPF features",
+        &format!("{available} of {} available", report.features.len()),
+    );
+    for f in report.features.iter().filter(|f| f.available != Some(true)) {
+        let status = match f.available {
+            Some(false) => "MISSING",
+            _ => "UNKNOWN",
+        };
+        line("", &format!("{status} {} (Linux {})", f.name, f.since));
+    }
     match &report.tracefs {
         Ok(t) => line(
             "tracefs",
@@ -243,9 +362,25 @@ pub fn render(report: &CheckReport) -> String {
     } else {
         line("tracepoints", "not checked (tracefs unavailable)");
     }
-    match &report.program {
-        Ok(text) => line("eBPF program", text),
-        Err(err) => line("eBPF program", &format!("FAILED: {err}")),
+    let loaded = report.programs.iter().filter(|p| p.result.is_ok()).count();
+    line(
+        "programs",
+        &format!(
+            "{loaded} of {} loaded and attached (then detached)",
+            report.programs.len()
+        ),
+    );
+    for p in &report.programs {
+        match &p.result {
+            Ok(()) => line(
+                "",
+                &format!("ok      {} ({} {})", p.name, p.kind, p.attach_to),
+            ),
+            Err(err) => line(
+                "",
+                &format!("FAILED  {} ({} {}): {err}", p.name, p.kind, p.attach_to),
+            ),
+        }
     }
     match &report.nvml {
         GpuPresence::Available {
@@ -288,6 +423,9 @@ pub fn render(report: &CheckReport) -> String {
                 ),
             );
         }
+    }
+    for warning in &report.warnings {
+        let _ = writeln!(out, "\nnote: {warning}");
     }
     if report.mode == "ebpf" {
         let _ = writeln!(

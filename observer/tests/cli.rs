@@ -55,13 +55,40 @@ fn check_reports_ebpf_mode_with_tracepoints_and_listeners() {
     assert_eq!(report["mode"], "ebpf");
     assert_eq!(report["problems"], serde_json::json!([]));
     assert_eq!(report["btf"], true);
+    // Every program of the object loaded and attached, each named with its tracepoint.
+    let programs = report["programs"].as_array().unwrap();
+    assert_eq!(programs.len(), observer::capture::program_count());
     assert!(
-        report["program"]["Ok"]
-            .as_str()
-            .unwrap()
-            .contains("attached sys_exit to the raw tracepoint sys_exit"),
-        "{report:#}"
+        programs
+            .iter()
+            .all(|p| p["result"] == serde_json::json!({"Ok": null})),
+        "{programs:#?}"
     );
+    assert!(
+        programs
+            .iter()
+            .any(|p| p["name"] == "sys_exit" && p["kind"] == "raw_tracepoint"),
+        "{programs:#?}"
+    );
+    assert!(
+        programs
+            .iter()
+            .any(|p| p["attach_to"] == "sock:inet_sock_set_state" && p["kind"] == "tracepoint"),
+        "{programs:#?}"
+    );
+    // The floor and every feature the capture uses, each available on this kernel.
+    assert_eq!(report["minimum_kernel"], "5.8");
+    let features = report["features"].as_array().unwrap();
+    assert_eq!(
+        features.len(),
+        3 + observer::capture::kernel::HELPERS.len(),
+        "{features:#?}"
+    );
+    assert!(
+        features.iter().all(|f| f["available"] == true),
+        "{features:#?}"
+    );
+    assert_eq!(report["warnings"], serde_json::json!([]));
     let tracepoints = report["tracepoints"].as_array().unwrap();
     assert_eq!(
         tracepoints.len(),
@@ -104,6 +131,15 @@ fn check_human_output_names_the_mode_and_each_tracepoint() {
     assert!(output.status.success(), "{stdout}\n{}", stderr_of(&output));
     assert!(stdout.contains("eBPF mode works"), "{stdout}");
     assert!(stdout.contains("found   raw_syscalls:sys_exit"), "{stdout}");
+    assert!(
+        stdout.contains("(the capture needs 5.8 or newer)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("5 of 5 loaded and attached")
+            && stdout.contains("ok      task_newtask (tracepoint task:task_newtask)"),
+        "{stdout}"
+    );
     assert!(
         stdout.contains("18789 (gateway)") && stdout.contains("11434 (upstream)"),
         "{stdout}"

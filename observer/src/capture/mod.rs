@@ -11,6 +11,7 @@ pub mod btf;
 pub mod config;
 pub mod decode;
 pub mod endpoints;
+pub mod kernel;
 pub mod own_ports;
 pub mod reader;
 pub mod seed;
@@ -246,7 +247,7 @@ impl Capture {
             .map_max_entries(names::REFS, config.max_conns)
             .map_max_entries(names::LISTENERS, config.max_listeners)
             .load(BPF_OBJECT)
-            .context("loading the kernel object (are you root, with BPF allowed?)")?;
+            .map_err(kernel::object_failure)?;
         // The logger owns the log map: it must outlive the programs that write to it.
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => Some(logger),
@@ -402,7 +403,7 @@ impl Capture {
         if program.fd().is_err() {
             program
                 .load()
-                .with_context(|| format!("verifier rejected {name}"))?;
+                .map_err(|err| kernel::load_failure(name, err))?;
         }
         let link = program
             .attach(name)
@@ -426,7 +427,7 @@ impl Capture {
         if tracepoint.fd().is_err() {
             tracepoint
                 .load()
-                .with_context(|| format!("verifier rejected {program}"))?;
+                .map_err(|err| kernel::load_failure(program, err))?;
         }
         let link = tracepoint
             .attach(category, name)
