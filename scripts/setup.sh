@@ -14,7 +14,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/env.sh
 
 BPF_LINKER_VERSION=0.13.0
-APT_PACKAGES=(llvm-22-dev bpftool nginx-light curl prometheus wrk systemd iproute2 nftables socat)
+APT_PACKAGES=(llvm-22-dev bpftool nginx-light curl prometheus wrk systemd iproute2 nftables socat qemu-system-x86 debian-archive-keyring)
 
 say() { printf 'setup: %s\n' "$*"; }
 

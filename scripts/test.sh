@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up (idempotently) and runs every check and test: formatting, clippy, the kernel object
-# build, the Rust tests (kernel tests included: they need root), and the Python client tests.
+# build, the Rust tests (kernel tests included: they need root), the capture on other kernels
+# in VMs (`cargo xtask kernels`), and the Python client tests.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
@@ -25,6 +26,10 @@ step "build"
 cargo build --locked
 step "Rust tests"
 cargo test --locked
+step "kernels in VMs: Debian 11's 5.10, Debian 12's 6.1 and 6.12"
+cargo xtask kernels 5.10 6.1 6.12
+step "a kernel that cannot load the programs is reported as such (lockdown=confidentiality)"
+cargo xtask kernels 6.1 --append lockdown=confidentiality --expect-failure lockdown
 step "Python client tests"
 OBSERVER_BIN="$PWD/target/debug/observer" .venv/bin/python -m pytest -q tests/python
 step "disk used"

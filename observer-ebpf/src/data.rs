@@ -74,6 +74,10 @@ struct Walk {
     len: u64,
     iov: u64,
     iovcnt: u64,
+    /// The head's length wanted, for [`head_segment`]; where the tail starts among the moved
+    /// bytes, for [`tail_piece`].
+    head_want: u64,
+    tail_at: u64,
 }
 
 /// How often a CPU asks how full the ring is: the reader is woken at most this many of the
@@ -83,6 +87,7 @@ const WAKEUP_EVERY: u64 = 16;
 const _: () = assert!(HEAD_MAX + TAIL_MAX <= 2 * HEAD_MAX);
 
 /// Exit of a data call that moved `len` bytes, by a marked process.
+#[inline(never)]
 pub fn exit_data(regs: &Regs, call: u32, len: u64, pid_tgid: u64, tgid: u32) -> Option<()> {
     let fd = regs.fd()?;
     let key = SockKey { tgid, fd };
@@ -230,13 +235,7 @@ unsafe fn remember(walk: *mut Walk, held: Held) {
 #[inline(never)]
 unsafe fn capture_iovec(scratch: *mut Scratch, iov: u64, iovcnt: u64, len: u64) -> bool {
     // SAFETY: this CPU's scratch value, exclusively ours while the program runs.
-    let (event, payload, walk) = unsafe {
-        (
-            &raw mut (*scratch).event,
-            (*scratch).payload.as_mut_ptr(),
-            &raw mut (*scratch).walk,
-        )
-    };
+    let (event, walk) = unsafe { (&raw mut (*scratch).event, &raw mut (*scratch).walk) };
     // Three steps that are not inlined: each one's ways through join at its return, and the
     // verifier follows the next step once (inlined, it followed every combination).
     unsafe {
@@ -285,92 +284,125 @@ unsafe fn capture_iovec(scratch: *mut Scratch, iov: u64, iovcnt: u64, len: u64) 
     if len - tail_len < oldest {
         tail_len = len - oldest;
     }
-    let tail_at = len - tail_len;
-    let mut tail_ok = true;
-    for held in last {
-        let end = held.at + held.len;
-        if held.len == 0 || end <= tail_at || end > len {
-            continue;
-        }
-        let from = if held.at > tail_at { held.at } else { tail_at };
-        let Some(offset) = bounded_tail(head_len + (from - tail_at)) else {
-            tail_ok = false;
-            continue;
-        };
-        tail_ok &= unsafe {
-            read_user_into(
-                payload.add(offset as usize),
-                held.base + (from - held.at),
-                end - from,
-                TAIL_MAX,
-            )
-        };
+    // Each remembered segment's share of the tail is copied by a call that reads its inputs
+    // from memory: the verifier checks each piece once, whatever came before it.
+    unsafe {
+        (*walk).tail_at = len - tail_len;
+        (*walk).head_len = head_len;
     }
-    unsafe { (*event).tail_len = if tail_ok { tail_len as u32 } else { 0 } };
-    tail_ok
+    let mut tail_ok = 1;
+    for k in 0..TAIL_IOV as u64 {
+        tail_ok &= unsafe { tail_piece(scratch, k) };
+    }
+    unsafe { (*event).tail_len = if tail_ok != 0 { tail_len as u32 } else { 0 } };
+    tail_ok != 0
+}
+
+/// The part of the tail that remembered segment `k` holds, copied to its place after the
+/// head; 0 when a read failed. Inputs (`len`, `head_len`, `tail_at`, the segment) are read
+/// from the walk.
+#[inline(never)]
+unsafe fn tail_piece(scratch: *mut Scratch, k: u64) -> u64 {
+    let (payload, walk) = unsafe { ((*scratch).payload.as_mut_ptr(), &raw mut (*scratch).walk) };
+    let (held, len, head_len, tail_at) = unsafe {
+        (
+            core::ptr::read_volatile(&(*walk).last[(k as usize) & (TAIL_IOV - 1)]),
+            core::ptr::read_volatile(&(*walk).len),
+            core::ptr::read_volatile(&(*walk).head_len),
+            core::ptr::read_volatile(&(*walk).tail_at),
+        )
+    };
+    let end = held.at + held.len;
+    if held.len == 0 || end <= tail_at || end > len || tail_at > len {
+        return 1;
+    }
+    let from = if held.at > tail_at { held.at } else { tail_at };
+    let Some(offset) = bounded_tail(head_len + (from - tail_at)) else {
+        return 0;
+    };
+    u64::from(unsafe {
+        read_user_into(
+            payload.add(offset as usize),
+            held.base + (from - held.at),
+            end - from,
+            TAIL_MAX,
+        )
+    })
 }
 
 /// The first [`HEAD_IOV`] segments of the walk of [`capture_iovec`] (its call's `len`, `iov`
 /// and `iovcnt` in `walk`): the head copied into the payload, and how far the walk got.
 #[inline(never)]
 unsafe fn walk_head(scratch: *mut Scratch) -> u64 {
+    let walk = unsafe { &raw mut (*scratch).walk };
+    let len = unsafe { core::ptr::read_volatile(&(*walk).len) };
+    unsafe {
+        (*walk).head_want = capture_len(len, core::ptr::read_volatile(&HEAD_BYTES), HEAD_MAX);
+        (*walk).last = [Held::default(); TAIL_IOV];
+        (*walk).seen = 0;
+        (*walk).head_len = 0;
+        (*walk).ok = 1;
+    }
+    for i in 0..HEAD_IOV {
+        if unsafe { head_segment(scratch, i) } == 0 {
+            break;
+        }
+    }
+    0
+}
+
+/// Segment `i` of the head's walk: its bytes into the head while the head is short, and
+/// remembered for the tail. 0 when the walk ends here. Its state (`seen`, `head_len`, `ok`)
+/// is read from and written to the walk, so the verifier checks each segment once, whatever
+/// the segments before it did.
+#[inline(never)]
+unsafe fn head_segment(scratch: *mut Scratch, i: u64) -> u64 {
     let (payload, walk) = unsafe { ((*scratch).payload.as_mut_ptr(), &raw mut (*scratch).walk) };
-    let (len, iov, iovcnt) = unsafe {
+    let (len, iov, iovcnt, seen, head_len, head_want) = unsafe {
         (
             core::ptr::read_volatile(&(*walk).len),
             core::ptr::read_volatile(&(*walk).iov),
             core::ptr::read_volatile(&(*walk).iovcnt),
+            core::ptr::read_volatile(&(*walk).seen),
+            core::ptr::read_volatile(&(*walk).head_len),
+            core::ptr::read_volatile(&(*walk).head_want),
         )
     };
-    let head_want = capture_len(
-        len,
-        unsafe { core::ptr::read_volatile(&HEAD_BYTES) },
-        HEAD_MAX,
-    );
-    unsafe { (*walk).last = [Held::default(); TAIL_IOV] };
-    let mut head_len: u64 = 0;
-    let mut seen: u64 = 0;
-    let mut ok = true;
-    for i in 0..HEAD_IOV {
-        if i >= iovcnt || seen >= len {
-            break;
-        }
-        let Some((base, seg)) = segment(iov, i, len - seen) else {
-            ok = false;
-            break;
+    if i >= iovcnt || seen >= len {
+        return 0;
+    }
+    let Some((base, seg)) = segment(iov, i, len - seen) else {
+        unsafe { (*walk).ok = 0 };
+        return 0;
+    };
+    if seg == 0 {
+        return 1;
+    }
+    if head_len < head_want && head_want <= HEAD_MAX as u64 {
+        let take = if seg < head_want - head_len {
+            seg
+        } else {
+            head_want - head_len
         };
-        if seg == 0 {
-            continue;
+        // Bounded where the verifier sees it: below HEAD_MAX, as head_len < head_want is.
+        let offset = head_len & (HEAD_MAX as u64 - 1);
+        if !unsafe { read_user_into(payload.add(offset as usize), base, take, HEAD_MAX) } {
+            unsafe { (*walk).ok = 0 };
         }
-        if head_len < head_want {
-            let take = if seg < head_want - head_len {
-                seg
-            } else {
-                head_want - head_len
-            };
-            // Bound the offset in a way the verifier sees: masked after an opaque load.
-            let offset = unsafe { core::ptr::read_volatile(&head_len) } & (HEAD_MAX as u64 - 1);
-            ok &= unsafe { read_user_into(payload.add(offset as usize), base, take, HEAD_MAX) };
-            head_len += take;
-        }
-        unsafe {
-            remember(
-                walk,
-                Held {
-                    base,
-                    len: seg,
-                    at: seen,
-                },
-            )
-        };
-        seen += seg;
+        unsafe { (*walk).head_len = head_len + take };
     }
     unsafe {
-        (*walk).seen = seen;
-        (*walk).head_len = head_len;
-        (*walk).ok = u64::from(ok);
+        remember(
+            walk,
+            Held {
+                base,
+                len: seg,
+                at: seen,
+            },
+        );
+        (*walk).seen = seen + seg;
     }
-    0
+    1
 }
 
 /// Segment `i` of the iovec array at `iov`: its address and how many of the `left` bytes still

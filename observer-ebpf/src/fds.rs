@@ -141,7 +141,7 @@ pub fn add_holder(key: SockKey, conn: &ConnInfo, pid_tgid: u64) {
         }
         forget(key, &old, pid_tgid);
     }
-    if CONNS.insert(key, *conn, 0).is_err() {
+    if CONNS.insert(key, conn, 0).is_err() {
         return;
     }
     add_ref(conn.conn_id, 1);
@@ -322,6 +322,7 @@ fn try_sched_process_exec() -> Option<()> {
 /// Exit of a successful `close_range(fd, max_fd, flags)` by a marked process: the keys in the
 /// range whose fd no longer refers to their socket go (one reused by another thread in
 /// between stays).
+#[inline(never)]
 pub fn exit_close_range(regs: &Regs, pid_tgid: u64, tgid: u32) -> Option<()> {
     let first = regs.fd()?;
     let last = regs.arg1()? as u32;
@@ -337,6 +338,7 @@ pub fn exit_close_range(regs: &Regs, pid_tgid: u64, tgid: u32) -> Option<()> {
 /// Exit of a successful `dup2(oldfd, newfd)` or `dup3(oldfd, newfd, flags)` by a marked
 /// process: `newfd` was closed and is now a copy of `oldfd`. What `newfd` held is forgotten,
 /// and it becomes a key of `oldfd`'s connection or listener.
+#[inline(never)]
 pub fn exit_dup2(regs: &Regs, pid_tgid: u64, tgid: u32) -> Option<()> {
     let old_fd = regs.fd()?;
     let new_fd = regs.arg1()? as u32;
@@ -346,19 +348,30 @@ pub fn exit_dup2(regs: &Regs, pid_tgid: u64, tgid: u32) -> Option<()> {
     let new_key = SockKey { tgid, fd: new_fd };
     let old_key = SockKey { tgid, fd: old_fd };
     let old = unsafe { CONNS.get(old_key) }.copied();
-    if let Some(held) = unsafe { CONNS.get(new_key) } {
-        let held = *held;
-        if old.is_none_or(|old| old.conn_id != held.conn_id) {
-            forget(new_key, &held, pid_tgid);
-        }
-    }
+    forget_held(new_key, old.map_or(0, |old| old.conn_id), pid_tgid);
     let _ = LISTENERS.remove(new_key);
     copy_key(old_key, old, new_key, pid_tgid)
+}
+
+/// Forgets the connection `key` held before a `dup2` made it a copy of another fd, unless it
+/// is the same connection (`kept`, 0 for none: no connection's id is 0). A call of its own:
+/// its copy of the entry and the close event it may emit take stack that the copy's own
+/// calls then have. (Plain integer arguments: an `Option` leaves a register unset for
+/// `None`, which the verifier rejects.)
+#[inline(never)]
+fn forget_held(key: SockKey, kept: u64, pid_tgid: u64) {
+    if let Some(held) = unsafe { CONNS.get(key) } {
+        let held = *held;
+        if kept != held.conn_id {
+            forget(key, &held, pid_tgid);
+        }
+    }
 }
 
 /// Exit of `dup(oldfd)`, and of `fcntl(oldfd, cmd, arg)` (`fcntl`) when its command
 /// duplicates, by a marked process: the new fd (the return value) is one more key of the old
 /// fd's connection or listener.
+#[inline(never)]
 pub fn exit_dup(regs: &Regs, ret: i64, pid_tgid: u64, tgid: u32, fcntl: bool) -> Option<()> {
     if fcntl {
         let cmd = regs.arg1()? as u32 as u64;

@@ -16,7 +16,7 @@
 use aya_ebpf::{
     helpers::bpf_probe_read_user,
     macros::{map, tracepoint},
-    maps::LruHashMap,
+    maps::{LruHashMap, PerCpuArray},
     programs::{RawTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::warn;
@@ -40,6 +40,12 @@ const IPPROTO_TCP: u16 = 6;
 /// evict.
 #[map]
 static PENDING_LISTEN: LruHashMap<u64, ListenInfo> = LruHashMap::with_max_entries(1024, 0);
+
+/// Where a new connection's entry is put together before [`track`] stores it: on the stack,
+/// with the calls under it, it took more than the 512 bytes a program's calls share on
+/// kernels before 6.13 (Debian 12's 6.1 and 6.12 rejected `sys_exit`).
+#[map]
+static NEW_CONN: PerCpuArray<ConnInfo> = PerCpuArray::with_max_entries(1, 0);
 
 /// `sock:inet_sock_set_state`: a TCP socket changes state. Called inside `connect` (to
 /// `SYN_SENT`) and `listen` (to `LISTEN`) by the calling task; the other changes happen in
@@ -102,6 +108,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Option<()> {
 
 /// Reads the family, port and address of a user `sockaddr_in`/`sockaddr_in6`. Both start
 /// with the family and the port in network order; the IPv4 address follows at 4, IPv6 at 8.
+#[inline(never)]
 fn read_endpoint(ptr: u64) -> Option<Endpoint> {
     if ptr == 0 {
         return None;
@@ -138,6 +145,7 @@ fn watched_endpoint(regs: &Regs) -> Option<(Endpoint, u32)> {
 
 /// Exit of `connect(fd, uservaddr, addrlen)`: 0, or -EINPROGRESS on a non-blocking socket,
 /// to a watched port makes a client-side connection.
+#[inline(never)]
 pub fn exit_connect(
     ctx: &RawTracePointContext,
     regs: &Regs,
@@ -156,17 +164,22 @@ pub fn exit_connect(
         },
         None => Endpoint::default(),
     };
-    let conn = ConnInfo {
-        conn_id: new_conn_id(),
-        role,
-        side: side::CLIENT,
-        port: endpoint.port,
-        lost: 0,
-        local,
-        remote: endpoint,
-        file,
+    let conn = NEW_CONN.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot, exclusively ours while the program runs.
+    let conn = unsafe {
+        *conn = ConnInfo {
+            conn_id: new_conn_id(),
+            role,
+            side: side::CLIENT,
+            port: endpoint.port,
+            lost: 0,
+            local,
+            remote: endpoint,
+            file,
+        };
+        &*conn
     };
-    track(ctx, SockKey { tgid, fd }, &conn, pid_tgid)
+    track(ctx, SockKey { tgid, fd }, conn, pid_tgid)
 }
 
 /// Forgets what a `listen` of this thread remembered (its exit came, or the call failed).
@@ -176,6 +189,7 @@ pub fn forget_listen(pid_tgid: u64) {
 
 /// Exit of a successful `listen(fd, backlog)` that made a watched listener (remembered by
 /// [`inet_sock_set_state`]): the fd is one.
+#[inline(never)]
 pub fn exit_listen(
     ctx: &RawTracePointContext,
     regs: &Regs,
@@ -206,6 +220,7 @@ pub fn exit_listen(
 
 /// A watched listener held under `fd` by this process, or inherited from its parent or
 /// grandparent (nginx workers are forked by the master, which holds the listening fds).
+#[inline(never)]
 fn find_listener(tgid: u32, fd: u32) -> Option<ListenInfo> {
     let key = SockKey { tgid, fd };
     if let Some(listener) = LISTENERS.get_ptr_mut(key) {
@@ -247,6 +262,7 @@ fn find_listener(tgid: u32, fd: u32) -> Option<ListenInfo> {
 
 /// Exit of `accept(fd, upeer_sockaddr, upeer_addrlen)` and `accept4`: the new fd (the return
 /// value) is a server-side connection when `fd` is a watched listener.
+#[inline(never)]
 pub fn exit_accept(
     ctx: &RawTracePointContext,
     regs: &Regs,
@@ -254,8 +270,33 @@ pub fn exit_accept(
     pid_tgid: u64,
     tgid: u32,
 ) -> Option<()> {
-    let listener = find_listener(tgid, regs.fd()?)?;
-    let peer = regs.arg1()?;
+    // Two calls one after the other: the entry is put together (a large frame) and returned
+    // from before `track` and its calls take theirs.
+    if accepted(regs, ret, tgid) == 0 {
+        return None;
+    }
+    let conn = NEW_CONN.get_ptr_mut(0)?;
+    let key = SockKey {
+        tgid,
+        fd: ret as u32,
+    };
+    // SAFETY: this CPU's slot, filled by `accepted`, ours while the program runs.
+    track(ctx, key, unsafe { &*conn }, pid_tgid)
+}
+
+/// The connection `accept` returned as `ret`, put together in [`NEW_CONN`]; 0 when the
+/// listening fd is no watched listener.
+#[inline(never)]
+fn accepted(regs: &Regs, ret: i64, tgid: u32) -> u64 {
+    let Some(fd) = regs.fd() else {
+        return 0;
+    };
+    let Some(listener) = find_listener(tgid, fd) else {
+        return 0;
+    };
+    let Some(peer) = regs.arg1() else {
+        return 0;
+    };
     let file = file_of(ret as u32).unwrap_or(0);
     // A caller that did not ask for the peer's address (libuv, Node) still gets its port.
     let remote = match read_endpoint(peer) {
@@ -269,25 +310,23 @@ pub fn exit_accept(
             None => Endpoint::default(),
         },
     };
-    let conn = ConnInfo {
-        conn_id: new_conn_id(),
-        role: listener.role,
-        side: side::SERVER,
-        port: listener.port,
-        lost: 0,
-        local: listener.local,
-        remote,
-        file,
+    let Some(conn) = NEW_CONN.get_ptr_mut(0) else {
+        return 0;
     };
-    track(
-        ctx,
-        SockKey {
-            tgid,
-            fd: ret as u32,
-        },
-        &conn,
-        pid_tgid,
-    )
+    // SAFETY: this CPU's slot, exclusively ours while the program runs.
+    unsafe {
+        *conn = ConnInfo {
+            conn_id: new_conn_id(),
+            role: listener.role,
+            side: side::SERVER,
+            port: listener.port,
+            lost: 0,
+            local: listener.local,
+            remote,
+            file,
+        };
+    }
+    1
 }
 
 /// Starts watching a connection and says so. An entry the fd still had (its close was not
@@ -297,7 +336,7 @@ fn track(ctx: &RawTracePointContext, key: SockKey, conn: &ConnInfo, pid_tgid: u6
         let stale = *stale;
         fds::forget(key, &stale, pid_tgid);
     }
-    if CONNS.insert(key, *conn, 0).is_err() {
+    if CONNS.insert(key, conn, 0).is_err() {
         count(counter::CONNS_FULL);
         warn!(
             ctx,
@@ -314,6 +353,7 @@ fn track(ctx: &RawTracePointContext, key: SockKey, conn: &ConnInfo, pid_tgid: u6
 /// Exit of a successful `close(fd)` by a marked process: the key goes (and the connection with
 /// its last holder) — unless the number already names a new socket, opened by another thread
 /// between the close and this exit, whose entry it now is.
+#[inline(never)]
 pub fn exit_close(regs: &Regs, pid_tgid: u64, tgid: u32) -> Option<()> {
     let fd = regs.fd()?;
     let key = SockKey { tgid, fd };

@@ -427,27 +427,31 @@ fn wakeup_flags() -> u64 {
     }
 }
 
-/// Emits an open or close event for `conn`.
+/// Emits an open or close event for `conn`. Its fields are written straight into the ring's
+/// record: an event built on the stack first took 128 bytes of the 512 that a program's
+/// calls share on kernels before 6.13.
 fn emit_conn(event_kind: u32, conn: &ConnInfo, pid_tgid: u64, fd: u32) {
     let Some(mut entry) = EVENTS.reserve::<ConnEvent>(0) else {
         count(counter::LOST_CONN);
         return;
     };
-    entry.write(ConnEvent {
-        kind: event_kind,
-        side: conn.side,
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        conn_id: conn.conn_id,
-        tgid: (pid_tgid >> 32) as u32,
-        pid: pid_tgid as u32,
-        role: conn.role,
-        fd,
-        port: conn.port,
-        seeded: 0,
-        local: conn.local,
-        remote: conn.remote,
-        comm: comm(),
-    });
+    let event = entry.as_mut_ptr();
+    // SAFETY: the reserved record, ours until it is submitted.
+    unsafe {
+        (*event).kind = event_kind;
+        (*event).side = conn.side;
+        (*event).ts_ns = bpf_ktime_get_ns();
+        (*event).conn_id = conn.conn_id;
+        (*event).tgid = (pid_tgid >> 32) as u32;
+        (*event).pid = pid_tgid as u32;
+        (*event).role = conn.role;
+        (*event).fd = fd;
+        (*event).port = conn.port;
+        (*event).seeded = 0;
+        (*event).local = conn.local;
+        (*event).remote = conn.remote;
+        (*event).comm = comm();
+    }
     entry.submit(wakeup_flags());
 }
 

@@ -67,6 +67,9 @@ pub struct ProgramCheck {
     pub attach_to: String,
     /// `Ok` when it loaded and attached; else why not.
     pub result: Result<(), String>,
+    /// Instructions the verifier went through to accept it, of its limit of 1,000,000 (Linux
+    /// 5.16 and newer report it).
+    pub verified_instructions: Option<u32>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -178,11 +181,24 @@ pub fn gather(watch: &[WatchedPort]) -> CheckReport {
         problems.push(format!("missing tracepoints: {}", missing.join(", ")));
     }
     if tracefs.is_ok() {
-        problems.extend(programs.iter().filter_map(|p| {
-            p.result
-                .as_ref()
-                .err()
-                .map(|err| format!("eBPF program {}: {err}", p.name))
+        // One line per distinct error, naming the programs it stopped (a kernel that cannot
+        // load the object stops them all with the same).
+        let mut failed: Vec<(&str, Vec<&str>)> = Vec::new();
+        for p in &programs {
+            if let Err(err) = &p.result {
+                match failed.iter_mut().find(|(e, _)| e == err) {
+                    Some((_, names)) => names.push(p.name),
+                    None => failed.push((err, vec![p.name])),
+                }
+            }
+        }
+        problems.extend(failed.into_iter().map(|(err, names)| {
+            let label = if names.len() == 1 {
+                "program"
+            } else {
+                "programs"
+            };
+            format!("eBPF {label} {}: {err}", names.join(", "))
         }));
     }
     CheckReport {
@@ -212,6 +228,7 @@ fn every_program(mut result: impl FnMut(&str) -> Result<(), String>) -> Vec<Prog
             kind: "raw_tracepoint",
             attach_to: name.to_string(),
             result: result(name),
+            verified_instructions: None,
         })
         .collect();
     checks.extend(TRACEPOINTS.iter().map(|&(category, name)| ProgramCheck {
@@ -219,6 +236,7 @@ fn every_program(mut result: impl FnMut(&str) -> Result<(), String>) -> Vec<Prog
         kind: "tracepoint",
         attach_to: format!("{category}:{name}"),
         result: result(name),
+        verified_instructions: None,
     }));
     checks
 }
@@ -247,6 +265,7 @@ fn load_and_attach_each(watch: &[WatchedPort]) -> Vec<ProgramCheck> {
             }
         };
         check.result = attached.map_err(|err| format!("{err:#}"));
+        check.verified_instructions = capture.verified_instructions(check.name);
     }
     if let Err(err) = capture.detach() {
         tracing::warn!("detaching the programs check attached: {err:#}");
@@ -374,7 +393,15 @@ pub fn render(report: &CheckReport) -> String {
         match &p.result {
             Ok(()) => line(
                 "",
-                &format!("ok      {} ({} {})", p.name, p.kind, p.attach_to),
+                &format!(
+                    "ok      {} ({} {}){}",
+                    p.name,
+                    p.kind,
+                    p.attach_to,
+                    p.verified_instructions
+                        .map(|n| format!(", {n} instructions verified"))
+                        .unwrap_or_default()
+                ),
             ),
             Err(err) => line(
                 "",

@@ -74,14 +74,7 @@ pub fn ensure_mounted() -> anyhow::Result<Tracefs> {
         return match wait_for_dir(&path.join("events"), SETTLE) {
             Ok(()) => Ok(found(path)),
             Err(Unseen::Denied(err)) => Err(unreadable(&path, &err, euid())),
-            Err(Unseen::TimedOut(last)) => Err(anyhow::anyhow!(
-                "tracefs is mounted at {} but {}/events did not appear within {} ({}); \
-                 a kernel without CONFIG_EVENT_TRACING?",
-                path.display(),
-                path.display(),
-                humantime::format_duration(SETTLE),
-                describe(last.as_ref()),
-            )),
+            Err(Unseen::TimedOut(last)) => Err(no_events(&path, last.as_ref())),
         };
     }
     let target = Path::new(CANDIDATES[0]);
@@ -127,10 +120,32 @@ pub fn ensure_mounted() -> anyhow::Result<Tracefs> {
         });
     }
     tracing::info!("mounted tracefs at {}", target.display());
+    match wait_for_dir(&target.join("events"), SETTLE) {
+        Ok(()) => {}
+        Err(Unseen::Denied(err)) => return Err(unreadable(target, &err, euid())),
+        Err(Unseen::TimedOut(last)) => return Err(no_events(target, last.as_ref())),
+    }
     Ok(Tracefs {
         path: target.to_path_buf(),
         mounted_now: true,
     })
+}
+
+/// tracefs is mounted at `path`, but without its `events` directory: the kernel is locked
+/// down (confidentiality keeps tracefs empty), or was built without event tracing.
+fn no_events(path: &Path, last: Option<&io::Error>) -> anyhow::Error {
+    let why = if crate::capture::kernel::lockdown().as_deref() == Some("confidentiality") {
+        "the kernel is locked down (lockdown=confidentiality), which keeps tracefs empty"
+    } else {
+        "a kernel without CONFIG_EVENT_TRACING?"
+    };
+    anyhow::anyhow!(
+        "tracefs is mounted at {} but {}/events did not appear within {} ({}); {why}",
+        path.display(),
+        path.display(),
+        humantime::format_duration(SETTLE),
+        describe(last),
+    )
 }
 
 fn found(path: PathBuf) -> Tracefs {

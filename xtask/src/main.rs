@@ -10,6 +10,8 @@
 //!   criterion's options for `engine`, `--rounds N`, `--seconds S`, ... for the others.
 //! - `soak [--duration 10m] [-- ARGS]`: a steady chat workload with a fault every minute
 //!   ([`soak`]).
+//! - `kernels [SERIES|VMLINUZ ...]`: `observer check` and a capture test in a VM on each kernel
+//!   (Debian's 6.1 and 6.12 by default; [`kernels`]). In that VM this binary is `/init`.
 //!
 //! The benchmarks' shared parts are in [`common`]; [`observer_run`] runs the daemon under
 //! measurement, [`rate`] is the fixed-rate load generator.
@@ -20,6 +22,7 @@ mod chat;
 mod common;
 mod criterion_bench;
 mod ebpf_object;
+mod kernels;
 mod loss_bench;
 mod observer_run;
 mod overhead_bench;
@@ -77,6 +80,12 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Boot kernels in VMs (qemu, KVM) and run `observer check` and a capture test on each:
+    /// one line per kernel; fails when any kernel fails.
+    Kernels(kernels::KernelsArgs),
+    /// Inside the VM of `kernels`: the client process of the capture test.
+    #[command(hide = true)]
+    KernelsGuestClient,
 }
 
 /// A benchmark `cargo xtask bench` runs.
@@ -144,11 +153,17 @@ const BENCHES: &[Bench] = &[
 ];
 
 fn main() -> anyhow::Result<()> {
+    // The VM of `cargo xtask kernels` starts this binary as its init, with no arguments.
+    if std::process::id() == 1 {
+        kernels::guest::init();
+    }
     match Cli::parse().task {
         Task::BuildEbpf { release } => build_ebpf(release),
         Task::ClippyEbpf => clippy_ebpf(),
         Task::Bench { name, doc, args } => bench(name.as_deref(), &doc, &args),
         Task::Soak { duration, args } => soak::run(&workspace_root(), duration, &args),
+        Task::Kernels(args) => kernels::run(&args, &workspace_root()),
+        Task::KernelsGuestClient => kernels::guest::client(),
     }
 }
 

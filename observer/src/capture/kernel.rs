@@ -255,10 +255,11 @@ fn explain(io_error: &std::io::Error, log: &str, lockdown: Option<&str>) -> Stri
     }
     if log.contains("program is too large") || log.contains("too complex") {
         return format!(
-            "the program is more than this kernel's verifier accepts ({}); the capture is verified on Linux {}.{} and newer",
-            last_lines(log, 1),
-            MINIMUM.0,
-            MINIMUM.1
+            "the program is more than this kernel's verifier accepts ({}): each kernel's verifier has its own limits, and this one's were not met: a bug of the observer's, to report with the output of `observer check --json` (use `observer proxy` meanwhile)",
+            log.lines()
+                .find(|l| l.contains("too large") || l.contains("too complex"))
+                .unwrap_or_default()
+                .trim(),
         );
     }
     match io_error.raw_os_error() {
@@ -280,13 +281,26 @@ fn unknown_helper(log: &str) -> Option<&str> {
     Some(&rest[..end])
 }
 
-/// The last `n` non-empty lines of a log, joined with ` / `.
+/// The last `n` non-empty lines of a log, joined with ` / `, before the statistics the
+/// verifier ends with (`verification time`, `stack depth`, `processed N insns`).
 fn last_lines(log: &str, n: usize) -> String {
-    let lines: Vec<&str> = log
+    let mut lines: Vec<&str> = log
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
         .collect();
+    while lines.last().is_some_and(|l| {
+        [
+            "verification time",
+            "stack depth",
+            "processed ",
+            "max_states",
+        ]
+        .iter()
+        .any(|stat| l.starts_with(stat))
+    }) {
+        lines.pop();
+    }
     lines[lines.len().saturating_sub(n)..].join(" / ")
 }
 
@@ -379,7 +393,8 @@ mod tests {
         assert!(text.contains("Processed 1000001 insn"), "{text}");
         let text = explain(&std::io::Error::from_raw_os_error(libc::EPERM), "", None);
         assert!(text.contains("needs root"), "{text}");
-        let long: String = (0..50).map(|i| format!("line {i}\n")).collect();
+        let long: String = (0..50).map(|i| format!("line {i}\n")).collect::<String>()
+            + "verification time 435101 usec\nstack depth 32+104\nprocessed 48867 insns (limit 1000000) max_states_per_insn 18\n";
         let text = explain(
             &std::io::Error::from_raw_os_error(libc::EACCES),
             &long,

@@ -436,6 +436,17 @@ impl Capture {
         Ok(())
     }
 
+    /// How many instructions the verifier went through to accept the program `name` (the
+    /// kernel's limit is 1,000,000): how close a program is to being rejected. `None` before
+    /// Linux 5.16, which does not report it, or for a program not loaded.
+    pub fn verified_instructions(&self, name: &str) -> Option<u32> {
+        self.ebpf
+            .program(name)?
+            .info()
+            .ok()?
+            .verified_instruction_count()
+    }
+
     /// Names of the attached programs.
     pub fn attached(&self) -> Vec<&'static str> {
         self.links.iter().map(|(program, _)| *program).collect()

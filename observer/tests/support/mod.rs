@@ -23,7 +23,9 @@ pub mod netns;
 pub mod nginx;
 pub mod proxy;
 pub mod sim_client;
-pub mod socket_io;
+// Not every test binary drives sockets by hand.
+#[allow(unused_imports)]
+pub use testkit::socket_io;
 
 /// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
 #[allow(unused_imports, reason = "each test binary uses a part of support")]
