@@ -30,6 +30,8 @@ step "kernels in VMs: Debian 11's 5.10, Debian 12's 6.1 and 6.12"
 cargo xtask kernels 5.10 6.1 6.12
 step "a kernel that cannot load the programs is reported as such (lockdown=confidentiality)"
 cargo xtask kernels 6.1 --append lockdown=confidentiality --expect-failure lockdown
+step "a VM that gives no result in time is stopped and reported, not waited on"
+cargo xtask kernels 6.1 --timeout 5 --expect-failure "no result within 5 s"
 step "Python client tests"
 OBSERVER_BIN="$PWD/target/debug/observer" .venv/bin/python -m pytest -q tests/python
 step "disk used"

@@ -59,6 +59,9 @@ struct Report {
     kernel: String,
     /// (name, kind, loaded, runs) of every program `observer check` lists.
     programs: Vec<(String, String, bool, u64)>,
+    /// The most instructions the verifier went through for one program, and which (Linux
+    /// 5.16 and newer report it).
+    most_verified: Option<(String, u64)>,
     /// Exchanges `observer run` counted, per role.
     exchanges: (u64, u64),
     failures: Vec<String>,
@@ -72,6 +75,7 @@ impl Report {
                 "name": name, "kind": kind, "loaded": loaded, "runs": runs,
             })).collect::<Vec<_>>(),
             "exchanges": { "sent": Api::ALL.len(), "gateway": self.exchanges.0, "upstream": self.exchanges.1 },
+            "most_verified": self.most_verified.as_ref().map(|(name, n)| json!({"program": name, "instructions": n})),
             "failures": self.failures,
         })
     }
@@ -143,6 +147,17 @@ fn drive(report: &mut Report) -> anyhow::Result<()> {
             )
         })
         .collect();
+    report.most_verified = check["programs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            Some((
+                p["name"].as_str()?.to_string(),
+                p["verified_instructions"].as_u64()?,
+            ))
+        })
+        .max_by_key(|(_, n)| *n);
     if check["mode"] != "ebpf" {
         let problems: Vec<&str> = check["problems"]
             .as_array()

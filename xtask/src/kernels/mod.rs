@@ -56,6 +56,8 @@ struct Outcome {
     ran: usize,
     /// Exchanges counted per role, and sent.
     exchanges: Option<(u64, u64, u64)>,
+    /// The program the verifier worked hardest on, and how many instructions it went through.
+    most_verified: Option<(String, u64)>,
     failures: Vec<String>,
     took: Duration,
 }
@@ -87,7 +89,7 @@ pub fn run(args: &KernelsArgs, workspace: &Path) -> anyhow::Result<()> {
         let started = Instant::now();
         let outcome = kernel_of(label, &cache)
             .and_then(|kernel| {
-                let log = work.join(format!("{}.log", label.replace('/', "_")));
+                let log = work.join(log_name(label, &args.append));
                 boot(&qemu, kvm, &kernel.vmlinuz, &initrd, args, &log)
                     .map(|result| outcome_of(label, &result, &log))
             })
@@ -98,6 +100,7 @@ pub fn run(args: &KernelsArgs, workspace: &Path) -> anyhow::Result<()> {
                 expected: 0,
                 ran: 0,
                 exchanges: None,
+                most_verified: None,
                 failures: vec![format!("{err:#}")],
                 took: Duration::ZERO,
             });
@@ -297,12 +300,17 @@ fn outcome_of(label: &str, result: &Value, log: &Path) -> Outcome {
                 sent,
             )
         }),
+        most_verified: result["most_verified"]["program"]
+            .as_str()
+            .zip(result["most_verified"]["instructions"].as_u64())
+            .map(|(name, n)| (name.to_string(), n)),
         failures,
         took: Duration::ZERO,
     }
 }
 
-/// `6.1   6.1.0-57-amd64   programs 5/5 loaded, 5 ran   exchanges 4/4 gateway, 4/4 upstream   PASS   9.8 s`
+/// `6.1   6.1.0-57-amd64   programs 5/5 loaded, 5 ran   exchanges 4/4 gateway, 4/4 upstream
+/// sys_exit verified in 490000 instructions   PASS   42.7 s`
 fn line(o: &Outcome) -> String {
     let exchanges = match o.exchanges {
         Some((gateway, upstream, sent)) if gateway + upstream > 0 => {
@@ -310,8 +318,12 @@ fn line(o: &Outcome) -> String {
         }
         _ => "exchanges -".into(),
     };
+    let verified = match &o.most_verified {
+        Some((name, n)) => format!("   {name} verified in {n} instructions"),
+        None => String::new(),
+    };
     let mut text = format!(
-        "{:<6} {:<24} programs {}/{} loaded, {} ran   {exchanges}   {}   {:.1} s",
+        "{:<6} {:<24} programs {}/{} loaded, {} ran   {exchanges}{verified}   {}   {:.1} s",
         o.label,
         o.release,
         o.loaded,
@@ -349,6 +361,23 @@ fn hardware_kvm() -> Result<(), String> {
     Ok(())
 }
 
+/// The console log's file name: the kernel, and the extra command line if any
+/// (`6.1.log`, `6.1-lockdown=confidentiality.log`).
+fn log_name(label: &str, append: &str) -> String {
+    let mut name = label.replace('/', "_");
+    for word in append.split_whitespace() {
+        name.push('-');
+        name.extend(word.chars().map(|c| {
+            if c.is_ascii_alphanumeric() || "=.,_".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        }));
+    }
+    name + ".log"
+}
+
 fn default_cache() -> anyhow::Result<PathBuf> {
     let base = match std::env::var_os("XDG_CACHE_HOME") {
         Some(dir) => PathBuf::from(dir),
@@ -363,4 +392,78 @@ fn which(program: &str) -> Option<PathBuf> {
         .split(':')
         .map(|dir| Path::new(dir).join(program))
         .find(|path| path.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_passing_guest_gives_one_line() {
+        let result = serde_json::json!({
+            "kernel": "6.1.0-57-amd64",
+            "programs": [
+                {"name": "sys_exit", "kind": "raw_tracepoint", "loaded": true, "runs": 5679},
+                {"name": "task_newtask", "kind": "tracepoint", "loaded": true, "runs": 0},
+            ],
+            "exchanges": {"sent": 4, "gateway": 4, "upstream": 3},
+            "most_verified": {"program": "sys_exit", "instructions": 495899},
+            "failures": [],
+        });
+        let outcome = outcome_of("6.1", &result, Path::new("/tmp/6.1.log"));
+        assert_eq!((outcome.loaded, outcome.expected, outcome.ran), (2, 2, 1));
+        assert_eq!(outcome.exchanges, Some((4, 3, 4)));
+        assert!(outcome.failures.is_empty());
+        let text = line(&outcome);
+        assert!(text.starts_with("6.1    6.1.0-57-amd64"), "{text}");
+        assert!(
+            text.contains("programs 2/2 loaded, 1 ran   exchanges 4/4 gateway, 3/4 upstream"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sys_exit verified in 495899 instructions   PASS"),
+            "{text}"
+        );
+        assert_eq!(text.lines().count(), 1);
+    }
+
+    #[test]
+    fn a_failing_guest_lists_its_reasons_and_the_console() {
+        let result = serde_json::json!({
+            "kernel": "6.1.0-57-amd64",
+            "programs": [{"name": "sys_exit", "kind": "raw_tracepoint", "loaded": false, "runs": 0}],
+            "exchanges": {"sent": 4, "gateway": 0, "upstream": 0},
+            "failures": ["observer check: the kernel is locked down"],
+        });
+        let outcome = outcome_of("6.1", &result, Path::new("/tmp/6.1.log"));
+        let text = line(&outcome);
+        assert!(
+            text.lines().next().unwrap().contains("exchanges -"),
+            "{text}"
+        );
+        assert!(text.lines().next().unwrap().contains("FAIL"), "{text}");
+        assert_eq!(
+            text.lines().skip(1).collect::<Vec<_>>(),
+            [
+                "       - observer check: the kernel is locked down",
+                "       - console: /tmp/6.1.log"
+            ]
+        );
+        // A guest that names no program did not get as far as the check.
+        let outcome = outcome_of("6.1", &serde_json::json!({"failures": []}), Path::new("x"));
+        assert!(!outcome.failures.is_empty());
+    }
+
+    #[test]
+    fn logs_are_named_after_the_kernel_and_the_extra_command_line() {
+        assert_eq!(log_name("6.1", ""), "6.1.log");
+        assert_eq!(
+            log_name("6.1", "lockdown=confidentiality"),
+            "6.1-lockdown=confidentiality.log"
+        );
+        assert_eq!(
+            log_name("/boot/vmlinuz-6.18", "a b/c"),
+            "_boot_vmlinuz-6.18-a-b_c.log"
+        );
+    }
 }
