@@ -199,35 +199,37 @@ impl Apt {
         command
     }
 
-    fn update(&self) -> anyhow::Result<()> {
-        let output = self
-            .command("apt-get")
-            .args(["-qq", "update"])
+    /// Runs `program args` (in `dir`, if given) with this configuration; its output, or an
+    /// error with what it printed.
+    fn run(&self, program: &str, args: &[&str], dir: Option<&Path>) -> anyhow::Result<String> {
+        let mut command = self.command(program);
+        command.args(args);
+        if let Some(dir) = dir {
+            command.current_dir(dir);
+        }
+        let output = command
             .output()
-            .context("cannot run apt-get")?;
+            .with_context(|| format!("cannot run {program}"))?;
         if !output.status.success() {
             bail!(
-                "apt-get update (Debian's kernel lists) failed: {}",
+                "{program} {} failed: {}",
+                args.join(" "),
                 String::from_utf8_lossy(&output.stderr).trim()
             );
         }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    fn update(&self) -> anyhow::Result<()> {
+        self.run("apt-get", &["-qq", "update"], None)
+            .context("fetching Debian's package lists for the kernels")?;
         std::fs::write(self.dir.join("updated"), "")?;
         Ok(())
     }
 
     fn package_names(&self) -> anyhow::Result<Vec<String>> {
-        let output = self
-            .command("apt-cache")
-            .args(["pkgnames", "linux-image-"])
-            .output()
-            .context("cannot run apt-cache")?;
-        if !output.status.success() {
-            bail!(
-                "apt-cache pkgnames failed: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&output.stdout)
+        Ok(self
+            .run("apt-cache", &["pkgnames", "linux-image-"], None)?
             .lines()
             .map(str::to_string)
             .collect())
@@ -235,18 +237,7 @@ impl Apt {
 
     /// Downloads `package`'s `.deb` into `into`; its path.
     fn download(&self, package: &str, into: &Path) -> anyhow::Result<PathBuf> {
-        let output = self
-            .command("apt-get")
-            .current_dir(into)
-            .args(["-qq", "download", package])
-            .output()
-            .context("cannot run apt-get")?;
-        if !output.status.success() {
-            bail!(
-                "apt-get download {package} failed: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
-        }
+        self.run("apt-get", &["-qq", "download", package], Some(into))?;
         std::fs::read_dir(into)?
             .filter_map(Result::ok)
             .map(|entry| entry.path())
