@@ -191,6 +191,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         pipeline.on_conn_open(conn);
     }
     pipeline.flush(seed::monotonic_ns(), |_| {});
+    // Every loss series exists (at 0) before /readyz says 200: a scrape right after readiness
+    // sees them, not only one after the first chore.
+    match capture.counters() {
+        Ok(counters) => pipeline.kernel_counters(&counters, 0),
+        Err(err) => tracing::warn!("reading the kernel counters: {err:#}"),
+    }
     status.set_programs_attached(capture.attached().len());
     status.set_ready(true);
     tracing::info!(

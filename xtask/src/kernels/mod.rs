@@ -90,8 +90,20 @@ pub fn run(args: &KernelsArgs, workspace: &Path) -> anyhow::Result<()> {
         let outcome = kernel_of(label, &cache)
             .and_then(|kernel| {
                 let log = work.join(log_name(label, &args.append));
-                boot(&qemu, kvm, &kernel.vmlinuz, &initrd, args, &log)
-                    .map(|result| outcome_of(label, &result, &log))
+                let booted = boot(&qemu, kvm, &kernel.vmlinuz, &initrd, args, &log);
+                // A VM that gave no result under KVM is tried once more with an emulated CPU:
+                // a host's KVM can refuse what qemu asks of it (CPU features, MSRs), and that
+                // is the host's limit, not the kernel's.
+                let booted = match booted {
+                    Err(err) if kvm => {
+                        eprintln!(
+                            "kernels: {label} under KVM: {err:#}; again with an emulated CPU"
+                        );
+                        boot(&qemu, false, &kernel.vmlinuz, &initrd, args, &log)
+                    }
+                    other => other,
+                };
+                booted.map(|result| outcome_of(label, &result, &log))
             })
             .unwrap_or_else(|err| Outcome {
                 label: label.clone(),
