@@ -25,9 +25,17 @@ fn free_addr() -> String {
     listener.local_addr().unwrap().to_string()
 }
 
+/// One demo at a time: each is the whole product at full load (twelve users on four slots,
+/// with latency and readiness thresholds), and two at once on a two-core machine measure the
+/// machine (a model probe starved past its 3 s first token), not the demo.
+static ONE_DEMO_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Runs `observer demo` with `args`, scrapes its `/metrics` once after a few seconds, and
 /// returns its output and JSON summary.
 fn demo(args: &[&str]) -> Finished {
+    let _one = ONE_DEMO_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let json = std::env::temp_dir().join(format!(
         "observer-demo-test-{}-{}.json",
         std::process::id(),
