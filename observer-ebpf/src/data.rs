@@ -214,15 +214,16 @@ struct Held {
     at: u64,
 }
 
-/// Remembers `held` as the newest of the last [`TAIL_IOV`] segments holding data: a shift,
-/// with constant indexes only.
+/// Remembers the segment at `base` holding `len` of the moved bytes, the first of them at
+/// offset `at`, as the newest of the last [`TAIL_IOV`] segments holding data: a shift, with
+/// constant indexes only.
 #[inline(always)]
-unsafe fn remember(walk: *mut Walk, held: Held) {
+unsafe fn remember(walk: *mut Walk, base: u64, len: u64, at: u64) {
     unsafe {
         (*walk).last[0] = (*walk).last[1];
         (*walk).last[1] = (*walk).last[2];
         (*walk).last[2] = (*walk).last[3];
-        (*walk).last[3] = held;
+        (*walk).last[3] = Held { base, len, at };
     }
 }
 
@@ -392,14 +393,7 @@ unsafe fn head_segment(scratch: *mut Scratch, i: u64) -> u64 {
         unsafe { (*walk).head_len = head_len + take };
     }
     unsafe {
-        remember(
-            walk,
-            Held {
-                base,
-                len: seg,
-                at: seen,
-            },
-        );
+        remember(walk, base, seg, seen);
         (*walk).seen = seen + seg;
     }
     1
@@ -442,16 +436,7 @@ unsafe fn walk_lengths(scratch: *mut Scratch) -> u64 {
         if seg == 0 {
             continue;
         }
-        unsafe {
-            remember(
-                walk,
-                Held {
-                    base,
-                    len: seg,
-                    at: seen,
-                },
-            )
-        };
+        unsafe { remember(walk, base, seg, seen) };
         seen += seg;
     }
     unsafe { (*walk).seen = seen };
