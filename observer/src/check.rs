@@ -10,8 +10,7 @@ use std::{path::Path, process::ExitCode};
 
 use crate::{
     capture::{
-        self, Capture, CaptureConfig, RAW_TRACEPOINTS, REQUIRED_TRACEPOINTS, TRACEPOINTS,
-        WatchedPort, kernel, seed,
+        self, Capture, CaptureConfig, Hook, REQUIRED_TRACEPOINTS, WatchedPort, hooks, kernel, seed,
     },
     gpu::{self, GpuPresence},
     tracefs,
@@ -72,6 +71,18 @@ pub struct ProgramCheck {
     pub verified_instructions: Option<u32>,
 }
 
+impl ProgramCheck {
+    fn of(hook: Hook, result: Result<(), String>, verified_instructions: Option<u32>) -> Self {
+        ProgramCheck {
+            name: hook.program(),
+            kind: hook.kind(),
+            attach_to: hook.attach_to(),
+            result,
+            verified_instructions,
+        }
+    }
+}
+
 #[derive(Debug, serde::Serialize)]
 pub struct Privileges {
     pub euid: u32,
@@ -128,7 +139,15 @@ pub fn gather(watch: &[WatchedPort]) -> CheckReport {
     // Attaching needs tracefs; without it the load would only repeat the tracefs problem.
     let programs = match &tracefs {
         Ok(_) => load_and_attach_each(watch),
-        Err(_) => every_program(|_| Err("not attempted: tracefs is unavailable".to_string())),
+        Err(_) => hooks()
+            .map(|hook| {
+                ProgramCheck::of(
+                    hook,
+                    Err("not attempted: tracefs is unavailable".into()),
+                    None,
+                )
+            })
+            .collect(),
     };
     let features = kernel::probe_features();
     let kernel = kernel::release();
@@ -219,28 +238,6 @@ pub fn gather(watch: &[WatchedPort]) -> CheckReport {
     }
 }
 
-/// A [`ProgramCheck`] for every program of the object, with `result` for each.
-fn every_program(mut result: impl FnMut(&str) -> Result<(), String>) -> Vec<ProgramCheck> {
-    let mut checks: Vec<ProgramCheck> = RAW_TRACEPOINTS
-        .iter()
-        .map(|&name| ProgramCheck {
-            name,
-            kind: "raw_tracepoint",
-            attach_to: name.to_string(),
-            result: result(name),
-            verified_instructions: None,
-        })
-        .collect();
-    checks.extend(TRACEPOINTS.iter().map(|&(category, name)| ProgramCheck {
-        name,
-        kind: "tracepoint",
-        attach_to: format!("{category}:{name}"),
-        result: result(name),
-        verified_instructions: None,
-    }));
-    checks
-}
-
 /// Loads the embedded object for real, loads and attaches each program, then detaches them
 /// all. One that fails does not stop the others: each is reported.
 fn load_and_attach_each(watch: &[WatchedPort]) -> Vec<ProgramCheck> {
@@ -252,21 +249,21 @@ fn load_and_attach_each(watch: &[WatchedPort]) -> Vec<ProgramCheck> {
         Ok(capture) => capture,
         Err(err) => {
             let err = format!("{err:#}");
-            return every_program(|_| Err(err.clone()));
+            return hooks()
+                .map(|hook| ProgramCheck::of(hook, Err(err.clone()), None))
+                .collect();
         }
     };
-    let mut checks = every_program(|_| Ok(()));
-    for check in &mut checks {
-        let attached = match check.kind {
-            "raw_tracepoint" => capture.attach_raw(check.name),
-            _ => {
-                let (category, name) = check.attach_to.split_once(':').unwrap_or_default();
-                capture.attach(check.name, category, name)
-            }
-        };
-        check.result = attached.map_err(|err| format!("{err:#}"));
-        check.verified_instructions = capture.verified_instructions(check.name);
-    }
+    let checks = hooks()
+        .map(|hook| {
+            let attached = capture.attach_hook(hook).map_err(|err| format!("{err:#}"));
+            ProgramCheck::of(
+                hook,
+                attached,
+                capture.verified_instructions(hook.program()),
+            )
+        })
+        .collect();
     if let Err(err) = capture.detach() {
         tracing::warn!("detaching the programs check attached: {err:#}");
     }

@@ -50,9 +50,53 @@ pub const TRACEPOINTS: &[(&str, &str)] = &[
     ("sched", "sched_process_exec"),
 ];
 
+/// One program of the kernel object and the tracepoint it attaches to (each program is named
+/// after its tracepoint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// A raw tracepoint ([`RAW_TRACEPOINTS`]).
+    Raw(&'static str),
+    /// A tracepoint, `(category, name)` ([`TRACEPOINTS`]).
+    Tracepoint(&'static str, &'static str),
+}
+
+impl Hook {
+    /// The program's name in the object.
+    pub fn program(self) -> &'static str {
+        match self {
+            Hook::Raw(name) | Hook::Tracepoint(_, name) => name,
+        }
+    }
+
+    /// `raw_tracepoint` or `tracepoint`.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Hook::Raw(_) => "raw_tracepoint",
+            Hook::Tracepoint(..) => "tracepoint",
+        }
+    }
+
+    /// Where it attaches: `sys_exit`, `sock:inet_sock_set_state`.
+    pub fn attach_to(self) -> String {
+        match self {
+            Hook::Raw(name) => name.to_string(),
+            Hook::Tracepoint(category, name) => format!("{category}:{name}"),
+        }
+    }
+}
+
+/// Every program of the kernel object, in the order they are attached.
+pub fn hooks() -> impl Iterator<Item = Hook> {
+    RAW_TRACEPOINTS.iter().map(|&name| Hook::Raw(name)).chain(
+        TRACEPOINTS
+            .iter()
+            .map(|&(category, name)| Hook::Tracepoint(category, name)),
+    )
+}
+
 /// Every program of the kernel object.
 pub fn program_count() -> usize {
-    RAW_TRACEPOINTS.len() + TRACEPOINTS.len()
+    hooks().count()
 }
 
 /// Tracepoints the capture needs, as tracefs lists them: the raw ones are the `raw_syscalls`
@@ -91,16 +135,12 @@ pub struct Capture {
 pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 
 impl Capture {
-    /// Loads the embedded object with `config`, attaches every program ([`RAW_TRACEPOINTS`],
-    /// [`TRACEPOINTS`]), then seeds the listeners and established connections found in `/proc` (after
+    /// Loads the embedded object with `config`, attaches every program ([`hooks`]), then seeds the listeners and established connections found in `/proc` (after
     /// attaching, so that nothing opened in between is missed).
     pub fn start(config: &CaptureConfig) -> anyhow::Result<Capture> {
         let mut capture = Capture::load(config)?;
-        for &name in RAW_TRACEPOINTS {
-            capture.attach_raw(name)?;
-        }
-        for &(category, name) in TRACEPOINTS {
-            capture.attach(name, category, name)?;
+        for hook in hooks() {
+            capture.attach_hook(hook)?;
         }
         capture
             .seed(config)
@@ -391,6 +431,14 @@ impl Capture {
             }
         }
         Ok(())
+    }
+
+    /// Loads (once) and attaches the program of `hook` to its tracepoint.
+    pub fn attach_hook(&mut self, hook: Hook) -> anyhow::Result<()> {
+        match hook {
+            Hook::Raw(name) => self.attach_raw(name),
+            Hook::Tracepoint(category, name) => self.attach(name, category, name),
+        }
     }
 
     /// Loads (once) and attaches one program to the raw tracepoint of the same name.
