@@ -5,7 +5,8 @@
 //! run counters, then:
 //!
 //! 1. runs `observer check` (printed for the log; its JSON gives the programs to expect);
-//! 2. starts `observer run` watching 18789 (gateway) and 11434 (upstream), then `observer sim`
+//! 2. starts `observer run` watching 18789 (gateway) and 11434 (upstream; with the benchmarks'
+//!    launcher, [`ObserverRun`]), then `observer sim`
 //!    on 11434 and a relay of its own on 18789 (both listen after the capture started: the
 //!    listen tracepoint marks them);
 //! 3. starts a client process (fork and exec of a watched process: the task and exec
@@ -23,7 +24,8 @@ use std::{
     ffi::CString,
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
-    process::{Child, Command, Stdio},
+    path::Path,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -32,8 +34,8 @@ use serde_json::{Value, json};
 use testkit::socket_io::{Api, recv_once, send_all};
 
 use crate::{
-    common::http::{http_get, stop_child},
-    observer_run::{Counts, metric_sum, settled},
+    common::http::stop_child,
+    observer_run::{Counts, ObserverRun, WATCH_ONLY, metric_sum, settled},
 };
 
 /// The line the host looks for on the serial console.
@@ -44,7 +46,6 @@ const SAY: &str = "observer-kernels:";
 const OBSERVER: &str = "/bin/observer";
 const GATEWAY: u16 = 18789;
 const UPSTREAM: u16 = 11434;
-const ADMIN: &str = "127.0.0.1:9464";
 /// Tokens per reply (`observer sim --tokens`).
 const TOKENS: u64 = 8;
 /// The kernel's numbers for the program types (`enum bpf_prog_type`).
@@ -166,38 +167,21 @@ fn drive(report: &mut Report) -> anyhow::Result<()> {
         bail!("observer check: {}", problems.join("; "));
     }
 
-    let admin: SocketAddr = ADMIN.parse()?;
-    let mut run = Command::new(OBSERVER)
-        .args(["run", "--watch", &format!("{GATEWAY}=gateway")])
-        .args(["--watch", &format!("{UPSTREAM}=upstream")])
-        .args(["--metrics-addr", ADMIN, "--no-probe", "--gpu", "off"])
-        .spawn()
-        .context("starting observer run")?;
-    let result = exchange_and_count(report, &mut run, admin);
-    match stop_child(&mut run, Duration::from_secs(10)) {
-        Some(status) if status.success() => {}
-        Some(status) => report
-            .failures
-            .push(format!("observer run exited with {status}")),
-        None => report
-            .failures
-            .push("observer run did not stop within 10 s of SIGTERM".into()),
+    // The benchmarks' launcher: ready when /readyz says 200, its log in the error otherwise.
+    let run = ObserverRun::start(
+        Path::new(OBSERVER),
+        &[(GATEWAY, "gateway"), (UPSTREAM, "upstream")],
+        &WATCH_ONLY,
+    )?;
+    let result = exchange_and_count(report, &run);
+    if let Err(err) = run.stop() {
+        report.failures.push(format!("{err:#}"));
     }
     result
 }
 
-/// Steps 2 to 4, with `observer run` started.
-fn exchange_and_count(
-    report: &mut Report,
-    run: &mut Child,
-    admin: SocketAddr,
-) -> anyhow::Result<()> {
-    wait_for("observer run to be ready", Duration::from_secs(60), || {
-        if let Ok(Some(status)) = run.try_wait() {
-            bail!("observer run exited with {status}");
-        }
-        Ok(matches!(http_get(admin, "/readyz"), Ok((200, _))))
-    })?;
+/// Steps 2 to 4, with `observer run` ready.
+fn exchange_and_count(report: &mut Report, run: &ObserverRun) -> anyhow::Result<()> {
     let mut sim = Command::new(OBSERVER)
         .args(["sim", "--listen", &format!("127.0.0.1:{UPSTREAM}")])
         .args(["--load-ms", "0", "--first-token-ms", "2", "--token-ms", "1"])
@@ -226,12 +210,7 @@ fn exchange_and_count(
     }
 
     let sent = Api::ALL.len() as u64;
-    let scrape = || -> anyhow::Result<String> {
-        match http_get(admin, "/metrics")? {
-            (200, text) => Ok(text),
-            (code, _) => bail!("/metrics answered {code}"),
-        }
-    };
+    let scrape = || run.metrics_text();
     let _ = wait_for("the exchanges on /metrics", Duration::from_secs(20), || {
         let counts = Counts::parse(&scrape()?)?;
         Ok(counts.gateway >= sent && counts.upstream >= sent)
