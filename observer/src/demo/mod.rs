@@ -9,7 +9,6 @@
 
 mod children;
 mod nginx;
-pub mod scrape;
 pub mod summary;
 mod traffic;
 
@@ -31,13 +30,13 @@ use tokio::{
 
 use self::{
     children::{Child, Stdout},
-    scrape::Scrape,
     summary::{History, View},
     traffic::Traffic,
 };
 use crate::{
     capture::{Role, WatchedPort},
     check,
+    metrics::scrape::Scrape,
 };
 
 #[derive(Debug, clap::Args)]

@@ -12,6 +12,7 @@ pub mod handles;
 pub mod labels;
 pub mod openmetrics;
 pub mod schema;
+pub mod scrape;
 
 #[cfg(test)]
 mod tests;

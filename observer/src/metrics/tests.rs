@@ -725,7 +725,7 @@ fn a_scrape_never_sees_half_a_publish() {
         atomic::{AtomicBool, Ordering},
     };
 
-    use crate::demo::scrape::Scrape;
+    use crate::metrics::scrape::Scrape;
 
     let m = Arc::new(metrics());
     let done = Arc::new(AtomicBool::new(false));

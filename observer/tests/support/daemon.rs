@@ -8,7 +8,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use observer::demo::scrape::Scrape;
+use observer::metrics::scrape::Scrape;
 
 pub const OBSERVER: &str = env!("CARGO_BIN_EXE_observer");
 

@@ -1,5 +1,6 @@
-//! Reading the observer's own `/metrics` for the demo's summary: the Prometheus text format
-//! parsed into samples, and the sums, deltas and quantiles the summary shows.
+//! Reading a Prometheus text page (the daemon's own `/metrics`) back: the text format
+//! parsed into samples, and the sums, deltas and quantiles that `observer demo`'s summary
+//! and the tests read from it.
 //!
 //! Owns no state; a [`Scrape`] is one parsed page. Quantiles follow `histogram_quantile`:
 //! linear interpolation inside the bucket that holds the rank.
