@@ -20,8 +20,8 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use observer::capture::Role;
 use observer::capture::decode::{Direction, Side};
 use observer::engine::{ConnMeta, Engine, EngineConfig};
-use observer::sim::{LAST_CHUNK, encode_chunk as chunk};
 use observer_common::{HEAD_MAX, TAIL_MAX};
+use observer_sim::{LAST_CHUNK, encode_chunk as chunk};
 
 const IN: Direction = Direction::Ingress;
 const OUT: Direction = Direction::Egress;

@@ -29,7 +29,6 @@ use crate::{
     capture::Role,
     metrics::{ExpositionFormat, Metrics},
     probe::Readiness,
-    wallclock,
 };
 
 /// How the admin server is protected.
@@ -209,7 +208,7 @@ impl StatusBoard {
             "models": models,
             "servers": hops.servers.iter().map(describe_hop).collect::<Vec<_>>(),
             "relays": hops.relays.iter().map(describe_hop).collect::<Vec<_>>(),
-            "started_at": wallclock::rfc3339_nano(self.started_at),
+            "started_at": humantime::format_rfc3339_nanos(self.started_at).to_string(),
             "uptime_seconds": self.started.elapsed().as_secs_f64(),
         })
     }

@@ -26,6 +26,17 @@ pub struct CheckArgs {
     pub json: bool,
 }
 
+impl CheckArgs {
+    /// The watch list, as `observer run` would check it.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        crate::capture::CaptureConfig {
+            watch: self.watch.clone(),
+            ..Default::default()
+        }
+        .validate()
+    }
+}
+
 const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 
 /// What the capture loses on a kernel without BTF (the layouts `capture::btf` reads).

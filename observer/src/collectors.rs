@@ -47,7 +47,7 @@ pub struct ResourceArgs {
 }
 
 impl ResourceArgs {
-    pub(crate) fn validate(&self) -> anyhow::Result<()> {
+    pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
             !self.resources_interval.is_zero(),
             "--resources-interval must be more than 0"

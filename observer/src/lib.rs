@@ -31,10 +31,7 @@
 pub mod admin;
 pub mod capture;
 pub mod check;
-pub mod cli;
 pub mod collectors;
-pub mod config_file;
-pub mod demo;
 pub mod engine;
 pub mod gpu;
 pub mod metrics;
@@ -45,7 +42,5 @@ pub mod proxy;
 pub mod reference;
 pub mod run;
 pub mod server_settings;
-pub mod sim;
 pub mod trace;
 pub mod tracefs;
-pub mod wallclock;

@@ -111,6 +111,13 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
+    /// Every setting of `observer run` that parsed but does not fit with the others.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.capture.to_config().validate()?;
+        self.probe.validate()?;
+        self.resources.validate()
+    }
+
     /// The probe's settings, its upstream resolved: without `--upstream` (on the command line,
     /// in `OBSERVER_UPSTREAM` or in the config file), the Ollama whose port is watched, not a
     /// fixed 11434 that may be nothing, or another server, on this host.
@@ -144,8 +151,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
     let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
 
+    args.validate()?;
     let config = args.capture.to_config();
-    config.validate()?;
     let metrics = Arc::new(Metrics::new(
         args.metrics.metrics_config("ebpf", &config.watch),
     )?);

@@ -76,6 +76,13 @@ pub struct TraceArgs {
 const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Runs the trace until SIGINT or SIGTERM (or until stdout goes away).
+impl TraceArgs {
+    /// The capture's settings, as `observer run` checks them.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.capture.to_config().validate()
+    }
+}
+
 pub async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
     // Registered before anything is attached, so a signal right after the ready line is
     // handled here rather than killing the process with the programs attached.
@@ -418,7 +425,7 @@ fn clock_ns(clock: libc::clockid_t) -> i128 {
 /// RFC 3339 in UTC with nanoseconds, always nine digits: `2024-05-01T10:00:00.000000042Z`.
 pub fn rfc3339_nanos(unix_ns: i128) -> String {
     let since = std::time::Duration::from_nanos(u64::try_from(unix_ns).unwrap_or(0));
-    crate::wallclock::rfc3339_fixed_nanos(std::time::UNIX_EPOCH + since)
+    humantime::format_rfc3339_nanos(std::time::UNIX_EPOCH + since).to_string()
 }
 
 #[cfg(test)]

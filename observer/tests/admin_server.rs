@@ -280,10 +280,10 @@ async fn ready_model_answers_from_the_probe() {
     );
 
     let sim_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mut config = observer::sim::SimConfig::default();
+    let mut config = observer_sim::SimConfig::default();
     config.timing.load = std::time::Duration::from_millis(5);
     config.timing.first_token = std::time::Duration::from_millis(5);
-    let sim = observer::sim::spawn(sim_listener, config).unwrap();
+    let sim = observer_sim::spawn(sim_listener, config).unwrap();
     let upstream = sim.local_addr().to_string();
     let flags = Flags::parse_from([
         "run",

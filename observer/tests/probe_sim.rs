@@ -175,7 +175,7 @@ async fn a_healthy_sim_is_ready_and_the_metrics_say_so() {
     );
     assert!(value(&text, &format!("observer_model_vram_bytes{{{m}}}")).unwrap() > 0.0);
     assert!(value(&text, &format!("observer_model_size_bytes{{{m}}}")).unwrap() > 0.0);
-    let version = observer::sim::DEFAULT_OLLAMA_VERSION;
+    let version = observer_sim::DEFAULT_OLLAMA_VERSION;
     assert_eq!(
         value(
             &text,
@@ -220,7 +220,7 @@ async fn refused_connections_make_the_model_not_ready_after_three_probes_and_it_
 
     // The upstream comes up on that port: one success of each stage is enough.
     let listener = tokio::net::TcpListener::bind(&addr).await.unwrap();
-    let sim = observer::sim::spawn(listener, fast_config()).unwrap();
+    let sim = observer_sim::spawn(listener, fast_config()).unwrap();
     let report = verdict(&readiness, MODEL, Verdict::Ready, 3);
     for s in [Stage::Tcp, Stage::Api, Stage::Generate] {
         assert!(stage(&report, s).passes_in_a_row >= 1);

@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use observer::sim::{prompt_tokens, reply_text};
+use observer_sim::{prompt_tokens, reply_text};
 use serde_json::Value;
 use support::sim_client::*;
 

@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use observer::sim::{RequestTimeline, SimConfig, Timing};
+use observer_sim::{RequestTimeline, SimConfig, Timing};
 use serde_json::Value;
 use support::sim_client::*;
 

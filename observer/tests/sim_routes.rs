@@ -3,7 +3,7 @@
 
 mod support;
 
-use observer::sim::{SimConfig, reply_text};
+use observer_sim::{SimConfig, reply_text};
 use serde_json::Value;
 use support::sim_client::*;
 

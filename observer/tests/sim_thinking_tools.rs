@@ -4,7 +4,7 @@
 
 mod support;
 
-use observer::sim::{SimConfig, TOOL_CALL_TOKENS, reply_text, thinking_reply};
+use observer_sim::{SimConfig, TOOL_CALL_TOKENS, reply_text, thinking_reply};
 use serde_json::Value;
 use support::sim_client::*;
 

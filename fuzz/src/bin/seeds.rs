@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use observer::capture::decode::Direction::{self, Egress as OUT, Ingress as IN};
 use observer::engine::{Engine, EngineConfig, Exchange};
-use observer::sim::{LAST_CHUNK, encode_chunk as chunk};
+use observer_sim::{LAST_CHUNK, encode_chunk as chunk};
 use observer_fuzz::{Op, Script, replay};
 
 /// What the kernel captures of one syscall (observer-common `HEAD_MAX`, `TAIL_MAX`).

@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::capture::decode::Side;
-use crate::sim::{LAST_CHUNK, encode_chunk};
+use observer_sim::{LAST_CHUNK, encode_chunk};
 
 pub(crate) const SERVER: ConnMeta = ConnMeta {
     conn_id: 1,

@@ -97,7 +97,10 @@ pub struct ProxyArgs {
 }
 
 impl ProxyArgs {
-    pub(crate) fn validate(&self) -> anyhow::Result<()> {
+    /// Every setting of `observer proxy` that parsed but does not fit with the others.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.probe.validate()?;
+        self.resources.validate()?;
         for (flag, value) in [
             ("--head-timeout", self.head_timeout),
             ("--idle-timeout", self.idle_timeout),

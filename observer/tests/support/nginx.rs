@@ -249,7 +249,7 @@ fn spawn(netns: Option<&str>, dir: &std::path::Path, args: &[&str]) -> Child {
 
 /// A fast in-process `observer sim` with nginx in front of it (needs a multi-thread runtime:
 /// nginx is started off the async threads).
-pub async fn in_front_of_sim() -> (observer::sim::SimServer, Nginx) {
+pub async fn in_front_of_sim() -> (observer_sim::SimServer, Nginx) {
     let sim = super::sim_client::start(super::sim_client::fast_config()).await;
     let sim_addr = sim.local_addr();
     let nginx = tokio::task::spawn_blocking(move || Nginx::start(sim_addr))

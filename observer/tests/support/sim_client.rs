@@ -6,7 +6,7 @@ use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use observer::sim::{SimConfig, SimServer, Timing, spawn};
+use observer_sim::{SimConfig, SimServer, Timing, spawn};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

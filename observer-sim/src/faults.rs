@@ -1,6 +1,6 @@
 //! Fault injection: which faults a request suffers, either rolled from the configured rates or
 //! forced for that one request by the `X-Sim-Fault` header (syntax in the module docs of
-//! [`crate::sim`]).
+//! the crate root).
 //!
 //! This module only decides; `response.rs` applies the transport faults (slow head, reset) and
 //! the handlers apply the rest (status, mid-stream error, timing overrides). Rolled faults hit

@@ -1,6 +1,7 @@
-//! Wall-clock instants as text, in UTC: Go's `time.RFC3339Nano` (what Ollama's `created_at`
-//! looks like), the IMF-fixdate of the HTTP `Date` header, and RFC 3339 with a fixed nine-digit
-//! fraction (`observer trace`). One calendar conversion serves them all.
+//! Wall-clock instants as text, in UTC, as Ollama's Go server writes them: `time.RFC3339Nano`
+//! (`created_at`, trailing zeros of the fraction trimmed) and the IMF-fixdate of the HTTP
+//! `Date` header. One calendar conversion serves both. (The daemon's own timestamps are
+//! fixed-width RFC 3339 from `humantime`.)
 //!
 //! Pure functions of a `SystemTime`. No clock is read here; callers pass the instant they mean.
 
@@ -86,16 +87,6 @@ pub fn http_date(t: SystemTime) -> String {
     )
 }
 
-/// RFC 3339 with nanoseconds, always nine digits: `2024-05-01T10:00:00.000000042Z` (lines
-/// that sort and align as text).
-pub fn rfc3339_fixed_nanos(t: SystemTime) -> String {
-    let c = civil(t);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:09}Z",
-        c.year, c.month, c.day, c.hour, c.minute, c.second, c.nanos
-    )
-}
-
 /// Seconds since the Unix epoch (OpenAI's `created`), as Go's `Time.Unix`.
 pub fn unix_seconds(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
@@ -137,18 +128,6 @@ mod tests {
         assert_eq!(
             rfc3339_nano(at(951_782_400, 500_000_000)),
             "2000-02-29T00:00:00.5Z"
-        );
-    }
-
-    #[test]
-    fn rfc3339_fixed_nanos_keeps_nine_digits() {
-        assert_eq!(
-            rfc3339_fixed_nanos(at(0, 42)),
-            "1970-01-01T00:00:00.000000042Z"
-        );
-        assert_eq!(
-            rfc3339_fixed_nanos(at(1_700_000_000, 0)),
-            "2023-11-14T22:13:20.000000000Z"
         );
     }
 

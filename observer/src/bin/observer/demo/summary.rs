@@ -6,7 +6,7 @@
 
 use std::{collections::VecDeque, fmt::Write as _, time::Duration};
 
-use crate::metrics::scrape::{Scrape, bucket_delta, quantile};
+use observer::metrics::scrape::{Scrape, bucket_delta, quantile};
 
 /// Rates (requests/s, tokens/s) are over this much of the most recent history.
 const RATE_WINDOW: Duration = Duration::from_secs(5);

@@ -1,8 +1,12 @@
+//! # observer-sim
+//!
 //! `observer sim`: a simulated Ollama upstream that speaks Ollama's real wire format, with
 //! configurable model load, time-to-first-token and per-token delays, and injected faults.
 //! It owns its HTTP/1.1 server (tokio + `httparse`) so the bytes on the wire are exactly
 //! those Ollama's Go server (net/http + gin) would write; it is used by `observer demo` and by
-//! the tests of the whole project, and never by the observer's own data path.
+//! the tests of the whole project, and never by the observer's own data path. It is a crate of
+//! its own, with no dependency on the daemon's library: the `observer` binary runs it as its
+//! `sim` subcommand, and the daemon (`observer run`) does not link a line of it.
 //!
 //! # Routes
 //!
@@ -96,7 +100,8 @@
 //! - `ollama`, `openai`, `completions`, `responses`, `anthropic`: the inference APIs;
 //!   `embed`: embeddings; `inference_request`: the inference request bodies; `listing`: tags,
 //!   ps, version, models. `generation`, `models`: what the "model" does.
-//! - `faults`: fault decisions. `gojson`: Go's JSON (times: `crate::wallclock`).
+//! - `faults`: fault decisions. `gojson`: Go's JSON. `wallclock`: Go's time formats (RFC 3339
+//!   with trimmed nanoseconds, HTTP dates) and Unix seconds.
 //! - `environment`: Ollama's `OLLAMA_*` variables. `runner`: one request through the scheduler
 //!   and a slot, with its timeline.
 
@@ -120,6 +125,7 @@ mod responses;
 mod routes;
 mod runner;
 mod server;
+mod wallclock;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;

@@ -226,7 +226,7 @@ async fn whole(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sim::inference_request::parse_completion;
+    use crate::inference_request::parse_completion;
 
     #[test]
     fn chunks_carry_zero_usage_when_usage_is_asked_for() {

@@ -33,7 +33,7 @@ use self::{
     summary::{History, View},
     traffic::Traffic,
 };
-use crate::{
+use observer::{
     capture::{Role, WatchedPort},
     check,
     metrics::scrape::Scrape,

@@ -1,10 +1,20 @@
-//! The `observer` binary: parse the command line, set up logging, hand over to the library.
+//! The `observer` binary: the command line over the daemon's library (`observer run`, `proxy`,
+//! `trace`, `check`, `probe`, `metrics-reference`), the simulator of the `observer-sim` crate
+//! (`observer sim`) and the demo that runs them all together (`observer demo`).
+//!
+//! - `cli`: the subcommands, logging set-up, one place that turns errors into exit codes.
+//! - `config_file`: `--config FILE`, TOML settings under the flags and `OBSERVER_*` variables.
+//! - `demo`: `observer demo`, simulator, gateway, observer and chat users with a live summary.
+
+mod cli;
+mod config_file;
+mod demo;
 
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
     limit_malloc_arenas();
-    observer::cli::main()
+    cli::main()
 }
 
 /// glibc gives threads that contend for the allocator arenas of their own, up to eight per

@@ -3,8 +3,8 @@ use std::{ffi::OsString, net::SocketAddr, path::Path, time::Duration};
 use clap::{Arg, ArgAction, CommandFactory as _, FromArgMatches as _};
 
 use super::*;
-use crate::capture::{Role, WatchedPort};
 use crate::cli::{Cli, Command as Sub, UsageError};
+use observer::capture::{Role, WatchedPort};
 
 const FILE: &str = "/etc/observer.toml";
 
@@ -34,14 +34,14 @@ fn config_error(args: &[&str], text: &str) -> ConfigError {
     }
 }
 
-fn proxy(cli: Cli) -> crate::proxy::ProxyArgs {
+fn proxy(cli: Cli) -> observer::proxy::ProxyArgs {
     match cli.command {
         Sub::Proxy(args) => *args,
         other => panic!("not proxy: {other:?}"),
     }
 }
 
-fn run(cli: &Cli) -> &crate::run::RunArgs {
+fn run(cli: &Cli) -> &observer::run::RunArgs {
     match &cli.command {
         Sub::Run(args) => args,
         other => panic!("not run: {other:?}"),
@@ -440,7 +440,7 @@ fn switches_and_lists_become_flags() {
 /// The example in `deploy/` is valid for both daemons, and its tables say different things.
 #[test]
 fn the_deploy_example_serves_run_and_proxy() {
-    let example = include_str!("../../../deploy/observer.toml");
+    let example = include_str!("../../../../../deploy/observer.toml");
     let cli = parse(&["run"], example).unwrap();
     assert_eq!(run(&cli).capture.max_conns, 65536);
     assert_eq!(run(&cli).metrics.metrics_addr, addr("127.0.0.1:9464"));

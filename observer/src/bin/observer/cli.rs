@@ -12,7 +12,8 @@ use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEn
 use tracing_subscriber::EnvFilter;
 
 use crate::config_file::{self, ConfigError, ConfigFile, ParseError};
-use crate::{check, demo, probe, proxy, reference, run, sim, trace};
+use crate::demo;
+use observer::{check, probe, proxy, reference, run, trace};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -66,37 +67,17 @@ impl Cli {
     }
 
     /// Settings whose every value parsed but which do not fit together (a port watched twice,
-    /// a ring buffer that is no power of two).
+    /// a ring buffer that is no power of two): each command's own `validate`.
     fn validate(&self) -> anyhow::Result<()> {
         match &self.command {
-            Command::Check(args) => crate::capture::CaptureConfig {
-                watch: args.watch.clone(),
-                ..Default::default()
-            }
-            .validate(),
-            Command::Run(args) => {
-                args.capture.to_config().validate()?;
-                validate_probe(&args.probe)?;
-                args.resources.validate()
-            }
-            Command::Proxy(args) => {
-                args.validate()?;
-                validate_probe(&args.probe)?;
-                args.resources.validate()
-            }
+            Command::Check(args) => args.validate(),
+            Command::Run(args) => args.validate(),
+            Command::Proxy(args) => args.validate(),
             Command::Probe(args) => args.validate(),
-            Command::Trace(args) => args.capture.to_config().validate(),
-            _ => Ok(()),
+            Command::Trace(args) => args.validate(),
+            Command::Demo(_) | Command::Sim(_) | Command::MetricsReference(_) => Ok(()),
         }
     }
-}
-
-/// A daemon's probe settings, unless the probe is off.
-fn validate_probe(args: &probe::DaemonProbeArgs) -> anyhow::Result<()> {
-    if args.no_probe {
-        return Ok(());
-    }
-    args.probe.validate()
 }
 
 #[derive(Debug, Subcommand)]
@@ -106,7 +87,7 @@ pub enum Command {
     /// Run the whole product on this machine: simulated Ollama, a gateway, the observer and chat users, with a live summary.
     Demo(demo::DemoArgs),
     /// Run a simulated Ollama upstream (real wire format, configurable timing and faults).
-    Sim(sim::SimArgs),
+    Sim(observer_sim::SimArgs),
     /// Run the daemon: kernel capture → HTTP exchanges → Prometheus metrics on the admin server (root).
     Run(Box<run::RunArgs>),
     /// Forward the gateway's traffic to Ollama and serve the same metrics without eBPF.
@@ -157,7 +138,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Check(args) => check::run(args).await,
             Command::Demo(args) => demo::run(args).await,
-            Command::Sim(args) => sim::run(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Sim(args) => observer_sim::run(args).await.map(|()| ExitCode::SUCCESS),
             Command::Run(args) => run::run(*args).await,
             Command::Trace(args) => trace::run(args).await,
             Command::Probe(args) => probe::run(args).await,

@@ -24,7 +24,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::{net::TcpStream, sync::watch, task::JoinSet};
 
-use crate::sim::{Dice, FAULT_HEADER};
+use observer_sim::{Dice, FAULT_HEADER};
 
 /// What the users sent and how it went, counted by the client.
 #[derive(Debug, Default)]
