@@ -6,7 +6,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use observer::capture::{Role, decode::Side};
+use observer::base::{Role, Side};
 use observer::engine::{Call, Engine, EngineConfig, Exchange, MAX_PATH, MAX_PIPELINE, Outcome};
 use observer_fuzz::{Op, replay};
 

@@ -10,7 +10,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use observer::capture::{Role, decode::Side};
+use observer::base::{Role, Side};
 use observer::engine::ConnMeta;
 use observer::engine::rpc::{Call, Calls};
 use observer::engine::ws::{FrameParser, MSG_HEAD, MSG_TAIL, Message, Unread, WsSink};
@@ -44,7 +44,10 @@ impl WsSink for Check {
             );
         }
         if message.compressed {
-            assert!(message.head.is_empty() && message.tail.is_empty(), "{message:?}");
+            assert!(
+                message.head.is_empty() && message.tail.is_empty(),
+                "{message:?}"
+            );
         }
         self.calls
             .message(META, self.from_client, &message, &mut self.out);
@@ -84,7 +87,9 @@ fuzz_target!(|input: &[u8]| {
             &mut check,
         );
     }
-    check.calls.close(observer::engine::CallOutcome::Aborted, &mut check.out);
+    check
+        .calls
+        .close(observer::engine::CallOutcome::Aborted, &mut check.out);
     for call in &check.out {
         assert!(call.request_first <= call.request_last, "{call:?}");
         assert!(call.request_last <= call.end, "{call:?}");

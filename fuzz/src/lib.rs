@@ -19,7 +19,7 @@
 //!
 //! Lengths are cut to the bytes left, so every input is a valid script.
 
-use observer::capture::{Role, decode::Direction, decode::Side};
+use observer::base::{Direction, Role, Side};
 use observer::engine::{ConnMeta, Engine};
 
 /// Connection slots a script can name: more than the engine under test keeps, so eviction is

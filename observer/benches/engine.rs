@@ -17,8 +17,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use observer::capture::Role;
-use observer::capture::decode::{Direction, Side};
+use observer::base::{Direction, Role, Side};
 use observer::engine::{ConnMeta, Engine, EngineConfig};
 use observer_common::{HEAD_MAX, TAIL_MAX};
 use observer_sim::{LAST_CHUNK, encode_chunk as chunk};

@@ -25,8 +25,8 @@ use axum::{
     routing::get,
 };
 
+use crate::base::Role;
 use crate::{
-    capture::Role,
     metrics::{ExpositionFormat, Metrics},
     probe::Readiness,
 };

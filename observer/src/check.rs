@@ -8,10 +8,9 @@
 
 use std::{path::Path, process::ExitCode};
 
+use crate::base::WatchedPort;
 use crate::{
-    capture::{
-        self, Capture, CaptureConfig, Hook, REQUIRED_TRACEPOINTS, WatchedPort, hooks, kernel, seed,
-    },
+    capture::{Capture, CaptureConfig, Hook, REQUIRED_TRACEPOINTS, hooks, kernel, seed},
     gpu::{self, GpuPresence},
     tracefs,
 };
@@ -111,7 +110,7 @@ pub struct TracepointCheck {
 #[derive(Debug, serde::Serialize)]
 pub struct PortListeners {
     pub port: u16,
-    pub role: capture::Role,
+    pub role: crate::base::Role,
     pub listeners: Vec<seed::Listener>,
 }
 

@@ -15,8 +15,8 @@ use std::{
 
 use anyhow::Context as _;
 
+use crate::base::WatchedPort;
 use crate::{
-    capture::WatchedPort,
     gpu::GpuMonitor,
     metrics::Metrics,
     procfs::{TargetProcesses, Targets},
@@ -42,7 +42,7 @@ pub struct ResourceArgs {
     #[arg(long, value_enum, default_value_t = GpuMode::Auto, env = "OBSERVER_GPU")]
     pub gpu: GpuMode,
     /// How often process resources and GPUs are read.
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = crate::probe::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = crate::base::clock::parse_duration)]
     pub resources_interval: Duration,
 }
 

@@ -29,6 +29,7 @@
 //! - [`tracefs`]: find or mount tracefs and list tracepoints.
 
 pub mod admin;
+pub mod base;
 pub mod capture;
 pub mod check;
 pub mod collectors;

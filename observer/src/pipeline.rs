@@ -18,11 +18,8 @@
 use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
 use std::sync::Arc;
 
-use crate::capture::{
-    KernelCounters, Role, Sweep,
-    decode::{ConnRecord, Direction, Event, Side},
-    own_ports::OwnPorts,
-};
+use crate::base::{ConnRecord, Direction, Role, Side};
+use crate::capture::{KernelCounters, Sweep, decode::Event, own_ports::OwnPorts};
 use crate::engine::{
     Call, ConnMeta, Engine, EngineConfig, ErrorCounts, ErrorReason, Exchange, MessageKind, Unread,
     WsCounts,

@@ -23,7 +23,8 @@ use prometheus::{
     proto::MetricFamily,
 };
 
-use crate::capture::{Role, WatchedPort, seed};
+use crate::base::{Role, WatchedPort};
+use crate::capture::seed;
 
 /// Most processes watched at once; past it, descendants with the highest pids are left out.
 pub const MAX_TARGETS: usize = 64;

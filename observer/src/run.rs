@@ -13,19 +13,19 @@ use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::admin::{self, AdminConfig, AdminServer, StatusBoard};
+use crate::base::{Role, Side, clock::monotonic_ns, watch_list};
 use crate::capture::{
-    Capture, Role,
-    decode::{Event, Side},
+    Capture,
+    decode::Event,
     own_ports::OwnPorts,
     reader::{self, EventReader},
-    seed,
 };
 use crate::collectors::{self, ResourceArgs};
 use crate::engine::EngineConfig;
 use crate::metrics::{Metrics, MetricsConfig};
 use crate::pipeline::Pipeline;
 use crate::probe::{self, DaemonProbeArgs};
-use crate::trace::{CaptureArgs, watch_list};
+use crate::trace::CaptureArgs;
 
 /// Flags of the admin server and the metrics it serves; `observer proxy` shares them.
 #[derive(Debug, Clone, clap::Args)]
@@ -58,7 +58,7 @@ impl MetricsArgs {
     pub fn metrics_config(
         &self,
         mode: &'static str,
-        watch: &[crate::capture::WatchedPort],
+        watch: &[crate::base::WatchedPort],
     ) -> MetricsConfig {
         let llm_role = if watch.iter().any(|w| w.role == Role::Upstream) {
             Role::Upstream
@@ -197,7 +197,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     for conn in capture.seeded() {
         pipeline.on_conn_open(conn);
     }
-    pipeline.flush(seed::monotonic_ns(), |_| {});
+    pipeline.flush(monotonic_ns(), |_| {});
     // Every loss series exists (at 0) before /readyz says 200: a scrape right after readiness
     // sees them, not only one after the first chore.
     match capture.counters() {
@@ -250,7 +250,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
         // Each event borrowed from the ring buffer, its bytes never copied.
         events.drain(|event| pipeline.on_event(&event));
-        pipeline.flush(seed::monotonic_ns(), |_| {});
+        pipeline.flush(monotonic_ns(), |_| {});
         let totals = pipeline.totals();
         status.add_events(totals.events - reported.events);
         status.add_exchanges(totals.exchanges - reported.exchanges);

@@ -9,10 +9,8 @@
 
 use std::{collections::HashSet, fs, path::Path, time::Duration};
 
-use crate::{
-    capture::Role,
-    procfs::{Targets, parse_stat},
-};
+use crate::base::Role;
+use crate::procfs::{Targets, parse_stat};
 
 /// The settings of one Ollama server, defaults filled in (Ollama 0.32, `envconfig/config.go`).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -4,9 +4,9 @@
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc};
 
+use observer::base::Role;
 use observer::{
     admin::{AdminConfig, StatusBoard, serve},
-    capture::Role,
     metrics::{Metrics, MetricsConfig},
 };
 use tokio::{

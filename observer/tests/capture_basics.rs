@@ -13,10 +13,8 @@ use std::{
     time::Duration,
 };
 
-use observer::capture::{
-    Role,
-    decode::{Direction, Event, Side},
-};
+use observer::base::{Direction, Role, Side};
+use observer::capture::decode::Event;
 use support::{
     capture::{self as cap, ConnView},
     socket_io::{Api, recv_exact, send_all},

@@ -10,10 +10,8 @@ use std::{
     time::Duration,
 };
 
-use observer::capture::{
-    CaptureConfig, Role,
-    decode::{Direction, Event, Side},
-};
+use observer::base::{Direction, Role, Side};
+use observer::capture::{CaptureConfig, decode::Event};
 use support::{
     capture as cap,
     socket_io::{Api, recv_exact, send_once},

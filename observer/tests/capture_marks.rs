@@ -14,7 +14,8 @@ use std::{
     time::Duration,
 };
 
-use observer::capture::{Role, decode::Event};
+use observer::base::Role;
+use observer::capture::decode::Event;
 use support::capture as cap;
 
 /// Runs `script` in bash, its stdin a pipe (the scripts end when it closes).

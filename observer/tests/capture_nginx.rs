@@ -9,10 +9,8 @@ mod support;
 
 use std::os::fd::AsRawFd;
 
-use observer::capture::{
-    Role,
-    decode::{ConnRecord, DataRecord, Direction, Event, Side},
-};
+use observer::base::{ConnRecord, Direction, Role, Side};
+use observer::capture::decode::{DataRecord, Event};
 use support::{capture as cap, capture::ConnView, sim_client};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},

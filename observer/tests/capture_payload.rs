@@ -12,10 +12,8 @@ use std::{
     time::Duration,
 };
 
-use observer::capture::{
-    CaptureConfig, Role,
-    decode::{Direction, Side},
-};
+use observer::base::{Direction, Role, Side};
+use observer::capture::CaptureConfig;
 use support::{
     capture as cap,
     socket_io::{Api, recv_exact, send_once},

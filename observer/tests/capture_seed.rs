@@ -7,10 +7,8 @@ mod support;
 
 use std::os::fd::AsRawFd;
 
-use observer::capture::{
-    Role,
-    decode::{Direction, Event, Side},
-};
+use observer::base::{Direction, Role, Side};
+use observer::capture::decode::Event;
 use support::{capture as cap, nginx::comm, sim_client};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},

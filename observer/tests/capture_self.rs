@@ -13,10 +13,8 @@ use std::{
     time::Duration,
 };
 
-use observer::capture::{
-    Role,
-    decode::{Direction, Event, Side},
-};
+use observer::base::{Direction, Role, Side};
+use observer::capture::decode::Event;
 use support::capture as cap;
 
 const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nhello\n";

@@ -5,11 +5,8 @@ mod support;
 
 use std::{net::TcpListener, process::Command, time::Duration};
 
-use observer::capture::{
-    Capture, CaptureConfig, Role, WatchedPort,
-    decode::{Event, Side},
-    reader::EventReader,
-};
+use observer::base::{Role, Side, WatchedPort};
+use observer::capture::{Capture, CaptureConfig, decode::Event, reader::EventReader};
 
 #[tokio::test(flavor = "current_thread")]
 async fn connections_of_exited_processes_are_swept() {

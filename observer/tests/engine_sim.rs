@@ -6,7 +6,7 @@
 
 mod support;
 
-use observer::capture::{Role, decode::Direction, decode::Side};
+use observer::base::{Direction, Role, Side};
 use observer::engine::{ConnMeta, Engine, EngineConfig, Exchange, Outcome};
 use serde_json::Value;
 use support::sim_client::{fast_config, start};

@@ -6,11 +6,9 @@ mod support;
 
 use std::{io::Read, net::TcpListener, os::fd::AsRawFd, time::Duration};
 
+use observer::base::{Direction, Role, Side, WatchedPort};
 use observer::capture::{
-    Capture, CaptureConfig, Role, WatchedPort,
-    decode::{Direction, Event, Side},
-    program_count,
-    reader::EventReader,
+    Capture, CaptureConfig, decode::Event, program_count, reader::EventReader,
 };
 
 const PAYLOAD_LEN: usize = 3000;

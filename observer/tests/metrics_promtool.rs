@@ -7,8 +7,8 @@ use std::{
     process::{Command, Stdio},
 };
 
+use observer::base::{Direction, Role, Side};
 use observer::{
-    capture::{Role, decode::Direction, decode::Side},
     engine::{ConnMeta, Exchange, LlmFields, Method, Outcome, Timestamps},
     gpu::{GpuCollector, GpuProcess, GpuReading, GpuSnapshot},
     metrics::{EbpfEventKind, ExpositionFormat, Metrics, MetricsConfig, handles::Handles},

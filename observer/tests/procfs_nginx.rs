@@ -11,10 +11,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use observer::{
-    capture::{Role, WatchedPort},
-    procfs::{ProcessReading, TargetProcesses},
-};
+use observer::base::{Role, WatchedPort};
+use observer::procfs::{ProcessReading, TargetProcesses};
 use support::nginx::Nginx;
 
 const PROC: &str = "/proc";

@@ -488,7 +488,7 @@ fn wall_now() -> String {
     let since_epoch = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap();
-    observer::trace::rfc3339_nanos(since_epoch.as_nanos() as i128)
+    observer::base::clock::rfc3339_nanos(since_epoch.as_nanos() as i128)
 }
 
 fn dump(lines: &[Value]) -> String {

@@ -8,10 +8,10 @@
 
 use std::path::PathBuf;
 
-use observer::capture::decode::Direction::{self, Egress as OUT, Ingress as IN};
+use observer::base::Direction::{self, Egress as OUT, Ingress as IN};
 use observer::engine::{Engine, EngineConfig, Exchange};
-use observer_sim::{LAST_CHUNK, encode_chunk as chunk};
 use observer_fuzz::{Op, Script, replay};
+use observer_sim::{LAST_CHUNK, encode_chunk as chunk};
 
 /// What the kernel captures of one syscall (observer-common `HEAD_MAX`, `TAIL_MAX`).
 const HEAD_MAX: usize = 1024;
@@ -582,7 +582,11 @@ fn websocket_turn() -> Script {
         GATEWAY,
         OUT,
         1,
-        &ws_frame(1, br#"{"type":"res","id":"1","ok":true,"payload":{"type":"hello-ok"}}"#, false),
+        &ws_frame(
+            1,
+            br#"{"type":"res","id":"1","ok":true,"payload":{"type":"hello-ok"}}"#,
+            false,
+        ),
     );
     write(&mut s, GATEWAY, IN, 1, &ws_frame(1, client[1], true));
     for (gap, message) in [

@@ -11,25 +11,7 @@ use observer_common::{
     COMM_LEN, ConnEvent, DataEvent, Endpoint, HEAD_MAX, TAIL_MAX, direction, family, kind, side,
 };
 
-use super::Role;
-
-/// Which end of the connection the observed process is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Side {
-    Server,
-    Client,
-}
-
-/// Direction of bytes as seen by the observed process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Direction {
-    /// Received by the process.
-    Ingress,
-    /// Sent by the process.
-    Egress,
-}
+use crate::base::{ConnRecord, Direction, Role, Side};
 
 /// One send or receive on a watched connection. Its bytes borrow from the ring buffer record
 /// it was decoded from (no allocation per event on the daemon's hot path);
@@ -62,28 +44,6 @@ impl DataRecord<'_> {
             ..self
         }
     }
-}
-
-/// A watched connection opened or closed (or found open in `/proc` at start: `seeded`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConnRecord {
-    pub ts_ns: u64,
-    pub conn_id: u64,
-    pub tgid: u32,
-    pub pid: u32,
-    pub comm: String,
-    pub role: Role,
-    pub side: Side,
-    pub fd: u32,
-    pub port: u16,
-    /// What the kernel side knows of this end: the listener's address for the server side;
-    /// for the client side its own port (chosen inside connect(), read from the socket) with
-    /// an unspecified address, or unknown where the kernel's BTF did not say how to read it.
-    pub local: Option<SocketAddr>,
-    /// The peer: from accept()'s sockaddr for the server side (when the caller asked for
-    /// it), the connect() target for the client side.
-    pub remote: Option<SocketAddr>,
-    pub seeded: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -15,9 +15,10 @@ use std::{
 };
 
 use super::{
-    decode::{ConnRecord, Event},
+    decode::Event,
     seed::{self, TcpSocket, tcp_sockets},
 };
+use crate::base::ConnRecord;
 
 /// More remembered connections than this means closes were lost (a ring buffer overrun):
 /// start over rather than grow.
@@ -122,7 +123,7 @@ fn socket_inode(process: &Path, fd: u32) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::capture::{Role, decode::Side};
+    use crate::base::{Role, Side};
     use std::os::fd::AsRawFd;
 
     fn open(

@@ -30,8 +30,9 @@ use aya::{
 };
 use observer_common::{ConnInfo, ListenInfo, SockKey, counter, names};
 
-pub use config::{CaptureConfig, Role, WatchedPort};
-use decode::ConnRecord;
+use crate::base::ConnRecord;
+use crate::base::{Role, clock::monotonic_ns};
+pub use config::CaptureConfig;
 
 /// The kernel object built by `cargo xtask build-ebpf`, embedded at compile time.
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("OBSERVER_BPF_OBJECT"));
@@ -534,7 +535,7 @@ impl Capture {
                 .map_mut(names::CONNS)
                 .context("CONNS map missing")?,
         )?;
-        let now = seed::monotonic_ns();
+        let now = monotonic_ns();
         let mut gone: Vec<(SockKey, ConnInfo)> = Vec::new();
         // Each marked key's loss count now; keys no longer marked are forgotten.
         let mut lost_seen = std::collections::HashMap::new();

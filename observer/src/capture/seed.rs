@@ -13,10 +13,9 @@
 //! and by the capture to seed connections that predate the daemon. Read-only; a process that
 //! vanishes mid-scan is skipped, not an error.
 
-use super::{
-    WatchedPort,
-    decode::{ConnRecord, Side, encode_endpoint},
-};
+use super::decode::encode_endpoint;
+use crate::base::clock::monotonic_ns;
+use crate::base::{ConnRecord, Side, WatchedPort};
 use observer_common::{ConnInfo, ListenInfo, SockKey};
 use std::{
     collections::{BTreeMap, HashSet},
@@ -291,7 +290,7 @@ fn parse_endpoint(text: &str) -> Option<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::capture::Role;
+    use crate::base::Role;
     use std::{
         io::{BufRead as _, Write as _},
         net::{TcpListener, TcpStream},
@@ -861,15 +860,4 @@ pub fn scan(
         });
     }
     Ok(seed)
-}
-
-/// CLOCK_MONOTONIC in ns, the clock of the kernel side's timestamps.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is a valid timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

@@ -10,7 +10,7 @@ use super::http::{BodyRule, Head, Kind, MessageParser, Sink};
 use super::llm::{RequestScan, ResponseScan};
 use super::rpc::{Call, CallOutcome};
 use super::ws::{Session, SessionOutput, WsCounts};
-use crate::capture::decode::{Direction, Side};
+use crate::base::{Direction, Side};
 
 /// Requests kept waiting for responses on one connection; more are counted and not tracked.
 pub const MAX_PIPELINE: usize = 16;

@@ -23,7 +23,7 @@ use std::collections::VecDeque;
 
 use super::exchange::Exchange;
 use super::rpc::Call;
-use crate::capture::{Role, decode::Side};
+use crate::base::{Role, Side};
 
 /// How long a finished gateway exchange waits for its upstream exchange.
 pub const GATEWAY_WAIT_NS: u64 = 1_000_000_000;

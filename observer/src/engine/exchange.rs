@@ -2,10 +2,8 @@
 //! timestamps of SPEC §4 and the LLM fields read from the bodies. Plain data: no parsing here,
 //! and nothing that knows about metrics or where the bytes came from.
 
-use crate::capture::{
-    Role,
-    decode::{ConnRecord, DataRecord, Side},
-};
+use crate::base::{ConnRecord, Role, Side};
+use crate::capture::decode::DataRecord;
 
 /// The connection an exchange was seen on: which port and role, which end of it the observed
 /// process is, and the process.

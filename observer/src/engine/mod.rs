@@ -21,6 +21,7 @@ mod llm;
 pub mod rpc;
 pub mod ws;
 
+use crate::base::{Direction, Role};
 use foldhash::{HashMap, HashMapExt as _};
 
 pub use conn::MAX_PIPELINE;
@@ -29,7 +30,6 @@ pub use llm::Rejection;
 pub use rpc::{Call, CallOutcome};
 pub use ws::{MessageKind, Unread, WsCounts};
 
-use crate::capture::{Role, decode::Direction};
 use conn::{Conn, Output};
 
 /// Why bytes could not be read as planned. Counted per role; the label of
@@ -116,12 +116,7 @@ impl ErrorCounts {
 
     /// On connections of one side: a loopback connection's error is seen from both ends, and
     /// the pipeline counts one of them (the side whose exchanges it counts).
-    pub fn on_side(
-        &self,
-        role: Role,
-        side: crate::capture::decode::Side,
-        reason: ErrorReason,
-    ) -> u64 {
+    pub fn on_side(&self, role: Role, side: crate::base::Side, reason: ErrorReason) -> u64 {
         self.counts[role.index()][side_index_of(side)][reason as usize]
     }
 
@@ -338,12 +333,12 @@ impl Engine {
 
     /// WebSocket messages and unread bytes on connections of this role and side (relay hops'
     /// apart).
-    pub fn ws_counts(&self, role: Role, side: crate::capture::decode::Side) -> &WsCounts {
+    pub fn ws_counts(&self, role: Role, side: crate::base::Side) -> &WsCounts {
         &self.ws[role.index()][side_index_of(side)]
     }
 
     /// Requests seen whose responses have not finished, on connections of this role and side.
-    pub fn in_flight(&self, role: Role, side: crate::capture::decode::Side) -> usize {
+    pub fn in_flight(&self, role: Role, side: crate::base::Side) -> usize {
         self.in_flight[role.index()][side_index_of(side)]
     }
 
@@ -368,10 +363,10 @@ impl Engine {
     }
 }
 
-fn side_index_of(side: crate::capture::decode::Side) -> usize {
+fn side_index_of(side: crate::base::Side) -> usize {
     match side {
-        crate::capture::decode::Side::Server => 0,
-        crate::capture::decode::Side::Client => 1,
+        crate::base::Side::Server => 0,
+        crate::base::Side::Client => 1,
     }
 }
 

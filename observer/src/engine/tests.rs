@@ -2,7 +2,7 @@
 //! truncated, partially captured and mixed with garbage.
 
 use super::*;
-use crate::capture::decode::Side;
+use crate::base::Side;
 use observer_sim::{LAST_CHUNK, encode_chunk};
 
 pub(crate) const SERVER: ConnMeta = ConnMeta {

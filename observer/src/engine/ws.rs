@@ -11,7 +11,7 @@
 
 use super::exchange::ConnMeta;
 use super::rpc::{Call, CallOutcome, Calls};
-use crate::capture::decode::{Direction, Side};
+use crate::base::{Direction, Side};
 
 /// Bytes kept from the start of a message.
 pub const MSG_HEAD: usize = 2048;

@@ -3,7 +3,7 @@
 //! sees them (it reads the client's masked frames, writes its own unmasked).
 
 use super::*;
-use crate::capture::decode::Side;
+use crate::base::Side;
 
 const GATEWAY: ConnMeta = ConnMeta {
     conn_id: 9,

@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use prometheus::{GaugeVec, Opts, core::Collector, core::Desc, proto::MetricFamily};
 
 use super::reading::GpuSnapshot;
-use crate::capture::Role;
+use crate::base::Role;
 
 /// The `role` of a GPU process that serves no watched listener.
 const NO_ROLE: &str = "other";

@@ -6,7 +6,7 @@ use std::{collections::BTreeSet, collections::VecDeque};
 use prometheus::{Encoder as _, Registry, TextEncoder};
 
 use super::reading::{GpuProcess, GpuReading, GpuSnapshot, GpuSource};
-use crate::capture::Role;
+use crate::base::Role;
 
 /// Two GPUs: GPU 0 reports everything and runs Ollama's runner (pid 4242) and a stray
 /// process (pid 777, listed twice); GPU 1 reports no power and has one process whose memory

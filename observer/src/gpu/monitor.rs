@@ -8,7 +8,7 @@
 //! schedule itself; the daemon calls [`GpuMonitor::refresh`] from a blocking thread.
 
 use super::{collector::GpuCollector, nvml::NvmlSource, open, reading::GpuSource};
-use crate::capture::Role;
+use crate::base::Role;
 
 /// `/proc/<pid>/comm` without its newline; empty if the process is gone.
 pub fn process_comm(pid: u32) -> String {

@@ -19,10 +19,8 @@ use prometheus::{
 };
 
 use super::{EbpfEventKind, labels::RouteId};
-use crate::{
-    capture::{Role, decode::Direction},
-    engine::Method,
-};
+use crate::base::{Direction, Role};
+use crate::engine::Method;
 
 /// Label sets of `http_*` series kept at once.
 pub const MAX_LABEL_SETS: usize = 256;

@@ -28,10 +28,8 @@ use self::{
     labels::{ModelLabels, NONE, Routes},
     schema::{FamilySchema, describe},
 };
-use crate::{
-    capture::{Role, decode::Direction},
-    engine::{Call, CallOutcome, Exchange, MessageKind, Unread},
-};
+use crate::base::{Direction, Role};
+use crate::engine::{Call, CallOutcome, Exchange, MessageKind, Unread};
 
 /// What the metrics are named and labelled with.
 #[derive(Debug, Clone)]

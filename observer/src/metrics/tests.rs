@@ -4,10 +4,8 @@
 use prometheus::proto::{Metric, MetricType};
 
 use super::*;
-use crate::{
-    capture::decode::{Direction, Side},
-    engine::{ConnMeta, LlmFields, Method, Outcome, Timestamps},
-};
+use crate::base::{Direction, Side};
+use crate::engine::{ConnMeta, LlmFields, Method, Outcome, Timestamps};
 
 const S: u64 = 1_000_000_000;
 const MS: u64 = 1_000_000;

@@ -29,10 +29,9 @@ use self::{
     metrics::ProbeMetrics,
     state::{CheckResult, ModelHealth, ProbeState, Thresholds, Verdict, probed_names},
 };
-use crate::{
-    capture::{Role, WatchedPort, own_ports::OwnPorts},
-    metrics::Metrics,
-};
+use crate::base::clock::parse_duration;
+use crate::base::{Role, WatchedPort};
+use crate::{capture::own_ports::OwnPorts, metrics::Metrics};
 
 /// One of the three stages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -57,11 +56,6 @@ impl fmt::Display for Stage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
-}
-
-/// A duration flag: `5s`, `300ms`, `2m`, `1h 30m`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text).map_err(|err| format!("{text:?}: {err} (e.g. 5s, 300ms, 2m)"))
 }
 
 /// Flags of the probe, shared by `observer run`, `observer proxy` and `observer probe`.

@@ -24,8 +24,9 @@ use super::{
     reply::Reply,
     request::{self, Body, ChunkedBody, RequestHead},
 };
+use crate::base::Direction;
+use crate::base::clock::monotonic_ns;
 use crate::{
-    capture::{decode::Direction, seed::monotonic_ns},
     engine::{
         ConnMeta,
         http::{BodyRule, Head, Kind, MessageParser, Sink},

@@ -15,13 +15,10 @@ use std::{
     time::Duration,
 };
 
+use crate::base::clock::monotonic_ns;
+use crate::base::{Direction, Role, Side};
 use crate::{
     admin::StatusBoard,
-    capture::{
-        Role,
-        decode::{Direction, Side},
-        seed::monotonic_ns,
-    },
     engine::{ConnMeta, EngineConfig},
     metrics::Metrics,
     pipeline::Pipeline,

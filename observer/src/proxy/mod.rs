@@ -37,12 +37,14 @@ use self::{
     feed::{Pair, Shared, Tap},
     reply::Reply,
 };
+use crate::base::clock::parse_duration;
+use crate::base::{Role, WatchedPort};
 use crate::{
     admin::StatusBoard,
-    capture::{Role, WatchedPort, own_ports::OwnPorts},
+    capture::own_ports::OwnPorts,
     collectors::{self, ResourceArgs},
     metrics::Metrics,
-    probe::{DaemonProbeArgs, parse_duration},
+    probe::DaemonProbeArgs,
     run::{MetricsArgs, start_probe},
 };
 

@@ -8,9 +8,10 @@ use std::{
     time::Duration,
 };
 
+use observer::base::{ConnRecord, Direction, Role, Side, WatchedPort};
 use observer::capture::{
-    Capture, CaptureConfig, Role, WatchedPort,
-    decode::{ConnRecord, DataRecord, Direction, Event, Side},
+    Capture, CaptureConfig,
+    decode::{DataRecord, Event},
     reader::EventReader,
 };
 

@@ -29,4 +29,4 @@ pub use testkit::socket_io;
 
 /// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
 #[allow(unused_imports, reason = "each test binary uses a part of support")]
-pub use observer::capture::seed::monotonic_ns;
+pub use observer::base::clock::monotonic_ns;

@@ -46,7 +46,7 @@ impl Proxy {
         let drain = flags
             .iter()
             .position(|f| *f == "--drain-timeout")
-            .map(|i| observer::probe::parse_duration(flags[i + 1]).unwrap())
+            .map(|i| observer::base::clock::parse_duration(flags[i + 1]).unwrap())
             .unwrap_or(Duration::from_secs(30));
         let mut child = Command::new(OBSERVER)
             .args(["--log", "warn", "proxy", "--listen", "127.0.0.1:0"])

@@ -1,5 +1,5 @@
 use super::*;
-use crate::capture::{Role, decode::Side};
+use crate::base::{Role, Side};
 
 fn meta() -> ConnMeta {
     ConnMeta {

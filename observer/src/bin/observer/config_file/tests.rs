@@ -4,7 +4,7 @@ use clap::{Arg, ArgAction, CommandFactory as _, FromArgMatches as _};
 
 use super::*;
 use crate::cli::{Cli, Command as Sub, UsageError};
-use observer::capture::{Role, WatchedPort};
+use observer::base::{Role, WatchedPort};
 
 const FILE: &str = "/etc/observer.toml";
 

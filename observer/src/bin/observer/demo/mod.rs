@@ -33,11 +33,8 @@ use self::{
     summary::{History, View},
     traffic::Traffic,
 };
-use observer::{
-    capture::{Role, WatchedPort},
-    check,
-    metrics::scrape::Scrape,
-};
+use observer::base::{Role, WatchedPort};
+use observer::{check, metrics::scrape::Scrape};
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
