@@ -10,9 +10,9 @@ use std::{path::Path, process::ExitCode};
 
 use crate::base::WatchedPort;
 use crate::{
-    capture::{Capture, CaptureConfig, Hook, REQUIRED_TRACEPOINTS, hooks, kernel, seed},
+    capture::{Capture, CaptureConfig, Hook, REQUIRED_TRACEPOINTS, hooks, kernel, tracefs},
     gpu::{self, GpuPresence},
-    tracefs,
+    procfs::sockets,
 };
 
 #[derive(Debug, clap::Args)]
@@ -111,7 +111,7 @@ pub struct TracepointCheck {
 pub struct PortListeners {
     pub port: u16,
     pub role: crate::base::Role,
-    pub listeners: Vec<seed::Listener>,
+    pub listeners: Vec<sockets::Listener>,
 }
 
 pub async fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
@@ -167,7 +167,7 @@ pub fn gather(watch: &[WatchedPort]) -> CheckReport {
         .map(|w| PortListeners {
             port: w.port,
             role: w.role,
-            listeners: seed::listeners(Path::new("/proc"), &[w.port]).unwrap_or_default(),
+            listeners: sockets::listeners(Path::new("/proc"), &[w.port]).unwrap_or_default(),
         })
         .collect();
 

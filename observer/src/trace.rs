@@ -9,60 +9,19 @@
 use std::{io, net::SocketAddr, process::ExitCode};
 
 use anyhow::Context as _;
-use tokio::signal::unix::{SignalKind, signal};
 
-use crate::base::{ConnRecord, Direction, Role, Side, WatchedPort};
+use crate::base::{ConnRecord, Direction, Role, Side};
 use crate::base::{
     clock::{ClockOffset, rfc3339_nanos},
     watch_list,
 };
 use crate::capture::{
-    Capture, CaptureConfig, KernelCounters,
+    CaptureArgs, KernelCounters,
     decode::{DataRecord, Event},
     endpoints::EndpointBook,
-    reader::{self, EventReader},
 };
+use crate::daemon::{Kernel, Signals};
 use crate::engine::{Engine, EngineConfig, Exchange};
-
-/// Flags that size and aim the kernel capture; `observer trace` and `observer run` share them.
-#[derive(Debug, Clone, clap::Args)]
-pub struct CaptureArgs {
-    /// A watched port and its role (`gateway` or `upstream`); repeatable.
-    #[arg(long = "watch", value_name = "PORT=ROLE", default_values = ["18789=gateway", "11434=upstream"])]
-    pub watch: Vec<WatchedPort>,
-    /// Bytes captured from the start of each send or receive (at most 1024).
-    #[arg(long, value_name = "N", default_value_t = CaptureConfig::default().head_bytes)]
-    pub head_bytes: u32,
-    /// Bytes captured from the end of each send or receive (at most 256).
-    #[arg(long, value_name = "N", default_value_t = CaptureConfig::default().tail_bytes)]
-    pub tail_bytes: u32,
-    /// Size of the kernel ring buffer in bytes (a power of two, at least 4096).
-    #[arg(long, value_name = "N", default_value_t = CaptureConfig::default().ring_bytes)]
-    pub ring_bytes: u32,
-    /// Most connections tracked at once.
-    #[arg(long, value_name = "N", default_value_t = CaptureConfig::default().max_conns)]
-    pub max_conns: u32,
-    /// Most (process, fd) holders of watched listeners tracked at once.
-    #[arg(long, value_name = "N", default_value_t = CaptureConfig::default().max_listeners)]
-    pub max_listeners: u32,
-    /// Also capture this process's own sockets.
-    #[arg(long)]
-    pub include_self: bool,
-}
-
-impl CaptureArgs {
-    pub fn to_config(&self) -> CaptureConfig {
-        CaptureConfig {
-            watch: self.watch.clone(),
-            head_bytes: self.head_bytes,
-            tail_bytes: self.tail_bytes,
-            ring_bytes: self.ring_bytes,
-            max_conns: self.max_conns,
-            max_listeners: self.max_listeners,
-            exclude_self: !self.include_self,
-        }
-    }
-}
 
 /// Flags of `observer trace`.
 #[derive(Debug, Clone, clap::Args)]
@@ -89,24 +48,16 @@ impl TraceArgs {
 }
 
 pub async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
-    // Registered before anything is attached, so a signal right after the ready line is
+    // Listened for before anything is attached, so a signal right after the ready line is
     // handled here rather than killing the process with the programs attached.
-    let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
-    let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut signals = Signals::listen()?;
 
     let config = args.capture.to_config();
-    // Loading and verifying the programs takes a while: off the async threads.
-    let mut capture = {
-        let config = config.clone();
-        tokio::task::spawn_blocking(move || Capture::start(&config)).await??
-    };
+    let mut kernel = Kernel::start(&config).await?;
     let clock = ClockOffset::now();
-    let mut events = EventReader::new(capture.take_events()?)
-        .context("registering the ring buffer with the runtime")?;
-    let kernel_logs = match capture.take_logger() {
-        Some(logger) => Some(reader::forward_kernel_logs(logger)?),
-        None => None,
-    };
+    let Kernel {
+        capture, events, ..
+    } = &mut kernel;
     eprintln!(
         "observer trace: watching {} ({} programs attached, {} connections seeded)",
         watch_list(&config.watch),
@@ -140,8 +91,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
         }
         loop {
             tokio::select! {
-                _ = interrupt.recv() => break 'trace true,
-                _ = terminate.recv() => break 'trace true,
+                () = signals.recv() => break 'trace true,
                 read = events.read_batch(&mut batch) => {
                     read.context("reading the ring buffer")?;
                 }
@@ -178,12 +128,9 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
         tracing::debug!("stdout closed; stopping");
     }
 
-    capture.detach()?;
-    let counters = capture.counters()?;
-    if let Some(task) = kernel_logs {
-        task.abort();
-    }
-    let decode_errors: u64 = events.decode_errors().values().sum();
+    kernel.stop()?;
+    let counters = kernel.capture.counters()?;
+    let decode_errors: u64 = kernel.events.decode_errors().values().sum();
     let what = if args.exchanges {
         "exchanges"
     } else {
@@ -515,6 +462,9 @@ mod tests {
         assert_eq!(line["local"], serde_json::Value::Null);
         assert_eq!(line["seeded"], false);
     }
+
+    use crate::base::WatchedPort;
+    use crate::capture::CaptureConfig;
 
     #[derive(Debug, clap::Parser)]
     struct Wrapper {

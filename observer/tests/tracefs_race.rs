@@ -21,7 +21,7 @@ use std::{
     time::Duration,
 };
 
-use observer::tracefs::{self, Tracefs};
+use observer::capture::tracefs::{self, Tracefs};
 
 /// Set (to the parent's mount namespace) in the child's environment: the rounds run only there.
 const CHILD_ENV: &str = "OBSERVER_TRACEFS_RACE_PARENT_NS";

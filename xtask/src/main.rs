@@ -13,6 +13,8 @@
 //! - `kernels [SERIES|VMLINUZ ...]`: `observer check` and a capture test in a VM on each kernel
 //!   (Debian's 6.1 and 6.12 by default; [`kernels`]). In that VM this binary is `/init`.
 //!
+//! - `layers`: each module of the daemon's library uses only layers below it ([`layers`]).
+//!
 //! The benchmarks' shared parts are in [`common`]; [`observer_run`] runs the daemon under
 //! measurement, [`rate`] is the fixed-rate load generator.
 
@@ -23,6 +25,7 @@ mod common;
 mod criterion_bench;
 mod ebpf_object;
 mod kernels;
+mod layers;
 mod loss_bench;
 mod observer_run;
 mod overhead_bench;
@@ -83,6 +86,8 @@ enum Task {
     /// Boot kernels in VMs (qemu, KVM) and run `observer check` and a capture test on each:
     /// one line per kernel; fails when any kernel fails.
     Kernels(kernels::KernelsArgs),
+    /// Check that each module of the daemon's library uses only the layers below it.
+    Layers,
     /// Inside the VM of `kernels`: the client process of the capture test.
     #[command(hide = true)]
     KernelsGuestClient,
@@ -163,6 +168,7 @@ fn main() -> anyhow::Result<()> {
         Task::Bench { name, doc, args } => bench(name.as_deref(), &doc, &args),
         Task::Soak { duration, args } => soak::run(&workspace_root(), duration, &args),
         Task::Kernels(args) => kernels::run(&args, &workspace_root()),
+        Task::Layers => layers::run(&workspace_root()),
         Task::KernelsGuestClient => kernels::guest::client(),
     }
 }

@@ -5,6 +5,46 @@ use crate::base::WatchedPort;
 use anyhow::bail;
 use observer_common::{HEAD_MAX, TAIL_MAX};
 
+/// Flags that size and aim the kernel capture; `observer trace` and `observer run` share them.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CaptureArgs {
+    /// A watched port and its role (`gateway` or `upstream`); repeatable.
+    #[arg(long = "watch", value_name = "PORT=ROLE", default_values = ["18789=gateway", "11434=upstream"])]
+    pub watch: Vec<WatchedPort>,
+    /// Bytes captured from the start of each send or receive (at most 1024).
+    #[arg(long, value_name = "N", default_value_t = CaptureConfig::default().head_bytes)]
+    pub head_bytes: u32,
+    /// Bytes captured from the end of each send or receive (at most 256).
+    #[arg(long, value_name = "N", default_value_t = CaptureConfig::default().tail_bytes)]
+    pub tail_bytes: u32,
+    /// Size of the kernel ring buffer in bytes (a power of two, at least 4096).
+    #[arg(long, value_name = "N", default_value_t = CaptureConfig::default().ring_bytes)]
+    pub ring_bytes: u32,
+    /// Most connections tracked at once.
+    #[arg(long, value_name = "N", default_value_t = CaptureConfig::default().max_conns)]
+    pub max_conns: u32,
+    /// Most (process, fd) holders of watched listeners tracked at once.
+    #[arg(long, value_name = "N", default_value_t = CaptureConfig::default().max_listeners)]
+    pub max_listeners: u32,
+    /// Also capture this process's own sockets.
+    #[arg(long)]
+    pub include_self: bool,
+}
+
+impl CaptureArgs {
+    pub fn to_config(&self) -> CaptureConfig {
+        CaptureConfig {
+            watch: self.watch.clone(),
+            head_bytes: self.head_bytes,
+            tail_bytes: self.tail_bytes,
+            ring_bytes: self.ring_bytes,
+            max_conns: self.max_conns,
+            max_listeners: self.max_listeners,
+            exclude_self: !self.include_self,
+        }
+    }
+}
+
 /// How the kernel side is sized and what it watches.
 #[derive(Debug, Clone)]
 pub struct CaptureConfig {

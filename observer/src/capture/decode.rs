@@ -12,6 +12,7 @@ use observer_common::{
 };
 
 use crate::base::{ConnRecord, Direction, Role, Side};
+use crate::engine::ConnMeta;
 
 /// One send or receive on a watched connection. Its bytes borrow from the ring buffer record
 /// it was decoded from (no allocation per event on the daemon's hot path);
@@ -42,6 +43,19 @@ impl DataRecord<'_> {
             head: Cow::Owned(self.head.into_owned()),
             tail: Cow::Owned(self.tail.into_owned()),
             ..self
+        }
+    }
+}
+
+/// The connection of a data record, as the engine names it.
+impl From<&DataRecord<'_>> for ConnMeta {
+    fn from(d: &DataRecord<'_>) -> ConnMeta {
+        ConnMeta {
+            conn_id: d.conn_id,
+            role: d.role,
+            side: d.side,
+            port: d.port,
+            tgid: d.tgid,
         }
     }
 }

@@ -14,11 +14,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::{
-    decode::Event,
-    seed::{self, TcpSocket, tcp_sockets},
-};
+use super::decode::Event;
 use crate::base::ConnRecord;
+use crate::procfs::sockets::{self, TcpSocket, tcp_sockets};
 
 /// More remembered connections than this means closes were lost (a ring buffer overrun):
 /// start over rather than grow.
@@ -117,7 +115,7 @@ fn incomplete(conn: &ConnRecord) -> bool {
 
 fn socket_inode(process: &Path, fd: u32) -> Option<u64> {
     let link = fs::read_link(process.join("fd").join(fd.to_string())).ok()?;
-    seed::socket_inode(link.to_str()?)
+    sockets::socket_inode(link.to_str()?)
 }
 
 #[cfg(test)]

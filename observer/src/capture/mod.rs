@@ -11,11 +11,12 @@ pub mod btf;
 pub mod config;
 pub mod decode;
 pub mod endpoints;
+pub mod feed;
 pub mod kernel;
-pub mod own_ports;
 pub mod reader;
 pub mod seed;
 pub mod syscalls;
+pub mod tracefs;
 
 use std::path::Path;
 
@@ -32,7 +33,7 @@ use observer_common::{ConnInfo, ListenInfo, SockKey, counter, names};
 
 use crate::base::ConnRecord;
 use crate::base::{Role, clock::monotonic_ns};
-pub use config::CaptureConfig;
+pub use config::{CaptureArgs, CaptureConfig};
 
 /// The kernel object built by `cargo xtask build-ebpf`, embedded at compile time.
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("OBSERVER_BPF_OBJECT"));
@@ -152,7 +153,7 @@ impl Capture {
     /// Loads the embedded object into the kernel and configures it, attaching nothing.
     pub fn load(config: &CaptureConfig) -> anyhow::Result<Capture> {
         config.validate()?;
-        let tracefs = crate::tracefs::ensure_mounted()?;
+        let tracefs = crate::capture::tracefs::ensure_mounted()?;
         raise_memlock_limit();
         let self_tgid = if config.exclude_self {
             std::process::id()
@@ -162,13 +163,13 @@ impl Capture {
         // Past an eighth of the ring, a submit wakes the reader; below, its timer finds them.
         let wakeup_bytes = u64::from(config.ring_bytes / 8);
         let newtask_offset = |field: &str| {
-            crate::tracefs::field_offset(&tracefs.path, "task", "task_newtask", field)
+            crate::capture::tracefs::field_offset(&tracefs.path, "task", "task_newtask", field)
                 .map(|offset| offset as u32)
                 .unwrap_or(0)
         };
         let (newtask_pid, newtask_flags) = (newtask_offset("pid"), newtask_offset("clone_flags"));
         let state_offset = |field: &str| {
-            crate::tracefs::field_offset(&tracefs.path, "sock", "inet_sock_set_state", field)
+            crate::capture::tracefs::field_offset(&tracefs.path, "sock", "inet_sock_set_state", field)
                 .map(|offset| offset as u32)
                 .with_context(|| {
                     format!(
@@ -705,7 +706,7 @@ pub struct Sweep {
     /// The connections the kernel tracks now, by id. A connection the daemon still holds that
     /// is missing here was closed, and its close event is on its way or was lost (the ring
     /// buffer was full); one here that the daemon does not hold had its open and every later
-    /// event lost. [`crate::pipeline::Pipeline::reconcile`] settles both.
+    /// event lost. [`feed::KernelFeed::reconcile`] settles both.
     pub live: foldhash::HashMap<u64, ConnRecord>,
     /// Connections with an event lost since the last sweep (their loss count changed): their
     /// open exchanges can no longer be framed.

@@ -3,7 +3,6 @@
 //! and nothing that knows about metrics or where the bytes came from.
 
 use crate::base::{ConnRecord, Role, Side};
-use crate::capture::decode::DataRecord;
 
 /// The connection an exchange was seen on: which port and role, which end of it the observed
 /// process is, and the process.
@@ -14,18 +13,6 @@ pub struct ConnMeta {
     pub side: Side,
     pub port: u16,
     pub tgid: u32,
-}
-
-impl From<&DataRecord<'_>> for ConnMeta {
-    fn from(d: &DataRecord<'_>) -> ConnMeta {
-        ConnMeta {
-            conn_id: d.conn_id,
-            role: d.role,
-            side: d.side,
-            port: d.port,
-            tgid: d.tgid,
-        }
-    }
 }
 
 impl From<&ConnRecord> for ConnMeta {

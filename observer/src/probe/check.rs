@@ -24,7 +24,7 @@ use tokio::{
     time::Instant,
 };
 
-use crate::capture::own_ports::{OwnPort, OwnPorts};
+use crate::pipeline::own_ports::{OwnPort, OwnPorts};
 
 /// Ollama's port when an address names none.
 pub const DEFAULT_PORT: u16 = 11434;

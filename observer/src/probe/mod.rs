@@ -31,7 +31,7 @@ use self::{
 };
 use crate::base::clock::parse_duration;
 use crate::base::{Role, WatchedPort};
-use crate::{capture::own_ports::OwnPorts, metrics::Metrics};
+use crate::{metrics::Metrics, pipeline::own_ports::OwnPorts};
 
 /// One of the three stages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -27,7 +27,6 @@ use std::{
 use anyhow::Context as _;
 use tokio::{
     net::TcpSocket,
-    signal::unix::{SignalKind, signal},
     sync::{Semaphore, watch},
     task::JoinSet,
 };
@@ -40,12 +39,10 @@ use self::{
 use crate::base::clock::parse_duration;
 use crate::base::{Role, WatchedPort};
 use crate::{
-    admin::StatusBoard,
-    capture::own_ports::OwnPorts,
-    collectors::{self, ResourceArgs},
-    metrics::Metrics,
+    collectors::ResourceArgs,
+    daemon::{MetricsArgs, Serving, ServingConfig, Signals},
+    pipeline::own_ports::OwnPorts,
     probe::DaemonProbeArgs,
-    run::{MetricsArgs, start_probe},
 };
 
 /// Connections over `--max-conns` that are still answered 503 at once; beyond, they are closed.
@@ -116,9 +113,8 @@ impl ProxyArgs {
 }
 
 pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
+    let mut signals = Signals::listen()?;
     args.validate()?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
-    let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
     let upstream = args.probe.probe.upstream();
     let watch = vec![
         WatchedPort {
@@ -130,21 +126,23 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
             role: Role::Upstream,
         },
     ];
-    let metrics = Arc::new(Metrics::new(args.metrics.metrics_config("proxy", &watch))?);
-    let status = Arc::new(StatusBoard::new(
-        "proxy",
-        watch.iter().map(|w| (w.port, w.role)).collect(),
-    ));
-    let admin = args.metrics.start_admin(&metrics, &status).await?;
-    let admin_addr = admin.addr;
-    let prober = start_probe(&args.probe, &metrics, &status, OwnPorts::default())?;
-    let _collectors = collectors::start(&args.resources, &metrics, &watch)?;
+    let serving = Serving::start(ServingConfig {
+        mode: "proxy",
+        watch: &watch,
+        metrics: &args.metrics,
+        probe: &args.probe,
+        resources: &args.resources,
+        own_ports: OwnPorts::default(),
+    })
+    .await?;
+    let (metrics, status) = (serving.metrics.clone(), serving.status.clone());
+    let admin_addr = serving.admin_addr;
 
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let listeners =
         bind(args.listen, workers).with_context(|| format!("cannot listen on {}", args.listen))?;
     let local = listeners[0].local_addr()?;
-    let gate = match (&prober, args.no_readiness_gate) {
+    let gate = match (&serving.prober, args.no_readiness_gate) {
         (Some(prober), false) => Some((prober.readiness(), args.probe.probe.probe_api_interval)),
         _ => None,
     };
@@ -198,8 +196,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
     }
 
     let failed = tokio::select! {
-        _ = interrupt.recv() => None,
-        _ = terminate.recv() => None,
+        () = signals.recv() => None,
         result = ended_rx.recv() => Some(result),
     };
     // Drain: no new connections, idle ones close, open exchanges may finish.
@@ -223,8 +220,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
     for thread in threads {
         let _ = thread.join();
     }
-    drop(prober);
-    admin.stop().await;
+    serving.stop().await;
     if let Some(err) = errors.into_iter().next() {
         return Err(err.context("a proxy worker failed"));
     }

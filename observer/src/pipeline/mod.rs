@@ -19,33 +19,19 @@ use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
 use std::sync::Arc;
 
 use crate::base::{ConnRecord, Direction, Role, Side};
-use crate::capture::{KernelCounters, Sweep, decode::Event, own_ports::OwnPorts};
+pub mod own_ports;
+
+use self::own_ports::OwnPorts;
 use crate::engine::{
     Call, ConnMeta, Engine, EngineConfig, ErrorCounts, ErrorReason, Exchange, MessageKind, Unread,
     WsCounts,
     correlate::{Correlator, Resolved},
 };
-use crate::metrics::{EbpfEventKind, Metrics, handles::Handles};
-
-/// What one [`Pipeline::reconcile`] changed: connections closed whose close event was lost,
-/// connections taken as open whose every event was lost, connections put back in step.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Reconciled {
-    pub closed: usize,
-    pub opened: usize,
-    pub resynced: usize,
-}
-
-impl Reconciled {
-    pub fn any(&self) -> bool {
-        *self != Reconciled::default()
-    }
-}
+use crate::metrics::{Metrics, handles::Handles};
 
 /// Totals of what went through, for `/status` and logs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Totals {
-    pub events: u64,
     pub exchanges: u64,
     pub connections: usize,
 }
@@ -85,11 +71,6 @@ pub struct Pipeline {
     /// Client ends of a process with server ends on the same port, by (port, own port), until
     /// it is known whether they go to that process itself or elsewhere.
     candidates: HashMap<(u16, u16), u64>,
-    /// Connections missing from the kernel's table at the last [`Pipeline::reconcile`]: closed
-    /// there, their close event not seen yet.
-    suspects: HashSet<u64>,
-    /// Connections in the kernel's table but not here at the last [`Pipeline::reconcile`].
-    unknown: HashSet<u64>,
     /// The metric series this pipeline touched, by label set, and what it observed since it
     /// last published.
     handles: Handles,
@@ -102,8 +83,6 @@ pub struct Pipeline {
     reported_errors: ErrorCounts,
     /// WebSocket counts already exported, by role (on the side counted for it).
     reported_ws: [WsCounts; 2],
-    reported_kernel: KernelCounters,
-    reported_undecodable: u64,
     totals: Totals,
 }
 
@@ -127,16 +106,12 @@ impl Pipeline {
             relay_keys: HashSet::new(),
             accepted: HashMap::new(),
             candidates: HashMap::new(),
-            suspects: HashSet::new(),
-            unknown: HashSet::new(),
             handles: Handles::default(),
             publish_every_ns: 0,
             last_publish_ns: 0,
             reported_in_flight: [0; 2],
             reported_errors: ErrorCounts::default(),
             reported_ws: Default::default(),
-            reported_kernel: KernelCounters::default(),
-            reported_undecodable: 0,
             totals: Totals::default(),
         }
     }
@@ -188,27 +163,6 @@ impl Pipeline {
             state.side == Side::Server && !self.is_served(state.port)
         } else {
             state.side == Side::Server || !self.local_ports.contains(&state.port)
-        }
-    }
-
-    pub fn on_event(&mut self, event: &Event) {
-        self.totals.events += 1;
-        match event {
-            Event::Data(d) => {
-                self.metrics
-                    .record_ebpf_event(EbpfEventKind::Data, &mut self.handles);
-                self.on_data(d.into(), d.direction, d.ts_ns, d.len, &d.head, &d.tail);
-            }
-            Event::Open(c) => {
-                self.metrics
-                    .record_ebpf_event(EbpfEventKind::Open, &mut self.handles);
-                self.on_conn_open(c);
-            }
-            Event::Close(c) => {
-                self.metrics
-                    .record_ebpf_event(EbpfEventKind::Close, &mut self.handles);
-                self.on_close(c.conn_id, c.role);
-            }
         }
     }
 
@@ -560,71 +514,30 @@ impl Pipeline {
             .any(|(&(_, port), &r)| r == role && !self.is_served(port))
     }
 
-    /// Brings the connections in step with the kernel's connection table after events were
-    /// lost (the ring buffer was full), from one [`Sweep`]:
-    /// - a connection kept here but missing from the table was closed, and its close event is
-    ///   either still in the ring buffer or lost: one missing at two sweeps in a row (a chore
-    ///   interval apart, the ring read in between) is closed; its open exchanges end as
-    ///   aborted and the connection and in-flight gauges drop it;
-    /// - a connection the kernel marked as having lost an event is put back in step
-    ///   ([`Engine::resync`]): requests whose responses were lost no longer stay in flight nor
-    ///   take the next responses;
-    /// - a connection in the table unknown here (its open and every later event lost) at two
-    ///   sweeps in a row is taken as open, mid-stream.
-    pub fn reconcile(&mut self, sweep: &Sweep) -> Reconciled {
-        let live = &sweep.live;
-        let mut done = Reconciled::default();
-        let mut missing: HashMap<u64, Role> = HashMap::new();
-        missing.extend(
-            self.engine
-                .conn_roles()
-                .filter(|(id, _)| !live.contains_key(id)),
-        );
-        // Connections the engine evicted (its connection limit) are still tracked here.
-        missing.extend(
-            self.conns
-                .iter()
-                .filter(|(id, _)| !live.contains_key(id))
-                .map(|(&id, state)| (id, state.role)),
-        );
-        // The server ends of the daemon's own connections (the role is not used for them).
-        missing.extend(
-            self.ignored
-                .iter()
-                .filter(|id| !live.contains_key(id))
-                .map(|&id| (id, Role::Gateway)),
-        );
-        let mut suspects = HashSet::with_capacity(missing.len());
-        for (id, role) in missing {
-            if self.suspects.contains(&id) {
-                self.on_close(id, role);
-                done.closed += 1;
-            } else {
-                suspects.insert(id);
-            }
-        }
-        self.suspects = suspects;
+    /// Every connection held here, with its role: open in the engine, tracked (also when the
+    /// engine evicted it at its limit), or one of the daemon's own ignored server ends.
+    pub fn held(&self) -> impl Iterator<Item = (u64, Role)> + '_ {
+        self.engine
+            .conn_roles()
+            .chain(self.conns.iter().map(|(&id, state)| (id, state.role)))
+            // The role of the daemon's own connections is not used.
+            .chain(self.ignored.iter().map(|&id| (id, Role::Gateway)))
+    }
 
-        for &id in &sweep.lost {
-            if self.engine.resync(id) {
-                done.resynced += 1;
-            }
-        }
+    /// Whether connection `id` is held here (open in the engine, or ignored as the daemon's own).
+    pub fn holds(&self, id: u64) -> bool {
+        self.engine.holds(id) || self.ignored.contains(&id)
+    }
 
-        let mut unknown = HashSet::new();
-        for (&id, record) in live {
-            if self.engine.holds(id) || self.ignored.contains(&id) {
-                continue;
-            }
-            if self.unknown.contains(&id) && !self.engine.is_full() {
-                self.on_conn_open(record);
-                done.opened += 1;
-            } else {
-                unknown.insert(id);
-            }
-        }
-        self.unknown = unknown;
-        done
+    /// Whether the engine holds as many connections as it may: another open would evict one.
+    pub fn is_full(&self) -> bool {
+        self.engine.is_full()
+    }
+
+    /// Connection `id` lost bytes: its open exchanges end and framing starts over
+    /// ([`Engine::resync`]). Whether it was held.
+    pub fn resync(&mut self, id: u64) -> bool {
+        self.engine.resync(id)
     }
 
     /// After a batch of events: finished exchanges into metrics (and to `each`), correlation
@@ -761,39 +674,6 @@ impl Pipeline {
         self.flush(u64::MAX, |_| {});
     }
 
-    /// The kernel's loss counters (cumulative) into `ebpf_events_lost_total`, and decode
-    /// errors of the ring buffer reader (cumulative). Every kind gets its series at the first
-    /// call, at 0 when nothing was lost, so that `increase()` sees the first loss too.
-    pub fn kernel_counters(&mut self, counters: &KernelCounters, undecodable: u64) {
-        let before = self.reported_kernel;
-        let pairs = [
-            ("data", counters.lost_data, before.lost_data),
-            ("conn", counters.lost_conn, before.lost_conn),
-            ("conn_table_full", counters.conns_full, before.conns_full),
-            (
-                "listener_table_full",
-                counters.listeners_full,
-                before.listeners_full,
-            ),
-            (
-                "read_failed",
-                counters.read_user_failed,
-                before.read_user_failed,
-            ),
-            ("undecodable", undecodable, self.reported_undecodable),
-        ];
-        for (kind, now, then) in pairs {
-            self.metrics.add_ebpf_lost(kind, now.saturating_sub(then));
-        }
-        if counters.tgids_full > 0 && before.tgids_full == 0 {
-            tracing::warn!(
-                "the kernel side's table of processes holding watched sockets is full: it now looks at every process's data calls (nothing is missed; each costs a connection lookup)"
-            );
-        }
-        self.reported_kernel = *counters;
-        self.reported_undecodable = undecodable;
-    }
-
     pub fn totals(&self) -> Totals {
         self.totals
     }
@@ -904,13 +784,14 @@ fn counted(local_ports: &HashSet<u16>, meta: &ConnMeta) -> bool {
     meta.side == Side::Server || !local_ports.contains(&meta.port)
 }
 
+/// Pipelines, connections and exchanges for the tests here and of the capture's hand-over.
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::metrics::{ExpositionFormat, MetricsConfig};
 
     /// A pipeline with default settings, and its metrics.
-    fn pipeline() -> (Arc<Metrics>, Pipeline) {
+    pub(crate) fn pipeline() -> (Arc<Metrics>, Pipeline) {
         let metrics = Arc::new(Metrics::new(MetricsConfig::default()).unwrap());
         (
             metrics.clone(),
@@ -919,7 +800,7 @@ mod tests {
     }
 
     /// A connection of the server process (7) or of a client process (8).
-    fn meta(conn_id: u64, role: Role, side: Side, port: u16) -> ConnMeta {
+    pub(crate) fn meta(conn_id: u64, role: Role, side: Side, port: u16) -> ConnMeta {
         ConnMeta {
             conn_id,
             role,
@@ -930,7 +811,7 @@ mod tests {
     }
 
     /// One GET on `conn`, as its side sees it.
-    fn exchange(p: &mut Pipeline, conn: ConnMeta, ts: u64) {
+    pub(crate) fn exchange(p: &mut Pipeline, conn: ConnMeta, ts: u64) {
         let (req, resp) = match conn.side {
             Side::Server => (Direction::Ingress, Direction::Egress),
             Side::Client => (Direction::Egress, Direction::Ingress),
@@ -941,7 +822,7 @@ mod tests {
         p.on_data(conn, resp, ts + 10, response.len() as u64, response, &[]);
     }
 
-    fn requests(metrics: &Metrics, role: &str) -> u64 {
+    pub(crate) fn requests(metrics: &Metrics, role: &str) -> u64 {
         let (_, text) = metrics.encode(ExpositionFormat::Text);
         String::from_utf8(text)
             .unwrap()
@@ -1063,41 +944,7 @@ mod tests {
         );
     }
 
-    #[test]
-    fn every_loss_kind_is_exported_from_the_first_counters_on() {
-        let (metrics, mut p) = pipeline();
-        let lost = |kind: &str| {
-            let (_, text) = metrics.encode(ExpositionFormat::Text);
-            let prefix = format!("observer_ebpf_events_lost_total{{kind=\"{kind}\"}} ");
-            String::from_utf8(text)
-                .unwrap()
-                .lines()
-                .find_map(|l| l.strip_prefix(&prefix).map(|v| v.parse::<u64>().unwrap()))
-        };
-        assert_eq!(lost("data"), None, "no series before the first counters");
-        p.kernel_counters(&KernelCounters::default(), 0);
-        for kind in [
-            "data",
-            "conn",
-            "conn_table_full",
-            "listener_table_full",
-            "read_failed",
-            "undecodable",
-        ] {
-            assert_eq!(lost(kind), Some(0), "{kind}");
-        }
-        let counters = KernelCounters {
-            lost_data: 5,
-            ..KernelCounters::default()
-        };
-        p.kernel_counters(&counters, 2);
-        p.kernel_counters(&counters, 2);
-        assert_eq!(lost("data"), Some(5));
-        assert_eq!(lost("undecodable"), Some(2));
-        assert_eq!(lost("conn"), Some(0));
-    }
-
-    fn sample(metrics: &Metrics, series: &str) -> i64 {
+    pub(crate) fn sample(metrics: &Metrics, series: &str) -> i64 {
         let (_, text) = metrics.encode(ExpositionFormat::Text);
         let prefix = format!("{series} ");
         String::from_utf8(text)
@@ -1105,104 +952,6 @@ mod tests {
             .lines()
             .find_map(|l| l.strip_prefix(&prefix).map(|v| v.parse().unwrap()))
             .unwrap_or_else(|| panic!("no {series}"))
-    }
-
-    /// A sweep that found these connections in the kernel's table, `lost` of them marked.
-    fn sweep(conns: &[ConnMeta], lost: &[u64]) -> Sweep {
-        let live = conns
-            .iter()
-            .map(|m| {
-                let record = ConnRecord {
-                    ts_ns: 1,
-                    conn_id: m.conn_id,
-                    tgid: m.tgid,
-                    pid: m.tgid,
-                    comm: String::new(),
-                    role: m.role,
-                    side: m.side,
-                    fd: 3,
-                    port: m.port,
-                    local: None,
-                    remote: None,
-                    seeded: true,
-                };
-                (m.conn_id, record)
-            })
-            .collect();
-        Sweep {
-            closed: Vec::new(),
-            live,
-            lost: lost.to_vec(),
-        }
-    }
-
-    #[test]
-    fn connections_whose_close_event_was_lost_are_closed_at_the_second_sweep_without_them() {
-        let (metrics, mut p) = pipeline();
-        let active = "observer_tcp_connections_active{role=\"gateway\"}";
-        let in_flight = "observer_http_requests_in_flight{role=\"gateway\"}";
-        let conns: Vec<ConnMeta> = (1..=3)
-            .map(|id| meta(id, Role::Gateway, Side::Server, 18789))
-            .collect();
-        for &conn in &conns {
-            p.on_open(conn, 1, false);
-        }
-        // A request without its response on connection 2: in flight.
-        let request = b"POST /api/chat HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}";
-        p.on_data(
-            conns[1],
-            Direction::Ingress,
-            5,
-            request.len() as u64,
-            request,
-            &[],
-        );
-        exchange(&mut p, conns[2], 6);
-        p.flush(10, |_| {});
-        assert_eq!(sample(&metrics, active), 3);
-        assert_eq!(sample(&metrics, in_flight), 1);
-
-        // The kernel closed 2 and 3; only 3's close event arrives.
-        let live = sweep(&conns[..1], &[]);
-        assert_eq!(
-            p.reconcile(&live).closed,
-            0,
-            "a first miss may be a close still in the ring"
-        );
-        p.on_close(3, Role::Gateway);
-        p.flush(20, |_| {});
-        assert_eq!(sample(&metrics, active), 2);
-        assert_eq!(p.reconcile(&live).closed, 1, "connection 2 missed twice");
-        p.flush(30, |_| {});
-        assert_eq!(sample(&metrics, active), 1);
-        assert_eq!(sample(&metrics, in_flight), 0);
-        // Its request ended without a response; the exchange on 3 counted once.
-        assert_eq!(requests(&metrics, "gateway"), 2);
-        let closed = "observer_tcp_connections_closed_total{role=\"gateway\"}";
-        assert_eq!(sample(&metrics, closed), 2);
-        // The late close event of 2 changes nothing; 1 is still open.
-        p.on_close(2, Role::Gateway);
-        p.flush(40, |_| {});
-        assert_eq!(sample(&metrics, closed), 2);
-        assert!(!p.reconcile(&live).any());
-        assert!(!p.reconcile(&live).any());
-        assert_eq!(sample(&metrics, active), 1);
-    }
-
-    #[test]
-    fn a_connection_back_in_the_kernel_table_is_no_longer_suspected() {
-        let (_, mut p) = pipeline();
-        let conn = meta(1, Role::Upstream, Side::Server, 11434);
-        p.on_open(conn, 1, false);
-        let none = sweep(&[], &[]);
-        assert_eq!(p.reconcile(&none).closed, 0);
-        assert_eq!(p.reconcile(&sweep(&[conn], &[])).closed, 0);
-        assert_eq!(
-            p.reconcile(&none).closed,
-            0,
-            "missed once since it came back"
-        );
-        assert_eq!(p.reconcile(&none).closed, 1);
     }
 
     #[test]
@@ -1236,49 +985,6 @@ mod tests {
         );
         let bad_head = "observer_http_parse_errors_total{reason=\"bad_head\",role=\"upstream\"}";
         assert_eq!(sample(&metrics, bad_head), 1);
-    }
-
-    #[test]
-    fn a_connection_that_lost_a_response_is_put_back_in_step() {
-        let (metrics, mut p) = pipeline();
-        let conn = meta(1, Role::Upstream, Side::Server, 11434);
-        p.on_open(conn, 1, false);
-        // The response to this request was lost in the kernel.
-        let lost = b"GET /api/version HTTP/1.1\r\n\r\n";
-        p.on_data(conn, Direction::Ingress, 5, lost.len() as u64, lost, &[]);
-        p.flush(6, |_| {});
-        let in_flight = "observer_http_requests_in_flight{role=\"upstream\"}";
-        assert_eq!(sample(&metrics, in_flight), 1);
-        let done = p.reconcile(&sweep(&[conn], &[1]));
-        assert_eq!(done.resynced, 1);
-        p.flush(7, |_| {});
-        assert_eq!(sample(&metrics, in_flight), 0);
-        // The next exchange is its own, not answered by the response of the next one.
-        let mut routes = Vec::new();
-        exchange(&mut p, conn, 10);
-        p.flush(20, |ex| routes.push((ex.path.clone(), ex.status)));
-        assert_eq!(routes, [("/api/tags".to_owned(), Some(200))]);
-        assert_eq!(sample(&metrics, in_flight), 0);
-    }
-
-    #[test]
-    fn a_connection_whose_every_event_was_lost_is_taken_as_open_at_the_second_sweep() {
-        let (metrics, mut p) = pipeline();
-        let conn = meta(9, Role::Gateway, Side::Server, 18789);
-        let live = sweep(&[conn], &[]);
-        assert_eq!(
-            p.reconcile(&live).opened,
-            0,
-            "its open event may still be in the ring"
-        );
-        assert_eq!(p.reconcile(&live).opened, 1);
-        assert!(!p.reconcile(&live).any());
-        p.flush(10, |_| {});
-        let active = "observer_tcp_connections_active{role=\"gateway\"}";
-        assert_eq!(sample(&metrics, active), 1);
-        exchange(&mut p, conn, 20);
-        p.flush(30, |_| {});
-        assert_eq!(requests(&metrics, "gateway"), 1);
     }
 
     fn with_tgid(meta: ConnMeta, tgid: u32) -> ConnMeta {

@@ -24,7 +24,9 @@ use prometheus::{
 };
 
 use crate::base::{Role, WatchedPort};
-use crate::capture::seed;
+pub mod sockets;
+
+use self::sockets as seed;
 
 /// Most processes watched at once; past it, descendants with the highest pids are left out.
 pub const MAX_TARGETS: usize = 64;
