@@ -21,6 +21,11 @@
 //!
 //! Conditions are counted in `COUNTERS`, never dropped in silence; logging (`aya-log`) is for
 //! rare conditions only, never per syscall.
+//!
+//! Names: a program is named after its tracepoint (userspace attaches it by that name) and
+//! only calls `try_<the same name>`, which does the work; an arm of `sys_exit` is
+//! `exit_<call>`, after the system call whose exit it handles; every other function is named
+//! for what it does (`track`, `forget`, `mark`).
 #![no_std]
 #![no_main]
 // `atomic_xadd`: the BPF target has no atomic read-modify-write in `core::sync::atomic`; an
@@ -186,43 +191,43 @@ const TS_COMPAT: u32 = 0x0002;
 /// other process costs the bitmap test.
 #[raw_tracepoint(tracepoint = "sys_exit")]
 pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
+    let _ = try_sys_exit(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_sys_exit(ctx: &RawTracePointContext) -> Option<()> {
     let (pid_tgid, tgid) = current();
     if !watched(tgid) {
-        return 0;
+        return None;
     }
     let regs = Regs(ctx.arg(0));
-    let Some(nr) = regs.nr() else {
-        return 0;
-    };
-    let Some(kind) = syscall_kind(nr) else {
-        return 0;
-    };
+    let kind = syscall_kind(regs.nr()?)?;
     let ret: i64 = ctx.arg(1);
     // Errors moved nothing and made nothing (EAGAIN: no record); connect on a non-blocking
     // socket returns -EINPROGRESS and has made the connection.
     if ret < 0 && kind == syscall::LISTEN {
         // What the failed listen's state change remembered must not be taken by a later one.
         lifecycle::forget_listen(pid_tgid);
-        return 0;
+        return None;
     }
     if (ret < 0 && !(kind == syscall::CONNECT && ret == -lifecycle::EINPROGRESS))
         || (ret == 0 && syscall::is_data(kind))
         || compat()
     {
-        return 0;
+        return None;
     }
-    let _ = match kind {
-        syscall::CONNECT => lifecycle::exit_connect(&ctx, &regs, pid_tgid, tgid),
-        syscall::LISTEN => lifecycle::exit_listen(&ctx, &regs, pid_tgid, tgid),
-        syscall::ACCEPT => lifecycle::exit_accept(&ctx, &regs, ret, pid_tgid, tgid),
+    match kind {
+        syscall::CONNECT => lifecycle::exit_connect(ctx, &regs, pid_tgid, tgid),
+        syscall::LISTEN => lifecycle::exit_listen(ctx, &regs, pid_tgid, tgid),
+        syscall::ACCEPT => lifecycle::exit_accept(ctx, &regs, ret, pid_tgid, tgid),
         syscall::CLOSE => lifecycle::exit_close(&regs, pid_tgid, tgid),
         syscall::DUP => fds::exit_dup(&regs, ret, pid_tgid, tgid, false),
         syscall::FCNTL => fds::exit_dup(&regs, ret, pid_tgid, tgid, true),
         syscall::DUP2 => fds::exit_dup2(&regs, pid_tgid, tgid),
         syscall::CLOSE_RANGE => fds::exit_close_range(&regs, pid_tgid, tgid),
         _ => data::exit_data(&regs, kind, ret as u64, pid_tgid, tgid),
-    };
-    0
+    }
 }
 
 /// `sched_process_exit(struct task_struct *p)`, for every exiting thread: the process's last
@@ -230,14 +235,20 @@ pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
 /// its connections).
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
 pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
+    let _ = try_sched_process_exit();
+    0
+}
+
+#[inline(always)]
+fn try_sched_process_exit() -> Option<()> {
     let (pid_tgid, tgid) = current();
     if unsafe { WATCHED_TGIDS.get(tgid) }.is_none() || !last_thread(pid_tgid) {
-        return 0;
+        return None;
     }
     if WATCHED_TGIDS.remove(tgid).is_ok() {
         add_mark(tgid, true);
     }
-    0
+    Some(())
 }
 
 /// Whether the exiting thread is its process's last: `signal->live` has reached 0 (it is
