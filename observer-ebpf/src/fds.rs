@@ -256,16 +256,11 @@ fn try_task_newtask(ctx: &TracePointContext) -> Option<()> {
     if !watched(parent) {
         return None;
     }
-    let flags_offset = global(&NEWTASK_FLAGS_OFFSET) as usize;
-    let pid_offset = global(&NEWTASK_PID_OFFSET) as usize;
-    if pid_offset == 0 || flags_offset == 0 {
+    let record = NewTask::of(ctx)?;
+    if record.clone_flags()? & CLONE_THREAD != 0 {
         return None;
     }
-    let flags: u64 = unsafe { ctx.read_at(flags_offset) }.ok()?;
-    if flags & CLONE_THREAD != 0 {
-        return None;
-    }
-    let child = unsafe { ctx.read_at::<i32>(pid_offset) }.ok()? as u32;
+    let child = record.pid()?;
     let _ = PARENTS.insert(child, parent, 0);
     mark(child);
     // The child's table is a copy of the parent's as it is now (or the same table).
@@ -300,6 +295,34 @@ fn try_task_newtask(ctx: &TracePointContext) -> Option<()> {
         add_holder(SockKey { tgid: child, fd }, &conn, pid_tgid);
     }
     Some(())
+}
+
+/// The record of `task:task_newtask`, whose prototype is
+/// `TP_PROTO(struct task_struct *task, unsigned long clone_flags)`: its fields `pid` and
+/// `clone_flags` are read at the offsets the loader found in the event's format file
+/// (`NEWTASK_*_OFFSET`): the record is the kernel's, not an ABI.
+struct NewTask<'a>(&'a TracePointContext);
+
+impl NewTask<'_> {
+    /// The record, where the loader found both fields (0: not found).
+    #[inline(always)]
+    fn of(ctx: &TracePointContext) -> Option<NewTask<'_>> {
+        (global(&NEWTASK_PID_OFFSET) != 0 && global(&NEWTASK_FLAGS_OFFSET) != 0)
+            .then_some(NewTask(ctx))
+    }
+
+    /// The new task's id: a new process's tgid (without `CLONE_THREAD`).
+    #[inline(always)]
+    fn pid(&self) -> Option<u32> {
+        let pid: i32 = unsafe { self.0.read_at(global(&NEWTASK_PID_OFFSET) as usize) }.ok()?;
+        Some(pid as u32)
+    }
+
+    /// The `clone(2)` flags it was made with.
+    #[inline(always)]
+    fn clone_flags(&self) -> Option<u64> {
+        unsafe { self.0.read_at(global(&NEWTASK_FLAGS_OFFSET) as usize) }.ok()
+    }
 }
 
 /// `sched_process_exec`: close-on-exec has closed some of the process's fds; their keys go.

@@ -57,43 +57,36 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 }
 
 fn try_inet_sock_set_state(ctx: &TracePointContext) -> Option<()> {
-    let offset = |global_offset: &u32| global(global_offset) as usize;
-    if global(&STATE_NEWSTATE_OFFSET) == 0 {
-        return None;
-    }
-    let state: i32 = unsafe { ctx.read_at(offset(&STATE_NEWSTATE_OFFSET)) }.ok()?;
+    let record = SockSetState::of(ctx)?;
+    let state = record.new_state()?;
     if state != TCP_SYN_SENT && state != TCP_LISTEN {
         return None;
     }
-    let protocol: u16 = unsafe { ctx.read_at(offset(&STATE_PROTOCOL_OFFSET)) }.ok()?;
-    if protocol != IPPROTO_TCP {
+    if record.protocol()? != IPPROTO_TCP {
         return None;
     }
     let (pid_tgid, tgid) = current();
     if is_self(tgid) {
         return None;
     }
-    let port_at = if state == TCP_LISTEN {
-        &STATE_SPORT_OFFSET
+    let port = if state == TCP_LISTEN {
+        record.sport()?
     } else {
-        &STATE_DPORT_OFFSET
+        record.dport()?
     };
-    // Host order in the record.
-    let port: u16 = unsafe { ctx.read_at(offset(port_at)) }.ok()?;
     let role = *unsafe { WATCHED_PORTS.get(port) }?;
     mark(tgid);
     if state == TCP_LISTEN {
-        let family = unsafe { ctx.read_at::<u16>(offset(&STATE_FAMILY_OFFSET)) }.ok()? as u32;
+        let family = record.family()? as u32;
         let mut local = Endpoint {
             family,
             port: port as u32,
             addr: [0; 16],
         };
         if family == family::INET6 {
-            local.addr = unsafe { ctx.read_at(offset(&STATE_SADDR_V6_OFFSET)) }.ok()?;
+            local.addr = record.saddr_v6()?;
         } else {
-            let addr: [u8; 4] = unsafe { ctx.read_at(offset(&STATE_SADDR_OFFSET)) }.ok()?;
-            local.addr[..4].copy_from_slice(&addr);
+            local.addr[..4].copy_from_slice(&record.saddr()?);
         }
         let listener = ListenInfo {
             role,
@@ -104,6 +97,69 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Option<()> {
         let _ = PENDING_LISTEN.insert(pid_tgid, listener, 0);
     }
     Some(())
+}
+
+/// The record of `sock:inet_sock_set_state`, whose prototype is
+/// `TP_PROTO(const struct sock *sk, const int oldstate, const int newstate)`: its fields
+/// (`newstate`, `sport`, `dport`, `family`, `protocol`, `saddr`, `saddr_v6`) are read at the
+/// offsets the loader found in the event's format file (`STATE_*_OFFSET`), not at offsets
+/// compiled in: the record is the kernel's, not an ABI.
+struct SockSetState<'a>(&'a TracePointContext);
+
+impl SockSetState<'_> {
+    /// The record, where the loader found its fields (`newstate` 0: not found).
+    #[inline(always)]
+    fn of(ctx: &TracePointContext) -> Option<SockSetState<'_>> {
+        (global(&STATE_NEWSTATE_OFFSET) != 0).then_some(SockSetState(ctx))
+    }
+
+    /// The field at the offset the loader put in `offset`.
+    #[inline(always)]
+    fn field<T>(&self, offset: &u32) -> Option<T> {
+        unsafe { self.0.read_at(global(offset) as usize) }.ok()
+    }
+
+    /// The TCP state the socket enters (`TCP_SYN_SENT`, `TCP_LISTEN`, …).
+    #[inline(always)]
+    fn new_state(&self) -> Option<i32> {
+        self.field(&STATE_NEWSTATE_OFFSET)
+    }
+
+    /// `IPPROTO_TCP` for TCP (other protocols' sockets share the event).
+    #[inline(always)]
+    fn protocol(&self) -> Option<u16> {
+        self.field(&STATE_PROTOCOL_OFFSET)
+    }
+
+    /// The local port, host order (the record converts it).
+    #[inline(always)]
+    fn sport(&self) -> Option<u16> {
+        self.field(&STATE_SPORT_OFFSET)
+    }
+
+    /// The remote port, host order.
+    #[inline(always)]
+    fn dport(&self) -> Option<u16> {
+        self.field(&STATE_DPORT_OFFSET)
+    }
+
+    /// `AF_INET` or `AF_INET6`.
+    #[inline(always)]
+    fn family(&self) -> Option<u16> {
+        self.field(&STATE_FAMILY_OFFSET)
+    }
+
+    /// The local IPv4 address (or the IPv4 form of an IPv6 one).
+    #[inline(always)]
+    fn saddr(&self) -> Option<[u8; 4]> {
+        self.field(&STATE_SADDR_OFFSET)
+    }
+
+    /// The local IPv6 address.
+    #[inline(always)]
+    fn saddr_v6(&self) -> Option<[u8; 16]> {
+        self.field(&STATE_SADDR_V6_OFFSET)
+    }
 }
 
 /// Reads the family, port and address of a user `sockaddr_in`/`sockaddr_in6`. Both start

@@ -38,6 +38,7 @@ mod fds;
 mod lifecycle;
 
 use aya_ebpf::{
+    EbpfContext as _,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
         bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
@@ -201,9 +202,10 @@ fn try_sys_exit(ctx: &RawTracePointContext) -> Option<()> {
     if !watched(tgid) {
         return None;
     }
-    let regs = Regs(ctx.arg(0));
+    let args = SysExitArgs::of(ctx);
+    let regs = Regs(args.regs);
     let kind = syscall_kind(regs.nr()?)?;
-    let ret: i64 = ctx.arg(1);
+    let ret = args.ret;
     // Errors moved nothing and made nothing (EAGAIN: no record); connect on a non-blocking
     // socket returns -EINPROGRESS and has made the connection.
     if ret < 0 && kind == syscall::LISTEN {
@@ -336,7 +338,28 @@ fn add_mark(tgid: u32, clear: bool) {
     };
 }
 
-/// The saved user registers of the current system call.
+/// The arguments of the raw tracepoint `sys_exit`, its prototype
+/// `TP_PROTO(struct pt_regs *regs, long ret)`: a raw tracepoint's context is the prototype's
+/// arguments, one `u64` each, a layout fixed at compile time (the kernel refuses a program
+/// that reads past them when it is attached).
+#[repr(C)]
+struct SysExitArgs {
+    /// `struct pt_regs *`: the saved user registers ([`Regs`]).
+    regs: u64,
+    /// The system call's return value.
+    ret: i64,
+}
+
+impl SysExitArgs {
+    #[inline(always)]
+    fn of(ctx: &RawTracePointContext) -> &SysExitArgs {
+        // SAFETY: the context of a program attached to `sys_exit` is its two arguments.
+        unsafe { &*ctx.as_ptr().cast::<SysExitArgs>() }
+    }
+}
+
+/// The saved user registers of the current system call, read at the offsets of the running
+/// architecture's `struct pt_regs` that the loader set (`REGS_*_OFFSET`).
 pub struct Regs(u64);
 
 impl Regs {
