@@ -40,8 +40,28 @@ const HEAD_IOV: u64 = 16;
 const MAX_IOV: u64 = 32;
 /// Segments the tail may be gathered from: the last ones that hold data.
 const TAIL_IOV: usize = 4;
-/// Offset of `msg_iov` (then `msg_iovlen`) in the user ABI's `struct user_msghdr`.
-const MSGHDR_IOV: u64 = 16;
+/// A user `struct user_msghdr` (uapi `linux/socket.h`), up to its iovec array and the
+/// array's length, which are read together.
+#[repr(C)]
+struct UserMsghdr {
+    msg_name: u64,
+    msg_namelen: i32,
+    msg_iov: u64,
+    msg_iovlen: u64,
+}
+
+/// A user `struct iovec` (uapi `linux/uio.h`).
+#[repr(C)]
+struct Iovec {
+    iov_base: u64,
+    iov_len: u64,
+}
+
+const _: () = assert!(core::mem::offset_of!(UserMsghdr, msg_iov) == 16);
+const _: () = assert!(
+    core::mem::offset_of!(UserMsghdr, msg_iovlen) == core::mem::offset_of!(UserMsghdr, msg_iov) + 8
+);
+const _: () = assert!(core::mem::size_of::<Iovec>() == 16);
 const HEADER: usize = core::mem::size_of::<DataEvent>();
 
 /// Where a record is built: its header, then room for the payload. The head is assembled at
@@ -118,7 +138,8 @@ pub fn exit_data(regs: &Regs, call: u32, len: u64, pid_tgid: u64, tgid: u32) -> 
             if arg1 == 0 {
                 return None;
             }
-            match unsafe { bpf_probe_read_user((arg1 + MSGHDR_IOV) as *const [u64; 2]) } {
+            let iov_at = arg1 + core::mem::offset_of!(UserMsghdr, msg_iov) as u64;
+            match unsafe { bpf_probe_read_user(iov_at as *const [u64; 2]) } {
                 Ok([iov, iovcnt]) => unsafe { capture_iovec(scratch, iov, iovcnt.max(1), len) },
                 Err(_) => {
                     count(counter::READ_USER_FAILED);
@@ -404,8 +425,9 @@ unsafe fn head_segment(scratch: *mut Scratch, i: u64) -> u64 {
 /// it cannot be read.
 #[inline(always)]
 fn segment(iov: u64, i: u64, left: u64) -> Option<(u64, u64)> {
-    let [base, seg_len] = unsafe { bpf_probe_read_user((iov + i * 16) as *const [u64; 2]) }.ok()?;
-    Some((base, if seg_len < left { seg_len } else { left }))
+    let at = iov + i * core::mem::size_of::<Iovec>() as u64;
+    let Iovec { iov_base, iov_len } = unsafe { bpf_probe_read_user(at as *const Iovec) }.ok()?;
+    Some((iov_base, if iov_len < left { iov_len } else { left }))
 }
 
 /// Past the head's segments of the walk, only lengths are read, to find the last ones holding

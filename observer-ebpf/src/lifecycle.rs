@@ -162,31 +162,55 @@ impl SockSetState<'_> {
     }
 }
 
-/// Reads the family, port and address of a user `sockaddr_in`/`sockaddr_in6`. Both start
-/// with the family and the port in network order; the IPv4 address follows at 4, IPv6 at 8.
+/// The start of a user `struct sockaddr_in` (uapi `linux/in.h`), which `sockaddr_in6` shares
+/// up to the address: the family, then the port in network order.
+#[repr(C)]
+struct SockaddrIn {
+    sin_family: u16,
+    sin_port: [u8; 2],
+    sin_addr: [u8; 4],
+}
+
+/// A user `struct sockaddr_in6` (uapi `linux/in6.h`), up to its address.
+#[repr(C)]
+struct SockaddrIn6 {
+    sin6_family: u16,
+    sin6_port: [u8; 2],
+    sin6_flowinfo: u32,
+    sin6_addr: [u8; 16],
+}
+
+const _: () = assert!(core::mem::size_of::<SockaddrIn>() == 8);
+const _: () = assert!(core::mem::offset_of!(SockaddrIn6, sin6_addr) == 8);
+
+/// Reads the family, port and address of a user `sockaddr_in`/`sockaddr_in6`: the start of
+/// either, then the IPv6 address when it is one.
 #[inline(never)]
 fn read_endpoint(ptr: u64) -> Option<Endpoint> {
     if ptr == 0 {
         return None;
     }
-    let Ok(head) = (unsafe { bpf_probe_read_user(ptr as *const [u8; 8]) }) else {
+    let Ok(head) = (unsafe { bpf_probe_read_user(ptr as *const SockaddrIn) }) else {
         count(counter::READ_USER_FAILED);
         return None;
     };
     let mut endpoint = Endpoint {
-        family: u16::from_ne_bytes([head[0], head[1]]) as u32,
-        port: u16::from_be_bytes([head[2], head[3]]) as u32,
+        family: head.sin_family as u32,
+        port: u16::from_be_bytes(head.sin_port) as u32,
         addr: [0; 16],
     };
     match endpoint.family {
-        family::INET => endpoint.addr[..4].copy_from_slice(&head[4..8]),
-        family::INET6 => match unsafe { bpf_probe_read_user((ptr + 8) as *const [u8; 16]) } {
-            Ok(addr) => endpoint.addr = addr,
-            Err(_) => {
-                count(counter::READ_USER_FAILED);
-                return None;
+        family::INET => endpoint.addr[..4].copy_from_slice(&head.sin_addr),
+        family::INET6 => {
+            let addr = ptr + core::mem::offset_of!(SockaddrIn6, sin6_addr) as u64;
+            match unsafe { bpf_probe_read_user(addr as *const [u8; 16]) } {
+                Ok(addr) => endpoint.addr = addr,
+                Err(_) => {
+                    count(counter::READ_USER_FAILED);
+                    return None;
+                }
             }
-        },
+        }
         _ => return None,
     }
     Some(endpoint)
