@@ -783,6 +783,16 @@ impl Pipeline {
                 counters.read_user_failed,
                 before.read_user_failed,
             ),
+            (
+                "kernel_read_failed",
+                counters.read_kernel_failed,
+                before.read_kernel_failed,
+            ),
+            (
+                "map_update_failed",
+                counters.map_update_failed,
+                before.map_update_failed,
+            ),
             ("undecodable", undecodable, self.reported_undecodable),
         ];
         for (kind, now, then) in pairs {
@@ -1085,6 +1095,8 @@ mod tests {
             "conn_table_full",
             "listener_table_full",
             "read_failed",
+            "kernel_read_failed",
+            "map_update_failed",
             "undecodable",
         ] {
             assert_eq!(lost(kind), Some(0), "{kind}");

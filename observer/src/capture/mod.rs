@@ -670,6 +670,8 @@ impl Capture {
             listeners_full: sum(counter::LISTENERS_FULL)?,
             read_user_failed: sum(counter::READ_USER_FAILED)?,
             tgids_full: sum(counter::TGIDS_FULL)?,
+            read_kernel_failed: sum(counter::READ_KERNEL_FAILED)?,
+            map_update_failed: sum(counter::MAP_UPDATE_FAILED)?,
         })
     }
 
@@ -727,6 +729,13 @@ pub struct KernelCounters {
     /// Processes not marked: the table of marked processes was full (the per-process filter
     /// is off since; nothing is missed, every process's data calls cost a lookup).
     pub tgids_full: u64,
+    /// Reads of kernel memory that failed (a system call's saved registers, a tracepoint's
+    /// record, the task's descriptor table, a socket's ports): what needed them was not done,
+    /// or done without them.
+    pub read_kernel_failed: u64,
+    /// Map updates that failed other than the full tables above (a forked child's parent, a
+    /// listen waiting for its exit, a connection's holder count).
+    pub map_update_failed: u64,
 }
 
 /// `bpf_map_update_elem` flags: make a new entry only; update an existing entry only.
@@ -758,6 +767,21 @@ fn raise_memlock_limit() {
         tracing::debug!(
             "could not lift RLIMIT_MEMLOCK: {}",
             std::io::Error::last_os_error()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kernel_counter_is_read() {
+        let fields = serde_json::to_value(KernelCounters::default()).unwrap();
+        assert_eq!(
+            fields.as_object().unwrap().len(),
+            counter::COUNT as usize,
+            "KernelCounters should have a field for each slot of observer_common::counter"
         );
     }
 }
