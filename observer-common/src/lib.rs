@@ -144,16 +144,26 @@ pub mod counter {
     pub const LOST_DATA: u32 = 0;
     /// An open or close event could not be reserved in the ring buffer.
     pub const LOST_CONN: u32 = 1;
-    /// The connection table was full when a new connection was to be tracked.
+    /// The connection table was full when a new connection was to be tracked, or another
+    /// holder of one (a forked child, a duplicated fd) added.
     pub const CONNS_FULL: u32 = 2;
     /// Reading the caller's sockaddr or payload failed.
     pub const READ_USER_FAILED: u32 = 3;
-    /// The listener table was full when a watched listener was to be tracked.
+    /// The listener table was full when a watched listener (or a duplicated fd of one) was to
+    /// be tracked.
     pub const LISTENERS_FULL: u32 = 4;
     /// The table of marked processes was full: the per-process filter is off from then on
     /// (every process's data calls pay a connection lookup; nothing is missed).
     pub const TGIDS_FULL: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// A read of kernel memory failed: a saved register of the system call, a field of a
+    /// tracepoint's record, of the task, of its descriptor table or of a socket. What needed
+    /// it was not done, or done without it (an fd not checked against its connection).
+    pub const READ_KERNEL_FAILED: u32 = 6;
+    /// A map update failed other than the full tables counted above (a forked child's
+    /// parent, a listen waiting for its exit, a connection's holder count), or a per-CPU
+    /// slot could not be had.
+    pub const MAP_UPDATE_FAILED: u32 = 7;
+    pub const COUNT: u32 = 8;
 }
 
 /// Key of the `CONNS` map: a socket as a process sees it.

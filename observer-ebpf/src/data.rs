@@ -26,7 +26,8 @@ use observer_common::{
 };
 
 use crate::{
-    BPF_RB_NO_WAKEUP, CONNS, EVENTS, HEAD_BYTES, Regs, TAIL_BYTES, comm, count,
+    BPF_RB_NO_WAKEUP, CONNS, EVENTS, Fail, Failed, HEAD_BYTES, NotOurs, Outcome, Regs, TAIL_BYTES,
+    comm, count,
     fds::{file_of, forget, same_file},
     wakeup_flags,
 };
@@ -40,8 +41,28 @@ const HEAD_IOV: u64 = 16;
 const MAX_IOV: u64 = 32;
 /// Segments the tail may be gathered from: the last ones that hold data.
 const TAIL_IOV: usize = 4;
-/// Offset of `msg_iov` (then `msg_iovlen`) in the user ABI's `struct user_msghdr`.
-const MSGHDR_IOV: u64 = 16;
+/// A user `struct user_msghdr` (uapi `linux/socket.h`), up to its iovec array and the
+/// array's length, which are read together.
+#[repr(C)]
+struct UserMsghdr {
+    msg_name: u64,
+    msg_namelen: i32,
+    msg_iov: u64,
+    msg_iovlen: u64,
+}
+
+/// A user `struct iovec` (uapi `linux/uio.h`).
+#[repr(C)]
+struct Iovec {
+    iov_base: u64,
+    iov_len: u64,
+}
+
+const _: () = assert!(core::mem::offset_of!(UserMsghdr, msg_iov) == 16);
+const _: () = assert!(
+    core::mem::offset_of!(UserMsghdr, msg_iovlen) == core::mem::offset_of!(UserMsghdr, msg_iov) + 8
+);
+const _: () = assert!(core::mem::size_of::<Iovec>() == 16);
 const HEADER: usize = core::mem::size_of::<DataEvent>();
 
 /// Where a record is built: its header, then room for the payload. The head is assembled at
@@ -88,24 +109,24 @@ const _: () = assert!(HEAD_MAX + TAIL_MAX <= 2 * HEAD_MAX);
 
 /// Exit of a data call that moved `len` bytes, by a marked process.
 #[inline(never)]
-pub fn exit_data(regs: &Regs, call: u32, len: u64, pid_tgid: u64, tgid: u32) -> Option<()> {
+pub fn exit_data(regs: &Regs, call: u32, len: u64, pid_tgid: u64, tgid: u32) -> Outcome {
     let fd = regs.fd()?;
     let key = SockKey { tgid, fd };
-    let entry = CONNS.get_ptr_mut(key)?;
+    let entry = CONNS.get_ptr_mut(key).ok_or(NotOurs)?;
     let conn = unsafe { *entry };
     // The fd must still refer to the connection's socket: an entry left stale by a close this
     // side did not see is forgotten here, and the fd's bytes are not the connection's.
     let file = file_of(fd);
     if !same_file(conn.file, file) {
         forget(key, &conn, pid_tgid);
-        return None;
+        return Err(NotOurs);
     }
     if conn.file == 0
         && let Some(file) = file
     {
         unsafe { (*entry).file = file };
     }
-    let scratch = SCRATCH.get_ptr_mut(0)?;
+    let scratch = SCRATCH.get_ptr_mut(0).ok_or(Failed(Fail::MapUpdate))?;
     // SAFETY: this CPU's scratch value, exclusively ours while the program runs.
     let (event, payload) = unsafe { (&raw mut (*scratch).event, (*scratch).payload.as_mut_ptr()) };
     let arg1 = regs.arg1()?;
@@ -116,15 +137,12 @@ pub fn exit_data(regs: &Regs, call: u32, len: u64, pid_tgid: u64, tgid: u32) -> 
         }
         syscall::RECVMSG | syscall::SENDMSG => {
             if arg1 == 0 {
-                return None;
+                return Err(NotOurs);
             }
-            match unsafe { bpf_probe_read_user((arg1 + MSGHDR_IOV) as *const [u64; 2]) } {
-                Ok([iov, iovcnt]) => unsafe { capture_iovec(scratch, iov, iovcnt.max(1), len) },
-                Err(_) => {
-                    count(counter::READ_USER_FAILED);
-                    return None;
-                }
-            }
+            let iov_at = arg1 + core::mem::offset_of!(UserMsghdr, msg_iov) as u64;
+            let [iov, iovcnt] = unsafe { bpf_probe_read_user(iov_at as *const [u64; 2]) }
+                .map_err(|_| Failed(Fail::ReadUser))?;
+            unsafe { capture_iovec(scratch, iov, iovcnt.max(1), len) }
         }
         _ => unsafe { capture_plain(event, payload, arg1, len) },
     };
@@ -150,7 +168,8 @@ pub fn exit_data(regs: &Regs, call: u32, len: u64, pid_tgid: u64, tgid: u32) -> 
     // Bounded again where the verifier sees it: the record is the header and what was captured.
     let captured = unsafe { core::ptr::read_volatile(&captured) };
     if captured > PAYLOAD_MAX as u64 {
-        return None;
+        // Never: the head and the tail were bounded when captured.
+        return Err(NotOurs);
     }
     let size = HEADER as u64 + captured;
     let record = unsafe { core::slice::from_raw_parts(scratch.cast::<u8>(), size as usize) };
@@ -173,7 +192,7 @@ pub fn exit_data(regs: &Regs, call: u32, len: u64, pid_tgid: u64, tgid: u32) -> 
             unsafe { (*conn).lost = (*conn).lost.wrapping_add(1) };
         }
     }
-    Some(())
+    Ok(())
 }
 
 /// Head and tail of one contiguous buffer, into `payload`. False when a user read failed
@@ -404,8 +423,9 @@ unsafe fn head_segment(scratch: *mut Scratch, i: u64) -> u64 {
 /// it cannot be read.
 #[inline(always)]
 fn segment(iov: u64, i: u64, left: u64) -> Option<(u64, u64)> {
-    let [base, seg_len] = unsafe { bpf_probe_read_user((iov + i * 16) as *const [u64; 2]) }.ok()?;
-    Some((base, if seg_len < left { seg_len } else { left }))
+    let at = iov + i * core::mem::size_of::<Iovec>() as u64;
+    let Iovec { iov_base, iov_len } = unsafe { bpf_probe_read_user(at as *const Iovec) }.ok()?;
+    Some((iov_base, if iov_len < left { iov_len } else { left }))
 }
 
 /// Past the head's segments of the walk, only lengths are read, to find the last ones holding

@@ -29,9 +29,10 @@ use observer_common::{ConnInfo, SockKey, kind};
 
 use crate::{
     CONNS, FD_LAYOUT_KNOWN, FDT_FD_OFFSET, FDT_MAX_FDS_OFFSET, FILE_PRIVATE_DATA_OFFSET,
-    FILES_FDT_OFFSET, LISTENERS, NEWTASK_FLAGS_OFFSET, NEWTASK_PID_OFFSET, PARENTS, REFS, Regs,
-    SOCK_DPORT_OFFSET, SOCK_LAYOUT_KNOWN, SOCK_NUM_OFFSET, SOCKET_SK_OFFSET, TASK_FILES_OFFSET,
-    current, emit_conn, global, mark, read_kernel, watched,
+    FILES_FDT_OFFSET, Fail, Failed, LISTENERS, Miss, NEWTASK_FLAGS_OFFSET, NEWTASK_PID_OFFSET,
+    NotOurs, Outcome, PARENTS, REFS, Regs, SOCK_DPORT_OFFSET, SOCK_LAYOUT_KNOWN, SOCK_NUM_OFFSET,
+    SOCKET_SK_OFFSET, TASK_FILES_OFFSET, current, emit_conn, global, mark, read_kernel, settle,
+    watched,
 };
 
 /// Most descriptors walked when a process forks, execs or calls close_range, and most
@@ -55,40 +56,41 @@ pub struct FdTable {
 }
 
 impl FdTable {
-    /// The table of the current task, or `None` where the layout is unknown or a read failed.
+    /// The table of the current task; not ours where the layout is unknown or the task has
+    /// none (it is exiting).
     #[inline(always)]
-    pub fn current() -> Option<FdTable> {
+    pub fn current() -> Result<FdTable, Miss> {
         if global(&FD_LAYOUT_KNOWN) == 0 {
-            return None;
+            return Err(NotOurs);
         }
         let task = unsafe { bpf_get_current_task() };
         let files: u64 = read_kernel(task + global(&TASK_FILES_OFFSET) as u64)?;
         if files == 0 {
-            return None;
+            return Err(NotOurs);
         }
         let fdt: u64 = read_kernel(files + global(&FILES_FDT_OFFSET) as u64)?;
         if fdt == 0 {
-            return None;
+            return Err(NotOurs);
         }
         let (max_fds_at, fd_at) = (global(&FDT_MAX_FDS_OFFSET), global(&FDT_FD_OFFSET));
         if fd_at == max_fds_at + 8 {
             // `unsigned int max_fds; struct file **fd;` side by side (every kernel): one read.
             let [max_fds, array]: [u64; 2] = read_kernel(fdt + max_fds_at as u64)?;
-            return Some(FdTable {
+            return Ok(FdTable {
                 array,
                 max_fds: max_fds as u32,
             });
         }
         let max_fds: u32 = read_kernel(fdt + max_fds_at as u64)?;
         let array: u64 = read_kernel(fdt + fd_at as u64)?;
-        Some(FdTable { array, max_fds })
+        Ok(FdTable { array, max_fds })
     }
 
-    /// The open file behind `fd` (0: none), or `None` where it could not be read.
+    /// The open file behind `fd` (0: none).
     #[inline(always)]
-    pub fn file(&self, fd: u32) -> Option<u64> {
+    pub fn file(&self, fd: u32) -> Result<u64, Miss> {
         if fd >= self.max_fds {
-            return Some(0);
+            return Ok(0);
         }
         read_kernel(self.array + fd as u64 * 8)
     }
@@ -98,27 +100,28 @@ impl FdTable {
 /// layout is known: the client's ephemeral port is only in the socket, and a server that
 /// accepts without asking for the peer's address learns it nowhere else.
 #[inline(always)]
-pub fn ports_of(file: u64) -> Option<(u16, u16)> {
+pub fn ports_of(file: u64) -> Result<(u16, u16), Miss> {
     if global(&SOCK_LAYOUT_KNOWN) == 0 || file == 0 {
-        return None;
+        return Err(NotOurs);
     }
     let socket: u64 = read_kernel(file + global(&FILE_PRIVATE_DATA_OFFSET) as u64)?;
     if socket == 0 {
-        return None;
+        return Err(NotOurs);
     }
     let sock: u64 = read_kernel(socket + global(&SOCKET_SK_OFFSET) as u64)?;
     if sock == 0 {
-        return None;
+        return Err(NotOurs);
     }
     let local: u16 = read_kernel(sock + global(&SOCK_NUM_OFFSET) as u64)?;
     let remote: u16 = read_kernel(sock + global(&SOCK_DPORT_OFFSET) as u64)?;
-    Some((local, u16::from_be(remote)))
+    Ok((local, u16::from_be(remote)))
 }
 
-/// The file behind `fd` of the current process: `None` when it cannot be told.
+/// The file behind `fd` of the current process, where it can be told (a failed read
+/// counted): an fd that cannot be checked is taken for what its entry says.
 #[inline(always)]
 pub fn file_of(fd: u32) -> Option<u64> {
-    FdTable::current()?.file(fd)
+    settle(FdTable::current().and_then(|table| table.file(fd)))
 }
 
 /// Whether an entry made for `recorded` still describes an fd that refers to `now`: an entry
@@ -133,23 +136,26 @@ pub fn same_file(recorded: u64, now: Option<u64>) -> bool {
 
 /// Makes `key` one more holder of `conn` (inherited or duplicated), forgetting what `key`
 /// held before.
-pub fn add_holder(key: SockKey, conn: &ConnInfo, pid_tgid: u64) {
+pub fn add_holder(key: SockKey, conn: &ConnInfo, pid_tgid: u64) -> Outcome {
     if let Some(old) = unsafe { CONNS.get(key) } {
         let old = *old;
         if old.conn_id == conn.conn_id {
-            return;
+            return Ok(());
         }
         forget(key, &old, pid_tgid);
     }
-    if CONNS.insert(key, conn, 0).is_err() {
-        return;
-    }
+    CONNS
+        .insert(key, conn, 0)
+        .map_err(|_| Failed(Fail::ConnsFull))?;
     add_ref(conn.conn_id, 1);
+    Ok(())
 }
 
-/// A new connection's first holder.
-pub fn first_holder(conn_id: u64) {
-    let _ = REFS.insert(conn_id, 1, 0);
+/// A new connection's first holder. Without its count, the connection closes when any one
+/// holder is forgotten.
+pub fn first_holder(conn_id: u64) -> Outcome {
+    REFS.insert(conn_id, 1, 0)
+        .map_err(|_| Failed(Fail::MapUpdate))
 }
 
 /// Adds `delta` (wrapping: `u64::MAX` is −1) to the connection's holder count; the count after.
@@ -190,10 +196,14 @@ pub fn forget(key: SockKey, conn: &ConnInfo, pid_tgid: u64) {
 ///
 /// Two passes keep the verifier's work small: a walk of at most [`MAX_WALK`] fds that only
 /// looks up, then at most [`MAX_ACT`] of the keys it found checked and forgotten.
-fn forget_replaced(tgid: u32, first: u32, last: u32, table: Option<FdTable>, pid_tgid: u64) {
-    let Some(found) = FOUND.get_ptr_mut(0) else {
-        return;
-    };
+fn forget_replaced(
+    tgid: u32,
+    first: u32,
+    last: u32,
+    table: Option<FdTable>,
+    pid_tgid: u64,
+) -> Outcome {
+    let found = FOUND.get_ptr_mut(0).ok_or(Failed(Fail::MapUpdate))?;
     let found = unsafe { &mut *found };
     found.len = 0;
     for i in 0..MAX_WALK {
@@ -222,7 +232,7 @@ fn forget_replaced(tgid: u32, first: u32, last: u32, table: Option<FdTable>, pid
         let conn = *conn;
         let stale = match table {
             Some(table) => {
-                let now = table.file(key.fd);
+                let now = settle(table.file(key.fd));
                 !same_file(conn.file, now) || now == Some(0)
             }
             None => true,
@@ -231,6 +241,7 @@ fn forget_replaced(tgid: u32, first: u32, last: u32, table: Option<FdTable>, pid
             forget(key, &conn, pid_tgid);
         }
     }
+    Ok(())
 }
 
 /// The fds one walk found to act on.
@@ -247,30 +258,31 @@ static FOUND: PerCpuArray<FdList> = PerCpuArray::with_max_entries(1, 0);
 /// parent, and holds what the parent's watched fds hold (they were copied into its table).
 #[tracepoint]
 pub fn task_newtask(ctx: TracePointContext) -> u32 {
-    let _ = try_task_newtask(&ctx);
+    settle(try_task_newtask(&ctx));
     0
 }
 
-fn try_task_newtask(ctx: &TracePointContext) -> Option<()> {
+fn try_task_newtask(ctx: &TracePointContext) -> Outcome {
     let (pid_tgid, parent) = current();
     if !watched(parent) {
-        return None;
+        return Err(NotOurs);
     }
-    let flags_offset = global(&NEWTASK_FLAGS_OFFSET) as usize;
-    let pid_offset = global(&NEWTASK_PID_OFFSET) as usize;
-    if pid_offset == 0 || flags_offset == 0 {
-        return None;
+    let record = NewTask::of(ctx)?;
+    if record.clone_flags()? & CLONE_THREAD != 0 {
+        return Err(NotOurs);
     }
-    let flags: u64 = unsafe { ctx.read_at(flags_offset) }.ok()?;
-    if flags & CLONE_THREAD != 0 {
-        return None;
-    }
-    let child = unsafe { ctx.read_at::<i32>(pid_offset) }.ok()? as u32;
-    let _ = PARENTS.insert(child, parent, 0);
+    let child = record.pid()?;
+    // Without it the child does not find the listeners it inherited: counted, and the
+    // rest is done.
+    settle(
+        PARENTS
+            .insert(child, parent, 0)
+            .map_err(|_| Failed(Fail::MapUpdate)),
+    );
     mark(child);
     // The child's table is a copy of the parent's as it is now (or the same table).
     let table = FdTable::current()?;
-    let found = unsafe { &mut *FOUND.get_ptr_mut(0)? };
+    let found = unsafe { &mut *FOUND.get_ptr_mut(0).ok_or(Failed(Fail::MapUpdate))? };
     found.len = 0;
     for fd in 0..MAX_WALK {
         if fd >= table.max_fds || found.len as usize >= MAX_ACT {
@@ -290,60 +302,91 @@ fn try_task_newtask(ctx: &TracePointContext) -> Option<()> {
             continue;
         };
         let mut conn = *conn;
-        let Some(file) = table.file(fd) else {
+        let Some(file) = settle(table.file(fd)) else {
             continue;
         };
         if file == 0 || !same_file(conn.file, Some(file)) {
             continue;
         }
         conn.file = file;
-        add_holder(SockKey { tgid: child, fd }, &conn, pid_tgid);
+        settle(add_holder(SockKey { tgid: child, fd }, &conn, pid_tgid));
     }
-    Some(())
+    Ok(())
+}
+
+/// The record of `task:task_newtask`, whose prototype is
+/// `TP_PROTO(struct task_struct *task, unsigned long clone_flags)`: its fields `pid` and
+/// `clone_flags` are read at the offsets the loader found in the event's format file
+/// (`NEWTASK_*_OFFSET`): the record is the kernel's, not an ABI.
+struct NewTask<'a>(&'a TracePointContext);
+
+impl NewTask<'_> {
+    /// The record, where the loader found both fields (0: not found).
+    #[inline(always)]
+    fn of(ctx: &TracePointContext) -> Result<NewTask<'_>, Miss> {
+        if global(&NEWTASK_PID_OFFSET) == 0 || global(&NEWTASK_FLAGS_OFFSET) == 0 {
+            return Err(NotOurs);
+        }
+        Ok(NewTask(ctx))
+    }
+
+    /// The new task's id: a new process's tgid (without `CLONE_THREAD`).
+    #[inline(always)]
+    fn pid(&self) -> Result<u32, Miss> {
+        let pid: i32 = unsafe { self.0.read_at(global(&NEWTASK_PID_OFFSET) as usize) }
+            .map_err(|_| Failed(Fail::ReadKernel))?;
+        Ok(pid as u32)
+    }
+
+    /// The `clone(2)` flags it was made with.
+    #[inline(always)]
+    fn clone_flags(&self) -> Result<u64, Miss> {
+        unsafe { self.0.read_at(global(&NEWTASK_FLAGS_OFFSET) as usize) }
+            .map_err(|_| Failed(Fail::ReadKernel))
+    }
 }
 
 /// `sched_process_exec`: close-on-exec has closed some of the process's fds; their keys go.
 #[tracepoint]
 pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
-    let _ = try_sched_process_exec();
+    settle(try_sched_process_exec());
     0
 }
 
-fn try_sched_process_exec() -> Option<()> {
+fn try_sched_process_exec() -> Outcome {
     let (pid_tgid, tgid) = current();
     if !watched(tgid) {
-        return None;
+        return Err(NotOurs);
     }
     let table = FdTable::current()?;
-    forget_replaced(tgid, 0, u32::MAX, Some(table), pid_tgid);
-    Some(())
+    forget_replaced(tgid, 0, u32::MAX, Some(table), pid_tgid)
 }
 
 /// Exit of a successful `close_range(fd, max_fd, flags)` by a marked process: the keys in the
 /// range whose fd no longer refers to their socket go (one reused by another thread in
 /// between stays).
 #[inline(never)]
-pub fn exit_close_range(regs: &Regs, pid_tgid: u64, tgid: u32) -> Option<()> {
+pub fn exit_close_range(regs: &Regs, pid_tgid: u64, tgid: u32) -> Outcome {
     let first = regs.fd()?;
     let last = regs.arg1()? as u32;
     let flags = regs.arg2()?;
     if flags & CLOSE_RANGE_CLOEXEC != 0 || first > last {
         // Marked close-on-exec (exec forgets them), or nothing closed.
-        return None;
+        return Err(NotOurs);
     }
-    forget_replaced(tgid, first, last, FdTable::current(), pid_tgid);
-    Some(())
+    // Without the table every key in the range goes.
+    forget_replaced(tgid, first, last, settle(FdTable::current()), pid_tgid)
 }
 
 /// Exit of a successful `dup2(oldfd, newfd)` or `dup3(oldfd, newfd, flags)` by a marked
 /// process: `newfd` was closed and is now a copy of `oldfd`. What `newfd` held is forgotten,
 /// and it becomes a key of `oldfd`'s connection or listener.
 #[inline(never)]
-pub fn exit_dup2(regs: &Regs, pid_tgid: u64, tgid: u32) -> Option<()> {
+pub fn exit_dup2(regs: &Regs, pid_tgid: u64, tgid: u32) -> Outcome {
     let old_fd = regs.fd()?;
     let new_fd = regs.arg1()? as u32;
     if old_fd == new_fd {
-        return None;
+        return Err(NotOurs);
     }
     let new_key = SockKey { tgid, fd: new_fd };
     let old_key = SockKey { tgid, fd: old_fd };
@@ -372,11 +415,11 @@ fn forget_held(key: SockKey, kept: u64, pid_tgid: u64) {
 /// duplicates, by a marked process: the new fd (the return value) is one more key of the old
 /// fd's connection or listener.
 #[inline(never)]
-pub fn exit_dup(regs: &Regs, ret: i64, pid_tgid: u64, tgid: u32, fcntl: bool) -> Option<()> {
+pub fn exit_dup(regs: &Regs, ret: i64, pid_tgid: u64, tgid: u32, fcntl: bool) -> Outcome {
     if fcntl {
         let cmd = regs.arg1()? as u32 as u64;
         if cmd != F_DUPFD && cmd != F_DUPFD_CLOEXEC {
-            return None;
+            return Err(NotOurs);
         }
     }
     let old_key = SockKey {
@@ -394,24 +437,22 @@ pub fn exit_dup(regs: &Regs, ret: i64, pid_tgid: u64, tgid: u32, fcntl: bool) ->
 /// `new_key` becomes one more key of what `old_key` holds: its connection (`old`, while the
 /// fd still refers to that connection's file) or its listener.
 #[inline(always)]
-fn copy_key(
-    old_key: SockKey,
-    old: Option<ConnInfo>,
-    new_key: SockKey,
-    pid_tgid: u64,
-) -> Option<()> {
+fn copy_key(old_key: SockKey, old: Option<ConnInfo>, new_key: SockKey, pid_tgid: u64) -> Outcome {
     if let Some(mut conn) = old {
         let file = file_of(old_key.fd);
         if !same_file(conn.file, file) {
-            return None;
+            return Err(NotOurs);
         }
         if let Some(file) = file {
             conn.file = file;
         }
-        add_holder(new_key, &conn, pid_tgid);
+        add_holder(new_key, &conn, pid_tgid)
     } else if let Some(listener) = unsafe { LISTENERS.get(old_key) } {
         let listener = *listener;
-        let _ = LISTENERS.insert(new_key, listener, 0);
+        LISTENERS
+            .insert(new_key, listener, 0)
+            .map_err(|_| Failed(Fail::ListenersFull))
+    } else {
+        Err(NotOurs)
     }
-    Some(())
 }

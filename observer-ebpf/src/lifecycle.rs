@@ -20,14 +20,14 @@ use aya_ebpf::{
     programs::{RawTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::warn;
-use observer_common::{ConnInfo, Endpoint, ListenInfo, SockKey, counter, family, kind, side};
+use observer_common::{ConnInfo, Endpoint, ListenInfo, SockKey, family, kind, side};
 
 use crate::{
-    CONNS, LISTENERS, PARENTS, Regs, STATE_DPORT_OFFSET, STATE_FAMILY_OFFSET,
-    STATE_NEWSTATE_OFFSET, STATE_PROTOCOL_OFFSET, STATE_SADDR_OFFSET, STATE_SADDR_V6_OFFSET,
-    STATE_SPORT_OFFSET, WATCHED_PORTS, count, current, emit_conn,
+    CONNS, Fail, Failed, LISTENERS, Miss, NotOurs, Outcome, PARENTS, Regs, STATE_DPORT_OFFSET,
+    STATE_FAMILY_OFFSET, STATE_NEWSTATE_OFFSET, STATE_PROTOCOL_OFFSET, STATE_SADDR_OFFSET,
+    STATE_SADDR_V6_OFFSET, STATE_SPORT_OFFSET, WATCHED_PORTS, current, emit_conn,
     fds::{self, file_of, ports_of, same_file},
-    global, is_self, mark, new_conn_id,
+    global, is_self, mark, new_conn_id, settle,
 };
 
 pub const EINPROGRESS: i64 = 115;
@@ -52,48 +52,41 @@ static NEW_CONN: PerCpuArray<ConnInfo> = PerCpuArray::with_max_entries(1, 0);
 /// softirq context for any task and are ignored.
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    let _ = try_inet_sock_set_state(&ctx);
+    settle(try_inet_sock_set_state(&ctx));
     0
 }
 
-fn try_inet_sock_set_state(ctx: &TracePointContext) -> Option<()> {
-    let offset = |global_offset: &u32| global(global_offset) as usize;
-    if global(&STATE_NEWSTATE_OFFSET) == 0 {
-        return None;
-    }
-    let state: i32 = unsafe { ctx.read_at(offset(&STATE_NEWSTATE_OFFSET)) }.ok()?;
+fn try_inet_sock_set_state(ctx: &TracePointContext) -> Outcome {
+    let record = SockSetState::of(ctx)?;
+    let state = record.new_state()?;
     if state != TCP_SYN_SENT && state != TCP_LISTEN {
-        return None;
+        return Err(NotOurs);
     }
-    let protocol: u16 = unsafe { ctx.read_at(offset(&STATE_PROTOCOL_OFFSET)) }.ok()?;
-    if protocol != IPPROTO_TCP {
-        return None;
+    if record.protocol()? != IPPROTO_TCP {
+        return Err(NotOurs);
     }
     let (pid_tgid, tgid) = current();
     if is_self(tgid) {
-        return None;
+        return Err(NotOurs);
     }
-    let port_at = if state == TCP_LISTEN {
-        &STATE_SPORT_OFFSET
+    let port = if state == TCP_LISTEN {
+        record.sport()?
     } else {
-        &STATE_DPORT_OFFSET
+        record.dport()?
     };
-    // Host order in the record.
-    let port: u16 = unsafe { ctx.read_at(offset(port_at)) }.ok()?;
-    let role = *unsafe { WATCHED_PORTS.get(port) }?;
+    let role = *unsafe { WATCHED_PORTS.get(port) }.ok_or(NotOurs)?;
     mark(tgid);
     if state == TCP_LISTEN {
-        let family = unsafe { ctx.read_at::<u16>(offset(&STATE_FAMILY_OFFSET)) }.ok()? as u32;
+        let family = record.family()? as u32;
         let mut local = Endpoint {
             family,
             port: port as u32,
             addr: [0; 16],
         };
         if family == family::INET6 {
-            local.addr = unsafe { ctx.read_at(offset(&STATE_SADDR_V6_OFFSET)) }.ok()?;
+            local.addr = record.saddr_v6()?;
         } else {
-            let addr: [u8; 4] = unsafe { ctx.read_at(offset(&STATE_SADDR_OFFSET)) }.ok()?;
-            local.addr[..4].copy_from_slice(&addr);
+            local.addr[..4].copy_from_slice(&record.saddr()?);
         }
         let listener = ListenInfo {
             role,
@@ -101,62 +94,147 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Option<()> {
             local,
             file: 0,
         };
-        let _ = PENDING_LISTEN.insert(pid_tgid, listener, 0);
+        PENDING_LISTEN
+            .insert(pid_tgid, listener, 0)
+            .map_err(|_| Failed(Fail::MapUpdate))?;
     }
-    Some(())
+    Ok(())
 }
 
-/// Reads the family, port and address of a user `sockaddr_in`/`sockaddr_in6`. Both start
-/// with the family and the port in network order; the IPv4 address follows at 4, IPv6 at 8.
+/// The record of `sock:inet_sock_set_state`, whose prototype is
+/// `TP_PROTO(const struct sock *sk, const int oldstate, const int newstate)`: its fields
+/// (`newstate`, `sport`, `dport`, `family`, `protocol`, `saddr`, `saddr_v6`) are read at the
+/// offsets the loader found in the event's format file (`STATE_*_OFFSET`), not at offsets
+/// compiled in: the record is the kernel's, not an ABI.
+struct SockSetState<'a>(&'a TracePointContext);
+
+impl SockSetState<'_> {
+    /// The record, where the loader found its fields (`newstate` 0: not found).
+    #[inline(always)]
+    fn of(ctx: &TracePointContext) -> Result<SockSetState<'_>, Miss> {
+        if global(&STATE_NEWSTATE_OFFSET) == 0 {
+            return Err(NotOurs);
+        }
+        Ok(SockSetState(ctx))
+    }
+
+    /// The field at the offset the loader put in `offset`.
+    #[inline(always)]
+    fn field<T>(&self, offset: &u32) -> Result<T, Miss> {
+        unsafe { self.0.read_at(global(offset) as usize) }.map_err(|_| Failed(Fail::ReadKernel))
+    }
+
+    /// The TCP state the socket enters (`TCP_SYN_SENT`, `TCP_LISTEN`, …).
+    #[inline(always)]
+    fn new_state(&self) -> Result<i32, Miss> {
+        self.field(&STATE_NEWSTATE_OFFSET)
+    }
+
+    /// `IPPROTO_TCP` for TCP (other protocols' sockets share the event).
+    #[inline(always)]
+    fn protocol(&self) -> Result<u16, Miss> {
+        self.field(&STATE_PROTOCOL_OFFSET)
+    }
+
+    /// The local port, host order (the record converts it).
+    #[inline(always)]
+    fn sport(&self) -> Result<u16, Miss> {
+        self.field(&STATE_SPORT_OFFSET)
+    }
+
+    /// The remote port, host order.
+    #[inline(always)]
+    fn dport(&self) -> Result<u16, Miss> {
+        self.field(&STATE_DPORT_OFFSET)
+    }
+
+    /// `AF_INET` or `AF_INET6`.
+    #[inline(always)]
+    fn family(&self) -> Result<u16, Miss> {
+        self.field(&STATE_FAMILY_OFFSET)
+    }
+
+    /// The local IPv4 address (or the IPv4 form of an IPv6 one).
+    #[inline(always)]
+    fn saddr(&self) -> Result<[u8; 4], Miss> {
+        self.field(&STATE_SADDR_OFFSET)
+    }
+
+    /// The local IPv6 address.
+    #[inline(always)]
+    fn saddr_v6(&self) -> Result<[u8; 16], Miss> {
+        self.field(&STATE_SADDR_V6_OFFSET)
+    }
+}
+
+/// The start of a user `struct sockaddr_in` (uapi `linux/in.h`), which `sockaddr_in6` shares
+/// up to the address: the family, then the port in network order.
+#[repr(C)]
+struct SockaddrIn {
+    sin_family: u16,
+    sin_port: [u8; 2],
+    sin_addr: [u8; 4],
+}
+
+/// A user `struct sockaddr_in6` (uapi `linux/in6.h`), up to its address.
+#[repr(C)]
+struct SockaddrIn6 {
+    sin6_family: u16,
+    sin6_port: [u8; 2],
+    sin6_flowinfo: u32,
+    sin6_addr: [u8; 16],
+}
+
+const _: () = assert!(core::mem::size_of::<SockaddrIn>() == 8);
+const _: () = assert!(core::mem::offset_of!(SockaddrIn6, sin6_addr) == 8);
+
+/// Reads the family, port and address of a user `sockaddr_in`/`sockaddr_in6` into
+/// `endpoint`: the start of either, then the IPv6 address when it is one. Written in place:
+/// returned in a `Result`, the endpoint took 96 bytes of this frame's stack (40 written in
+/// place), of the 512 that nested calls share before 6.13.
 #[inline(never)]
-fn read_endpoint(ptr: u64) -> Option<Endpoint> {
+fn read_endpoint(ptr: u64, endpoint: &mut Endpoint) -> Outcome {
     if ptr == 0 {
-        return None;
+        return Err(NotOurs);
     }
-    let Ok(head) = (unsafe { bpf_probe_read_user(ptr as *const [u8; 8]) }) else {
-        count(counter::READ_USER_FAILED);
-        return None;
+    let Ok(head) = (unsafe { bpf_probe_read_user(ptr as *const SockaddrIn) }) else {
+        return Err(Failed(Fail::ReadUser));
     };
-    let mut endpoint = Endpoint {
-        family: u16::from_ne_bytes([head[0], head[1]]) as u32,
-        port: u16::from_be_bytes([head[2], head[3]]) as u32,
-        addr: [0; 16],
-    };
+    endpoint.family = head.sin_family as u32;
+    endpoint.port = u16::from_be_bytes(head.sin_port) as u32;
+    endpoint.addr = [0; 16];
     match endpoint.family {
-        family::INET => endpoint.addr[..4].copy_from_slice(&head[4..8]),
-        family::INET6 => match unsafe { bpf_probe_read_user((ptr + 8) as *const [u8; 16]) } {
-            Ok(addr) => endpoint.addr = addr,
-            Err(_) => {
-                count(counter::READ_USER_FAILED);
-                return None;
+        family::INET => endpoint.addr[..4].copy_from_slice(&head.sin_addr),
+        family::INET6 => {
+            let addr = ptr + core::mem::offset_of!(SockaddrIn6, sin6_addr) as u64;
+            match unsafe { bpf_probe_read_user(addr as *const [u8; 16]) } {
+                Ok(addr) => endpoint.addr = addr,
+                Err(_) => return Err(Failed(Fail::ReadUser)),
             }
-        },
-        _ => return None,
+        }
+        _ => return Err(NotOurs),
     }
-    Some(endpoint)
+    Ok(())
 }
 
-/// The sockaddr of the call's second argument if it names a watched port, with the port's role.
-fn watched_endpoint(regs: &Regs) -> Option<(Endpoint, u32)> {
-    let endpoint = read_endpoint(regs.arg1()?)?;
-    let role = unsafe { WATCHED_PORTS.get(endpoint.port as u16) }?;
-    Some((endpoint, *role))
+/// The role of the watched port that the sockaddr of the call's second argument names, read
+/// into `endpoint`.
+fn watched_endpoint(regs: &Regs, endpoint: &mut Endpoint) -> Result<u32, Miss> {
+    read_endpoint(regs.arg1()?, endpoint)?;
+    let role = unsafe { WATCHED_PORTS.get(endpoint.port as u16) }.ok_or(NotOurs)?;
+    Ok(*role)
 }
 
 /// Exit of `connect(fd, uservaddr, addrlen)`: 0, or -EINPROGRESS on a non-blocking socket,
 /// to a watched port makes a client-side connection.
 #[inline(never)]
-pub fn exit_connect(
-    ctx: &RawTracePointContext,
-    regs: &Regs,
-    pid_tgid: u64,
-    tgid: u32,
-) -> Option<()> {
-    let (endpoint, role) = watched_endpoint(regs)?;
+pub fn exit_connect(ctx: &RawTracePointContext, regs: &Regs, pid_tgid: u64, tgid: u32) -> Outcome {
+    let mut endpoint = Endpoint::default();
+    let role = watched_endpoint(regs, &mut endpoint)?;
     let fd = regs.fd()?;
     let file = file_of(fd).unwrap_or(0);
     // The ephemeral port, chosen inside connect(): userspace pairs this end with the server's.
-    let local = match ports_of(file) {
+    let local = match settle(ports_of(file)) {
         Some((port, _)) => Endpoint {
             family: endpoint.family,
             port: port as u32,
@@ -164,7 +242,7 @@ pub fn exit_connect(
         },
         None => Endpoint::default(),
     };
-    let conn = NEW_CONN.get_ptr_mut(0)?;
+    let conn = NEW_CONN.get_ptr_mut(0).ok_or(Failed(Fail::MapUpdate))?;
     // SAFETY: this CPU's slot, exclusively ours while the program runs.
     let conn = unsafe {
         *conn = ConnInfo {
@@ -190,32 +268,26 @@ pub fn forget_listen(pid_tgid: u64) {
 /// Exit of a successful `listen(fd, backlog)` that made a watched listener (remembered by
 /// [`inet_sock_set_state`]): the fd is one.
 #[inline(never)]
-pub fn exit_listen(
-    ctx: &RawTracePointContext,
-    regs: &Regs,
-    pid_tgid: u64,
-    tgid: u32,
-) -> Option<()> {
-    let mut listener = *unsafe { PENDING_LISTEN.get(pid_tgid) }?;
+pub fn exit_listen(ctx: &RawTracePointContext, regs: &Regs, pid_tgid: u64, tgid: u32) -> Outcome {
+    let mut listener = *unsafe { PENDING_LISTEN.get(pid_tgid) }.ok_or(NotOurs)?;
     forget_listen(pid_tgid);
     let fd = regs.fd()?;
     listener.file = file_of(fd).unwrap_or(0);
     // The socket this listen made a listener is the one the state change saw, where that can
     // be told.
-    if let Some((port, _)) = ports_of(listener.file)
+    if let Some((port, _)) = settle(ports_of(listener.file))
         && port as u32 != listener.port
     {
-        return None;
+        return Err(NotOurs);
     }
     if LISTENERS.insert(SockKey { tgid, fd }, listener, 0).is_err() {
-        count(counter::LISTENERS_FULL);
         warn!(
             ctx,
             "listener table full: a listener on port {} is not watched", listener.port
         );
-        return None;
+        return Err(Failed(Fail::ListenersFull));
     }
-    Some(())
+    Ok(())
 }
 
 /// A watched listener held under `fd` by this process, or inherited from its parent or
@@ -269,13 +341,11 @@ pub fn exit_accept(
     ret: i64,
     pid_tgid: u64,
     tgid: u32,
-) -> Option<()> {
+) -> Outcome {
     // Two calls one after the other: the entry is put together (a large frame) and returned
     // from before `track` and its calls take theirs.
-    if accepted(regs, ret, tgid) == 0 {
-        return None;
-    }
-    let conn = NEW_CONN.get_ptr_mut(0)?;
+    accepted(regs, ret, tgid)?;
+    let conn = NEW_CONN.get_ptr_mut(0).ok_or(Failed(Fail::MapUpdate))?;
     let key = SockKey {
         tgid,
         fd: ret as u32,
@@ -284,35 +354,27 @@ pub fn exit_accept(
     track(ctx, key, unsafe { &*conn }, pid_tgid)
 }
 
-/// The connection `accept` returned as `ret`, put together in [`NEW_CONN`]; 0 when the
-/// listening fd is no watched listener.
+/// The connection `accept` returned as `ret`, put together in [`NEW_CONN`]; not ours when
+/// the listening fd is no watched listener.
 #[inline(never)]
-fn accepted(regs: &Regs, ret: i64, tgid: u32) -> u64 {
-    let Some(fd) = regs.fd() else {
-        return 0;
-    };
-    let Some(listener) = find_listener(tgid, fd) else {
-        return 0;
-    };
-    let Some(peer) = regs.arg1() else {
-        return 0;
-    };
+fn accepted(regs: &Regs, ret: i64, tgid: u32) -> Outcome {
+    let fd = regs.fd()?;
+    let listener = find_listener(tgid, fd).ok_or(NotOurs)?;
+    let peer = regs.arg1()?;
     let file = file_of(ret as u32).unwrap_or(0);
     // A caller that did not ask for the peer's address (libuv, Node) still gets its port.
-    let remote = match read_endpoint(peer) {
-        Some(peer) => peer,
-        None => match ports_of(file) {
+    let mut remote = Endpoint::default();
+    if settle(read_endpoint(peer, &mut remote)).is_none() {
+        remote = match settle(ports_of(file)) {
             Some((_, port)) => Endpoint {
                 family: listener.local.family,
                 port: port as u32,
                 addr: [0; 16],
             },
             None => Endpoint::default(),
-        },
-    };
-    let Some(conn) = NEW_CONN.get_ptr_mut(0) else {
-        return 0;
-    };
+        };
+    }
+    let conn = NEW_CONN.get_ptr_mut(0).ok_or(Failed(Fail::MapUpdate))?;
     // SAFETY: this CPU's slot, exclusively ours while the program runs.
     unsafe {
         *conn = ConnInfo {
@@ -326,35 +388,36 @@ fn accepted(regs: &Regs, ret: i64, tgid: u32) -> u64 {
             file,
         };
     }
-    1
+    Ok(())
 }
 
 /// Starts watching a connection and says so. An entry the fd still had (its close was not
 /// seen: close_range, close-on-exec) is forgotten first.
-fn track(ctx: &RawTracePointContext, key: SockKey, conn: &ConnInfo, pid_tgid: u64) -> Option<()> {
+fn track(ctx: &RawTracePointContext, key: SockKey, conn: &ConnInfo, pid_tgid: u64) -> Outcome {
     if let Some(stale) = unsafe { CONNS.get(key) } {
         let stale = *stale;
         fds::forget(key, &stale, pid_tgid);
     }
     if CONNS.insert(key, conn, 0).is_err() {
-        count(counter::CONNS_FULL);
         warn!(
             ctx,
             "connection table full: a connection on port {} is not watched", conn.port
         );
-        return None;
+        return Err(Failed(Fail::ConnsFull));
     }
-    fds::first_holder(conn.conn_id);
+    // Watched without its holder count all the same (it closes with its first holder): the
+    // failure is returned once the rest is done.
+    let holders = fds::first_holder(conn.conn_id);
     mark(key.tgid);
     emit_conn(kind::OPEN, conn, pid_tgid, key.fd);
-    Some(())
+    holders
 }
 
 /// Exit of a successful `close(fd)` by a marked process: the key goes (and the connection with
 /// its last holder) — unless the number already names a new socket, opened by another thread
 /// between the close and this exit, whose entry it now is.
 #[inline(never)]
-pub fn exit_close(regs: &Regs, pid_tgid: u64, tgid: u32) -> Option<()> {
+pub fn exit_close(regs: &Regs, pid_tgid: u64, tgid: u32) -> Outcome {
     let fd = regs.fd()?;
     let key = SockKey { tgid, fd };
     let now = file_of(fd);
@@ -367,12 +430,11 @@ pub fn exit_close(regs: &Regs, pid_tgid: u64, tgid: u32) -> Option<()> {
             }
         }
         None => {
-            if let Some(listener) = unsafe { LISTENERS.get(key) }
-                && !reused(listener.file)
-            {
+            let listener = unsafe { LISTENERS.get(key) }.ok_or(NotOurs)?;
+            if !reused(listener.file) {
                 let _ = LISTENERS.remove(key);
             }
         }
     }
-    Some(())
+    Ok(())
 }

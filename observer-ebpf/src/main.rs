@@ -21,6 +21,17 @@
 //!
 //! Conditions are counted in `COUNTERS`, never dropped in silence; logging (`aya-log`) is for
 //! rare conditions only, never per syscall.
+//!
+//! Names: a program is named after its tracepoint (userspace attaches it by that name) and
+//! only calls `try_<the same name>`, which does the work and returns an [`Outcome`]; an arm of
+//! `sys_exit` is `exit_<call>`, after the system call whose exit it handles; every other
+//! function is named for what it does (`track`, `forget`, `mark`).
+//!
+//! Outcomes: a step that stops returns why ([`Miss`]): [`Miss::NotOurs`] for what the
+//! programs do not follow (most calls of most processes end there, in silence), or
+//! [`Miss::Failed`] for what they follow but could not do (a kernel read or a map update
+//! failed). The program counts a failure once, in `COUNTERS` ([`settle`]); a failure a step
+//! goes on without (an fd not checked against its connection) is counted where it happens.
 #![no_std]
 #![no_main]
 // `atomic_xadd`: the BPF target has no atomic read-modify-write in `core::sync::atomic`; an
@@ -32,7 +43,10 @@ mod data;
 mod fds;
 mod lifecycle;
 
+use Miss::{Failed, NotOurs};
+
 use aya_ebpf::{
+    EbpfContext as _,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
         bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
@@ -186,43 +200,46 @@ const TS_COMPAT: u32 = 0x0002;
 /// other process costs the bitmap test.
 #[raw_tracepoint(tracepoint = "sys_exit")]
 pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
+    settle(try_sys_exit(&ctx));
+    0
+}
+
+#[inline(always)]
+fn try_sys_exit(ctx: &RawTracePointContext) -> Outcome {
     let (pid_tgid, tgid) = current();
     if !watched(tgid) {
-        return 0;
+        return Err(NotOurs);
     }
-    let regs = Regs(ctx.arg(0));
-    let Some(nr) = regs.nr() else {
-        return 0;
-    };
-    let Some(kind) = syscall_kind(nr) else {
-        return 0;
-    };
-    let ret: i64 = ctx.arg(1);
+    let args = SysExitArgs::of(ctx);
+    let regs = Regs(args.regs);
+    let kind = syscall_kind(regs.nr()?).ok_or(NotOurs)?;
+    let ret = args.ret;
     // Errors moved nothing and made nothing (EAGAIN: no record); connect on a non-blocking
     // socket returns -EINPROGRESS and has made the connection.
     if ret < 0 && kind == syscall::LISTEN {
         // What the failed listen's state change remembered must not be taken by a later one.
         lifecycle::forget_listen(pid_tgid);
-        return 0;
+        return Err(NotOurs);
     }
+    // A call that cannot be told from a 32-bit one is a failure, not taken for a native one:
+    // counting it on the way on had the verifier go through every arm twice.
     if (ret < 0 && !(kind == syscall::CONNECT && ret == -lifecycle::EINPROGRESS))
         || (ret == 0 && syscall::is_data(kind))
-        || compat()
+        || compat()?
     {
-        return 0;
+        return Err(NotOurs);
     }
-    let _ = match kind {
-        syscall::CONNECT => lifecycle::exit_connect(&ctx, &regs, pid_tgid, tgid),
-        syscall::LISTEN => lifecycle::exit_listen(&ctx, &regs, pid_tgid, tgid),
-        syscall::ACCEPT => lifecycle::exit_accept(&ctx, &regs, ret, pid_tgid, tgid),
+    match kind {
+        syscall::CONNECT => lifecycle::exit_connect(ctx, &regs, pid_tgid, tgid),
+        syscall::LISTEN => lifecycle::exit_listen(ctx, &regs, pid_tgid, tgid),
+        syscall::ACCEPT => lifecycle::exit_accept(ctx, &regs, ret, pid_tgid, tgid),
         syscall::CLOSE => lifecycle::exit_close(&regs, pid_tgid, tgid),
         syscall::DUP => fds::exit_dup(&regs, ret, pid_tgid, tgid, false),
         syscall::FCNTL => fds::exit_dup(&regs, ret, pid_tgid, tgid, true),
         syscall::DUP2 => fds::exit_dup2(&regs, pid_tgid, tgid),
         syscall::CLOSE_RANGE => fds::exit_close_range(&regs, pid_tgid, tgid),
         _ => data::exit_data(&regs, kind, ret as u64, pid_tgid, tgid),
-    };
-    0
+    }
 }
 
 /// `sched_process_exit(struct task_struct *p)`, for every exiting thread: the process's last
@@ -230,35 +247,37 @@ pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
 /// its connections).
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
 pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
+    settle(try_sched_process_exit());
+    0
+}
+
+#[inline(always)]
+fn try_sched_process_exit() -> Outcome {
     let (pid_tgid, tgid) = current();
-    if unsafe { WATCHED_TGIDS.get(tgid) }.is_none() || !last_thread(pid_tgid) {
-        return 0;
+    if unsafe { WATCHED_TGIDS.get(tgid) }.is_none() || !last_thread(pid_tgid)? {
+        return Err(NotOurs);
     }
     if WATCHED_TGIDS.remove(tgid).is_ok() {
         add_mark(tgid, true);
     }
-    0
+    Ok(())
 }
 
 /// Whether the exiting thread is its process's last: `signal->live` has reached 0 (it is
 /// decremented before the tracepoint). Without the layout, the thread-group leader's exit is
 /// taken for the process's.
 #[inline(always)]
-fn last_thread(pid_tgid: u64) -> bool {
+fn last_thread(pid_tgid: u64) -> Result<bool, Miss> {
     if global(&EXIT_LAYOUT_KNOWN) == 0 {
-        return pid_tgid as u32 == (pid_tgid >> 32) as u32;
+        return Ok(pid_tgid as u32 == (pid_tgid >> 32) as u32);
     }
     let task = unsafe { bpf_get_current_task() };
-    let Some(signal) = read_kernel::<u64>(task + global(&TASK_SIGNAL_OFFSET) as u64) else {
-        return false;
-    };
+    let signal: u64 = read_kernel(task + global(&TASK_SIGNAL_OFFSET) as u64)?;
     if signal == 0 {
-        return false;
+        return Ok(false);
     }
-    matches!(
-        read_kernel::<i32>(signal + global(&SIGNAL_LIVE_OFFSET) as u64),
-        Some(0)
-    )
+    let live: i32 = read_kernel(signal + global(&SIGNAL_LIVE_OFFSET) as u64)?;
+    Ok(live == 0)
 }
 
 /// What system call `nr` is to the programs, `None` for one they do not follow.
@@ -325,55 +344,119 @@ fn add_mark(tgid: u32, clear: bool) {
     };
 }
 
-/// The saved user registers of the current system call.
+/// The arguments of the raw tracepoint `sys_exit`, its prototype
+/// `TP_PROTO(struct pt_regs *regs, long ret)`: a raw tracepoint's context is the prototype's
+/// arguments, one `u64` each, a layout fixed at compile time (the kernel refuses a program
+/// that reads past them when it is attached).
+#[repr(C)]
+struct SysExitArgs {
+    /// `struct pt_regs *`: the saved user registers ([`Regs`]).
+    regs: u64,
+    /// The system call's return value.
+    ret: i64,
+}
+
+impl SysExitArgs {
+    #[inline(always)]
+    fn of(ctx: &RawTracePointContext) -> &SysExitArgs {
+        // SAFETY: the context of a program attached to `sys_exit` is its two arguments.
+        unsafe { &*ctx.as_ptr().cast::<SysExitArgs>() }
+    }
+}
+
+/// The saved user registers of the current system call, read at the offsets of the running
+/// architecture's `struct pt_regs` that the loader set (`REGS_*_OFFSET`).
 pub struct Regs(u64);
 
 impl Regs {
     /// The saved register at `offset` (one of the loader's `REGS_*_OFFSET` globals).
     #[inline(always)]
-    fn at(&self, offset: &u32) -> Option<u64> {
+    fn at(&self, offset: &u32) -> Result<u64, Miss> {
         read_kernel(self.0 + global(offset) as u64)
     }
 
     /// The first argument: an fd.
     #[inline(always)]
-    pub fn fd(&self) -> Option<u32> {
+    pub fn fd(&self) -> Result<u32, Miss> {
         self.at(&REGS_ARG0_OFFSET).map(|fd| fd as u32)
     }
 
     /// The second argument.
     #[inline(always)]
-    pub fn arg1(&self) -> Option<u64> {
+    pub fn arg1(&self) -> Result<u64, Miss> {
         self.at(&REGS_ARG1_OFFSET)
     }
 
     /// The third argument.
     #[inline(always)]
-    pub fn arg2(&self) -> Option<u64> {
+    pub fn arg2(&self) -> Result<u64, Miss> {
         self.at(&REGS_ARG2_OFFSET)
     }
 
     /// The system call's number.
     #[inline(always)]
-    fn nr(&self) -> Option<u64> {
+    fn nr(&self) -> Result<u64, Miss> {
         self.at(&REGS_NR_OFFSET)
     }
 }
 
 #[inline(always)]
-pub fn read_kernel<T: Copy>(addr: u64) -> Option<T> {
-    unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
+pub fn read_kernel<T: Copy>(addr: u64) -> Result<T, Miss> {
+    unsafe { bpf_probe_read_kernel(addr as *const T) }.map_err(|_| Failed(Fail::ReadKernel))
+}
+
+/// Why a program, or a step of one, stopped short.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Miss {
+    /// Nothing the programs follow: a process, call, socket or record of no interest, or a
+    /// layout the loader could not find (it said so once). Not counted.
+    NotOurs,
+    /// Something the programs follow, left undone: counted once.
+    Failed(Fail),
+}
+
+/// What failed: its value is the slot of `COUNTERS` that counts it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Fail {
+    ConnsFull = counter::CONNS_FULL,
+    ReadUser = counter::READ_USER_FAILED,
+    ListenersFull = counter::LISTENERS_FULL,
+    ReadKernel = counter::READ_KERNEL_FAILED,
+    MapUpdate = counter::MAP_UPDATE_FAILED,
+}
+
+/// What a program's work, or a step of it, came to.
+pub type Outcome = Result<(), Miss>;
+
+// Returned in a register: a larger result would go through the stack that nested calls share
+// (512 bytes in all before 6.13).
+const _: () = assert!(core::mem::size_of::<Outcome>() == 4);
+
+/// The value, with a failure counted: where a program ends, and where a step goes on
+/// without what failed.
+#[inline(always)]
+fn settle<T>(result: Result<T, Miss>) -> Option<T> {
+    match result {
+        Ok(value) => Some(value),
+        Err(Failed(fail)) => {
+            count(fail as u32);
+            None
+        }
+        Err(NotOurs) => None,
+    }
 }
 
 /// Whether the current system call is a 32-bit one (its number means another call).
 #[inline(always)]
-fn compat() -> bool {
+fn compat() -> Result<bool, Miss> {
     let offset = global(&COMPAT_STATUS_OFFSET);
     if offset == 0 {
-        return false;
+        return Ok(false);
     }
     let task = unsafe { bpf_get_current_task() };
-    matches!(read_kernel::<u32>(task + offset as u64), Some(status) if status & TS_COMPAT != 0)
+    let status: u32 = read_kernel(task + offset as u64)?;
+    Ok(status & TS_COMPAT != 0)
 }
 
 /// The current (pid_tgid, tgid).

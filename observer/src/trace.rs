@@ -165,13 +165,16 @@ pub fn summary(printed: u64, what: &str, counters: &KernelCounters, decode_error
     format!(
         "observer trace: stopped; {printed} {what} printed; lost {} data and {} connection events, \
          connection table full {} times, listener table full {} times, \
-         process table full {} times, {} failed user-memory reads, {decode_errors} decode errors",
+         process table full {} times, {} failed user-memory reads, {} failed kernel-memory reads, \
+         {} failed map updates, {decode_errors} decode errors",
         counters.lost_data,
         counters.lost_conn,
         counters.conns_full,
         counters.listeners_full,
         counters.tgids_full,
-        counters.read_user_failed
+        counters.read_user_failed,
+        counters.read_kernel_failed,
+        counters.map_update_failed
     )
 }
 
@@ -539,13 +542,16 @@ mod tests {
             listeners_full: 6,
             read_user_failed: 4,
             tgids_full: 7,
+            read_kernel_failed: 8,
+            map_update_failed: 9,
         };
         let line = summary(10, "events", &counters, 5);
         assert_eq!(
             line,
             "observer trace: stopped; 10 events printed; lost 3 data and 1 connection events, \
              connection table full 2 times, listener table full 6 times, \
-             process table full 7 times, 4 failed user-memory reads, 5 decode errors"
+             process table full 7 times, 4 failed user-memory reads, 8 failed kernel-memory reads, \
+             9 failed map updates, 5 decode errors"
         );
     }
 }

@@ -162,6 +162,16 @@ impl KernelFeed {
                 counters.read_user_failed,
                 before.read_user_failed,
             ),
+            (
+                "kernel_read_failed",
+                counters.read_kernel_failed,
+                before.read_kernel_failed,
+            ),
+            (
+                "map_update_failed",
+                counters.map_update_failed,
+                before.map_update_failed,
+            ),
             ("undecodable", undecodable, self.reported_undecodable),
         ];
         for (kind, now, then) in pairs {
@@ -205,6 +215,8 @@ mod tests {
             "conn_table_full",
             "listener_table_full",
             "read_failed",
+            "kernel_read_failed",
+            "map_update_failed",
             "undecodable",
         ] {
             assert_eq!(lost(kind), Some(0), "{kind}");

@@ -672,6 +672,8 @@ impl Capture {
             listeners_full: sum(counter::LISTENERS_FULL)?,
             read_user_failed: sum(counter::READ_USER_FAILED)?,
             tgids_full: sum(counter::TGIDS_FULL)?,
+            read_kernel_failed: sum(counter::READ_KERNEL_FAILED)?,
+            map_update_failed: sum(counter::MAP_UPDATE_FAILED)?,
         })
     }
 
@@ -729,6 +731,13 @@ pub struct KernelCounters {
     /// Processes not marked: the table of marked processes was full (the per-process filter
     /// is off since; nothing is missed, every process's data calls cost a lookup).
     pub tgids_full: u64,
+    /// Reads of kernel memory that failed (a system call's saved registers, a tracepoint's
+    /// record, the task's descriptor table, a socket's ports): what needed them was not done,
+    /// or done without them.
+    pub read_kernel_failed: u64,
+    /// Map updates that failed other than the full tables above (a forked child's parent, a
+    /// listen waiting for its exit, a connection's holder count).
+    pub map_update_failed: u64,
 }
 
 /// `bpf_map_update_elem` flags: make a new entry only; update an existing entry only.
@@ -760,6 +769,71 @@ fn raise_memlock_limit() {
         tracing::debug!(
             "could not lift RLIMIT_MEMLOCK: {}",
             std::io::Error::last_os_error()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// The programs of a kernel object, as `(kind, name)`: its global functions outside
+    /// `.text` (BPF-to-BPF callees live there), each in a section named for its program type
+    /// (`raw_tp/<tracepoint>`, `tracepoint`).
+    fn programs_in(bytes: &[u8]) -> BTreeSet<(&'static str, String)> {
+        use object::{Object as _, ObjectSection as _, ObjectSymbol as _, SymbolKind};
+        let file = object::File::parse(bytes).unwrap();
+        let mut programs = BTreeSet::new();
+        for symbol in file.symbols() {
+            if symbol.kind() != SymbolKind::Text || !symbol.is_global() {
+                continue;
+            }
+            let Some(index) = symbol.section_index() else {
+                continue;
+            };
+            let section = file.section_by_index(index).unwrap();
+            let section = section.name().unwrap();
+            if section == ".text" {
+                continue;
+            }
+            let kind = match section.split('/').next().unwrap() {
+                "raw_tp" | "raw_tracepoint" => "raw_tracepoint",
+                "tracepoint" | "tp" => "tracepoint",
+                other => panic!("program {:?} in a section of type {other}", symbol.name()),
+            };
+            programs.insert((kind, symbol.name().unwrap().to_string()));
+        }
+        programs
+    }
+
+    #[test]
+    fn the_object_holds_the_programs_that_are_attached_and_no_other() {
+        let in_object = programs_in(BPF_OBJECT);
+        let attached: BTreeSet<(&'static str, String)> = hooks()
+            .map(|hook| (hook.kind(), hook.program().to_string()))
+            .collect();
+        assert_eq!(attached.len(), program_count(), "a program listed twice");
+        let unattached: Vec<_> = in_object.difference(&attached).collect();
+        assert!(
+            unattached.is_empty(),
+            "programs in the kernel object that nothing attaches: {unattached:?}"
+        );
+        let missing: Vec<_> = attached.difference(&in_object).collect();
+        assert!(
+            missing.is_empty(),
+            "programs attached that the kernel object does not hold: {missing:?}"
+        );
+    }
+
+    #[test]
+    fn every_kernel_counter_is_read() {
+        let fields = serde_json::to_value(KernelCounters::default()).unwrap();
+        assert_eq!(
+            fields.as_object().unwrap().len(),
+            counter::COUNT as usize,
+            "KernelCounters should have a field for each slot of observer_common::counter"
         );
     }
 }
