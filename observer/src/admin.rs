@@ -1,7 +1,7 @@
-//! The admin HTTP server (SPEC §9), on its own listener apart from any traffic port:
-//! `/metrics` (optionally behind a bearer token), `/healthz`, `/readyz` (the daemon itself),
-//! `/ready/model` and `/ready/model/{name}` (the readiness probe's verdict, for load
-//! balancers), `/status`; 404 for any other path, 405 for another method on one of these.
+//! The admin HTTP server (docs/DESIGN.md#operating-admin-server), on its own listener apart from
+//! any traffic port: `/metrics` (optionally behind a bearer token), `/healthz`, `/readyz` (the
+//! daemon itself), `/ready/model` and `/ready/model/{name}` (the readiness probe's verdict, for
+//! load balancers), `/status`; 404 for any other path, 405 for another method on one of these.
 //!
 //! Owns the routes and the [`StatusBoard`] the daemon writes its state into. It reads metrics
 //! and state and never changes them; it must not serve anything from the traffic it observes.

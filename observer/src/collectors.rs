@@ -1,7 +1,7 @@
-//! The collectors beside the traffic pipeline (SPEC §7): the resources of the processes that
-//! own the watched listeners ([`crate::procfs`]), the model server's settings
-//! ([`crate::server_settings`]) and the GPUs ([`crate::gpu`]), read on one blocking thread
-//! every `--resources-interval` and rendered at scrape time.
+//! The collectors beside the traffic pipeline (docs/DESIGN.md#gpu-and-process-resources): the
+//! resources of the processes that own the watched listeners ([`crate::procfs`]), the model
+//! server's settings ([`crate::server_settings`]) and the GPUs ([`crate::gpu`]), read on one
+//! blocking thread every `--resources-interval` and rendered at scrape time.
 //!
 //! Owns their flags, start-up and schedule. Reads of `/proc` and NVML block, so they never run
 //! on the async threads; a scrape only reads the last snapshot.
@@ -42,7 +42,8 @@ pub struct ResourceArgs {
     #[arg(long, value_enum, default_value_t = GpuMode::Auto, env = "OBSERVER_GPU")]
     pub gpu: GpuMode,
     /// How often process resources and GPUs are read.
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = crate::base::clock::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser =
+    #crate::base::clock::parse_duration)]
     pub resources_interval: Duration,
 }
 

@@ -1,7 +1,7 @@
-//! Faults: a malformed config file and malformed flags (SPEC §10). `observer run` and
-//! `observer proxy` given a bad `--config` file or a bad flag stop at once with exit code 2 (1
-//! for a port already in use, found when binding) and one line on stderr naming the problem,
-//! and leave no listener behind; a good file takes effect, and a flag or an `OBSERVER_*`
+//! Faults: a malformed config file and malformed flags (docs/DESIGN.md#bad-input-and-faults).
+//! `observer run` and `observer proxy` given a bad `--config` file or a bad flag stop at once with
+//! exit code 2 (1 for a port already in use, found when binding) and one line on stderr naming the
+//! problem, and leave no listener behind; a good file takes effect, and a flag or an `OBSERVER_*`
 //! variable wins over it.
 //!
 //! The bad cases fail while parsing, before anything is loaded, so they need no root; the one

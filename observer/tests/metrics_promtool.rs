@@ -1,6 +1,6 @@
-//! The text exposition after a realistic mix of traffic passes `promtool check metrics` with
-//! no lint complaint (SPEC §5). Skips with a message where promtool is not installed, except
-//! in CI (`CI` set), where a missing promtool is a failure.
+//! The text exposition after a realistic mix of traffic passes `promtool check metrics` with no
+//! lint complaint (docs/DESIGN.md#metrics-names-and-format). Skips with a message where promtool is
+//! not installed, except in CI (`CI` set), where a missing promtool is a failure.
 
 use std::{
     io::ErrorKind,

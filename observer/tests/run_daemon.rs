@@ -261,7 +261,8 @@ fn ollama_client_through_nginx_is_measured_exactly() {
             (
                 "time to first chunk",
                 observed("gen_ai_server_time_to_first_token_seconds"),
-                // SPEC §4: the first content line of a stream, the first body byte otherwise.
+                // docs/DESIGN.md#engine-time-to-first-token: the first content line of a stream,
+                // the first body byte otherwise.
                 sock(if streamed {
                     "first_chunk"
                 } else {

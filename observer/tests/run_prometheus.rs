@@ -1,7 +1,7 @@
-//! Debian's Prometheus scrapes `observer run` (root, real kernel) while requests reach
-//! `observer sim`, and the runbook PromQL of SPEC §5 answers what the traffic was: a request
-//! rate, the success ratio, a p95 latency, nothing in flight. `promtool check metrics` accepts
-//! a live scrape.
+//! Debian's Prometheus scrapes `observer run` (root, real kernel) while requests reach `observer
+//! sim`, and the runbook PromQL of docs/DESIGN.md#metrics-runbook-queries answers what the traffic
+//! was: a request rate, the success ratio, a p95 latency, nothing in flight. `promtool check
+//! metrics` accepts a live scrape.
 
 mod support;
 

@@ -2,7 +2,7 @@
 
 Four checks: the dashboard JSON has the shape Grafana provisions without a manual import (a
 datasource variable used by every panel and query, unique ids, a position for every panel, the
-panels the spec asks for); every PromQL expression in it parses, asked of a real Prometheus
+panels docs/DESIGN.md#operating-deployment-kit asks for); every PromQL expression in it parses, asked of a real Prometheus
 (the Debian `prometheus` binary on an empty TSDB, where an instant query answers `success` when
 the expression parses and `bad_data` when not); every metric name those expressions read is
 one the observer exports (`observer metrics-reference --list`, plus `up`); and every label
@@ -32,7 +32,7 @@ GRAFANA = REPO / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "observer.json"
 DATASOURCE_REF = {"type": "prometheus", "uid": "${datasource}"}
 
-# Panels SPEC §9 asks for, by title.
+# Panels docs/DESIGN.md#operating-deployment-kit asks for, by title.
 REQUIRED_TITLES = [
     "Request rate by route and code",
     "Success ratio",

@@ -366,7 +366,7 @@ def test_runbook_section_per_alert():
 def test_runbook_queries_and_first_checks():
     text = RUNBOOK.read_text()
     queries = sections(text)["Runbook queries"]
-    for query in (  # SPEC §5, verbatim
+    for query in (  # docs/DESIGN.md#metrics-runbook-queries, verbatim
         "rate(observer_http_requests_total[1m])",
         "histogram_quantile(0.95, sum by (le) (rate(observer_http_request_duration_seconds_bucket[5m])))",
         "observer_http_requests_in_flight",

@@ -1,8 +1,8 @@
-//! Gateway ↔ upstream correlation (SPEC §4): a gateway exchange (the gateway's server side) is
-//! paired with the upstream exchange (the gateway's client side of an upstream connection)
-//! that the same gateway process sent while the gateway exchange was open. The gateway adds
-//! `gateway duration − upstream duration` to a request, and `gateway TTFB − upstream TTFB` to
-//! its first byte.
+//! Gateway ↔ upstream correlation (docs/DESIGN.md#engine-gateway-overhead): a gateway exchange (the
+//! gateway's server side) is paired with the upstream exchange (the gateway's client side of an
+//! upstream connection) that the same gateway process sent while the gateway exchange was open. The
+//! gateway adds `gateway duration − upstream duration` to a request, and `gateway TTFB − upstream
+//! TTFB` to its first byte.
 //!
 //! Exchanges arrive in the order they finish, and an upstream exchange finishes before the
 //! gateway exchange that relays it; a gateway exchange still waits up to [`GATEWAY_WAIT_NS`]

@@ -1,6 +1,6 @@
-//! What the engine produces: one [`Exchange`] per HTTP request/response pair, with the
-//! timestamps of SPEC §4 and the LLM fields read from the bodies. Plain data: no parsing here,
-//! and nothing that knows about metrics or where the bytes came from.
+//! What the engine produces: one [`Exchange`] per HTTP request/response pair, with the timestamps
+//! of docs/DESIGN.md#engine-timestamps and the LLM fields read from the bodies. Plain data: no
+//! parsing here, and nothing that knows about metrics or where the bytes came from.
 
 use crate::base::{ConnRecord, Role, Side};
 
@@ -100,7 +100,7 @@ pub struct Timestamps {
     pub request_last: u64,
     /// The final (non-1xx) response's status line.
     pub response_first: Option<u64>,
-    /// The first body bytes carrying model output (SPEC §4).
+    /// The first body bytes carrying model output (docs/DESIGN.md#engine-time-to-first-token).
     pub first_chunk: Option<u64>,
     pub response_last: Option<u64>,
 }
@@ -122,9 +122,9 @@ impl Timestamps {
     }
 }
 
-/// What the model server said about the generation, read from request and response bodies.
-/// Counts and durations are `None` where the body did not carry them (SPEC: missing fields
-/// are not observed).
+/// What the model server said about the generation, read from request and response bodies. Counts
+/// and durations are `None` where the body did not carry them (docs/DESIGN.md#engine-llm-fields:
+/// missing fields are not observed).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct LlmFields {
     /// `model` of the request body.
@@ -163,7 +163,7 @@ pub struct LlmFields {
 }
 
 impl LlmFields {
-    /// SPEC §4: (last chunk − first chunk) / (chunks − 1).
+    /// docs/DESIGN.md#engine-llm-fields: (last chunk − first chunk) / (chunks − 1).
     pub fn inter_chunk_ns(&self, first_chunk: Option<u64>) -> Option<u64> {
         if self.chunks < 2 {
             return None;

@@ -1,6 +1,6 @@
-//! The HTTP exchange engine (SPEC §4): ordered byte events of each connection in, finished
-//! [`Exchange`]s out. It knows nothing about where the bytes came from (eBPF or the proxy)
-//! and nothing about metrics.
+//! The HTTP exchange engine (docs/DESIGN.md#exchange-engine): ordered byte events of each
+//! connection in, finished [`Exchange`]s out. It knows nothing about where the bytes came from
+//! (eBPF or the proxy) and nothing about metrics.
 //!
 //! - [`http`]: framing of one direction (heads, bodies, gaps, resynchronisation).
 //! - `conn`: one connection: requests paired with responses, pipelining.

@@ -1,5 +1,5 @@
-//! Byte-fixture tests of the engine: every case of SPEC §4, whole, split at every byte,
-//! truncated, partially captured and mixed with garbage.
+//! Byte-fixture tests of the engine: every case of docs/DESIGN.md#exchange-engine, whole, split at
+//! every byte, truncated, partially captured and mixed with garbage.
 
 use super::*;
 use crate::base::Side;

@@ -1,5 +1,5 @@
 //! [`GpuCollector`]: the `gpu_*` metric families, rendered at scrape time from the latest
-//! reading (SPEC §5).
+//! reading (docs/DESIGN.md#metrics-families).
 //!
 //! Owns the mapping from a [`GpuSnapshot`] to samples: which family, which labels, which value.
 //! Each update replaces every sample, so a process that left a GPU, or a value a GPU stopped

@@ -1,5 +1,6 @@
-//! NVIDIA GPUs through NVML, loaded at run time (`nvml-wrapper` dlopens the driver's library),
-//! and the `gpu_*` metric families (SPEC §5, §7).
+//! NVIDIA GPUs through NVML, loaded at run time (`nvml-wrapper` dlopens the driver's library), and
+//! the `gpu_*` metric families (docs/DESIGN.md#metrics-families,
+//! docs/DESIGN.md#gpu-and-process-resources).
 //!
 //! A host without the NVIDIA driver is normal: every entry point here reports "unavailable"
 //! with the reason instead of failing, and then no GPU series is exported at all.

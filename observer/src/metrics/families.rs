@@ -1,5 +1,5 @@
-//! The metric families of SPEC §5: names, HELP text, label names and buckets, registered once
-//! on the [`Metrics`](super::Metrics) registry.
+//! The metric families of docs/DESIGN.md#metrics-families: names, HELP text, label names and
+//! buckets, registered once on the [`Metrics`](super::Metrics) registry.
 //!
 //! Owns the schema only. What is observed into which family, and with which label values, is
 //! decided in `mod.rs`; this file must not grow logic beyond declaring families.

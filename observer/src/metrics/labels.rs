@@ -1,6 +1,6 @@
-//! Label values with bounded cardinality (SPEC §5): routes from a fixed set, models admitted up
-//! to a cap, done reasons and status codes from closed sets, and the check on the metric name
-//! prefix.
+//! Label values with bounded cardinality (docs/DESIGN.md#metrics-bounded-labels): routes from a
+//! fixed set, models admitted up to a cap, done reasons and status codes from closed sets, and the
+//! check on the metric name prefix.
 //!
 //! Owns the only path by which request or response payload text reaches a label: a model name,
 //! admitted into a set that never grows past [`MAX_MODELS`]. Everything else returned here is a
@@ -21,8 +21,8 @@ pub const OTHER: &str = "other";
 /// The label value for something the exchange did not carry.
 pub const NONE: &str = "none";
 
-/// Ollama's and OpenAI's routes (SPEC §5); the `route` label is one of these, an operator's
-/// `--route` addition, or [`OTHER`].
+/// Ollama's and OpenAI's routes (docs/DESIGN.md#metrics-bounded-labels); the `route` label is one
+/// of these, an operator's `--route` addition, or [`OTHER`].
 pub const KNOWN_ROUTES: [&str; 16] = [
     "/api/chat",
     "/api/generate",

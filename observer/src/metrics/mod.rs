@@ -1,5 +1,5 @@
-//! The daemon's Prometheus metrics (SPEC §5): one [`Metrics`] owning a custom registry (no
-//! global one), fed with exchanges and counts by the pipeline, encoded for `/metrics`.
+//! The daemon's Prometheus metrics (docs/DESIGN.md#metrics): one [`Metrics`] owning a custom
+//! registry (no global one), fed with exchanges and counts by the pipeline, encoded for `/metrics`.
 //!
 //! Owns the mapping from an [`Exchange`] to observations: which families, which label values,
 //! which units. Label values come from bounded sets (`labels`); the only payload text that

@@ -2,7 +2,8 @@
 //! [`Engine`], finished exchanges into [`Metrics`], gateway and upstream exchanges into the
 //! [`Correlator`]. Fed by `observer run` (eBPF events) and by the fallback proxy alike.
 //!
-//! It owns the rule that counts every exchange once (SPEC §3), wherever it is seen from:
+//! It owns the rule that counts every exchange once (docs/DESIGN.md#capture-counted-once), wherever
+//! it is seen from:
 //! - where the listener of a port is on this host (in any network namespace) its server side
 //!   is counted; the client side only where the server is remote. The client side still
 //!   feeds correlation;

@@ -1,5 +1,5 @@
-//! The probe's metric families (SPEC §5): readiness and the last check of each stage per
-//! model, what `/api/ps` says is loaded, and `/api/version`.
+//! The probe's metric families (docs/DESIGN.md#metrics-families): readiness and the last check of
+//! each stage per model, what `/api/ps` says is loaded, and `/api/version`.
 //!
 //! Registered on the daemon's [`Metrics`] registry only when the probe runs, so a daemon with
 //! `--no-probe` exports none of them. Writes what it is told; decides nothing.

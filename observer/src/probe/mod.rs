@@ -1,8 +1,8 @@
-//! The model readiness probe (SPEC §6): "the port answers" is not "the model can answer".
-//! Three stages check the upstream the way a user's client would, each on its own interval:
-//! `tcp` (a connection opens), `api` (`/api/tags` lists the model), `generate` (a streamed chat
-//! returns a first chunk in time). The daemon runs them forever ([`spawn`]) and exports
-//! readiness as metrics and on `/ready/model`; `observer probe` runs each once ([`run`]).
+//! The model readiness probe (docs/DESIGN.md#readiness-probe): "the port answers" is not "the model
+//! can answer". Three stages check the upstream the way a user's client would, each on its own
+//! interval: `tcp` (a connection opens), `api` (`/api/tags` lists the model), `generate` (a
+//! streamed chat returns a first chunk in time). The daemon runs them forever ([`spawn`]) and
+//! exports readiness as metrics and on `/ready/model`; `observer probe` runs each once ([`run`]).
 //!
 //! Owns the schedule and the wiring: checks live in `check`, verdicts in `state`, metric
 //! families in `metrics`, the exec hook in `hook`. The probe's own connections come from the
@@ -80,7 +80,8 @@ pub struct ProbeArgs {
     /// Interval of the tcp stage (a connection opens).
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub probe_tcp_interval: Duration,
-    /// Interval of the api stage (/api/tags lists the model; /api/ps and /api/version are read too).
+    /// Interval of the api stage (/api/tags lists the model; /api/ps and /api/version are read
+    /// too).
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub probe_api_interval: Duration,
     /// Interval of the generate stage (a streamed chat answers); 0 disables it.
@@ -99,10 +100,12 @@ pub struct ProbeArgs {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub probe_generate_timeout: Duration,
     /// Consecutive failures of a stage that make a model not ready.
-    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser =
+    #clap::value_parser!(u32).range(1..))]
     pub probe_failures: u32,
     /// Consecutive successes of a stage that make a model ready again.
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser =
+    #clap::value_parser!(u32).range(1..))]
     pub probe_successes: u32,
 }
 

@@ -13,9 +13,9 @@ use super::Stage;
 /// Consecutive results needed to change a stage's verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Thresholds {
-    /// Failures in a row that turn a stage failing (SPEC default 3).
+    /// Failures in a row that turn a stage failing (default 3: docs/DESIGN.md#probe-verdicts).
     pub failures: u32,
-    /// Successes in a row that turn it passing again (SPEC default 1).
+    /// Successes in a row that turn it passing again (default 1: docs/DESIGN.md#probe-verdicts).
     pub successes: u32,
 }
 

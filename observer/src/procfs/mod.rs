@@ -1,7 +1,7 @@
-//! Process resources of the watched listeners' owners (SPEC §7): which processes they are
-//! (the holders of a listening socket on a watched port, plus their descendants, such as
-//! Ollama's model runner under `ollama serve`) and what `/proc` says they use: CPU seconds,
-//! resident memory, open fds, threads.
+//! Process resources of the watched listeners' owners (docs/DESIGN.md#gpu-and-process-resources):
+//! which processes they are (the holders of a listening socket on a watched port, plus their
+//! descendants, such as Ollama's model runner under `ollama serve`) and what `/proc` says they use:
+//! CPU seconds, resident memory, open fds, threads.
 //!
 //! Owns discovery ([`discover`], [`Targets`]), the parsing of `/proc/<pid>/stat` and `statm`,
 //! and the `target_process_*` families ([`TargetProcesses`]). Blocking and read-only: it never

@@ -1,8 +1,8 @@
-//! `observer proxy` (SPEC §8): for hosts without eBPF, the observer takes the gateway's place
-//! and forwards its traffic itself. Each client connection gets its own upstream connection;
-//! bytes pass unchanged and unbuffered both ways, and the same bytes feed the same pipeline as
-//! kernel events do, so `/metrics` is the same as in `observer run` (`gateway` for the client
-//! side, `upstream` for the upstream side). It also runs the readiness probe (and turns away
+//! `observer proxy` (docs/DESIGN.md#fallback-proxy): for hosts without eBPF, the observer takes the
+//! gateway's place and forwards its traffic itself. Each client connection gets its own upstream
+//! connection; bytes pass unchanged and unbuffered both ways, and the same bytes feed the same
+//! pipeline as kernel events do, so `/metrics` is the same as in `observer run` (`gateway` for the
+//! client side, `upstream` for the upstream side). It also runs the readiness probe (and turns away
 //! requests for a model that is not ready), the resource collectors and the admin server.
 //!
 //! Owns the listener, the connection limit and the drain on SIGTERM; a connection's life is
@@ -60,7 +60,8 @@ pub struct ProxyArgs {
     )]
     pub listen: SocketAddr,
     /// Most client connections open at once; more are answered 503.
-    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser =
+    #clap::value_parser!(u32).range(1..))]
     pub max_conns: u32,
     /// A request head must arrive within this once it started (slow clients get 408).
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]

@@ -144,7 +144,8 @@ impl Exchange {
         Some(self.response.end?.duration_since(self.sent).as_secs_f64())
     }
 
-    /// Request last byte to the first body bytes carrying model output (SPEC §4), in seconds.
+    /// Request last byte to the first body bytes carrying model output
+    /// (docs/DESIGN.md#engine-time-to-first-token), in seconds.
     pub fn time_to_first_chunk(&self) -> Option<f64> {
         let first = self.response.first_output()?;
         Some(first.duration_since(self.written?).as_secs_f64())

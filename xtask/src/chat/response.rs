@@ -254,8 +254,8 @@ impl<T: Copy> Response<T> {
         self.end = Some(at);
     }
 
-    /// SPEC §4: the first line of a stream carrying model output; the first body byte
-    /// otherwise.
+    /// docs/DESIGN.md#engine-time-to-first-token: the first line of a stream carrying model output;
+    /// the first body byte otherwise.
     pub fn first_output(&self) -> Option<T> {
         match self.kind {
             BodyKind::Whole => self.first_body,
