@@ -42,8 +42,7 @@ pub struct ResourceArgs {
     #[arg(long, value_enum, default_value_t = GpuMode::Auto, env = "OBSERVER_GPU")]
     pub gpu: GpuMode,
     /// How often process resources and GPUs are read.
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser =
-    #crate::base::clock::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = crate::base::clock::parse_duration)]
     pub resources_interval: Duration,
 }
 

@@ -6,42 +6,60 @@
 //!
 //! # Layout
 //!
-//! - [`admin`]: the admin HTTP listener: `/metrics`, `/healthz`, `/readyz`, `/status`.
-//! - [`cli`]: command line, logging set-up, dispatch to the subcommands.
-//! - [`capture`]: load and attach the embedded kernel programs, read and decode the ring buffer.
-//! - [`check`]: `observer check`, what this host supports and which mode will work.
-//! - [`config_file`]: `--config FILE`, TOML settings under the flags and `OBSERVER_*` variables.
-//! - [`collectors`]: process resources and GPUs, read on one thread beside the pipeline.
-//! - [`demo`]: `observer demo`, simulator, gateway, observer and chat users with a live summary.
-//! - [`engine`]: the HTTP exchange engine: per-connection bytes in, exchanges with LLM fields out.
-//! - [`gpu`]: NVIDIA GPUs through NVML, loaded at run time; absent drivers are normal.
-//! - [`metrics`]: one `Metrics` owning the Prometheus registry; exchanges in, exposition out.
-//! - [`pipeline`]: capture events → engine → metrics and gateway correlation; counts each exchange once.
-//! - [`probe`]: the model readiness probe (tcp, api, generate stages), `observer probe`.
-//! - [`procfs`]: CPU, memory, fds and threads of the processes that own the watched listeners.
-//! - [`proxy`]: `observer proxy`, the forwarder that feeds the same pipeline where eBPF is missing.
-//! - [`reference`]: `observer metrics-reference`, every exported family as read from the code.
-//! - [`server_settings`]: Ollama's capacity settings, read from its environment.
-//! - [`run`]: `observer run`, the daemon: capture, pipeline and admin server wired together.
-//! - [`sim`]: `observer sim`, a simulated Ollama upstream speaking Ollama's real wire format.
-//! - [`trace`]: `observer trace`, the capture's events as JSON lines, for debugging the kernel side.
-//! - [`wallclock`]: instants as text (RFC 3339, HTTP dates), one calendar conversion.
-//! - [`tracefs`]: find or mount tracefs and list tracepoints.
+//! A house of layers, bottom first. A module uses its own items and those of the layers below
+//! it, never one above or beside it (`cargo xtask layers` checks every `crate::` path). Data
+//! flows up: the capture (or the proxy) hands connections and bytes to the pipeline, which runs
+//! them through the engine into metrics, which the admin server serves.
+//!
+//! 0. [`base`]: the vocabulary every layer shares: roles, sides, directions, connection
+//!    records, clocks.
+//! 1. [`procfs`]: `/proc`: the processes owning watched listeners, their resources, and the
+//!    socket tables of every network namespace.
+//! 2. [`server_settings`]: Ollama's capacity settings, read from its environment.
+//!    [`gpu`]: NVIDIA GPUs through NVML, loaded at run time; absent drivers are normal.
+//!    [`engine`]: the HTTP exchange engine: per-connection bytes in, exchanges with LLM
+//!    fields out.
+//! 3. [`metrics`]: one `Metrics` owning the Prometheus registry; exchanges in, exposition out;
+//!    the text format read back.
+//! 4. [`pipeline`]: connections and bytes → engine → metrics and gateway correlation; counts
+//!    each exchange once. Knows nothing of eBPF.
+//! 5. [`capture`]: the embedded kernel programs loaded and attached, the ring buffer read,
+//!    decoded and handed to the pipeline, reconciled with the kernel's table.
+//!    [`probe`]: the model readiness probe (tcp, api, generate stages), `observer probe`.
+//!    [`collectors`]: process resources and GPUs, read on one thread beside the pipeline.
+//! 6. [`admin`]: the admin HTTP listener: `/metrics`, `/healthz`, `/readyz`, `/status`.
+//! 7. [`daemon`]: the start-up and shut-down `run`, `proxy` and `trace` share.
+//! 8. The commands: [`run`] (`observer run`, the daemon), [`proxy`] (`observer proxy`, the
+//!    forwarder that feeds the same pipeline where eBPF is missing), [`trace`] (the capture's
+//!    events as JSON lines), [`check`] (what this host supports), [`reference`](mod@reference) (every
+//!    exported family, as read from the code).
+//!
+//! The command line, the config file and `observer demo` are the binary's
+//! (`src/bin/observer/`); `observer sim` is the `observer-sim` crate's, which this library
+//! never uses.
 
-pub mod admin;
 pub mod base;
-pub mod capture;
-pub mod check;
-pub mod collectors;
-pub mod daemon;
+
+pub mod procfs;
+
 pub mod engine;
 pub mod gpu;
+pub mod server_settings;
+
 pub mod metrics;
+
 pub mod pipeline;
+
+pub mod capture;
+pub mod collectors;
 pub mod probe;
-pub mod procfs;
+
+pub mod admin;
+
+pub mod daemon;
+
+pub mod check;
 pub mod proxy;
 pub mod reference;
 pub mod run;
-pub mod server_settings;
 pub mod trace;

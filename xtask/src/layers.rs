@@ -280,6 +280,95 @@ impl<'ast> Visit<'ast> for Uses {
     }
 }
 
+/// Where docs/ARCHITECTURE.md's module map and the tree disagree: a module of lib.rs missing
+/// from the map, a file the map names that does not exist, a layer number that is not the
+/// module's layer in [`LAYERS`], a file of the binary missing.
+pub fn map_mismatches(workspace: &Path) -> anyhow::Result<Vec<String>> {
+    let doc = std::fs::read_to_string(workspace.join("docs/ARCHITECTURE.md"))
+        .context("reading docs/ARCHITECTURE.md")?;
+    let src = workspace.join("observer/src");
+    let start = doc
+        .find("### Module map (`observer/src`)")
+        .context("ARCHITECTURE.md has no module map")?;
+    let end = doc[start..].find("\n## ").map_or(doc.len(), |n| start + n);
+    let mut problems = Vec::new();
+    let mut mapped = BTreeSet::new();
+    let mut in_binary = false;
+    for line in doc[start..end].lines() {
+        if line.starts_with("The binary") {
+            in_binary = true;
+        }
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        // | layer | module | owns | must not |, or | file | owns | must not | for the binary.
+        let (layer, names) = match (in_binary, cells.as_slice()) {
+            (false, ["", layer, names, _, _, ""]) if layer.parse::<usize>().is_ok() => {
+                (layer.parse::<usize>().ok(), *names)
+            }
+            (true, ["", names, _, _, ""]) if names.starts_with('`') => (None, *names),
+            _ => continue,
+        };
+        // `capture/btf.rs`, `syscalls.rs`: later names are in the first one's folder.
+        let mut folder = PathBuf::new();
+        for (i, name) in names
+            .split(',')
+            .map(|n| n.trim().trim_matches('`'))
+            .enumerate()
+        {
+            let path = if in_binary {
+                src.join("bin/observer").join(name)
+            } else if i == 0 {
+                folder = Path::new(name)
+                    .parent()
+                    .map(Path::to_owned)
+                    .unwrap_or_default();
+                src.join(name)
+            } else {
+                src.join(&folder).join(name)
+            };
+            if !path.exists() {
+                problems.push(format!("the map names {name}, which is not in the tree"));
+            }
+            if in_binary {
+                continue;
+            }
+            let relative = path.strip_prefix(&src).expect("under src");
+            let module = relative
+                .components()
+                .next()
+                .and_then(|c| c.as_os_str().to_str())
+                .map(|m| m.trim_end_matches(".rs").to_owned())
+                .unwrap_or_default();
+            if layer != layer_of(&module) {
+                problems.push(format!(
+                    "the map puts {name} on layer {layer:?}, LAYERS on {:?}",
+                    layer_of(&module)
+                ));
+            }
+            mapped.insert(module);
+        }
+    }
+    for module in declared_modules(&src.join("lib.rs"))? {
+        if !mapped.contains(&module) {
+            problems.push(format!("module {module} is not in the map"));
+        }
+    }
+    for entry in std::fs::read_dir(src.join("bin/observer")).context("listing the binary")? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        // A folder beside `name.rs` holds that file's submodules (its tests).
+        let named = [
+            format!("`{name}`"),
+            format!("`{name}/`"),
+            format!("`{name}.rs`"),
+        ]
+        .iter()
+        .any(|n| doc[start..end].contains(n.as_str()));
+        if !named {
+            problems.push(format!("the binary's {name} is not in the map"));
+        }
+    }
+    Ok(problems)
+}
+
 /// `cargo xtask layers`: prints each violation; fails when there is one.
 pub fn run(workspace: &Path) -> anyhow::Result<()> {
     let violations = check(&workspace.join("observer/src"))?;
@@ -289,8 +378,15 @@ pub fn run(workspace: &Path) -> anyhow::Result<()> {
     if !violations.is_empty() {
         bail!("{} uses from a layer above or beside", violations.len());
     }
+    let mismatches = map_mismatches(workspace)?;
+    for m in &mismatches {
+        println!("docs/ARCHITECTURE.md: {m}");
+    }
+    if !mismatches.is_empty() {
+        bail!("the module map of docs/ARCHITECTURE.md does not match the tree");
+    }
     println!(
-        "observer's library: every module uses only layers below it ({} layers)",
+        "observer's library: every module uses only layers below it ({} layers), as docs/ARCHITECTURE.md maps them",
         LAYERS.len()
     );
     Ok(())
@@ -339,6 +435,15 @@ mod tests {
         // Beside on one layer is not below.
         assert!(!allowed("capture", "probe"));
         assert!(!allowed("engine", "observer_sim"));
+    }
+
+    /// docs/ARCHITECTURE.md's module map names every module, on its layer, and only files that
+    /// exist.
+    #[test]
+    fn the_module_map_matches_the_tree() {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let problems = map_mismatches(&workspace).unwrap();
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
     }
 
     /// The acceptance check itself: the library as it is keeps its dependencies one way.

@@ -100,12 +100,10 @@ pub struct ProbeArgs {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub probe_generate_timeout: Duration,
     /// Consecutive failures of a stage that make a model not ready.
-    #[arg(long, value_name = "N", default_value_t = 3, value_parser =
-    #clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub probe_failures: u32,
     /// Consecutive successes of a stage that make a model ready again.
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser =
-    #clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub probe_successes: u32,
 }
 

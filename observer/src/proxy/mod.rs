@@ -60,8 +60,7 @@ pub struct ProxyArgs {
     )]
     pub listen: SocketAddr,
     /// Most client connections open at once; more are answered 503.
-    #[arg(long, value_name = "N", default_value_t = 1024, value_parser =
-    #clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_conns: u32,
     /// A request head must arrive within this once it started (slow clients get 408).
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
