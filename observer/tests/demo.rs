@@ -168,10 +168,9 @@ fn assert_healthy_run(run: &Finished) {
 /// The command of the issue, as CI runs it: default addresses (free ones where taken), eBPF
 /// mode with nginx as the gateway.
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn demo_for_20s_in_ebpf_mode() {
-    if !support::require_root("demo_for_20s_in_ebpf_mode") {
-        return;
-    }
+    support::assert_root();
     let run = demo(&["--duration", "20s"]);
     assert_eq!(run.summary["mode"], "eBPF", "{}", run.stdout);
     assert_eq!(run.summary["gateway"], "nginx", "{}", run.stdout);

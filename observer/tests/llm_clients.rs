@@ -167,10 +167,9 @@ impl Delta {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn llm_clients_through_nginx_to_a_one_slot_server() {
-    if !support::require_root("llm_clients_through_nginx_to_a_one_slot_server") {
-        return;
-    }
+    support::assert_root();
     let sim = Sim::start_with_env(
         None,
         "127.0.0.1:0",

@@ -41,10 +41,9 @@ fn ppid(pid: u32) -> u32 {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn nginx_master_and_workers_are_gateway_targets_until_they_exit() {
-    if !support::require_root("nginx_master_and_workers_are_gateway_targets_until_they_exit") {
-        return;
-    }
+    support::assert_root();
     let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let nginx = Nginx::start(upstream.local_addr().unwrap());
     let (master, workers) = (nginx.master_pid(), nginx.worker_pids());
@@ -140,12 +139,9 @@ impl SimWithChild {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn an_upstream_listener_and_its_child_are_upstream_targets_until_they_exit() {
-    if !support::require_root(
-        "an_upstream_listener_and_its_child_are_upstream_targets_until_they_exit",
-    ) {
-        return;
-    }
+    support::assert_root();
     let sim = SimWithChild::start();
     let sim_pid = sim.sim.id();
     let children = sim.children();

@@ -136,10 +136,9 @@ fn counted(s: &Samples) -> Vec<(String, f64)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(root), ignore = "needs root")]
 async fn the_proxy_counts_what_observer_run_counts() {
-    if !support::require_root("the_proxy_counts_what_observer_run_counts") {
-        return;
-    }
+    support::assert_root();
     let sim = Sim::start(&["--load-ms", "5", "--first-token-ms", "5", "--token-ms", "1"]);
 
     let nginx = Nginx::start(sim.addr);

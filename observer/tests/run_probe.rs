@@ -39,11 +39,9 @@ fn until(daemon: &Daemon, within: Duration, want: impl Fn(&Samples) -> bool) -> 
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn the_model_turns_ready_and_not_ready_and_the_probe_is_never_counted() {
-    if !support::require_root("the_model_turns_ready_and_not_ready_and_the_probe_is_never_counted")
-    {
-        return;
-    }
+    support::assert_root();
     let sim = Sim::start(&[
         "--model",
         MODEL,

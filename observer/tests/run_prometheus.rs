@@ -126,10 +126,9 @@ const TAGS: &str = "GET /api/tags HTTP/1.1\r\nHost: sim\r\nConnection: close\r\n
 const MISSING: &str = "POST /api/chat HTTP/1.1\r\nHost: sim\r\nConnection: close\r\nContent-Length: 30\r\n\r\n{\"model\":\"nope\",\"messages\":[]}";
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn prometheus_answers_the_runbook_queries() {
-    if !support::require_root("prometheus_answers_the_runbook_queries") {
-        return;
-    }
+    support::assert_root();
     if !std::path::Path::new(PROMETHEUS).exists() {
         assert!(
             std::env::var_os("CI").is_none(),
