@@ -15,6 +15,24 @@ pub fn assert_root() {
     );
 }
 
+/// Polls `ready` every 10 ms until it returns `Some`, for at most `within`: the bound only
+/// ends a wait that failed (a test that passes never waits it out). `None` when time ran out.
+pub fn wait_until<T>(
+    within: std::time::Duration,
+    mut ready: impl FnMut() -> Option<T>,
+) -> Option<T> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(found) = ready() {
+            return Some(found);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 pub mod capture;
 pub mod daemon;
 pub mod deploy;
