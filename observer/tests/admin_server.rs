@@ -227,6 +227,7 @@ async fn readiness_flips_with_the_pipeline() {
 
 #[tokio::test]
 async fn status_document() {
+    let before_start = std::time::Instant::now();
     let server = start(Some("s3cret")).await;
     let addr = server.addr;
     server.status.set_programs_attached(12);
@@ -236,6 +237,7 @@ async fn status_document() {
     server.status.set_connections_open(2);
 
     let reply = get(addr, "/status").await;
+    let since_start = before_start.elapsed().as_secs_f64();
     assert_eq!(reply.status, 200);
     assert_eq!(reply.header("content-type"), "application/json");
     let doc: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
@@ -254,7 +256,32 @@ async fn status_document() {
             {"port": 11434, "role": "upstream"},
         ])
     );
-    assert!(doc["uptime_seconds"].as_f64().unwrap() >= 0.0);
+    // The server started after `before_start` and answered before `since_start` was read.
+    let uptime = doc["uptime_seconds"].as_f64().unwrap();
+    assert!(
+        (0.0..=since_start).contains(&uptime),
+        "uptime {uptime} s, {since_start} s since the test started the server"
+    );
+    // It grows: asked again until it reads more (the deadline only bounds a failure), and
+    // never more than the time since the test started the server.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let again: serde_json::Value =
+            serde_json::from_str(&get(addr, "/status").await.body).unwrap();
+        let later = again["uptime_seconds"].as_f64().unwrap();
+        assert!(
+            later <= before_start.elapsed().as_secs_f64(),
+            "uptime {later} s"
+        );
+        if later > uptime {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "uptime still {later} s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
     assert!(!reply.body.contains("s3cret"));
 
     server.shut_down().await;

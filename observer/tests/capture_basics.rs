@@ -27,19 +27,17 @@ const REPLY_LEN: usize = 3000;
 const RECV_CHUNK: usize = 1500;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(root), ignore = "needs root")]
 async fn each_syscall_pair_is_captured_on_both_ends_over_ipv4() {
-    if !support::require_root("each_syscall_pair_is_captured_on_both_ends_over_ipv4") {
-        return;
-    }
+    support::assert_root();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     conversations(listener, &Api::ALL).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(root), ignore = "needs root")]
 async fn ipv6_loopback_works_like_ipv4() {
-    if !support::require_root("ipv6_loopback_works_like_ipv4") {
-        return;
-    }
+    support::assert_root();
     let listener = match TcpListener::bind("[::1]:0") {
         Ok(listener) => listener,
         Err(err) => {

@@ -22,10 +22,9 @@ const BURST_WRITE: &[u8] = b"0123456789";
 const MARKER: &[u8] = b"after the burst";
 
 #[tokio::test(flavor = "current_thread")]
+#[cfg_attr(not(root), ignore = "needs root")]
 async fn overflowing_burst_is_counted_and_capture_goes_on() {
-    if !support::require_root("overflowing_burst_is_counted_and_capture_goes_on") {
-        return;
-    }
+    support::assert_root();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let me = std::process::id();

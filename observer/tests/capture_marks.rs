@@ -57,12 +57,9 @@ fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(root), ignore = "needs root")]
 async fn connecting_or_listening_on_a_watched_port_marks_a_process_until_it_exits() {
-    if !support::require_root(
-        "connecting_or_listening_on_a_watched_port_marks_a_process_until_it_exits",
-    ) {
-        return;
-    }
+    support::assert_root();
     // The watched upstream listens in a child started after the capture (python: a listen the
     // kernel side must see), the client is another child; the bystander talks to a port that
     // is not watched. The test process itself holds nothing watched.
@@ -139,12 +136,9 @@ async fn connecting_or_listening_on_a_watched_port_marks_a_process_until_it_exit
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(root), ignore = "needs root")]
 async fn a_failed_listen_on_a_watched_port_does_not_make_the_next_listen_a_watched_one() {
-    if !support::require_root(
-        "a_failed_listen_on_a_watched_port_does_not_make_the_next_listen_a_watched_one",
-    ) {
-        return;
-    }
+    support::assert_root();
     let (port, other) = (cap::free_port(), cap::free_port());
     let (_capture, mut reader) = cap::start(&cap::config(&[(port, Role::Upstream)], true));
     // One thread: a listen on the watched port, a second one on it that fails (the port is

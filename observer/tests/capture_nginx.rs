@@ -20,10 +20,9 @@ use tokio::{
 const REQUESTS: usize = 2;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(root), ignore = "needs root")]
 async fn requests_through_nginx_show_on_gateway_and_upstream() {
-    if !support::require_root("requests_through_nginx_show_on_gateway_and_upstream") {
-        return;
-    }
+    support::assert_root();
     let (sim, nginx) = support::nginx::in_front_of_sim().await;
     let sim_addr = sim.local_addr();
     let (master, workers) = (nginx.master_pid(), nginx.worker_pids());

@@ -28,18 +28,16 @@ const REQUEST: &[u8] = b"GET /big HTTP/1.1\r\n\r\n";
 const READ_CHUNK: usize = 16 * 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(root), ignore = "needs root")]
 async fn head_and_tail_of_each_write_with_default_sizes() {
-    if !support::require_root("head_and_tail_of_each_write_with_default_sizes") {
-        return;
-    }
+    support::assert_root();
     big_response(1024, 256).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(root), ignore = "needs root")]
 async fn head_and_tail_of_each_write_with_small_configured_sizes() {
-    if !support::require_root("head_and_tail_of_each_write_with_small_configured_sizes") {
-        return;
-    }
+    support::assert_root();
     big_response(100, 50).await;
 }
 

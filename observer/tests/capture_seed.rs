@@ -18,10 +18,9 @@ use tokio::{
 const REQUEST: &[u8] = b"GET /api/version HTTP/1.1\r\nHost: sim\r\n\r\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(root), ignore = "needs root")]
 async fn keep_alive_connection_open_before_start_is_seeded_and_captured() {
-    if !support::require_root("keep_alive_connection_open_before_start_is_seeded_and_captured") {
-        return;
-    }
+    support::assert_root();
     let sim = sim_client::start(sim_client::fast_config()).await;
     let sim_addr = sim.local_addr();
     let me = std::process::id();

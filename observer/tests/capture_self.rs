@@ -20,10 +20,9 @@ use support::capture as cap;
 const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nhello\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(root), ignore = "needs root")]
 async fn own_traffic_is_excluded_and_a_childs_is_not() {
-    if !support::require_root("own_traffic_is_excluded_and_a_childs_is_not") {
-        return;
-    }
+    support::assert_root();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let me = std::process::id();

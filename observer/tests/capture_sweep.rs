@@ -9,10 +9,9 @@ use observer::base::{Role, Side, WatchedPort};
 use observer::capture::{Capture, CaptureConfig, decode::Event, reader::EventReader};
 
 #[tokio::test(flavor = "current_thread")]
+#[cfg_attr(not(root), ignore = "needs root")]
 async fn connections_of_exited_processes_are_swept() {
-    if !support::require_root("connections_of_exited_processes_are_swept") {
-        return;
-    }
+    support::assert_root();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let config = CaptureConfig {

@@ -42,10 +42,9 @@ fn assert_one_line_error(output: &std::process::Output, expect: &str) {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn check_reports_ebpf_mode_with_tracepoints_and_listeners() {
-    if !support::require_root("check_reports_ebpf_mode") {
-        return;
-    }
+    support::assert_root();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let output = observer(&["check", "--json", "--watch", &format!("{port}=gateway")]);
@@ -122,10 +121,9 @@ fn check_reports_ebpf_mode_with_tracepoints_and_listeners() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn check_human_output_names_the_mode_and_each_tracepoint() {
-    if !support::require_root("check_human_output") {
-        return;
-    }
+    support::assert_root();
     let output = observer(&["check"]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}\n{}", stderr_of(&output));

@@ -110,12 +110,58 @@ fn assert_healthy_run(run: &Finished) {
         sent,
         "the observer's gateway count differs from what the users sent: {s:#}"
     );
-    assert!(observed["requests_per_second"].as_f64().unwrap() > 0.0);
-    assert!(observed["completion_tokens_per_second"].as_f64().unwrap() > 0.0);
-    assert!(observed["latency_p50_seconds"].as_f64().unwrap() > 0.0);
-    assert!(observed["first_chunk_p95_seconds"].as_f64().unwrap() > 0.0);
     let ratio = observed["success_ratio"].as_f64().unwrap();
     assert!((0.7..=1.0).contains(&ratio), "success ratio {ratio}");
+
+    // The summary's rates are its counts over the span it covers (first scrape, before any
+    // traffic, to the last).
+    let seconds = observed["seconds"].as_f64().unwrap();
+    assert!(seconds > 0.0, "{s:#}");
+    let field = |key: &str| observed[key].as_f64().unwrap();
+    let requests = field("requests_per_second") * seconds;
+    assert!(
+        (requests - sent as f64).abs() <= 1e-9 * sent as f64,
+        "requests/s × seconds = {requests}, {sent} requests: {s:#}"
+    );
+    // The simulator runs with the default timing. Each reply it finishes has 8 to
+    // `tokens_per_reply` output tokens (the users ask for 8 to 47 with num_predict or
+    // max_tokens); the few 2xx replies cut on purpose (`error-after`) and the errors have
+    // fewer or none. So at least one per 2xx reply the clients read, at most the cap per
+    // request.
+    let timing = observer_sim::Timing::default();
+    let tokens = field("completion_tokens_per_second") * seconds;
+    let (succeeded, cap) = (
+        s["client_succeeded"].as_u64().unwrap() as f64,
+        f64::from(timing.tokens_per_reply) * sent as f64,
+    );
+    assert!(
+        (succeeded..=cap).contains(&tokens),
+        "{tokens} output tokens for {succeeded} 2xx replies of {sent}: {s:#}"
+    );
+    // Every 2xx reply (at least 70 %, above) waited the simulator's first token, and the
+    // first output of every reply too: their quantiles lie at or above the bucket bound below
+    // that delay.
+    let floor = |buckets: &[f64]| {
+        let first_token = timing.first_token.as_secs_f64();
+        *buckets.iter().rev().find(|&&le| le <= first_token).unwrap()
+    };
+    let (p50, p95) = (field("latency_p50_seconds"), field("latency_p95_seconds"));
+    let duration_floor = floor(observer::metrics::families::DURATION_BUCKETS);
+    assert!(
+        duration_floor <= p50 && p50 <= p95,
+        "latency p50 {p50} s, p95 {p95} s, first token at {:?}: {s:#}",
+        timing.first_token
+    );
+    let (first_p50, first_p95) = (
+        field("first_chunk_p50_seconds"),
+        field("first_chunk_p95_seconds"),
+    );
+    let first_chunk_floor = floor(observer::metrics::families::GEN_AI_TTFT_BUCKETS);
+    assert!(
+        first_chunk_floor <= first_p50 && first_p50 <= first_p95,
+        "first chunk p50 {first_p50} s, p95 {first_p95} s, first token at {:?}: {s:#}",
+        timing.first_token
+    );
     assert_eq!(observed["events_lost"].as_u64(), Some(0), "{s:#}");
     assert_eq!(s["all_models_ready"], true, "{s:#}");
     assert_eq!(observed["models_ready"].as_array().unwrap().len(), 2);
@@ -168,10 +214,9 @@ fn assert_healthy_run(run: &Finished) {
 /// The command of the issue, as CI runs it: default addresses (free ones where taken), eBPF
 /// mode with nginx as the gateway.
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn demo_for_20s_in_ebpf_mode() {
-    if !support::require_root("demo_for_20s_in_ebpf_mode") {
-        return;
-    }
+    support::assert_root();
     let run = demo(&["--duration", "20s"]);
     assert_eq!(run.summary["mode"], "eBPF", "{}", run.stdout);
     assert_eq!(run.summary["gateway"], "nginx", "{}", run.stdout);

@@ -34,10 +34,9 @@ fn container(port: u16) -> (Netns, Sim, Dnat, SocketAddr) {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn upstream_behind_dnat_set_up_before_the_daemon() {
-    if !support::require_root("upstream_behind_dnat_set_up_before_the_daemon") {
-        return;
-    }
+    support::assert_root();
     let rt = runtime();
     let port = netns::spare_port();
     let (ns, sim, dnat, published) = container(port);
@@ -58,10 +57,9 @@ fn upstream_behind_dnat_set_up_before_the_daemon() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn upstream_behind_dnat_set_up_after_the_daemon() {
-    if !support::require_root("upstream_behind_dnat_set_up_after_the_daemon") {
-        return;
-    }
+    support::assert_root();
     let rt = runtime();
     let port = netns::spare_port();
     // nginx needs the published address first: the container's veth is made before the

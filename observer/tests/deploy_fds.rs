@@ -86,10 +86,9 @@ impl Setup {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn dup2_and_dup3_onto_watched_descriptors() {
-    if !support::require_root("dup2_and_dup3_onto_watched_descriptors") {
-        return;
-    }
+    support::assert_root();
     let setup = Setup::start();
     let mut helper = setup.helper("dup2");
     helper.expect_line("ready", netns::START_WAIT);
@@ -101,10 +100,9 @@ fn dup2_and_dup3_onto_watched_descriptors() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn close_range_over_watched_descriptors() {
-    if !support::require_root("close_range_over_watched_descriptors") {
-        return;
-    }
+    support::assert_root();
     let setup = Setup::start();
     let mut helper = setup.helper("close_range");
     helper.expect_line("ready", netns::START_WAIT);
@@ -116,10 +114,9 @@ fn close_range_over_watched_descriptors() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn watched_descriptors_closed_on_exec() {
-    if !support::require_root("watched_descriptors_closed_on_exec") {
-        return;
-    }
+    support::assert_root();
     let setup = Setup::start();
     let mut helper = setup.helper("exec");
     helper.expect_line("ready", netns::START_WAIT);
@@ -131,18 +128,16 @@ fn watched_descriptors_closed_on_exec() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn dup_of_watched_descriptors() {
-    if !support::require_root("dup_of_watched_descriptors") {
-        return;
-    }
+    support::assert_root();
     copies_of_watched_descriptors("dup");
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn fcntl_dupfd_of_watched_descriptors() {
-    if !support::require_root("fcntl_dupfd_of_watched_descriptors") {
-        return;
-    }
+    support::assert_root();
     copies_of_watched_descriptors("dupfd");
 }
 

@@ -32,10 +32,9 @@ fn fork_server(port: u16) -> Proc {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn fork_per_connection_upstream() {
-    if !support::require_root("fork_per_connection_upstream") {
-        return;
-    }
+    support::assert_root();
     let rt = runtime();
     let port = netns::spare_port();
     let upstream = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
@@ -65,10 +64,9 @@ fn fork_per_connection_upstream() {
 /// The same with the server's children already holding nginx's keep-alive connections when the
 /// daemon starts: `/proc` shows each connection under its child only.
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn fork_per_connection_upstream_started_before_the_daemon() {
-    if !support::require_root("fork_per_connection_upstream_started_before_the_daemon") {
-        return;
-    }
+    support::assert_root();
     let rt = runtime();
     let port = netns::spare_port();
     let upstream = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
@@ -86,10 +84,9 @@ fn fork_per_connection_upstream_started_before_the_daemon() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn forking_socat_relay_in_front_of_an_upstream_in_a_namespace() {
-    if !support::require_root("forking_socat_relay_in_front_of_an_upstream_in_a_namespace") {
-        return;
-    }
+    support::assert_root();
     // socat's children relay what the parent accepted: the parent is the relay.
     relay_started_after_the_daemon("socat", netns::socat);
 }

@@ -21,10 +21,9 @@ use support::faults::*;
 use support::netns::{self, Netns};
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn upstream_behind_a_forwarder_started_before_the_daemon() {
-    if !support::require_root("upstream_behind_a_forwarder_started_before_the_daemon") {
-        return;
-    }
+    support::assert_root();
     let rt = runtime();
     let port = netns::spare_port();
     let published = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
@@ -53,9 +52,8 @@ fn upstream_behind_a_forwarder_started_before_the_daemon() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn upstream_behind_a_forwarder_started_after_the_daemon() {
-    if !support::require_root("upstream_behind_a_forwarder_started_after_the_daemon") {
-        return;
-    }
+    support::assert_root();
     relay_started_after_the_daemon("fwd", netns::forwarder);
 }

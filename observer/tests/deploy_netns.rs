@@ -73,10 +73,9 @@ impl Pods {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn gateway_and_upstream_in_two_pods_started_after_the_daemon() {
-    if !support::require_root("gateway_and_upstream_in_two_pods_started_after_the_daemon") {
-        return;
-    }
+    support::assert_root();
     let rt = runtime();
     let ports = Ports {
         gateway: netns::spare_port(),
@@ -98,10 +97,9 @@ fn gateway_and_upstream_in_two_pods_started_after_the_daemon() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn gateway_and_upstream_in_two_pods_started_before_the_daemon() {
-    if !support::require_root("gateway_and_upstream_in_two_pods_started_before_the_daemon") {
-        return;
-    }
+    support::assert_root();
     let rt = runtime();
     let ports = Ports {
         gateway: netns::spare_port(),

@@ -625,10 +625,9 @@ fn a_flag_or_an_environment_variable_wins_over_the_file() {
 /// `observer run --config FILE` watches the ports, serves on the address and uses the prefix
 /// the file gives (root: it loads the kernel programs).
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn run_takes_its_watch_list_and_metrics_from_the_file() {
-    if !support::require_root("run_takes_its_watch_list_and_metrics_from_the_file") {
-        return;
-    }
+    support::assert_root();
     let dir = Dir::new("run");
     let (gateway, upstream, metrics) = (free_port(), free_port(), free_port());
     let path = dir.file(

@@ -16,10 +16,9 @@ const IDLE: usize = 4;
 const STREAMING: usize = 2;
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn observer_restarted_while_keepalive_connections_are_open() {
-    if !support::require_root("observer_restarted_while_keepalive_connections_are_open") {
-        return;
-    }
+    support::assert_root();
     let rt = runtime();
     let Stack {
         sim: _sim,

@@ -28,10 +28,9 @@ fn workers(nginx: &Nginx) -> BTreeSet<u32> {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn nginx_reload_new_workers_are_followed() {
-    if !support::require_root("nginx_reload_new_workers_are_followed") {
-        return;
-    }
+    support::assert_root();
     let rt = runtime();
     let Stack {
         sim: _sim,
@@ -79,10 +78,9 @@ fn nginx_reload_new_workers_are_followed() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn nginx_restarted_on_the_same_port() {
-    if !support::require_root("nginx_restarted_on_the_same_port") {
-        return;
-    }
+    support::assert_root();
     let rt = runtime();
     let Stack {
         sim: _sim,

@@ -87,10 +87,9 @@ async fn chats_beside<T>(
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn garbage_and_other_protocols_on_watched_ports() {
-    if !support::require_root("garbage_and_other_protocols_on_watched_ports") {
-        return;
-    }
+    support::assert_root();
     let rt = runtime();
     let Stack {
         sim,
@@ -148,10 +147,9 @@ fn garbage_and_other_protocols_on_watched_ports() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn half_open_and_vanishing_clients() {
-    if !support::require_root("half_open_and_vanishing_clients") {
-        return;
-    }
+    support::assert_root();
     let rt = runtime();
     let Stack {
         sim,

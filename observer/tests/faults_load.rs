@@ -42,10 +42,9 @@ fn raise_nofile(want: u64) -> u64 {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn five_thousand_concurrent_connections() {
-    if !support::require_root("five_thousand_concurrent_connections") {
-        return;
-    }
+    support::assert_root();
     let nofile = raise_nofile(3 * CONNECTIONS as u64);
     assert!(
         nofile >= CONNECTIONS as u64 + 1000,

@@ -24,10 +24,9 @@ const FLOOD_CONNECTIONS: usize = 64;
 const FRESH: usize = 20;
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn ring_buffer_overrun_is_counted_and_the_daemon_recovers() {
-    if !support::require_root("ring_buffer_overrun_is_counted_and_the_daemon_recovers") {
-        return;
-    }
+    support::assert_root();
     let rt = runtime();
     let Stack {
         sim: _sim,

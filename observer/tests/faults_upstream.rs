@@ -16,10 +16,9 @@ use support::faults::*;
 const STREAMS: usize = 4;
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn upstream_killed_mid_stream_then_restarted_on_its_port() {
-    if !support::require_root("upstream_killed_mid_stream_then_restarted_on_its_port") {
-        return;
-    }
+    support::assert_root();
     let rt = runtime();
     let Stack {
         sim,

@@ -14,10 +14,9 @@ use observer::capture::{
 const PAYLOAD_LEN: usize = 3000;
 
 #[tokio::test(flavor = "current_thread")]
+#[cfg_attr(not(root), ignore = "needs root")]
 async fn loopback_write_on_watched_port_reaches_the_ring_buffer() {
-    if !support::require_root("kernel_smoke") {
-        return;
-    }
+    support::assert_root();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let config = CaptureConfig {

@@ -199,10 +199,9 @@ fn usage(answer: &Value, field: &str) -> f64 {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn openclaw_turns_over_http_and_websocket_are_measured() {
-    if !support::require_root("openclaw_turns_over_http_and_websocket_are_measured") {
-        return;
-    }
+    support::assert_root();
     let scratch = Scratch::new();
     let ns = Netns::new("oc");
     let _sim = Sim::start_in(

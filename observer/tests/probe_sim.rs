@@ -67,32 +67,66 @@ fn wait_for(
 ) -> probe::ReadinessReport {
     let deadline = Instant::now() + within;
     loop {
-        let report = readiness.report("", Some(model)).expect("model is probed");
-        let health = &report.models[0];
-        let failing = health
-            .stages
-            .iter()
-            .filter(|s| s.failures_in_a_row >= failures)
-            .count();
-        if health.verdict == Verdict::NotReady {
-            // Only a stage that failed `failures` times in a row (now or earlier in its
-            // streak) can have made the model not ready.
-            assert!(
-                health.stages.iter().any(|s| s.verdict == Verdict::NotReady),
-                "{report:?}"
-            );
-        } else {
-            assert_eq!(failing, 0, "a stage failed {failures} times: {report:?}");
-        }
-        if health.verdict == want {
+        if let Some(report) = look(readiness, model, want, failures) {
             return report;
         }
         assert!(
             Instant::now() < deadline,
-            "{model} not {want:?} within {within:?}: {report:?}"
+            "{model} not {want:?} within {within:?}: {:?}",
+            readiness.report("", Some(model))
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// [`wait_for`] on tokio's clock (paused in a test, it moves on while every task waits), for
+/// up to 10 s of it.
+async fn settle(
+    readiness: &Readiness,
+    model: &str,
+    want: Verdict,
+    failures: u32,
+) -> probe::ReadinessReport {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(report) = look(readiness, model, want, failures) {
+            return report;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{model} not {want:?} within 10 s: {:?}",
+            readiness.report("", Some(model))
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// One look of [`wait_for`]: the report when the verdict of `model` is `want`, after checking
+/// the invariant.
+fn look(
+    readiness: &Readiness,
+    model: &str,
+    want: Verdict,
+    failures: u32,
+) -> Option<probe::ReadinessReport> {
+    let report = readiness.report("", Some(model)).expect("model is probed");
+    let health = &report.models[0];
+    let failing = health
+        .stages
+        .iter()
+        .filter(|s| s.failures_in_a_row >= failures)
+        .count();
+    if health.verdict == Verdict::NotReady {
+        // Only a stage that failed `failures` times in a row (now or earlier in its
+        // streak) can have made the model not ready.
+        assert!(
+            health.stages.iter().any(|s| s.verdict == Verdict::NotReady),
+            "{report:?}"
+        );
+    } else {
+        assert_eq!(failing, 0, "a stage failed {failures} times: {report:?}");
+    }
+    (health.verdict == want).then_some(report)
 }
 
 /// A probe of `upstream` with the test flags and `extra`, writing into fresh metrics.
@@ -129,23 +163,49 @@ fn stage(report: &probe::ReadinessReport, stage: Stage) -> &probe::state::StageH
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_healthy_sim_is_ready_and_the_metrics_say_so() {
-    let sim = start(fast_config()).await;
+    let config = fast_config();
+    // The simulator answers no chat before its first token, nor a probe's generate stage.
+    let first_token = config.timing.first_token.as_secs_f64();
+    let sim = start(config).await;
     let (metrics, prober) = probe_of(sim.local_addr(), &["--model", MODEL]);
     let report = verdict(&prober.readiness(), MODEL, Verdict::Ready, 3);
     let generate = stage(&report, Stage::Generate).last.clone().unwrap();
     assert!(generate.ok);
-    assert!(generate.first_chunk_s.unwrap() > 0.0);
-    assert!(generate.first_chunk_s.unwrap() <= generate.duration_s);
+    let first_chunk = generate.first_chunk_s.unwrap();
+    assert!(
+        first_token <= first_chunk && first_chunk <= generate.duration_s,
+        "{generate:?}"
+    );
 
-    // Let the api stage read /api/ps after the generate stage loaded the model.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let text = scrape(&metrics);
+    // The api stage reads /api/ps: wait until it has done so after the generate stage loaded
+    // the model.
     let m = format!("model=\"{MODEL}\"");
+    let loaded = format!("observer_model_loaded{{{m}}}");
+    let text = tokio::task::block_in_place(|| {
+        support::wait_until(Duration::from_secs(10), || {
+            let text = scrape(&metrics);
+            (value(&text, &loaded) == Some(1.0)).then_some(text)
+        })
+    })
+    .unwrap_or_else(|| panic!("{loaded} never 1: {}", scrape(&metrics)));
     assert_eq!(
         value(&text, &format!("observer_model_ready{{{m}}}")),
         Some(1.0)
     );
-    for stage in ["tcp", "api", "generate"] {
+    let first = value(
+        &text,
+        &format!("observer_probe_first_chunk_seconds{{{m},stage=\"generate\"}}"),
+    )
+    .unwrap();
+    // Within the first-chunk timeout of the flags (300 ms), after the first token.
+    assert!(first_token <= first && first < 0.3, "{first}");
+    // A check that passed took no longer than its timeout (tcp and api: the defaults, 2 s and
+    // 5 s; generate: 2 s from the flags), and a generate no less than the first token.
+    for (stage, least, timeout) in [
+        ("tcp", 0.0, 2.0),
+        ("api", 0.0, 5.0),
+        ("generate", first_token, 2.0),
+    ] {
         assert_eq!(
             value(
                 &text,
@@ -154,27 +214,27 @@ async fn a_healthy_sim_is_ready_and_the_metrics_say_so() {
             Some(1.0),
             "{stage}: {text}"
         );
+        let took = value(
+            &text,
+            &format!("observer_probe_duration_seconds{{{m},stage=\"{stage}\"}}"),
+        )
+        .unwrap();
         assert!(
-            value(
-                &text,
-                &format!("observer_probe_duration_seconds{{{m},stage=\"{stage}\"}}")
-            )
-            .unwrap()
-                > 0.0
+            least <= took && took <= timeout,
+            "{stage} took {took} s: {text}"
         );
     }
-    let first = value(
-        &text,
-        &format!("observer_probe_first_chunk_seconds{{{m},stage=\"generate\"}}"),
-    )
-    .unwrap();
-    assert!(first > 0.0 && first < 0.3, "{first}");
-    assert_eq!(
-        value(&text, &format!("observer_model_loaded{{{m}}}")),
-        Some(1.0)
-    );
-    assert!(value(&text, &format!("observer_model_vram_bytes{{{m}}}")).unwrap() > 0.0);
-    assert!(value(&text, &format!("observer_model_size_bytes{{{m}}}")).unwrap() > 0.0);
+    // /api/ps as the simulator reports llama3.2:1b loaded (`observer-sim/src/models.rs`): its
+    // 1,321,098,329 bytes on disk plus a quarter plus 256 MiB, all of it in VRAM.
+    let disk: u64 = 1_321_098_329;
+    let loaded_bytes = (disk + disk / 4 + 256 * 1024 * 1024) as f64;
+    for family in ["observer_model_vram_bytes", "observer_model_size_bytes"] {
+        assert_eq!(
+            value(&text, &format!("{family}{{{m}}}")),
+            Some(loaded_bytes),
+            "{family}: {text}"
+        );
+    }
     let version = observer_sim::DEFAULT_OLLAMA_VERSION;
     assert_eq!(
         value(
@@ -288,7 +348,10 @@ async fn a_late_first_token_fails_the_generate_stage() {
     sim.shutdown().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// On tokio's paused clock, which the probe's intervals and the in-process simulator's delays
+/// run on: it moves on only while every task waits, so the checks counted over 2 s of it are
+/// those the intervals schedule, however busy the machine.
+#[tokio::test(start_paused = true)]
 async fn thresholds_and_intervals_are_honoured() {
     let sim = start(fast_config()).await;
     let control = sim.control();
@@ -306,28 +369,29 @@ async fn thresholds_and_intervals_are_honoured() {
         ],
     );
     let readiness = prober.readiness();
-    let report = verdict(&readiness, MODEL, Verdict::Ready, 2);
+    let report = settle(&readiness, MODEL, Verdict::Ready, 2).await;
     // Three successes in a row were needed for every stage.
     for s in [Stage::Tcp, Stage::Api, Stage::Generate] {
         assert!(stage(&report, s).passes_in_a_row >= 3, "{report:?}");
     }
 
     control.stall();
-    let report = verdict(&readiness, MODEL, Verdict::NotReady, 2);
+    let report = settle(&readiness, MODEL, Verdict::NotReady, 2).await;
     assert_eq!(stage(&report, Stage::Generate).failures_in_a_row, 2);
     control.resume();
-    let report = verdict(&readiness, MODEL, Verdict::Ready, 2);
+    let report = settle(&readiness, MODEL, Verdict::Ready, 2).await;
     assert!(stage(&report, Stage::Generate).passes_in_a_row >= 3);
 
-    // The tcp stage runs every 200 ms, the api stage every 100 ms: over 2 s, about 10 and 20.
+    // The tcp stage runs every 200 ms, the api stage every 100 ms: 2 s hold 10 and 20 of
+    // their ticks, one more or one less when a tick falls on either end of the window.
     let before = readiness.report("", None).unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = readiness.report("", None).unwrap();
     let checks = |r: &probe::ReadinessReport, s| stage(r, s).passes_in_a_row;
     let tcp = checks(&after, Stage::Tcp) - checks(&before, Stage::Tcp);
     let api = checks(&after, Stage::Api) - checks(&before, Stage::Api);
-    assert!((8..=11).contains(&tcp), "tcp checks in 2 s: {tcp}");
-    assert!((17..=21).contains(&api), "api checks in 2 s: {api}");
+    assert!((9..=11).contains(&tcp), "tcp checks in 2 s: {tcp}");
+    assert!((19..=21).contains(&api), "api checks in 2 s: {api}");
     drop(prober);
     sim.shutdown().await.unwrap();
 }
@@ -371,14 +435,18 @@ async fn the_exec_hook_runs_once_per_cooldown_and_a_hanging_hook_does_not_stall_
     while runs() == 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // The probe kept going while the hook hung: its stages still run.
+    // The probe kept going while the hook hung: three more tcp checks pass.
     let before = readiness.report("", None).unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let after = readiness.report("", None).unwrap();
-    assert!(
-        stage(&after, Stage::Tcp).passes_in_a_row >= stage(&before, Stage::Tcp).passes_in_a_row + 3,
-        "probing stalled: {before:?} → {after:?}"
-    );
+    let passes = |r: &probe::ReadinessReport| stage(r, Stage::Tcp).passes_in_a_row;
+    tokio::task::block_in_place(|| {
+        support::wait_until(Duration::from_secs(5), || {
+            (passes(&readiness.report("", None).unwrap()) >= passes(&before) + 3).then_some(())
+        })
+    })
+    .unwrap_or_else(|| {
+        let after = readiness.report("", None).unwrap();
+        panic!("probing stalled: {before:?} → {after:?}")
+    });
     assert_eq!(std::fs::read_to_string(&log).unwrap(), format!("{MODEL}\n"));
     drop(prober);
     sim.shutdown().await.unwrap();

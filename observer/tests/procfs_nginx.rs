@@ -28,23 +28,34 @@ fn pids(readings: &[ProcessReading]) -> Vec<u32> {
     pids
 }
 
-/// `/proc/<pid>/stat`'s ppid (field 4; nginx's comm has no spaces).
-fn ppid(pid: u32) -> u32 {
+/// Field `n` (1-based, as proc(5) numbers them, `n` > 2) of `/proc/<pid>/stat`.
+fn stat_field(pid: u32, n: usize) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let after_comm = stat.rsplit_once(')').unwrap().1;
     after_comm
         .split_whitespace()
-        .nth(1)
+        .nth(n - 3)
         .unwrap()
         .parse()
         .unwrap()
 }
 
+/// `/proc/<pid>/stat`'s ppid (field 4).
+fn ppid(pid: u32) -> u32 {
+    stat_field(pid, 4) as u32
+}
+
+/// utime + stime (fields 14 and 15) of `pid`, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (stat_field(pid, 14) + stat_field(pid, 15)) as f64 / ticks_per_second
+}
+
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn nginx_master_and_workers_are_gateway_targets_until_they_exit() {
-    if !support::require_root("nginx_master_and_workers_are_gateway_targets_until_they_exit") {
-        return;
-    }
+    support::assert_root();
     let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let nginx = Nginx::start(upstream.local_addr().unwrap());
     let (master, workers) = (nginx.master_pid(), nginx.worker_pids());
@@ -55,13 +66,23 @@ fn nginx_master_and_workers_are_gateway_targets_until_they_exit() {
         role: Role::Gateway,
     }];
     let collector = TargetProcesses::new("observer").unwrap();
-    let readings = refreshed(&collector, &watch);
     let mut expected = [vec![master], workers.clone()].concat();
     expected.sort();
+    // Each process's CPU time read here just before and just after the refresh brackets the
+    // one the refresh read.
+    let cpu_before: Vec<f64> = expected.iter().map(|&pid| cpu_seconds(pid)).collect();
+    let readings = refreshed(&collector, &watch);
+    let cpu_after: Vec<f64> = expected.iter().map(|&pid| cpu_seconds(pid)).collect();
     assert_eq!(pids(&readings), expected, "{readings:?}");
     for r in &readings {
         assert_eq!((r.comm.as_str(), r.role), ("nginx", Role::Gateway), "{r:?}");
-        assert!(r.cpu_seconds >= 0.0, "{r:?}");
+        let i = expected.iter().position(|&pid| pid == r.pid).unwrap();
+        assert!(
+            (cpu_before[i]..=cpu_after[i]).contains(&r.cpu_seconds),
+            "{r:?}: CPU {} s before the refresh, {} s after",
+            cpu_before[i],
+            cpu_after[i]
+        );
         assert!((1 << 20..1 << 30).contains(&r.resident_bytes), "{r:?}");
         assert!(r.open_fds >= 3 && r.threads >= 1, "{r:?}");
     }
@@ -140,12 +161,9 @@ impl SimWithChild {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn an_upstream_listener_and_its_child_are_upstream_targets_until_they_exit() {
-    if !support::require_root(
-        "an_upstream_listener_and_its_child_are_upstream_targets_until_they_exit",
-    ) {
-        return;
-    }
+    support::assert_root();
     let sim = SimWithChild::start();
     let sim_pid = sim.sim.id();
     let children = sim.children();

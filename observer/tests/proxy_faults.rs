@@ -252,19 +252,21 @@ async fn an_idle_keep_alive_connection_is_closed_without_a_word() {
     assert_eq!(stream.ending, Ending::Complete);
     assert_eq!(stream.chunks.len(), 5);
 
+    // The connection turned idle after this request was sent: it cannot close sooner than
+    // the idle timeout after that.
+    let asked = Instant::now();
     client.send(&get("/api/version")).await;
     let reply = client.reply().await;
     assert_eq!(status_of(&reply), 200);
-    let silent = Instant::now();
     assert!(
         client.closed().await,
         "bytes after an idle timeout: {:?}",
         String::from_utf8_lossy(&client.buf)
     );
-    let idle = silent.elapsed();
+    let closed = asked.elapsed();
     assert!(
-        idle >= Duration::from_millis(250),
-        "closed {idle:?} after the last response, before the idle timeout"
+        closed >= Duration::from_millis(300),
+        "closed {closed:?} after the last request was sent, before the idle timeout"
     );
 
     assert_requests(&proxy, "gateway", &[("200", 2.0)]);
@@ -336,11 +338,14 @@ async fn a_body_over_max_body_bytes_gets_413_and_nothing_reaches_the_upstream() 
 async fn an_unreachable_upstream_gets_502_at_once() {
     let nobody: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let proxy = Proxy::start(nobody, &[]);
-    let started = Instant::now();
     let reply = exchange(proxy.addr, &get("/api/tags")).await;
-    let took = started.elapsed();
-    assert_own_reply(&reply, 502);
-    assert!(took < Duration::from_secs(1), "502 after {took:?}");
+    // At once: on the refusal, not after the connect timeout (which says "within 5s").
+    let error = assert_own_reply(&reply, 502);
+    assert!(
+        error.starts_with(&format!("cannot connect to the upstream {nobody}: "))
+            && error.contains("Connection refused"),
+        "{error:?}"
+    );
 
     assert_requests(&proxy, "gateway", &[("502", 1.0)]);
     assert_requests(&proxy, "upstream", &[]);
@@ -424,9 +429,9 @@ async fn connections_beyond_max_conns_get_503_and_the_others_carry_on() {
 
     // The third gets its answer without asking anything (not a request: nothing to count).
     let mut third = Client::connect(proxy.addr).await;
-    let refused = tokio::time::timeout(Duration::from_secs(2), third.reply())
+    let refused = tokio::time::timeout(WAIT, third.reply())
         .await
-        .expect("no answer within 2 s on a connection beyond --max-conns that sent nothing");
+        .expect("no answer on a connection beyond --max-conns that sent nothing");
     assert_own_reply(&refused, 503);
     assert_retry_after(&refused);
     assert!(third.closed().await);
@@ -717,8 +722,8 @@ async fn sigterm_lets_open_streams_finish_and_refuses_new_connections() {
             Ok(_) => {}
         }
         assert!(
-            signalled.elapsed() < Duration::from_secs(2),
-            "still accepting 2 s after SIGTERM"
+            signalled.elapsed() < WAIT,
+            "still accepting {WAIT:?} after SIGTERM"
         );
         std::thread::sleep(Duration::from_millis(10));
     }

@@ -113,10 +113,9 @@ impl Worst {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn ollama_client_through_nginx_is_measured_exactly() {
-    if !support::require_root("ollama_client_through_nginx_is_measured_exactly") {
-        return;
-    }
+    support::assert_root();
     let sim = Sim::start(&[
         "--load-ms",
         "30",

@@ -47,10 +47,9 @@ const CONN_KEYS: &[&str] = &[
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(root), ignore = "needs root")]
 async fn trace_shows_a_curl_request_through_nginx_as_it_happens() {
-    if !support::require_root("trace_shows_a_curl_request_through_nginx_as_it_happens") {
-        return;
-    }
+    support::assert_root();
     let me = std::process::id();
     let (sim, nginx) = support::nginx::in_front_of_sim().await;
     let sim_addr = sim.local_addr();
@@ -311,10 +310,9 @@ fn bad_flags_are_one_line_errors() {
 /// side of the gateway port, nginx's client side and the simulator's server side of the
 /// upstream port), each with the model, status and tokens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(root), ignore = "needs root")]
 async fn trace_exchanges_prints_finished_exchanges() {
-    if !support::require_root("trace_exchanges_prints_finished_exchanges") {
-        return;
-    }
+    support::assert_root();
     let (sim, nginx) = support::nginx::in_front_of_sim().await;
     let sim_addr = sim.local_addr();
     let (mut trace, mut stdout, mut stderr) =

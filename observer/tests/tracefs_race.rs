@@ -33,10 +33,9 @@ const ROUNDS: usize = 20;
 const TRACEFS: &str = "/sys/kernel/tracing";
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn simultaneous_starts_all_find_or_mount_tracefs() {
-    if !support::require_root("simultaneous_starts_all_find_or_mount_tracefs") {
-        return;
-    }
+    support::assert_root();
     let mut child = Command::new(std::env::current_exe().expect("the test binary's path"));
     child
         .args(["--exact", CHILD_TEST, "--ignored", "--nocapture"])

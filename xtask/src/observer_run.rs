@@ -446,12 +446,15 @@ process_resident_memory_bytes 2.5e7 1700000000000
     /// The real daemon (root; the release or the debug build of `observer`, whichever is
     /// there: CI builds the debug one before the tests): ready, scraped, stopped cleanly.
     #[test]
+    #[cfg_attr(not(root), ignore = "needs root")]
     fn starts_scrapes_and_stops_the_daemon() {
         // SAFETY: geteuid reads the process's effective user id.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: starts_scrapes_and_stops_the_daemon needs root (observer run)");
-            return;
-        }
+        let euid = unsafe { libc::geteuid() };
+        assert!(
+            euid == 0,
+            "this test needs root (observer run) and runs as uid {euid}: run it as root, or \
+             build as this user to have it reported ignored"
+        );
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
         let Some(binary) = ["release", "debug"]
             .into_iter()

@@ -1,18 +1,36 @@
 //! Helpers shared by the black-box tests.
 #![allow(dead_code)]
 
-/// Kernel tests need root. On a developer's machine without it they skip with a message; in CI
-/// (`CI` set) a missing privilege is a failure, never a silent skip.
-pub fn require_root(test: &str) -> bool {
+/// The runtime guard of a root-only test, which is marked
+/// `#[cfg_attr(not(root), ignore = "needs root")]` (see `observer/build.rs`): a build as root
+/// (or in CI) runs it, and running it without root anyway (built as root and run as another
+/// user, or `--ignored`) fails here, saying why, instead of passing untested.
+pub fn assert_root() {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
+    let euid = unsafe { libc::geteuid() };
+    assert!(
+        euid == 0,
+        "this test needs root (it loads eBPF programs or changes the host) and runs as uid \
+         {euid}: run it as root, or build as this user to have it reported ignored"
+    );
+}
+
+/// Polls `ready` every 10 ms until it returns `Some`, for at most `within`: the bound only
+/// ends a wait that failed (a test that passes never waits it out). `None` when time ran out.
+pub fn wait_until<T>(
+    within: std::time::Duration,
+    mut ready: impl FnMut() -> Option<T>,
+) -> Option<T> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(found) = ready() {
+            return Some(found);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    if std::env::var_os("CI").is_some() {
-        panic!("{test}: kernel tests must run as root in CI");
-    }
-    eprintln!("SKIPPED {test}: needs root to load eBPF programs");
-    false
 }
 
 pub mod capture;
