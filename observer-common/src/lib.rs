@@ -71,7 +71,6 @@ pub mod syscall {
     pub const RECVMSG: u32 = 7;
     pub const SENDMSG: u32 = 8;
     // Lifecycle, at exit.
-    // Lifecycle, at exit too.
     pub const CONNECT: u32 = 9;
     pub const LISTEN: u32 = 10;
     pub const ACCEPT: u32 = 11;

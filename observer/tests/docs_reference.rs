@@ -1,6 +1,7 @@
 //! The metrics reference in docs/METRICS.md is generated from the code: its table must equal
 //! what `observer metrics-reference` prints, every family must be explained below it, and every
-//! `observer_*` name any document mentions must be one the daemon exports.
+//! `observer_*` name any document mentions must be one the daemon exports. And the repository
+//! stands alone: no file cites one outside it.
 //!
 //! `UPDATE_DOCS=1 cargo test --test docs_reference` rewrites the generated table.
 
@@ -155,4 +156,31 @@ fn collect_files(dir: &Path, files: &mut Vec<std::path::PathBuf>) {
             files.push(path);
         }
     }
+}
+
+/// No tracked file points into a folder beside the repository or cites the specification it
+/// started from by section number: what the code and docs need of it is in docs/DESIGN.md.
+#[test]
+fn the_repository_stands_alone() {
+    let listed = Command::new("git")
+        .args(["ls-files", "-z"])
+        .current_dir(repo())
+        .output()
+        .expect("run git ls-files");
+    assert!(listed.status.success(), "git ls-files failed");
+    let mut found = Vec::new();
+    for name in listed.stdout.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let name = String::from_utf8_lossy(name).into_owned();
+        // Binary files (the kernel object) are not read.
+        let Ok(text) = std::fs::read_to_string(repo().join(&name)) else {
+            continue;
+        };
+        for (n, line) in text.lines().enumerate() {
+            // Spelled in two pieces so that this file does not find itself.
+            if line.contains(concat!("../", "shared")) || line.contains(concat!("SPEC ", "§")) {
+                found.push(format!("{name}:{}: {}", n + 1, line.trim()));
+            }
+        }
+    }
+    assert!(found.is_empty(), "references outside the repository:\n{}", found.join("\n"));
 }
