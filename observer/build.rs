@@ -4,11 +4,13 @@
 
 #[path = "../xtask/src/ebpf_object.rs"]
 mod ebpf_object;
+#[path = "../xtask/src/root_cfg.rs"]
+mod root_cfg;
 
 use std::path::Path;
 
 fn main() {
-    mark_root_only_tests();
+    root_cfg::mark_root_only_tests();
     let manifest = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
     let workspace = Path::new(&manifest)
         .parent()
@@ -61,23 +63,6 @@ fn main() {
         }
     };
     println!("cargo::rustc-env=OBSERVER_BPF_OBJECT={}", object.display());
-}
-
-/// `cfg(root)` when this build runs as root (effective uid 0), or in CI (`CI` set), where a
-/// test that needs root must run and fail without it rather than be left out. Tests that need
-/// root are marked `#[cfg_attr(not(root), ignore = "needs root")]`: a build without root
-/// reports them ignored, not passed.
-fn mark_root_only_tests() {
-    println!("cargo::rustc-check-cfg=cfg(root)");
-    // A switch of user (sudo sets SUDO_UID) rebuilds with the new answer.
-    for variable in ["USER", "SUDO_UID", "CI"] {
-        println!("cargo::rerun-if-env-changed={variable}");
-    }
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if root || std::env::var_os("CI").is_some() {
-        println!("cargo::rustc-cfg=root");
-    }
 }
 
 fn fail(message: &str) -> ! {
