@@ -55,9 +55,9 @@ impl Scrape {
         })
     }
 
-    /// The sum of every series of `name` whose labels include `want`.
+    /// The sum of every series of `name` whose labels include `want`; 0 when none does.
     pub fn sum(&self, name: &str, want: &[(&str, &str)]) -> f64 {
-        self.matching(name, want).map(|s| s.value).sum()
+        add(self.matching(name, want).map(|s| s.value))
     }
 
     /// As [`Scrape::sum`], counting only series whose `label` value passes `keep`.
@@ -68,10 +68,20 @@ impl Scrape {
         label: &str,
         keep: impl Fn(&str) -> bool,
     ) -> f64 {
-        self.matching(name, want)
+        add(self
+            .matching(name, want)
             .filter(|s| s.labels.get(label).is_some_and(|v| keep(v)))
-            .map(|s| s.value)
-            .sum()
+            .map(|s| s.value))
+    }
+
+    /// Every series of `name` whose labels include `want`: its labels and its value, in the
+    /// order of the page.
+    pub fn series<'a>(
+        &'a self,
+        name: &'a str,
+        want: &'a [(&'a str, &'a str)],
+    ) -> impl Iterator<Item = (&'a BTreeMap<String, String>, f64)> + 'a {
+        self.matching(name, want).map(|s| (&s.labels, s.value))
     }
 
     /// Each value of `label` among the series of `name`, with that series' value.
@@ -95,6 +105,12 @@ impl Scrape {
         }
         by_le.into_values().collect()
     }
+}
+
+/// The sum of `values`, folded from +0: `Iterator::sum` of no values is -0, which prints as
+/// "-0".
+fn add(values: impl Iterator<Item = f64>) -> f64 {
+    values.fold(0.0, |sum, v| sum + v)
 }
 
 /// Bucket counts of `now` minus those of `before` (a window's histogram); a bound missing
@@ -249,6 +265,27 @@ h_bucket{role="upstream",le="+Inf"} 2
             page.by_label("observer_model_ready", "model"),
             [("a \"quoted\" name".to_owned(), 1.0)]
         );
+    }
+
+    #[test]
+    fn sums_of_no_series_are_zero_and_series_keep_their_labels() {
+        let page = Scrape::parse(PAGE);
+        let none = page.sum("observer_http_requests_total", &[("role", "none")]);
+        assert!(none == 0.0 && none.is_sign_positive(), "{none}");
+        assert_eq!(format!("{}", page.sum("absent", &[])), "0");
+        let upstream: Vec<(String, f64)> = page
+            .series("h_bucket", &[("role", "upstream")])
+            .map(|(labels, value)| (labels["le"].clone(), value))
+            .collect();
+        assert_eq!(
+            upstream,
+            [
+                ("0.1".to_owned(), 2.0),
+                ("1".to_owned(), 2.0),
+                ("+Inf".to_owned(), 2.0)
+            ]
+        );
+        assert_eq!(page.series("observer_model_ready", &[]).count(), 1);
     }
 
     #[test]
