@@ -23,7 +23,7 @@ use crate::{
         parse_options,
         report::{DocArgs, finish, grouped, latency, machine as machine_line, mib, paragraph},
     },
-    observer_run::{Counts, ObserverRun, WATCH_ONLY, release_binary, settled},
+    observer_run::{Counts, ObserverRun, WATCH_ONLY, counts, release_binary, rss_kib, settled},
     rate::{self, RateConfig, RateResult},
 };
 
@@ -124,7 +124,7 @@ fn measure(opts: &Options, gateway: &Gateway, observer: &ObserverRun) -> anyhow:
         warm.completed(),
         warm.achieved_rate()
     );
-    let before = settled(|| Counts::read(observer))?;
+    let before = settled(|| counts(observer))?;
     let pid = observer.pid();
     let clock = CpuClock::start(&[gateway.pids(), vec![pid, std::process::id()]].concat());
     let cpu_before = machine::process_busy(pid);
@@ -143,7 +143,7 @@ fn measure(opts: &Options, gateway: &Gateway, observer: &ObserverRun) -> anyhow:
         let sampler = scope.spawn(|| {
             let mut samples = Vec::new();
             while !done.load(Ordering::Relaxed) {
-                samples.extend(observer.rss_kib().ok());
+                samples.extend(rss_kib(observer).ok());
                 let until = Instant::now() + Duration::from_secs(1);
                 while Instant::now() < until && !done.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(50));
@@ -164,8 +164,8 @@ fn measure(opts: &Options, gateway: &Gateway, observer: &ObserverRun) -> anyhow:
         (machine::process_busy(std::process::id()) - generator_before) / opts.seconds as f64;
     let nginx_cores = (nginx_busy() - nginx_before) / opts.seconds as f64;
     let others_cores = clock.others_cores();
-    let after = settled(|| Counts::read(observer))?;
-    let rss_after = observer.rss_kib()?;
+    let after = settled(|| counts(observer))?;
+    let rss_after = rss_kib(observer)?;
     let outcome = Outcome {
         rss_kib: (
             samples.iter().copied().min().unwrap_or(rss_after),

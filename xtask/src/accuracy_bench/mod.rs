@@ -23,14 +23,13 @@ use anyhow::{Context as _, bail};
 use clap::Parser;
 
 use crate::{
-    chat::{Api, ChatClient, ChatRequest, Gateway, Outcome, Sim},
+    chat::{self, Api, ChatClient, ChatRequest, Outcome},
     common::{
-        http::free_port,
         machine::CpuClock,
         report::DocArgs,
         stats::{Spread, percentile},
     },
-    observer_run::{ObserverRun, metric_sum, release_binary},
+    observer_run::{ObserverRun, WATCH_ONLY, release_binary},
 };
 
 /// `observer sim`'s defaults for every request; each request then sets its own timing with
@@ -143,9 +142,9 @@ struct Counters {
 
 impl Counters {
     fn read(observer: &ObserverRun) -> anyhow::Result<Counters> {
-        let text = observer.metrics_text()?;
+        let scrape = observer.scrape()?;
         let gateway = [("role", "gateway")];
-        let get = |name: &str| metric_sum(&text, name, &gateway);
+        let get = |name: &str| scrape.sum(name, &gateway);
         Ok(Counters {
             requests: get("observer_http_requests_total"),
             duration_sum: get("observer_http_request_duration_seconds_sum"),
@@ -184,15 +183,15 @@ pub fn run(workspace: &Path, args: &[String]) -> anyhow::Result<()> {
         bail!("--requests and --rounds must be at least 1");
     }
     let binary = release_binary(workspace)?;
-    let sim = Sim::start(&binary, 0, &SIM_FLAGS)?;
-    let gateway = Gateway::start("accuracy", free_port()?, sim.addr)?;
+    let sim = chat::sim(&binary, &SIM_FLAGS)?;
+    let gateway = chat::gateway("accuracy", sim.addr)?;
     let observer = ObserverRun::start(
         &binary,
         &[
             (gateway.addr.port(), "gateway"),
             (sim.addr.port(), "upstream"),
         ],
-        &["--no-probe", "--gpu", "off"],
+        &WATCH_ONLY,
     )?;
     println!(
         "gateway {} -> observer sim {}; observer run on {}",
@@ -229,9 +228,9 @@ pub fn run(workspace: &Path, args: &[String]) -> anyhow::Result<()> {
         println!("round {}: {}", rounds.len() + 1, round.summary());
         rounds.push(round);
     }
-    let text = observer.metrics_text()?;
-    let lost = metric_sum(&text, "observer_ebpf_events_lost_total", &[]) as u64;
-    let parse_errors = metric_sum(&text, "observer_http_parse_errors_total", &[]) as u64;
+    let scrape = observer.scrape()?;
+    let lost = scrape.sum("observer_ebpf_events_lost_total", &[]) as u64;
+    let parse_errors = scrape.sum("observer_http_parse_errors_total", &[]) as u64;
     observer.stop()?;
 
     let section = report::markdown(&opts, &rounds, realtime, lost, parse_errors);

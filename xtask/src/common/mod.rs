@@ -1,8 +1,8 @@
-//! What the benchmarks share: the processes they run (`nginx`), the closed-loop load (`wrk`),
-//! plumbing HTTP and free ports (`http`), `/proc` readings and quiet-machine waits
-//! (`machine`), and the markdown of `docs/BENCHMARKS.md` (`report`, `stats`).
+//! What the benchmarks share: the nginx pair they run (`nginx`, with testkit's launcher), the
+//! closed-loop load (`wrk`), `/proc` readings and quiet-machine waits (`machine`), and the
+//! markdown of `docs/BENCHMARKS.md` (`report`, `stats`). Ports, HTTP and the daemon's
+//! processes come from `testkit`.
 
-pub mod http;
 pub mod machine;
 pub mod nginx;
 pub mod report;

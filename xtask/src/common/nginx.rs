@@ -1,175 +1,67 @@
-//! Debian's nginx as the benchmarks run it: the fast upstream (one worker answering every
-//! request at once) and the gateway (a plain reverse proxy with upstream keep-alive, as on an
-//! Ollama host), each from a temporary directory of its own and stopped when its guard drops.
+//! Debian's nginx as the benchmarks run it (testkit's launcher): the fast upstream (one worker
+//! answering every request at once) and the gateway (a plain reverse proxy with upstream
+//! keep-alive, as on an Ollama host), each from a temporary directory of its own and stopped
+//! when it drops.
 
-use std::{
-    fs,
-    net::{SocketAddr, TcpStream},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+use std::net::SocketAddr;
+
+use anyhow::bail;
+use testkit::{
+    http,
+    nginx::{Config, Nginx, Serve},
 };
 
-use anyhow::{Context as _, bail};
+/// Connections of each worker, and the requests a client connection may carry (lifted, so
+/// that nginx, like the observer proxy, never closes a connection itself; as Ollama's Go
+/// server does not).
+const WORKER_CONNECTIONS: u32 = 4096;
+const KEEPALIVE: (u64, u64) = (1_000_000, 600);
 
-use super::http::{free_port, keep_alive_request, stop_child};
-
-pub const NGINX: &str = "/usr/sbin/nginx";
+/// Any port on the loopback: a free one is chosen at start.
+fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
 
 /// The fast upstream: one worker answering every request at once, and never closing a
-/// keep-alive connection on its own (as Ollama's Go server does not).
-pub fn upstream_conf(port: u16) -> String {
-    format!(
-        r#"worker_processes 1;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    keepalive_requests 1000000;
-    keepalive_timeout 600s;
-    server {{
-        listen 127.0.0.1:{port};
-        default_type application/json;
-        location / {{ return 200 '{{"status":"ok"}}'; }}
-    }}
-}}
-"#
-    )
-}
-
-/// nginx as a plain reverse proxy with upstream keep-alive, one worker per core. The request
-/// limits are lifted so that nginx, like the observer proxy, never closes a connection itself.
-pub fn gateway_conf(port: u16, upstream: SocketAddr) -> String {
-    format!(
-        r#"worker_processes 2;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    keepalive_requests 1000000;
-    keepalive_timeout 600s;
-    upstream u {{
-        server {upstream};
-        keepalive 64;
-        keepalive_requests 1000000;
-    }}
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{
-            proxy_pass http://u;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }}
-    }}
-}}
-"#
-    )
-}
-
-/// Debian's nginx run from a temporary directory of its own (config, pid, logs, temp files),
-/// in the foreground; dropping it stops nginx and removes the directory.
-pub struct Nginx {
-    child: Child,
-    dir: PathBuf,
-    pub addr: SocketAddr,
-}
-
-impl Nginx {
-    pub fn start(name: &str, http: impl FnOnce(u16) -> String) -> anyhow::Result<Nginx> {
-        let port = free_port()?;
-        let dir = prepare(name, &http(port))?;
-        let child = command(&dir).spawn().context("starting nginx")?;
-        let mut nginx = Nginx {
-            child,
-            dir,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while get_ok(nginx.addr, super::PATH).is_err() {
-            if let Some(status) = nginx.child.try_wait()? {
-                bail!("nginx ({name}) exited with {status}: {}", nginx.error_log());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "nginx ({name}) does not answer on {}: {}",
-                    nginx.addr,
-                    nginx.error_log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(nginx)
-    }
-
-    /// The master and its workers.
-    pub fn pids(&self) -> Vec<u32> {
-        let pid = self.child.id();
-        let children =
-            fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-        std::iter::once(pid)
-            .chain(children.split_whitespace().filter_map(|p| p.parse().ok()))
-            .collect()
-    }
-
-    fn error_log(&self) -> String {
-        error_log(&self.dir)
+/// keep-alive connection on its own.
+pub fn upstream_conf() -> Config {
+    Config {
+        workers: 1,
+        worker_connections: WORKER_CONNECTIONS,
+        client_keepalive: Some(KEEPALIVE),
+        serve: Serve::Json(r#"{"status":"ok"}"#.to_owned()),
+        ..Config::gateway(loopback(), loopback())
     }
 }
 
-/// A fresh temporary directory for one nginx, holding `nginx.conf`: `conf` (a configuration
-/// with an `http {` block) completed with what keeps nginx in the foreground and inside the
-/// directory (pid, error log, temp paths).
-pub fn prepare(name: &str, conf: &str) -> anyhow::Result<PathBuf> {
-    if !Path::new(NGINX).exists() {
-        bail!("{NGINX} is missing: run scripts/setup.sh");
-    }
-    let dir = std::env::temp_dir().join(format!("observer-bench-{name}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let d = dir.display();
-    let conf = format!(
-        "daemon off;\nmaster_process on;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n{}",
-        conf.replace(
-            "http {\n",
-            &format!(
-                "http {{\n    client_body_temp_path {d}/client_body;\n    proxy_temp_path {d}/proxy;\n    \
-                 fastcgi_temp_path {d}/fastcgi;\n    uwsgi_temp_path {d}/uwsgi;\n    scgi_temp_path {d}/scgi;\n"
-            )
-        )
-    );
-    fs::write(dir.join("nginx.conf"), conf)?;
-    Ok(dir)
-}
-
-/// nginx with its prefix, configuration and error log in `dir` (see [`prepare`]), quiet.
-pub fn command(dir: &Path) -> Command {
-    let mut cmd = Command::new(NGINX);
-    cmd.arg("-p")
-        .arg(dir)
-        .arg("-c")
-        .arg(dir.join("nginx.conf"))
-        .arg("-e")
-        .arg(dir.join("error.log"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    cmd
-}
-
-/// What the nginx of `dir` logged.
-pub fn error_log(dir: &Path) -> String {
-    fs::read_to_string(dir.join("error.log")).unwrap_or_default()
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        stop_child(&mut self.child, Duration::from_secs(5));
-        let _ = fs::remove_dir_all(&self.dir);
+/// nginx as a plain reverse proxy to `upstream` with upstream keep-alive, one worker per core,
+/// buffering as nginx does by default.
+pub fn gateway_conf(upstream: SocketAddr) -> Config {
+    Config {
+        worker_connections: WORKER_CONNECTIONS,
+        client_keepalive: Some(KEEPALIVE),
+        serve: Serve::Proxy {
+            upstream,
+            keepalive: 64,
+            keepalive_requests: Some(KEEPALIVE.0),
+            buffering: true,
+            read_timeout: None,
+        },
+        ..Config::gateway(loopback(), upstream)
     }
 }
 
-/// One keep-alive request for `path` on a fresh connection, answered 200.
-fn get_ok(addr: SocketAddr, path: &str) -> anyhow::Result<()> {
-    let mut stream = TcpStream::connect(addr)?;
-    keep_alive_request(&mut stream, path)
+/// nginx with `config`, once it answers `GET` [`super::PATH`] with 200.
+pub fn start(name: &str, config: Config) -> anyhow::Result<Nginx> {
+    let nginx = Nginx::start(name, config)?;
+    match http::get(nginx.addr, super::PATH) {
+        Ok((200, _)) => Ok(nginx),
+        answer => bail!(
+            "nginx ({name}) on {} answers {answer:?}: {}",
+            nginx.addr,
+            nginx.error_log()
+        ),
+    }
 }
 
 /// The Ollama host's shape: nginx as the gateway (2 workers, upstream keep-alive) in front of
@@ -182,12 +74,11 @@ pub struct Gateway {
 impl Gateway {
     /// Starts both and says where they listen.
     pub fn start() -> anyhow::Result<Gateway> {
-        let upstream = Nginx::start("upstream", upstream_conf)?;
-        let upstream_addr = upstream.addr;
-        let gateway = Nginx::start("gateway", |port| gateway_conf(port, upstream_addr))?;
+        let upstream = start("upstream", upstream_conf())?;
+        let gateway = start("gateway", gateway_conf(upstream.addr))?;
         println!(
-            "gateway nginx {} → upstream nginx {upstream_addr}",
-            gateway.addr
+            "gateway nginx {} → upstream nginx {}",
+            gateway.addr, upstream.addr
         );
         Ok(Gateway { upstream, gateway })
     }

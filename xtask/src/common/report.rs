@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::Context as _;
 
-use super::nginx::NGINX;
+use testkit::nginx::NGINX;
 
 /// Prose lines are wrapped like the rest of the file.
 const WIDTH: usize = 96;

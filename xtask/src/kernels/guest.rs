@@ -5,10 +5,9 @@
 //! run counters, then:
 //!
 //! 1. runs `observer check` (printed for the log; its JSON gives the programs to expect);
-//! 2. starts `observer run` watching 18789 (gateway) and 11434 (upstream; with the benchmarks'
-//!    launcher, [`ObserverRun`]), then `observer sim`
-//!    on 11434 and a relay of its own on 18789 (both listen after the capture started: the
-//!    listen tracepoint marks them);
+//! 2. starts `observer run` watching 18789 (gateway) and 11434 (upstream), then `observer sim`
+//!    on 11434 (both with testkit's launchers, as the benchmarks start them) and a relay of its
+//!    own on 18789 (both listen after the capture started: the listen tracepoint marks them);
 //! 3. starts a client process (fork and exec of a watched process: the task and exec
 //!    tracepoints) that sends one streamed `/api/generate` through the relay with each pair of
 //!    data system calls (`write`/`read`, `sendto`/`recvfrom`, `writev`/`readv`,
@@ -25,18 +24,19 @@ use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
     path::Path,
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
-use testkit::socket_io::{Api, recv_once, send_all};
-
-use crate::{
-    common::http::stop_child,
-    observer_run::{Counts, ObserverRun, WATCH_ONLY, metric_sum, settled},
+use testkit::{
+    ledger::{Check, REQUESTS, ROLES, mismatches},
+    observer::Sim,
+    socket_io::{Api, recv_once, send_all},
 };
+
+use crate::observer_run::{self, ObserverRun, WATCH_ONLY, settled};
 
 /// The line the host looks for on the serial console.
 pub const RESULT_PREFIX: &str = "observer-kernels-result: ";
@@ -167,7 +167,7 @@ fn drive(report: &mut Report) -> anyhow::Result<()> {
         bail!("observer check: {}", problems.join("; "));
     }
 
-    // The benchmarks' launcher: ready when /readyz says 200, its log in the error otherwise.
+    // testkit's launcher: ready when /readyz says 200, its log in the error otherwise.
     let run = ObserverRun::start(
         Path::new(OBSERVER),
         &[(GATEWAY, "gateway"), (UPSTREAM, "upstream")],
@@ -182,17 +182,15 @@ fn drive(report: &mut Report) -> anyhow::Result<()> {
 
 /// Steps 2 to 4, with `observer run` ready.
 fn exchange_and_count(report: &mut Report, run: &ObserverRun) -> anyhow::Result<()> {
-    let mut sim = Command::new(OBSERVER)
-        .args(["sim", "--listen", &format!("127.0.0.1:{UPSTREAM}")])
-        .args(["--load-ms", "0", "--first-token-ms", "2", "--token-ms", "1"])
-        .args(["--tokens", &TOKENS.to_string()])
-        .stdout(Stdio::null())
-        .spawn()
-        .context("starting observer sim")?;
-    let upstream = SocketAddr::from(([127, 0, 0, 1], UPSTREAM));
-    wait_for("observer sim to listen", Duration::from_secs(30), || {
-        Ok(TcpStream::connect(upstream).is_ok())
-    })?;
+    let tokens = TOKENS.to_string();
+    let timing = ["--load-ms", "0", "--first-token-ms", "2", "--token-ms", "1"];
+    let flags = [&timing[..], &["--tokens", &tokens]].concat();
+    let mut sim = Sim::start(
+        Path::new(OBSERVER),
+        &format!("127.0.0.1:{UPSTREAM}"),
+        &flags,
+    )?;
+    let upstream = sim.addr;
     let relay = TcpListener::bind(("127.0.0.1", GATEWAY)).context("the relay's listener")?;
     std::thread::spawn(move || {
         for client in relay.incoming().flatten() {
@@ -210,54 +208,48 @@ fn exchange_and_count(report: &mut Report, run: &ObserverRun) -> anyhow::Result<
     }
 
     let sent = Api::ALL.len() as u64;
-    let scrape = || run.metrics_text();
     let _ = wait_for("the exchanges on /metrics", Duration::from_secs(20), || {
-        let counts = Counts::parse(&scrape()?)?;
+        let counts = observer_run::counts(run)?;
         Ok(counts.gateway >= sent && counts.upstream >= sent)
     });
-    let counts = settled(|| Counts::parse(&scrape()?))?;
-    let text = scrape()?;
+    let counts = settled(|| observer_run::counts(run))?;
+    let scrape = run.scrape()?;
     report.exchanges = (counts.gateway, counts.upstream);
-    let mut expect = |what: String, got: f64, want: f64| {
-        if got != want {
-            report
-                .failures
-                .push(format!("{what}: {got}, expected {want}"));
-        }
-    };
-    for role in ["gateway", "upstream"] {
-        expect(
-            format!("{role} /api/generate exchanges answered 200"),
-            metric_sum(
-                &text,
-                "observer_http_requests_total",
-                &[("role", role), ("route", "/api/generate"), ("code", "200")],
-            ),
-            sent as f64,
+    // What the client did, as /metrics must show it.
+    let mut checks = Vec::new();
+    for role in ROLES {
+        let answered = [("role", role), ("route", "/api/generate"), ("code", "200")];
+        checks.push(
+            Check::new(REQUESTS, &answered, sent as f64)
+                .described(format!("{role} /api/generate exchanges answered 200")),
         );
-        expect(
-            format!("{role} output tokens"),
-            metric_sum(
-                &text,
+        let output = [("role", role), ("gen_ai_token_type", "output")];
+        checks.push(
+            Check::new(
                 "gen_ai_client_token_usage_sum",
-                &[("role", role), ("gen_ai_token_type", "output")],
-            ),
-            (sent * TOKENS) as f64,
+                &output,
+                (sent * TOKENS) as f64,
+            )
+            .described(format!("{role} output tokens")),
         );
     }
-    expect(
-        "gateway requests paired with their upstream request".into(),
-        metric_sum(&text, "observer_gateway_overhead_seconds_count", &[]),
-        sent as f64,
+    checks.push(
+        Check::new("observer_gateway_overhead_seconds_count", &[], sent as f64)
+            .described("gateway requests paired with their upstream request"),
     );
-    expect("events lost".into(), counts.lost_total() as f64, 0.0);
+    report.failures.extend(mismatches(&checks, &scrape));
+    if counts.lost_total() != 0 {
+        report
+            .failures
+            .push(format!("events lost: {}, expected 0", counts.lost_total()));
+    }
     if !counts.parse_errors.is_empty() {
         report
             .failures
             .push(format!("parse errors: {:?}", counts.parse_errors));
     }
     count_runs(report);
-    let _ = stop_child(&mut sim, Duration::from_secs(5));
+    sim.stop(Duration::from_secs(5));
     Ok(())
 }
 

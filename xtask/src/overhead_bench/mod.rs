@@ -33,7 +33,7 @@ use crate::{
         rounds::{self, Disturbed},
         wrk::{self, WrkResult},
     },
-    observer_run::{Counts, ObserverRun, WATCH_ONLY, release_binary, settled},
+    observer_run::{ObserverRun, WATCH_ONLY, counts, release_binary, settled},
     rate::{self, RateConfig, RateResult},
 };
 
@@ -189,7 +189,7 @@ fn measure(
     // Settled, so that requests finishing after the warm-up are not counted in the round.
     let before = observer
         .as_ref()
-        .map(|o| settled(|| Counts::read(o)))
+        .map(|o| settled(|| counts(o)))
         .transpose()?;
     let nginx = gateway.pids();
     let daemon: Vec<u32> = observer.iter().map(ObserverRun::pid).collect();
@@ -201,7 +201,7 @@ fn measure(
     let others_cores = clock.others_cores();
     let observed = match (&observer, before) {
         (Some(o), Some(before)) => {
-            let after = settled(|| Counts::read(o))?;
+            let after = settled(|| counts(o))?;
             Some(Observed {
                 cpu_s: daemon_cpu,
                 gateway: after.gateway.saturating_sub(before.gateway),

@@ -5,9 +5,10 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
+use testkit::http;
 
-use crate::common::{PATH, http::keep_alive_request, machine};
+use crate::common::{PATH, machine};
 
 /// A contender's memory before and with `count` idle keep-alive connections.
 pub struct Memory {
@@ -35,8 +36,12 @@ impl Memory {
         for i in 0..count {
             let mut stream =
                 TcpStream::connect(addr).with_context(|| format!("connection {i} to {addr}"))?;
-            keep_alive_request(&mut stream, PATH)
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            let response = http::exchange(&mut stream, &http::get_request(PATH))
                 .with_context(|| format!("request on connection {i} to {addr}"))?;
+            if response.status != Some(200) {
+                bail!("connection {i} to {addr}: status {:?}", response.status);
+            }
             streams.push(stream);
         }
         std::thread::sleep(Duration::from_secs(1));

@@ -5,8 +5,8 @@
 //! count against wrk's. Prints markdown and rewrites the "Proxy against nginx" section of
 //! `docs/BENCHMARKS.md`. It asserts nothing about speed; the figures are for a person to read.
 //!
-//! - `servers`: `observer proxy`, stopped when its guard drops, on error too (nginx, `wrk` and
-//!   the `/proc` readings are in [`crate::common`]).
+//! - `servers`: `observer proxy` (testkit's launcher) and its count (nginx, `wrk` and the
+//!   `/proc` readings are in [`crate::common`]).
 //! - `memory`: the idle keep-alive clients of the memory figure.
 //! - `report`: the markdown of its section of `docs/BENCHMARKS.md`.
 
@@ -20,9 +20,7 @@ use anyhow::Context as _;
 
 use crate::{
     common::{
-        machine,
-        nginx::{self, Nginx},
-        parse_options,
+        machine, nginx, parse_options,
         report::DocArgs,
         rounds,
         wrk::{self, WrkResult},
@@ -30,7 +28,7 @@ use crate::{
     observer_run::release_binary,
 };
 use memory::Memory;
-use servers::ObserverProxy;
+use testkit::observer::Proxy;
 /// Seconds of `wrk` before each measured round, not measured.
 const WARM_UP: u64 = 2;
 const CONTENDERS: [&str; 2] = ["nginx", "observer"];
@@ -67,10 +65,10 @@ pub fn run(workspace: &Path, args: &[String]) -> anyhow::Result<()> {
     machine::raise_fd_limit()?;
     let observer = release_binary(workspace)?;
 
-    let upstream = Nginx::start("upstream", nginx::upstream_conf)?;
+    let upstream = nginx::start("upstream", nginx::upstream_conf())?;
     let upstream_addr = upstream.addr;
-    let nginx = Nginx::start("proxy", |port| nginx::gateway_conf(port, upstream_addr))?;
-    let proxy = ObserverProxy::start(&observer, upstream_addr)?;
+    let nginx = nginx::start("proxy", nginx::gateway_conf(upstream_addr))?;
+    let proxy = servers::start(&observer, upstream_addr)?;
     println!(
         "upstream {upstream_addr}, nginx {}, observer proxy {}",
         nginx.addr, proxy.addr
@@ -106,14 +104,12 @@ fn measure(
     addr: SocketAddr,
     pids: &[u32],
     upstream: &[u32],
-    counter: Option<&ObserverProxy>,
+    counter: Option<&Proxy>,
 ) -> anyhow::Result<Round> {
     machine::wait_for_quiet();
     wrk::run(addr, opts.wrk.connections, WARM_UP).context("warm-up")?;
     // Settled, so that requests cut at the end of the warm-up are not counted in the round.
-    let before = counter
-        .map(ObserverProxy::settled_gateway_requests)
-        .transpose()?;
+    let before = counter.map(servers::settled_gateway_requests).transpose()?;
     let busy = || pids.iter().map(|&p| machine::process_busy(p)).sum::<f64>();
     let clock = machine::CpuClock::start(&[pids, upstream].concat());
     let started = busy();
@@ -121,7 +117,7 @@ fn measure(
     let cpu_us_per_request = (busy() - started) * 1e6 / wrk.requests.max(1) as f64;
     let others_cores = clock.others_cores();
     let counted = match (counter, before) {
-        (Some(proxy), Some(before)) => Some(proxy.settled_gateway_requests()? - before),
+        (Some(proxy), Some(before)) => Some(servers::settled_gateway_requests(proxy)? - before),
         _ => None,
     };
     Ok(Round {

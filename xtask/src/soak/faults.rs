@@ -14,9 +14,10 @@ use std::{
 };
 
 use anyhow::Context as _;
+use testkit::{nginx::Nginx, observer::Sim};
 
 use super::workload::{CLIENT_TIMEOUT, Dice, Tally};
-use crate::chat::{Api, ChatClient, ChatRequest, Gateway, Sim};
+use crate::chat::{Api, ChatClient, ChatRequest};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Fault {
@@ -74,7 +75,7 @@ pub struct Probes {
 
 /// Everything a fault may touch.
 pub struct Target<'a> {
-    pub gateway: &'a mut Gateway,
+    pub gateway: &'a mut Nginx,
     pub sim: &'a mut Sim,
     pub tally: &'a Mutex<Tally>,
     pub probes: &'a mut Probes,
@@ -87,7 +88,7 @@ impl Fault {
             Fault::KillUpstream => kill_upstream(t),
             Fault::ReloadGateway => {
                 let old = t.gateway.worker_pids();
-                t.gateway.reload()?;
+                t.gateway.reload_and_wait()?;
                 Ok(format!(
                     "old workers {old:?}, now {:?}",
                     t.gateway.worker_pids()

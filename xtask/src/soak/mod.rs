@@ -29,12 +29,13 @@ use anyhow::{Context as _, bail};
 use clap::Parser;
 
 use crate::{
-    chat::{Gateway, Sim},
-    common::{http::free_port, machine::raise_fd_limit, report::DocArgs},
-    observer_run::{ObserverRun, metric_sum, release_binary},
+    chat,
+    common::{machine::raise_fd_limit, report::DocArgs},
+    observer_run::{ObserverRun, WATCH_ONLY, release_binary},
 };
 use faults::{Fault, Probes, ROTATION, Target};
 use sampling::{ROLES, Sample};
+use testkit::{ledger::REQUESTS, metrics::Scrape, net::open_conns};
 use workload::{Dice, Mix, Tally};
 
 /// `observer sim`'s flags: a short model load after each (re)start, fixed seed.
@@ -98,7 +99,7 @@ pub struct Struck {
 /// The daemon once settled, and what is really open.
 pub struct Settled {
     /// `/metrics` then.
-    pub text: String,
+    pub scrape: Scrape,
     pub sample: Sample,
     /// Connections open on the gateway's and the upstream's port.
     pub open: [usize; 2],
@@ -136,13 +137,13 @@ pub fn run(workspace: &Path, duration: Duration, args: &[String]) -> anyhow::Res
     }
     raise_fd_limit()?;
     let binary = release_binary(workspace)?;
-    let mut sim = Sim::start(&binary, 0, &SIM_FLAGS)?;
-    let mut gateway = Gateway::start("soak", free_port()?, sim.addr)?;
+    let mut sim = chat::sim(&binary, &SIM_FLAGS)?;
+    let mut gateway = chat::gateway("soak", sim.addr)?;
     let ports = [gateway.addr.port(), sim.addr.port()];
     let observer = ObserverRun::start(
         &binary,
         &[(ports[0], "gateway"), (ports[1], "upstream")],
-        &["--no-probe", "--gpu", "off"],
+        &WATCH_ONLY,
     )?;
     println!(
         "soak for {} s: {} users -> nginx {} -> observer sim {}; observer run on {}; a fault \
@@ -294,15 +295,15 @@ fn settle(observer: &ObserverRun, ports: [u16; 2], started: Instant) -> anyhow::
     let from = Instant::now();
     let mut last: Option<Sample> = None;
     loop {
-        let text = observer.metrics_text()?;
+        let scrape = observer.scrape()?;
         let sample = Sample::read(observer, started)?;
-        let open = ports.map(sampling::open_connections);
+        let open = ports.map(|port| open_conns(port) as usize);
         let settled = sample.in_flight == [0.0; 2]
             && sample.connections == open.map(|n| n as f64)
             && last.is_some_and(|l| l.requests == sample.requests);
         if settled || from.elapsed() > SETTLE_WITHIN {
             return Ok(Settled {
-                text,
+                scrape,
                 sample,
                 open,
                 after_s: from.elapsed().as_secs_f64(),
@@ -315,37 +316,24 @@ fn settle(observer: &ObserverRun, ports: [u16; 2], started: Instant) -> anyhow::
 }
 
 /// The values of `label` among the series of `name` with `role`.
-fn label_values(text: &str, name: &str, role: &str, label: &str) -> BTreeSet<String> {
-    let role = format!("role=\"{role}\"");
-    let key = format!("{label}=\"");
-    text.lines()
-        .filter_map(|line| line.strip_prefix(name)?.strip_prefix('{'))
-        .filter(|rest| rest.contains(&role))
-        .filter_map(|rest| {
-            let value = &rest[rest.find(&key)? + key.len()..];
-            Some(value[..value.find('"')?].to_owned())
-        })
+fn label_values(scrape: &Scrape, name: &str, role: &str, label: &str) -> BTreeSet<String> {
+    scrape
+        .series(name, &[("role", role)])
+        .filter_map(|(labels, _)| labels.get(label).cloned())
         .collect()
 }
 
 impl Soak {
     /// The observer's gateway count for `code` (`"200"`, `"none"`, ...).
     fn observed(&self, role: &str, code: &str) -> u64 {
-        metric_sum(
-            &self.settled.text,
-            "observer_http_requests_total",
-            &[("role", role), ("code", code)],
-        ) as u64
+        self.settled
+            .scrape
+            .sum(REQUESTS, &[("role", role), ("code", code)]) as u64
     }
 
     /// Every status either side saw on the gateway, `none` left out.
     fn codes(&self) -> Vec<String> {
-        let mut codes = label_values(
-            &self.settled.text,
-            "observer_http_requests_total",
-            "gateway",
-            "code",
-        );
+        let mut codes = label_values(&self.settled.scrape, REQUESTS, "gateway", "code");
         codes.extend(self.tally.codes().iter().map(u16::to_string));
         codes.remove("none");
         codes.into_iter().collect()
@@ -366,12 +354,7 @@ impl Soak {
     /// What the observer should count as `code="none"` at the gateway: the clients' requests
     /// that got no response, and the half-open requests with a whole head.
     fn none_expected(&self) -> u64 {
-        let t = &self.tally;
-        t.no_response_fresh
-            + t.no_response_reused
-            + t.cut_in_head
-            + t.timed_out
-            + self.probes.abandoned_with_head
+        self.tally.gateway.get("none") + self.probes.abandoned_with_head
     }
 
     /// What the observer should count as `done_reason="incomplete"`: every client request
@@ -475,7 +458,7 @@ mod tests {
                     observer_http_requests_total{role=\"gateway\",code=\"none\"} 1\n\
                     observer_http_requests_total{role=\"upstream\",code=\"502\"} 1\n\
                     observer_http_requests_total_created{role=\"gateway\",code=\"404\"} 1\n";
-        let codes = label_values(text, "observer_http_requests_total", "gateway", "code");
+        let codes = label_values(&Scrape::parse(text), REQUESTS, "gateway", "code");
         assert_eq!(codes.into_iter().collect::<Vec<_>>(), ["200", "none"]);
     }
 }

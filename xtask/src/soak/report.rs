@@ -89,9 +89,8 @@ pub fn markdown(soak: &Soak, failures: &[String]) -> String {
         );
     }
     s.push('\n');
-    let incomplete = soak.settled.text.as_str();
-    let observed_incomplete = crate::observer_run::metric_sum(
-        incomplete,
+    let scrape = &soak.settled.scrape;
+    let observed_incomplete = scrape.sum(
         "observer_llm_requests_total",
         &[("role", "gateway"), ("done_reason", "incomplete")],
     ) as u64;
@@ -140,13 +139,8 @@ pub fn markdown(soak: &Soak, failures: &[String]) -> String {
         .iter()
         .map(|((role, answer), n)| format!("{role} {answer}: {n}"))
         .collect();
-    let parse_errors = ROLES.map(|role| {
-        crate::observer_run::metric_sum(
-            incomplete,
-            "observer_http_parse_errors_total",
-            &[("role", role)],
-        ) as u64
-    });
+    let parse_errors =
+        ROLES.map(|role| scrape.sum("observer_http_parse_errors_total", &[("role", role)]) as u64);
     s += &paragraph(&format!(
         "Answers to the garbage (not HTTP exchanges, not in the counts above): {}. \
          `observer_http_parse_errors_total`: gateway {}, upstream {}. Upstream exchanges \
@@ -154,11 +148,7 @@ pub fn markdown(soak: &Soak, failures: &[String]) -> String {
         probes.join(", "),
         parse_errors[0],
         parse_errors[1],
-        grouped(crate::observer_run::metric_sum(
-            incomplete,
-            "observer_http_requests_total",
-            &[("role", "upstream")]
-        ) as u64),
+        grouped(scrape.sum("observer_http_requests_total", &[("role", "upstream")]) as u64),
     ));
 
     let st = &soak.settled;

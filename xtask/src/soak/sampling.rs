@@ -1,6 +1,5 @@
 //! What the soak watches over time: the daemon's resident memory and its gauges, sampled at a
-//! fixed interval; the connections really open on a port (from `/proc/net/tcp`); and the
-//! least-squares slope that says whether memory grows.
+//! fixed interval, and the least-squares slope that says whether memory grows.
 
 use std::{
     fs,
@@ -8,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::observer_run::{ObserverRun, metric_sum};
+use crate::observer_run::{ObserverRun, rss_kib};
 
 /// One reading of the daemon.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -33,12 +32,12 @@ pub const ROLES: [&str; 2] = ["gateway", "upstream"];
 
 impl Sample {
     pub fn read(observer: &ObserverRun, started: Instant) -> anyhow::Result<Sample> {
-        let text = observer.metrics_text()?;
-        let sum = |name: &str, labels: &[(&str, &str)]| metric_sum(&text, name, labels);
+        let scrape = observer.scrape()?;
+        let sum = |name: &str, labels: &[(&str, &str)]| scrape.sum(name, labels);
         let by_role = |name: &str| ROLES.map(|role| sum(name, &[("role", role)]));
         Ok(Sample {
             at_s: started.elapsed().as_secs_f64(),
-            rss_kib: observer.rss_kib()?,
+            rss_kib: rss_kib(observer)?,
             threads: threads(observer.pid()),
             connections: by_role("observer_tcp_connections_active"),
             in_flight: by_role("observer_http_requests_in_flight"),
@@ -93,35 +92,6 @@ fn threads(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// TCP connections open at the server side of `port`: sockets whose local port it is,
-/// established or closed only by the peer (`CLOSE_WAIT`: the application has not closed it).
-/// Listening sockets and sockets the application closed (`FIN_WAIT`, `TIME_WAIT`,
-/// `LAST_ACK`, ...) are not counted.
-pub fn open_connections(port: u16) -> usize {
-    ["/proc/net/tcp", "/proc/net/tcp6"]
-        .iter()
-        .map(|path| count_open(&fs::read_to_string(path).unwrap_or_default(), port))
-        .sum()
-}
-
-fn count_open(table: &str, port: u16) -> usize {
-    const ESTABLISHED: &str = "01";
-    const CLOSE_WAIT: &str = "08";
-    table
-        .lines()
-        .skip(1)
-        .filter(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let local_port = fields
-                .get(1)
-                .and_then(|a| a.rsplit_once(':'))
-                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
-            let state = fields.get(3).copied();
-            local_port == Some(port) && matches!(state, Some(ESTABLISHED | CLOSE_WAIT))
-        })
-        .count()
-}
-
 /// The least-squares slope of `y` over `x`; `None` for fewer than two distinct `x`.
 pub fn slope(points: &[(f64, f64)]) -> Option<f64> {
     let n = points.len() as f64;
@@ -146,22 +116,6 @@ pub fn rss_slope_second_half(samples: &[Sample]) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn counts_open_server_sockets_of_a_port() {
-        // 0x1F90 = 8080. Listening, established (both ends), close-wait, time-wait, fin-wait2.
-        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
-   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1\n\
-   1: 0100007F:1F90 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 2\n\
-   2: 0100007F:D431 0100007F:1F90 01 00000000:00000000 00:00000000 00000000     0        0 3\n\
-   3: 0100007F:1F90 0100007F:D432 08 00000000:00000000 00:00000000 00000000     0        0 4\n\
-   4: 0100007F:1F90 0100007F:D433 06 00000000:00000000 00:00000000 00000000     0        0 0\n\
-   5: 0100007F:1F90 0100007F:D434 05 00000000:00000000 00:00000000 00000000     0        0 0\n\
-   6: 0100007F:1F91 0100007F:D435 01 00000000:00000000 00:00000000 00000000     0        0 5\n";
-        assert_eq!(count_open(table, 8080), 2);
-        assert_eq!(count_open(table, 8081), 1);
-        assert_eq!(count_open(table, 80), 0);
-    }
 
     #[test]
     fn the_slope_of_a_line_and_of_flat_noise() {

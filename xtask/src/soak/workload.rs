@@ -1,7 +1,7 @@
 //! The soak's steady chat workload: users on keep-alive connections to the gateway, each
 //! sending a mix of Ollama and OpenAI requests, streamed and not, with short think times and
 //! a small share of simulated server errors; and the tally of every exchange the soak's clients
-//! made, to compare with the observer's counts.
+//! made: the ledger of what the gateway must count, and how each exchange ended.
 
 use std::{
     collections::BTreeMap,
@@ -13,7 +13,9 @@ use std::{
     time::Duration,
 };
 
-use crate::chat::{Api, ChatClient, ChatRequest, Outcome, client::Exchange};
+use testkit::ledger::{Ledger, Record};
+
+use crate::chat::{Api, ChatClient, ChatRequest, Exchange, Outcome};
 
 /// How long a client waits for a connection or a read before giving up on an exchange.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -48,6 +50,10 @@ impl Dice {
 /// Every exchange the soak's clients made through the gateway, by how it ended.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Tally {
+    /// The exchanges that reached the gateway, by the code it must count them under: a
+    /// response's status (whole or cut after the head), `none` without a status (nothing, or
+    /// part of a head), and the timed-out ones.
+    pub gateway: Ledger,
     /// Whole responses, by status.
     pub complete: BTreeMap<u16, u64>,
     /// Responses whose head arrived and whose body was cut short, by status. The observer
@@ -72,27 +78,62 @@ pub struct Tally {
 
 impl Tally {
     pub fn record(&mut self, exchange: &Exchange) {
-        match (&exchange.outcome, exchange.status) {
-            (Outcome::Complete, Some(code)) => *self.complete.entry(code).or_default() += 1,
-            (Outcome::Cut, Some(code)) => *self.cut.entry(code).or_default() += 1,
-            (Outcome::Complete | Outcome::Cut, None) => self.cut_in_head += 1,
-            (Outcome::NoResponse, _) if exchange.reused => self.no_response_reused += 1,
-            (Outcome::NoResponse, _) => self.no_response_fresh += 1,
-            (Outcome::Unsent, _) => self.unsent += 1,
-            (Outcome::Refused, _) => self.refused += 1,
-            (Outcome::TimedOut, _) => self.timed_out += 1,
+        let status = exchange.status;
+        let reached = match (&exchange.outcome, status) {
+            (Outcome::Complete, Some(code)) => {
+                *self.complete.entry(code).or_default() += 1;
+                Some(Record {
+                    status,
+                    complete: true,
+                })
+            }
+            (Outcome::Cut, Some(code)) => {
+                *self.cut.entry(code).or_default() += 1;
+                Some(Record {
+                    status,
+                    complete: false,
+                })
+            }
+            (Outcome::Complete | Outcome::Cut, None) => {
+                self.cut_in_head += 1;
+                Some(Record::NONE)
+            }
+            (Outcome::NoResponse, _) if exchange.reused => {
+                self.no_response_reused += 1;
+                Some(Record::NONE)
+            }
+            (Outcome::NoResponse, _) => {
+                self.no_response_fresh += 1;
+                Some(Record::NONE)
+            }
+            (Outcome::Unsent, _) => {
+                self.unsent += 1;
+                None
+            }
+            (Outcome::Refused, _) => {
+                self.refused += 1;
+                None
+            }
+            (Outcome::TimedOut, _) => {
+                self.timed_out += 1;
+                Some(Record::NONE)
+            }
             (Outcome::Malformed(why), _) => {
                 self.malformed += 1;
                 if self.malformed_examples.len() < 3 {
                     self.malformed_examples.push(why.clone());
                 }
+                None
             }
+        };
+        if let Some(record) = reached {
+            self.gateway.record(&record);
         }
     }
 
     /// Responses with `code`, whole or cut: what the observer should count under it.
     pub fn responses(&self, code: u16) -> u64 {
-        self.complete.get(&code).copied().unwrap_or(0) + self.cut.get(&code).copied().unwrap_or(0)
+        self.gateway.get(&code.to_string())
     }
 
     /// Every status seen.
@@ -186,7 +227,7 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::chat::response::Response;
+    use testkit::http::Response;
 
     fn exchange(outcome: Outcome, status: Option<u16>, reused: bool) -> Exchange {
         Exchange {
