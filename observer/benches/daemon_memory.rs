@@ -10,9 +10,12 @@
 //! figures are also written there (JSON), for the xtask to put into docs/BENCHMARKS.md.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use testkit::{http, net::free_port, observer::Run};
 
 const TARGET_MIB: f64 = 64.0;
 
@@ -35,20 +38,15 @@ fn main() {
     // A blocking accept() already waiting when the programs attach is not seen (its enter
     // was missed), so the server starts listening only once the daemon is ready.
     let port = free_port();
-    let metrics_port = free_port();
-    let daemon = Daemon(
-        Command::new(env!("CARGO_BIN_EXE_observer"))
-            .args(["run", "--watch", &format!("{port}=upstream")])
-            .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
-            .args(["--max-conns", &(4 * conns).max(65_536).to_string()])
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting observer run"),
-    );
-    let pid = daemon.0.id();
-    wait_for(Duration::from_secs(60), "the daemon to be ready", || {
-        get(metrics_port, "/readyz").contains(" 200 ")
-    });
+    let max_conns = (4 * conns).max(65_536).to_string();
+    // The daemon, ready; stopped (SIGTERM) however the benchmark ends.
+    let daemon = Run::start(
+        Path::new(env!("CARGO_BIN_EXE_observer")),
+        &[(port, "upstream")],
+        &["--max-conns", &max_conns],
+    )
+    .unwrap_or_else(|err| panic!("{err:#}"));
+    let pid = daemon.pid();
     let idle = rss_kib(pid);
 
     // The server ends live in a second process: one process may not hold 2N descriptors.
@@ -80,7 +78,7 @@ fn main() {
     wait_for(
         Duration::from_secs(60),
         "the daemon to see every connection",
-        || status_field(metrics_port, "connections_open") >= 2 * conns as u64,
+        || status_field(daemon.metrics, "connections_open") >= 2 * conns as u64,
     );
     std::thread::sleep(Duration::from_secs(2));
     let (rss, hwm) = (rss_kib(pid), hwm_kib(pid));
@@ -136,25 +134,6 @@ fn serve(conns: usize, port: u16) {
     let _ = std::io::stdin().read_to_end(&mut Vec::new());
 }
 
-/// The daemon, stopped (SIGTERM) however the benchmark ends.
-struct Daemon(std::process::Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // SAFETY: kill with the pid of our own child.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn raise_fd_limit(want: u64) {
     let limit = libc::rlimit {
         rlim_cur: want,
@@ -177,22 +156,12 @@ fn wait_for(limit: Duration, what: &str, mut ready: impl FnMut() -> bool) {
     }
 }
 
-fn get(port: u16, path: &str) -> String {
-    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
-        return String::new();
-    };
-    let _ = write!(stream, "GET {path} HTTP/1.0\r\nHost: bench\r\n\r\n");
-    let mut out = String::new();
-    let _ = stream.read_to_string(&mut out);
-    out
-}
-
-fn status_field(port: u16, field: &str) -> u64 {
-    let response = get(port, "/status");
-    let Some(body) = response.split("\r\n\r\n").nth(1) else {
+/// A number of `/status`, 0 until it answers.
+fn status_field(admin: SocketAddr, field: &str) -> u64 {
+    let Ok((200, body)) = http::get(admin, "/status") else {
         return 0;
     };
-    serde_json::from_str::<serde_json::Value>(body)
+    serde_json::from_str::<serde_json::Value>(&body)
         .ok()
         .and_then(|v| v[field].as_u64())
         .unwrap_or(0)

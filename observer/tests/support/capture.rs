@@ -1,12 +1,7 @@
 //! Helpers for the kernel capture tests: free ports, capture configurations, collecting events
 //! until a condition holds (bounded in time), and views of the events of one connection.
 
-use std::{
-    collections::BTreeMap,
-    fmt::Write as _,
-    net::{SocketAddr, TcpListener},
-    time::Duration,
-};
+use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr, time::Duration};
 
 use observer::base::{ConnRecord, Direction, Role, Side, WatchedPort};
 use observer::capture::{
@@ -18,28 +13,9 @@ use observer::capture::{
 /// How long a test waits for the events it expects.
 pub const EVENT_WAIT: Duration = Duration::from_secs(5);
 
-/// A port nothing listens on now (bound to 127.0.0.1:0, then released).
-///
-/// Never the same number twice in one test process: tests run in parallel threads, and one
-/// that starts a daemon on its port must not find another test's daemon there (the kernel may
-/// hand out a port again once it is released).
-pub fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    let mut given = GIVEN
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if !given.contains(&port) {
-            given.push(port);
-            return port;
-        }
-    }
-}
+/// A port nothing listens on now, never the same twice in one test process.
+#[allow(unused_imports, reason = "each test binary uses a part of support")]
+pub use testkit::net::free_port;
 
 /// A capture of `watch` with the default sizes.
 pub fn config(watch: &[(u16, Role)], exclude_self: bool) -> CaptureConfig {

@@ -1,22 +1,30 @@
-//! The real daemon and simulator as child processes, for end-to-end tests: `observer run`
-//! (waited for until `/readyz` says 200, stopped with SIGTERM and required to exit 0), `observer
-//! sim` on a free port, scrapes read strictly for exact comparisons, and real-time
-//! priority for the processes whose timing a test compares.
+//! The real daemon and simulator as child processes, for end-to-end tests, with testkit's
+//! launchers: `observer run` (waited for until `/readyz` says 200, stopped with SIGTERM and
+//! required to exit 0), `observer sim` on a free port, scrapes read strictly for exact
+//! comparisons, and real-time priority for the processes whose timing a test compares.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::ops::Deref;
+use std::path::Path;
+use std::process::Child;
+use std::time::Duration;
 
-use observer::metrics::scrape::Scrape;
+use testkit::metrics::Scrape;
+use testkit::observer::{self, Run};
 
 pub const OBSERVER: &str = env!("CARGO_BIN_EXE_observer");
+/// How long a daemon or a proxy may take to be ready.
+const READY_WITHIN: Duration = Duration::from_secs(30);
 
 /// `observer run` watching the given ports.
-pub struct Daemon {
-    child: Option<Child>,
-    pub metrics: SocketAddr,
-    stderr: std::path::PathBuf,
+pub struct Daemon(Run);
+
+impl Deref for Daemon {
+    type Target = Run;
+
+    fn deref(&self) -> &Run {
+        &self.0
+    }
 }
 
 impl Daemon {
@@ -26,49 +34,8 @@ impl Daemon {
 
     /// `observer run` with more flags.
     pub fn start_with(watch: &[(u16, &str)], flags: &[&str]) -> Daemon {
-        let metrics: SocketAddr = format!("127.0.0.1:{}", super::capture::free_port())
-            .parse()
-            .unwrap();
-        let stderr = std::env::temp_dir().join(format!(
-            "observer-run-{}-{}.log",
-            std::process::id(),
-            metrics.port()
-        ));
-        let mut cmd = Command::new(OBSERVER);
-        cmd.arg("run")
-            .arg("--metrics-addr")
-            .arg(metrics.to_string());
-        for (port, role) in watch {
-            cmd.arg("--watch").arg(format!("{port}={role}"));
-        }
-        cmd.args(flags);
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .expect("starting observer run");
-        let mut daemon = Daemon {
-            child: Some(child),
-            metrics,
-            stderr,
-        };
-        let log = daemon.stderr.clone();
-        wait_ready(
-            daemon.child.as_mut().unwrap(),
-            metrics,
-            "observer run",
-            &log,
-        );
-        daemon
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    /// The daemon's process id (0 once it was stopped).
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
+        let run = Run::start_within(Path::new(OBSERVER), watch, flags, READY_WITHIN);
+        Daemon(run.unwrap_or_else(|err| panic!("{err:#}")))
     }
 
     /// `(status, body)` of a GET on the admin server; status 0 when it does not answer.
@@ -83,80 +50,21 @@ impl Daemon {
     }
 
     /// Stops the daemon with SIGTERM and requires a clean exit (status 0 within 10 s).
-    pub fn stop(mut self) {
-        let status = self.terminate();
-        assert!(
-            status.is_some_and(|s| s.success()),
-            "observer run exited with {status:?}: {}",
-            self.log()
-        );
-    }
-
-    /// SIGTERM, then SIGKILL (and `None`) if it has not exited within 10 s.
-    fn terminate(&mut self) -> Option<std::process::ExitStatus> {
-        let mut child = self.child.take()?;
-        // SAFETY: kill with our own child's pid.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Some(status) = child.try_wait().unwrap() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        None
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.terminate();
-        let _ = std::fs::remove_file(&self.stderr);
+    pub fn stop(self) {
+        self.0.stop().unwrap_or_else(|err| panic!("{err:#}"));
     }
 }
 
 /// Waits until the admin server at `admin` answers `/readyz` with 200, failing with the
 /// process's log (`log`, its stderr file) if it exits first or takes over 30 s.
-pub fn wait_ready(child: &mut Child, admin: SocketAddr, what: &str, log: &std::path::Path) {
-    let log = || std::fs::read_to_string(log).unwrap_or_default();
-    let start = Instant::now();
-    while http_get(admin, "/readyz").0 != 200 {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("{what} exited ({status}): {}", log());
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "{what} not ready after 30 s: {}",
-            log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+pub fn wait_ready(child: &mut Child, admin: SocketAddr, what: &str, log: &Path) {
+    observer::wait_ready(child, admin, what, log, READY_WITHIN)
+        .unwrap_or_else(|err| panic!("{err:#}"));
 }
 
+/// `(status, body)` of a GET; status 0 when nothing answers whole.
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let Ok(mut stream) = TcpStream::connect(addr) else {
-        return (0, String::new());
-    };
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let _ = write!(stream, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n");
-    let mut response = String::new();
-    if stream.read_to_string(&mut response).is_err() {
-        return (0, String::new());
-    }
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    testkit::http::get(addr, path).unwrap_or((0, String::new()))
 }
 
 /// `observer sim` replying in milliseconds: tiny delays, four tokens, seeded ids.
@@ -173,9 +81,14 @@ pub const FAST_SIM: &[&str] = &[
     "7",
 ];
 /// `observer sim` in its own process on a free port.
-pub struct Sim {
-    child: Child,
-    pub addr: SocketAddr,
+pub struct Sim(observer::Sim);
+
+impl Deref for Sim {
+    type Target = observer::Sim;
+
+    fn deref(&self) -> &observer::Sim {
+        &self.0
+    }
 }
 
 /// The simulators' parallel slots where a test does not set them.
@@ -208,58 +121,28 @@ impl Sim {
         flags: &[&str],
         env: &[(&str, &str)],
     ) -> Sim {
-        let parallel_set = flags.contains(&"--num-parallel")
-            || env.iter().any(|(name, _)| *name == "OLLAMA_NUM_PARALLEL");
-        let parallel = if parallel_set {
-            Vec::new()
-        } else {
-            vec!["--num-parallel".to_owned(), PARALLEL.to_string()]
-        };
-        let mut child = super::netns::command(netns, OBSERVER)
-            .args(["sim", "--listen", listen])
-            .args(flags)
-            .args(parallel)
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting observer sim");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("observer sim listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line of observer sim: {line:?}"))
-            .parse()
-            .unwrap();
-        Sim { child, addr }
+        let parallel = observer::parallel_unless_set(flags, env, PARALLEL);
+        let flags: Vec<&str> = flags
+            .iter()
+            .copied()
+            .chain(parallel.iter().map(String::as_str))
+            .collect();
+        let sim = observer::Sim::start_in(Path::new(OBSERVER), netns, listen, &flags, env);
+        Sim(sim.unwrap_or_else(|err| panic!("{err:#}")))
     }
-}
 
-impl Sim {
     /// Sends `signal` to the simulator (SIGUSR1 stalls inference, SIGUSR2 resumes it).
     pub fn signal(&self, signal: i32) {
-        // SAFETY: kill with our own child's pid.
-        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
+        self.0.signal(signal).unwrap();
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.0.pid().expect("observer sim runs")
     }
 
     /// SIGKILL, and waits until the process is gone (its sockets closed by the kernel).
     pub fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.kill();
     }
 }
 
@@ -280,6 +163,11 @@ impl Samples {
 
     pub fn has(&self, name: &str) -> bool {
         self.0.has(name)
+    }
+
+    /// The parsed page.
+    pub fn scrape(&self) -> &Scrape {
+        &self.0
     }
 }
 

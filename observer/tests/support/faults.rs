@@ -10,12 +10,16 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::ops::{Deref, DerefMut};
 use std::time::{Duration, Instant};
 
 use observer::engine::ErrorReason;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use testkit::http::Conn;
+use testkit::ledger::mismatches;
+#[allow(unused_imports, reason = "each test binary uses a part of support")]
+pub use testkit::ledger::{Expected, Ledger, REQUESTS, Record};
+#[allow(unused_imports, reason = "each test binary uses a part of support")]
+pub use testkit::net::{open_conns, open_conns_at};
 
 pub use super::daemon::FAST_SIM;
 use super::daemon::{Daemon, Samples, Sim};
@@ -27,7 +31,6 @@ pub const DAEMON_FLAGS: &[&str] = &["--no-probe", "--gpu", "off"];
 /// A fault that keeps a stream going for 12 s (120 tokens, 100 ms apart): long enough to act
 /// on it while it runs, never long enough to end on its own during a test.
 pub const LONG_STREAM: &str = "token-ms=100, tokens=120";
-pub const REQUESTS: &str = "observer_http_requests_total";
 /// How long counts and gauges may take to show what happened: events arrive within
 /// milliseconds, a process's exit is swept within a second, a loaded 2-core machine running
 /// the other tests is slower.
@@ -91,269 +94,38 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// How one exchange ended for the client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Record {
-    /// The status of the response head, `None` when none came.
-    pub status: Option<u16>,
-    /// The whole response came (its framing said where it ended).
-    pub complete: bool,
-}
+/// One client connection: testkit's async client, every read bounded by [`READ_WAIT`]; an
+/// end of stream or a reset is an outcome, not a failure ([`Conn::exchange`] gives the
+/// [`Record`]).
+pub struct HttpConn(Conn);
 
-impl Record {
-    /// The `code` label the daemon gives this exchange: the status of the response head the
-    /// client saw, whether or not the body came whole (an exchange cut after its head keeps
-    /// its status), `none` when no head came.
-    pub fn code(&self) -> String {
-        self.status.map_or("none".to_owned(), |s| s.to_string())
-    }
+impl Deref for HttpConn {
+    type Target = Conn;
 
-    /// A 200 with every byte of its body.
-    pub fn is_ok(&self) -> bool {
-        *self == Record::OK
-    }
-
-    pub const OK: Record = Record {
-        status: Some(200),
-        complete: true,
-    };
-}
-
-/// Exchanges by `code` label, as the daemon must count them for one role.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Ledger(BTreeMap<String, u64>);
-
-impl Ledger {
-    pub fn add(&mut self, code: &str, n: u64) {
-        *self.0.entry(code.to_owned()).or_default() += n;
-    }
-
-    pub fn record(&mut self, record: &Record) {
-        self.add(&record.code(), 1);
-    }
-
-    pub fn total(&self) -> u64 {
-        self.0.values().sum()
-    }
-
-    pub fn codes(&self) -> impl Iterator<Item = (&str, u64)> {
-        self.0.iter().map(|(c, n)| (c.as_str(), *n))
+    fn deref(&self) -> &Conn {
+        &self.0
     }
 }
 
-/// What the daemon must have counted, per role.
-#[derive(Debug, Clone, Default)]
-pub struct Expected {
-    pub gateway: Ledger,
-    pub upstream: Ledger,
-}
-
-impl Expected {
-    /// One exchange through nginx: the gateway's and the upstream's, with the same code.
-    pub fn both(&mut self, record: &Record) {
-        self.gateway.record(record);
-        self.upstream.record(record);
+impl DerefMut for HttpConn {
+    fn deref_mut(&mut self) -> &mut Conn {
+        &mut self.0
     }
-}
-
-/// The response framing a head announced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Body {
-    Length(usize),
-    Chunked,
-    UntilClose,
-}
-
-/// One client connection. Every read is bounded by [`READ_WAIT`]; an end of stream or a reset
-/// is an outcome, not a failure.
-pub struct HttpConn {
-    pub stream: TcpStream,
-    buf: Vec<u8>,
-    /// The server ended the connection (EOF or reset).
-    pub ended: bool,
 }
 
 impl HttpConn {
     pub async fn connect(addr: SocketAddr) -> HttpConn {
-        let stream = tokio::time::timeout(READ_WAIT, TcpStream::connect(addr))
-            .await
-            .unwrap_or_else(|_| panic!("connecting to {addr} took over {READ_WAIT:?}"))
-            .unwrap_or_else(|err| panic!("connecting to {addr}: {err}"));
-        HttpConn {
-            stream,
-            buf: Vec::new(),
-            ended: false,
-        }
+        HttpConn(Conn::connect_waiting(addr, READ_WAIT).await)
     }
 
     pub async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.stream.write_all(bytes).await
-    }
-
-    /// Sends `request` and reads its response.
-    pub async fn exchange(&mut self, request: &[u8]) -> Record {
-        if self.send(request).await.is_err() {
-            return Record {
-                status: None,
-                complete: false,
-            };
-        }
-        self.response().await
-    }
-
-    /// Reads one response: its head, then its body.
-    pub async fn response(&mut self) -> Record {
-        let Some((status, body)) = self.head().await else {
-            return Record {
-                status: None,
-                complete: false,
-            };
-        };
-        let complete = self.body(body).await;
-        Record {
-            status: Some(status),
-            complete,
-        }
-    }
-
-    /// Reads a response head: its status and framing; `None` when the connection ends first.
-    pub async fn head(&mut self) -> Option<(u16, Body)> {
-        loop {
-            let mut headers = [httparse::EMPTY_HEADER; 64];
-            let mut response = httparse::Response::new(&mut headers);
-            if let httparse::Status::Complete(len) = response
-                .parse(&self.buf)
-                .unwrap_or_else(|err| panic!("not a response head ({err}): {:?}", self.text()))
-            {
-                let status = response.code.unwrap();
-                let header = |name: &str| {
-                    response
-                        .headers
-                        .iter()
-                        .find(|h| h.name.eq_ignore_ascii_case(name))
-                        .map(|h| String::from_utf8_lossy(h.value).into_owned())
-                };
-                let body = if (100..200).contains(&status) || status == 204 || status == 304 {
-                    Body::Length(0)
-                } else if let Some(length) = header("Content-Length") {
-                    Body::Length(length.trim().parse().unwrap())
-                } else if header("Transfer-Encoding").is_some_and(|v| v.contains("chunked")) {
-                    Body::Chunked
-                } else {
-                    Body::UntilClose
-                };
-                self.buf.drain(..len);
-                return Some((status, body));
-            }
-            if !self.fill().await {
-                return None;
-            }
-        }
-    }
-
-    /// Reads a body to its end; whether all of it came before the connection ended.
-    pub async fn body(&mut self, body: Body) -> bool {
-        match body {
-            Body::Length(len) => {
-                while self.buf.len() < len {
-                    if !self.fill().await {
-                        return false;
-                    }
-                }
-                self.buf.drain(..len);
-                true
-            }
-            Body::UntilClose => {
-                while self.fill().await {}
-                self.buf.clear();
-                true
-            }
-            Body::Chunked => loop {
-                let (line, size) = loop {
-                    match httparse::parse_chunk_size(&self.buf) {
-                        Ok(httparse::Status::Complete(parsed)) => break parsed,
-                        Ok(httparse::Status::Partial) => {
-                            if !self.fill().await {
-                                return false;
-                            }
-                        }
-                        Err(_) => panic!("bad chunk size: {:?}", self.text()),
-                    }
-                };
-                let end = line + size as usize + 2;
-                while self.buf.len() < end {
-                    if !self.fill().await {
-                        return false;
-                    }
-                }
-                self.buf.drain(..end);
-                if size == 0 {
-                    return true;
-                }
-            },
-        }
-    }
-
-    /// Reads whatever the server sends until it ends the connection or `within` passes;
-    /// every byte read.
-    pub async fn read_until_closed(&mut self, within: Duration) -> Vec<u8> {
-        let deadline = tokio::time::Instant::now() + within;
-        while !self.ended && tokio::time::Instant::now() < deadline {
-            let mut chunk = [0u8; 8192];
-            match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
-                Ok(Ok(0) | Err(_)) => self.ended = true,
-                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(_) => break,
-            }
-        }
-        std::mem::take(&mut self.buf)
+        self.0.try_send(bytes).await
     }
 
     /// Ends the connection with a reset instead of a FIN (`SO_LINGER` 0, then close): the
     /// client vanishes as a crashed host's would.
     pub fn reset(self) {
-        let linger = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
-        // SAFETY: setsockopt reads `linger`, which outlives the call, on our own socket.
-        let rc = unsafe {
-            libc::setsockopt(
-                self.stream.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                (&linger as *const libc::linger).cast(),
-                std::mem::size_of::<libc::linger>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
-        drop(self);
-    }
-
-    /// Reads more bytes; false once the connection has ended (EOF or reset).
-    async fn fill(&mut self) -> bool {
-        if self.ended {
-            return false;
-        }
-        let mut chunk = [0u8; 16384];
-        match tokio::time::timeout(READ_WAIT, self.stream.read(&mut chunk)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => {
-                self.ended = true;
-                false
-            }
-            Ok(Ok(n)) => {
-                self.buf.extend_from_slice(&chunk[..n]);
-                true
-            }
-            Err(_) => panic!(
-                "no byte from the server for {READ_WAIT:?}; buffered: {:?}",
-                self.text()
-            ),
-        }
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.buf[..self.buf.len().min(300)]).into_owned()
+        self.0.reset();
     }
 }
 
@@ -429,13 +201,9 @@ pub fn streams_started(
             rt.spawn(async move {
                 let mut conn = HttpConn::connect(gateway).await;
                 conn.send(&request).await.unwrap();
-                let (status, body) = conn.head().await.expect("a response head");
+                let head = conn.response_head(false).await.expect("a response head");
                 heads.send(()).unwrap();
-                let complete = conn.body(body).await;
-                let record = Record {
-                    status: Some(status),
-                    complete,
-                };
+                let record = conn.record(head).await;
                 (record, conn)
             })
         })
@@ -466,43 +234,6 @@ pub fn wait_for<T>(
     }
 }
 
-/// `http_requests_total` of one role: by code (the codes expected), and over all codes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct RoleCounts {
-    role: &'static str,
-    by_code: Vec<(String, u64)>,
-    total: u64,
-}
-
-impl RoleCounts {
-    fn expected(role: &'static str, want: &Ledger) -> RoleCounts {
-        RoleCounts {
-            role,
-            by_code: want.codes().map(|(c, n)| (c.to_owned(), n)).collect(),
-            total: want.total(),
-        }
-    }
-
-    /// The series of `role` that have `labels`, for the codes `want` has.
-    fn read(s: &Samples, role: &'static str, labels: &[(&str, &str)], want: &Ledger) -> RoleCounts {
-        let mut all = vec![("role", role)];
-        all.extend_from_slice(labels);
-        let by_code = want
-            .codes()
-            .map(|(code, _)| {
-                let mut with_code = all.clone();
-                with_code.push(("code", code));
-                (code.to_owned(), s.value(REQUESTS, &with_code) as u64)
-            })
-            .collect();
-        RoleCounts {
-            role,
-            by_code,
-            total: s.value(REQUESTS, &all) as u64,
-        }
-    }
-}
-
 /// Waits until the daemon's `http_requests_total` of each role equals `want`: every code's
 /// count, and the sum over all codes (so nothing is counted under a code not expected), and
 /// still does a moment later (a late extra exchange fails too). More than expected fails at
@@ -513,18 +244,8 @@ pub fn await_requests(daemon: &Daemon, want: &Expected) {
 
 /// [`await_requests`] for the series that also have `labels` (e.g. one route).
 pub fn await_requests_with(daemon: &Daemon, labels: &[(&str, &str)], want: &Expected) {
-    let roles = [("gateway", &want.gateway), ("upstream", &want.upstream)];
-    let expected: Vec<RoleCounts> = roles
-        .iter()
-        .map(|(role, ledger)| RoleCounts::expected(role, ledger))
-        .collect();
-    let read = |s: &Samples| -> Vec<RoleCounts> {
-        roles
-            .iter()
-            .map(|(role, ledger)| RoleCounts::read(s, role, labels, ledger))
-            .collect()
-    };
-    let describe = |got: &[RoleCounts]| {
+    let checks = want.checks(labels);
+    let describe = |missing: &[String]| {
         let lines: Vec<String> = daemon
             .get("/metrics")
             .1
@@ -533,7 +254,8 @@ pub fn await_requests_with(daemon: &Daemon, labels: &[(&str, &str)], want: &Expe
             .map(str::to_owned)
             .collect();
         format!(
-            "got {got:?}\nwant {expected:?} (labels {labels:?})\n{}\n{}",
+            "{} (labels {labels:?})\n{}\n{}",
+            missing.join("\n"),
             lines.join("\n"),
             tail(&daemon.log())
         )
@@ -541,14 +263,15 @@ pub fn await_requests_with(daemon: &Daemon, labels: &[(&str, &str)], want: &Expe
     let start = Instant::now();
     let mut matched_at: Option<Instant> = None;
     loop {
-        let got = read(&daemon.scrape());
-        let over = got.iter().zip(&expected).any(|(g, w)| g.total > w.total);
-        assert!(
-            !over,
-            "more exchanges counted than happened: {}",
-            describe(&got)
-        );
-        if got == expected {
+        let s = daemon.scrape();
+        let missing = mismatches(&checks, s.scrape());
+        if let Some(over) = want.over(s.scrape(), labels) {
+            panic!(
+                "more exchanges counted than happened: {over}: {}",
+                describe(&missing)
+            );
+        }
+        if missing.is_empty() {
             // Still equal 300 ms later: nothing was about to be counted twice.
             match matched_at {
                 Some(at) if at.elapsed() >= Duration::from_millis(300) => return,
@@ -561,41 +284,10 @@ pub fn await_requests_with(daemon: &Daemon, labels: &[(&str, &str)], want: &Expe
         assert!(
             start.elapsed() < SETTLE,
             "http_requests_total after {SETTLE:?}: {}",
-            describe(&got)
+            describe(&missing)
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// Connections open on `port` on this host's side of it (the local port is `port`): a process
-/// holds them (established, or closed by the peer and not yet by the process). Read from
-/// `/proc/net/tcp{,6}`, the kernel's own table.
-pub fn open_conns(port: u16) -> u64 {
-    open_conns_at("/proc/net", port)
-}
-
-/// [`open_conns`] in the tables under `proc_net`: `/proc/<pid>/net` is the table of `pid`'s
-/// network namespace.
-pub fn open_conns_at(proc_net: &str, port: u16) -> u64 {
-    let mut n = 0;
-    for table in ["tcp", "tcp6"] {
-        let text = std::fs::read_to_string(format!("{proc_net}/{table}")).unwrap_or_default();
-        for line in text.lines().skip(1) {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let (Some(local), Some(state)) = (fields.get(1), fields.get(3)) else {
-                continue;
-            };
-            let local_port = local
-                .rsplit(':')
-                .next()
-                .and_then(|p| u16::from_str_radix(p, 16).ok());
-            // 01 ESTABLISHED, 08 CLOSE_WAIT.
-            if local_port == Some(port) && matches!(*state, "01" | "08") {
-                n += 1;
-            }
-        }
-    }
-    n
 }
 
 /// The gauges the daemon keeps, and what the kernel says they should be.
@@ -775,6 +467,5 @@ pub fn assert_fine(daemon: &Daemon, idle: Memory, rss_slack_mib: u64, anon_slack
 
 /// The last lines of a log, for failure messages.
 pub fn tail(log: &str) -> String {
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(15)..].join("\n")
+    testkit::process::tail(log, 15)
 }

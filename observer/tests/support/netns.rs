@@ -42,16 +42,8 @@ pub fn python() -> &'static str {
 
 /// `program` in network namespace `netns` (`ip netns exec`, which execs it: the child's pid is
 /// the program's), or on the host for `None`.
-pub fn command(netns: Option<&str>, program: &str) -> Command {
-    match netns {
-        None => Command::new(program),
-        Some(name) => {
-            let mut cmd = Command::new("ip");
-            cmd.args(["netns", "exec", name, program]);
-            cmd
-        }
-    }
-}
+#[allow(unused_imports, reason = "each test binary uses a part of support")]
+pub use testkit::process::command_in as command;
 
 /// Fails with a hint when a tool these topologies need is missing.
 pub fn require_tools(tools: &[&str]) {

@@ -1,17 +1,21 @@
-//! `observer proxy` as a child process, for black-box tests of the forwarder: started on
-//! `127.0.0.1:0` with its admin server on a free port, waited for until it announces its
-//! address on stdout and `/readyz` says 200, stopped with SIGTERM and required to exit 0
-//! within its drain; killed on drop. Also a fake upstream that records what reaches it.
+//! `observer proxy` as a child process (testkit's launcher), for black-box tests of the
+//! forwarder: started on `127.0.0.1:0` with its admin server on a free port, waited for until
+//! it announces its address on stdout and `/readyz` says 200, stopped with SIGTERM and required
+//! to exit 0 within its drain; killed on drop. Also a fake upstream that records what reaches
+//! it.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
-use std::time::{Duration, Instant};
+use std::ops::Deref;
+use std::path::Path;
+use std::process::ExitStatus;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use super::daemon::{OBSERVER, Samples, http_get, wait_ready};
+use testkit::observer;
 
-const READY_PREFIX: &str = "observer proxy listening on ";
+use super::daemon::{OBSERVER, Samples, http_get};
+
 /// How long `stop` waits beyond the drain for the process to be gone.
 const EXIT_MARGIN: Duration = Duration::from_secs(5);
 /// How long a test polls `/metrics` for counts to land.
@@ -19,101 +23,32 @@ pub const METRICS_WAIT: Duration = Duration::from_secs(5);
 
 /// One `observer proxy` process.
 pub struct Proxy {
-    child: Option<Child>,
-    /// The client-facing address it announced.
-    pub addr: SocketAddr,
-    /// Its admin server (`/metrics`, `/readyz`, `/ready/model`).
-    pub metrics: SocketAddr,
+    inner: observer::Proxy,
     /// `--drain-timeout` as given, else its default.
     drain: Duration,
-    /// What it wrote on stdout after the ready line (nothing is expected).
-    stdout_rest: Arc<Mutex<String>>,
-    stderr: std::path::PathBuf,
+}
+
+impl Deref for Proxy {
+    type Target = observer::Proxy;
+
+    fn deref(&self) -> &observer::Proxy {
+        &self.inner
+    }
 }
 
 impl Proxy {
     /// `observer proxy --listen 127.0.0.1:0 --upstream UPSTREAM` with `flags`, quiet logs and
     /// no GPU collector; returns once it accepts and `/readyz` answers 200.
     pub fn start(upstream: SocketAddr, flags: &[&str]) -> Proxy {
-        let metrics: SocketAddr = format!("127.0.0.1:{}", super::capture::free_port())
-            .parse()
-            .unwrap();
-        let stderr = std::env::temp_dir().join(format!(
-            "observer-proxy-{}-{}.log",
-            std::process::id(),
-            metrics.port()
-        ));
         let drain = flags
             .iter()
             .position(|f| *f == "--drain-timeout")
-            .map(|i| observer::base::clock::parse_duration(flags[i + 1]).unwrap())
+            .map(|i| ::observer::base::clock::parse_duration(flags[i + 1]).unwrap())
             .unwrap_or(Duration::from_secs(30));
-        let mut child = Command::new(OBSERVER)
-            .args(["--log", "warn", "proxy", "--listen", "127.0.0.1:0"])
-            .arg("--upstream")
-            .arg(upstream.to_string())
-            .arg("--metrics-addr")
-            .arg(metrics.to_string())
-            .args(["--gpu", "off"])
-            .args(flags)
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .expect("starting observer proxy");
-
-        // The first line announces the address; whatever follows is kept, to check there is none.
-        let (line_tx, line_rx) = mpsc::channel();
-        let stdout_rest = Arc::new(Mutex::new(String::new()));
-        let rest = stdout_rest.clone();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            let _ = reader.read_line(&mut line);
-            let _ = line_tx.send(line);
-            let mut more = String::new();
-            let _ = reader.read_to_string(&mut more);
-            rest.lock().unwrap().push_str(&more);
-        });
-        let mut proxy = Proxy {
-            child: Some(child),
-            addr: "0.0.0.0:0".parse().unwrap(),
-            metrics,
-            drain,
-            stdout_rest,
-            stderr,
-        };
-        let line = line_rx
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("observer proxy printed no line in 30 s: {}", proxy.log()));
-        proxy.addr = line
-            .strip_suffix('\n')
-            .and_then(|l| l.strip_prefix(READY_PREFIX))
-            .unwrap_or_else(|| {
-                panic!(
-                    "first line of observer proxy is {line:?}, not {READY_PREFIX:?}ADDR: {}",
-                    proxy.log()
-                )
-            })
-            .parse()
-            .unwrap();
-        let log = proxy.stderr.clone();
-        wait_ready(
-            proxy.child.as_mut().unwrap(),
-            metrics,
-            "observer proxy",
-            &log,
-        );
-        proxy
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("proxy already stopped").id()
-    }
-
-    /// Its stderr so far.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        let flags = [&["--log", "warn", "--gpu", "off"], flags].concat();
+        let inner = observer::Proxy::start(Path::new(OBSERVER), upstream, &flags)
+            .unwrap_or_else(|err| panic!("{err:#}"));
+        Proxy { inner, drain }
     }
 
     /// `(status, body)` of a GET on the admin server; status 0 when it does not answer.
@@ -129,32 +64,19 @@ impl Proxy {
 
     /// Sends `signal` to the proxy.
     pub fn signal(&self, signal: i32) {
-        // SAFETY: kill with our own child's pid.
-        assert_eq!(unsafe { libc::kill(self.pid() as i32, signal) }, 0);
+        self.inner.signal(signal).unwrap();
     }
 
     /// Waits up to `within` for the process to exit; its status, `None` if it is still running.
     pub fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
-        let child = self.child.as_mut()?;
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                self.child = None;
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.inner.wait_exit(within)
     }
 
     /// Stops the proxy with SIGTERM and requires exit status 0 within its drain, and nothing
     /// on stdout beyond the ready line.
     pub fn stop(mut self) {
-        self.signal(libc::SIGTERM);
         let within = self.drain + EXIT_MARGIN;
-        let status = self.wait_exit(within);
+        let status = self.inner.stop(within);
         assert!(
             status.is_some_and(|s| s.success()),
             "observer proxy exited with {status:?} (None: still running {within:?} after SIGTERM): {}",
@@ -165,26 +87,11 @@ impl Proxy {
 
     /// Nothing came on stdout after the ready line (call once the process has exited).
     pub fn assert_quiet_stdout(&self) {
-        // The reader thread sees EOF shortly after the exit.
-        let deadline = Instant::now() + Duration::from_millis(200);
-        while Instant::now() < deadline && self.stdout_rest.lock().unwrap().is_empty() {
-            std::thread::sleep(Duration::from_millis(10));
-        }
         assert_eq!(
-            self.stdout_rest.lock().unwrap().as_str(),
+            self.inner.stdout_after_ready(),
             "",
             "observer proxy wrote more than its ready line on stdout"
         );
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let _ = std::fs::remove_file(&self.stderr);
     }
 }
 
