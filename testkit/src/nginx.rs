@@ -8,8 +8,10 @@
 //! the host or of a network namespace. A running one can be reloaded (`nginx -s reload`: new
 //! workers) and restarted on the same port.
 //!
-//! Standard library, libc and anyhow only (with [`crate::process`]): `observer demo`'s
-//! gateway ([`Config::render`], [`command`]) is the same nginx.
+//! Standard library, libc and anyhow only (with [`crate::process`], the same): `observer
+//! demo`'s gateway is this nginx too, [`Config::gateway`] with a `proxy_read_timeout` of
+//! 300 s, written with [`Config::render`] into the demo's directory and started from
+//! [`command`] under the demo's own process handling (its process group, its log).
 
 use std::{
     fmt::Write as _,
