@@ -117,6 +117,7 @@ mod gojson;
 mod inference_request;
 mod listing;
 mod models;
+pub mod nginx;
 mod ollama;
 mod openai;
 mod request;
