@@ -1,66 +1,61 @@
 //! The admin server over real sockets: routes, status codes, the bearer token on `/metrics`,
 //! content negotiation, readiness flips and the `/status` document. Requests are written by
-//! hand on a `TcpStream`, so the test sees exactly what a scraper or probe would.
+//! hand and their responses read by testkit's client, so the test sees what a scraper or probe
+//! would.
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc};
 
 use observer::base::Role;
 use observer::{
     admin::{AdminConfig, StatusBoard, serve},
     metrics::{Metrics, MetricsConfig},
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-    sync::oneshot,
-    task::JoinHandle,
-};
+use testkit::http::{Conn, Ending};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
 struct Reply {
     status: u16,
-    headers: HashMap<String, String>,
+    reply: testkit::http::Reply,
     body: String,
 }
 
 impl Reply {
     fn header(&self, name: &str) -> &str {
-        self.headers.get(name).map_or("", String::as_str)
+        self.reply.header(name).unwrap_or("")
     }
 }
 
-/// One HTTP/1.1 request on a fresh connection, read until the server closes it.
+/// One HTTP/1.1 request on a fresh connection, its response read by testkit's client.
 async fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut conn = Conn::connect(addr).await;
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (name, value) in headers {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
     head.push_str("Content-Length: 0\r\n\r\n");
-    stream.write_all(head.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await.unwrap();
-    let raw = String::from_utf8(raw).unwrap();
-    let (head, body) = raw
-        .split_once("\r\n\r\n")
-        .expect("a complete response head");
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap();
-    let status = status_line.split(' ').nth(1).unwrap().parse().unwrap();
-    let headers: HashMap<String, String> = lines
-        .map(|line| line.split_once(':').unwrap())
-        .map(|(name, value)| (name.to_ascii_lowercase(), value.trim().to_owned()))
-        .collect();
-    assert_ne!(
-        headers.get("transfer-encoding").map(String::as_str),
-        Some("chunked")
+    conn.send(head.as_bytes()).await;
+    let reply = conn.reply().await;
+    // Connection: close: a body without a length ends with the connection.
+    assert!(
+        matches!(reply.ending, Ending::Complete | Ending::Eof),
+        "{path}: {:?} {}",
+        reply.ending,
+        reply.head
     );
-    if let Some(length) = headers.get("content-length") {
-        assert_eq!(length.parse::<usize>().unwrap(), body.len(), "{path}");
+    assert_eq!(reply.header("transfer-encoding"), None, "{path}");
+    if let Some(length) = reply.header("content-length") {
+        assert_eq!(length.parse::<usize>().unwrap(), reply.body.len(), "{path}");
     }
+    let status = reply
+        .head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{path}: no status in {}", reply.head));
     Reply {
         status,
-        headers,
-        body: body.to_owned(),
+        body: reply.text(),
+        reply,
     }
 }
 

@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -122,10 +122,8 @@ fn encode(s: &str) -> String {
 /// One request on its own connection; returns the status.
 fn request(sim: SocketAddr, raw: &str) -> u16 {
     let mut stream = TcpStream::connect(sim).unwrap();
-    stream.write_all(raw.as_bytes()).unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response.split(' ').nth(1).unwrap().parse().unwrap()
+    let response = testkit::http::exchange(&mut stream, raw.as_bytes()).unwrap();
+    response.status.expect("a status line")
 }
 
 const TAGS: &str = "GET /api/tags HTTP/1.1\r\nHost: sim\r\nConnection: close\r\n\r\n";
