@@ -144,7 +144,8 @@ impl FaultPlan {
     }
 }
 
-/// A small deterministic random source (SplitMix64): fault rolls and OpenAI completion ids.
+/// A small deterministic random source (SplitMix64): fault rolls and OpenAI completion ids here,
+/// the soak's users in xtask.
 #[derive(Debug, Clone)]
 pub struct Dice(u64);
 
@@ -176,6 +177,11 @@ impl Dice {
     /// Uniform in `0..n` (n > 0).
     pub fn below(&mut self, n: u64) -> u64 {
         self.next_u64() % n.max(1)
+    }
+
+    /// Uniform in `low..=high`.
+    pub fn between(&mut self, low: u64, high: u64) -> u64 {
+        low + self.below(high - low + 1)
     }
 }
 

@@ -250,18 +250,7 @@ impl Counts {
 mod tests {
     use super::*;
 
-    const TEXT: &str = r#"# HELP observer_http_requests_total Requests.
-# TYPE observer_http_requests_total counter
-observer_http_requests_total{role="gateway",port="1",method="GET",route="/api/tags",code="200"} 7
-observer_http_requests_total{role="gateway",port="1",method="GET",route="other",code="none"} 2
-observer_http_requests_total{role="upstream",port="2",method="GET",route="/api/tags",code="200"} 9
-observer_http_requests_total_created{role="gateway"} 1.7e9
-observer_ebpf_events_lost_total{kind="ring_full"} 0
-observer_ebpf_events_lost_total{kind="odd \"x\", y}"} 3
-observer_http_request_duration_seconds_bucket{role="gateway",le="+Inf"} 9
-observer_http_request_duration_seconds_sum{role="gateway"} 0.5
-process_resident_memory_bytes 2.5e7 1700000000000
-"#;
+    const TEXT: &str = crate::metrics::PAGE;
 
     #[test]
     fn records_are_counted_by_code_per_role() {

@@ -36,11 +36,10 @@ pub fn parse_strict(text: &str) -> anyhow::Result<Scrape> {
     Scrape::parse_strict(text).map_err(|err| anyhow::anyhow!("{err}\n{text}"))
 }
 
+/// A page of `/metrics` as the daemon writes one, odd label values included, for the tests of
+/// this crate's readers.
 #[cfg(test)]
-mod reading {
-    use super::*;
-
-    const TEXT: &str = r#"# HELP observer_http_requests_total Requests.
+pub(crate) const PAGE: &str = r#"# HELP observer_http_requests_total Requests.
 # TYPE observer_http_requests_total counter
 observer_http_requests_total{role="gateway",port="1",method="GET",route="/api/tags",code="200"} 7
 observer_http_requests_total{role="gateway",port="1",method="GET",route="other",code="none"} 2
@@ -52,6 +51,12 @@ observer_http_request_duration_seconds_bucket{role="gateway",le="+Inf"} 9
 observer_http_request_duration_seconds_sum{role="gateway"} 0.5
 process_resident_memory_bytes 2.5e7 1700000000000
 "#;
+
+#[cfg(test)]
+mod reading {
+    use super::*;
+
+    const TEXT: &str = PAGE;
 
     #[test]
     fn sums_the_matching_series_of_one_name() {

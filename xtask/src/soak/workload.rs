@@ -13,39 +13,13 @@ use std::{
     time::Duration,
 };
 
+pub use observer_sim::Dice;
 use testkit::ledger::{Ledger, Record};
 
 use crate::chat::{Api, ChatClient, ChatRequest, Exchange, Outcome};
 
 /// How long a client waits for a connection or a read before giving up on an exchange.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A small deterministic random source (SplitMix64), one per user.
-pub struct Dice(u64);
-
-impl Dice {
-    pub fn new(seed: u64) -> Dice {
-        Dice(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `low..=high`.
-    pub fn between(&mut self, low: u64, high: u64) -> u64 {
-        low + self.next_u64() % (high - low + 1)
-    }
-
-    /// True with probability `p`.
-    pub fn chance(&mut self, p: f64) -> bool {
-        ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < p
-    }
-}
 
 /// Every exchange the soak's clients made through the gateway, by how it ended.
 #[derive(Clone, Debug, Default, PartialEq)]
