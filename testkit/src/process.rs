@@ -89,23 +89,45 @@ pub fn tail(text: &str, n: usize) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::process::Stdio;
+    use std::{
+        io::{BufRead as _, BufReader},
+        process::Stdio,
+    };
 
     use super::*;
 
+    /// `sh -c script`, returned once the script has printed its first line (its traps set).
     fn spawn(script: &str) -> Child {
-        Command::new("sh")
+        let mut child = Command::new("sh")
             .args(["-c", script])
             .stdin(Stdio::null())
+            .stdout(Stdio::piped())
             .spawn()
-            .unwrap()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, "ready\n");
+        child
+    }
+
+    /// What `comm` says of `pid` once it is `want`, or after 5 s (a child's name changes at its
+    /// exec, a moment after the spawn returns).
+    fn comm_once(pid: u32, want: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let name = comm(pid);
+            if name == want || Instant::now() > deadline {
+                return name;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     #[test]
     fn a_process_that_exits_on_sigterm_gives_its_status() {
-        let mut child = spawn("trap 'exit 3' TERM; while :; do sleep 0.01; done");
-        // Let the shell set its trap before the signal comes.
-        std::thread::sleep(Duration::from_millis(200));
+        let mut child = spawn("trap 'exit 3' TERM; echo ready; while :; do sleep 0.01; done");
         let status = stop(&mut child, Duration::from_secs(5)).expect("exited by itself");
         assert_eq!(status.code(), Some(3));
         assert_eq!(stop(&mut child, Duration::from_secs(5)), Some(status));
@@ -113,8 +135,7 @@ mod tests {
 
     #[test]
     fn a_process_that_ignores_sigterm_is_killed_after_the_grace() {
-        let mut child = spawn("trap '' TERM; while :; do sleep 0.01; done");
-        std::thread::sleep(Duration::from_millis(200));
+        let mut child = spawn("trap '' TERM; echo ready; while :; do sleep 0.01; done");
         let started = Instant::now();
         assert_eq!(stop(&mut child, Duration::from_millis(300)), None);
         assert!(started.elapsed() >= Duration::from_millis(300));
@@ -126,7 +147,7 @@ mod tests {
         let me = std::process::id();
         assert!(!comm(me).is_empty());
         let mut child = Command::new("sleep").arg("5").spawn().unwrap();
-        assert_eq!(comm(child.id()), "sleep");
+        assert_eq!(comm_once(child.id(), "sleep"), "sleep");
         assert_eq!(children(child.id()), Vec::<u32>::new());
         stop(&mut child, Duration::from_secs(1));
         assert_eq!(comm(u32::MAX), "");
