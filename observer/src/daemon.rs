@@ -72,11 +72,7 @@ pub struct MetricsArgs {
 }
 
 impl MetricsArgs {
-    pub fn metrics_config(
-        &self,
-        mode: &'static str,
-        watch: &[crate::base::WatchedPort],
-    ) -> MetricsConfig {
+    pub fn metrics_config(&self, mode: &'static str, watch: &[WatchedPort]) -> MetricsConfig {
         let llm_role = if watch.iter().any(|w| w.role == Role::Upstream) {
             Role::Upstream
         } else {

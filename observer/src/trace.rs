@@ -10,8 +10,8 @@ use std::{io, net::SocketAddr, process::ExitCode};
 
 use anyhow::Context as _;
 
-use crate::base::{ConnRecord, Direction, Role, Side};
 use crate::base::{
+    ConnRecord, Direction, Role, Side,
     clock::{ClockOffset, rfc3339_nanos},
     watch_list,
 };
@@ -39,7 +39,6 @@ pub struct TraceArgs {
 /// How often the connections of exited processes are looked for.
 const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Runs the trace until SIGINT or SIGTERM (or until stdout goes away).
 impl TraceArgs {
     /// The capture's settings, as `observer run` checks them.
     pub fn validate(&self) -> anyhow::Result<()> {
@@ -47,6 +46,7 @@ impl TraceArgs {
     }
 }
 
+/// Runs the trace until SIGINT or SIGTERM (or until stdout goes away).
 pub async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
     // Listened for before anything is attached, so a signal right after the ready line is
     // handled here rather than killing the process with the programs attached.

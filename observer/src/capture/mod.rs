@@ -31,8 +31,7 @@ use aya::{
 };
 use observer_common::{ConnInfo, ListenInfo, SockKey, counter, names};
 
-use crate::base::ConnRecord;
-use crate::base::{Role, clock::monotonic_ns};
+use crate::base::{ConnRecord, Role, clock::monotonic_ns};
 pub use config::{CaptureArgs, CaptureConfig};
 
 /// The kernel object built by `cargo xtask build-ebpf`, embedded at compile time.

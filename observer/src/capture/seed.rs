@@ -7,8 +7,7 @@ use std::{collections::HashSet, fs, path::Path};
 use observer_common::{ConnInfo, ListenInfo, SockKey};
 
 use super::decode::encode_endpoint;
-use crate::base::clock::monotonic_ns;
-use crate::base::{ConnRecord, Side, WatchedPort};
+use crate::base::{ConnRecord, Side, WatchedPort, clock::monotonic_ns};
 use crate::procfs::sockets::{
     NetnsSocket, SocketHolder, TCP_ESTABLISHED, TCP_LISTEN, all_tcp_sockets, socket_holders,
     socket_inode,

@@ -29,8 +29,7 @@ use self::{
     metrics::ProbeMetrics,
     state::{CheckResult, ModelHealth, ProbeState, Thresholds, Verdict, probed_names},
 };
-use crate::base::clock::parse_duration;
-use crate::base::{Role, WatchedPort};
+use crate::base::{Role, WatchedPort, clock::parse_duration};
 use crate::{metrics::Metrics, pipeline::own_ports::OwnPorts};
 
 /// One of the three stages.

@@ -24,8 +24,7 @@ use super::{
     reply::Reply,
     request::{self, Body, ChunkedBody, RequestHead},
 };
-use crate::base::Direction;
-use crate::base::clock::monotonic_ns;
+use crate::base::{Direction, clock::monotonic_ns};
 use crate::{
     engine::{
         ConnMeta,

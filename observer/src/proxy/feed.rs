@@ -15,8 +15,7 @@ use std::{
     time::Duration,
 };
 
-use crate::base::clock::monotonic_ns;
-use crate::base::{Direction, Role, Side};
+use crate::base::{Direction, Role, Side, clock::monotonic_ns};
 use crate::{
     admin::StatusBoard,
     engine::{ConnMeta, EngineConfig},

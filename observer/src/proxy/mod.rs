@@ -36,8 +36,7 @@ use self::{
     feed::{Pair, Shared, Tap},
     reply::Reply,
 };
-use crate::base::clock::parse_duration;
-use crate::base::{Role, WatchedPort};
+use crate::base::{Role, WatchedPort, clock::parse_duration};
 use crate::{
     collectors::ResourceArgs,
     daemon::{MetricsArgs, Serving, ServingConfig, Signals},
